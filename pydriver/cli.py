@@ -1,0 +1,171 @@
+"""Command line and composition root: wires the real adapters together; the only module that
+binds sockets."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from aiohttp import web
+
+from . import __version__
+from .driver import NetworkDriver
+from .errors import DriverError
+from .firewall import Firewall, detect_backend
+from .ipamdriver import IpamDriver
+from .netlink import Netlink
+from .server import Api, make_app
+from .store import Store
+from .sysctl import Sysctl
+
+log = logging.getLogger("pydriver")
+
+DEFAULT_SOCKET = "/run/docker/plugins/pybridge.sock"
+DEFAULT_STATE_DIR = "/var/lib/pydriver"
+SHUTDOWN_TIMEOUT = 8.0  # dockerd waits 10 s before SIGKILL for managed plugins
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name) or default
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pydriver", description="pybridge: a Docker network driver and IPAM driver."
+    )
+    parser.add_argument("--version", action="version", version=f"pydriver {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the plugin in the foreground")
+    serve.add_argument(
+        "--socket",
+        default=_env("PYDRIVER_SOCKET", DEFAULT_SOCKET),
+        help=f"Unix socket to listen on (env PYDRIVER_SOCKET; default {DEFAULT_SOCKET})",
+    )
+    serve.add_argument(
+        "--state-dir",
+        default=_env("PYDRIVER_STATE_DIR", DEFAULT_STATE_DIR),
+        help=f"state directory (env PYDRIVER_STATE_DIR; default {DEFAULT_STATE_DIR})",
+    )
+    serve.add_argument(
+        "--log-level",
+        default=_env("PYDRIVER_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+        help="log level (env PYDRIVER_LOG_LEVEL; default info)",
+    )
+    serve.add_argument(
+        "--firewall-backend",
+        default=_env("PYDRIVER_FIREWALL_BACKEND", "auto"),
+        choices=["auto", "nft", "legacy"],
+        help="iptables flavour to write rules with (env PYDRIVER_FIREWALL_BACKEND; "
+        "default auto = the one Docker uses)",
+    )
+    return parser
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def socket_in_use(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def prepare_socket_path(path: str) -> None:
+    """Refuse to start next to a live instance; remove a stale socket (moby#22653)."""
+    if os.path.exists(path):
+        if socket_in_use(path):
+            raise DriverError(f"another process is already serving {path}")
+        os.unlink(path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    prepare_socket_path(args.socket)
+    store = Store(Path(args.state_dir))
+    netlink = Netlink()
+    await netlink.open()
+    backend = await detect_backend(args.firewall_backend)
+    log.info(
+        "pydriver %s starting: state %s, firewall backend %s%s",
+        __version__,
+        store.path,
+        backend,
+        "" if args.firewall_backend == "auto" else " (set explicitly)",
+    )
+    firewall = Firewall(backend)
+    driver = NetworkDriver(store, netlink, firewall, Sysctl())
+    ipam = IpamDriver(store, netlink.routes)
+    await driver.load()
+    await ipam.load()
+    repairs = await driver.reconcile()
+    log.info(
+        "state loaded: %d network(s), %d endpoint(s), %d pool(s); %d repair(s)",
+        len(driver.networks),
+        len(driver.endpoints),
+        len(ipam.pools),
+        len(repairs),
+    )
+
+    runner = web.AppRunner(
+        make_app(Api(driver, ipam)), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT
+    )
+    await runner.setup()
+    old_umask = os.umask(0o177)  # the socket is created 0600: root only
+    try:
+        site = web.UnixSite(runner, args.socket)
+        await site.start()
+    finally:
+        os.umask(old_umask)
+    os.chmod(args.socket, 0o600)
+    log.info("listening on %s", args.socket)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: finishing requests in flight, leaving the data plane up")
+    # Stop accepting first, let in-flight requests finish, then drop the socket file.
+    await runner.cleanup()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(args.socket)
+    await netlink.close()
+    store.close()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        setup_logging(args.log_level)
+        try:
+            return asyncio.run(serve(args))
+        except DriverError as err:
+            log.error("%s", err)
+            return 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

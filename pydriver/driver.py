@@ -1,0 +1,504 @@
+"""The network driver: decisions and orchestration.
+
+It talks to the kernel, the firewall, sysctls and the store only through the small interfaces
+below, so its logic runs in unit tests with fakes. Rules it keeps:
+
+* Persist before acting and before acknowledging. A network or endpoint is recorded as
+  ``creating`` before any kernel object exists and becomes ``ready`` just before the reply; a
+  network is recorded as ``deleting`` before anything is removed. After a crash, ``reconcile``
+  rolls back what was being created (Docker never saw it succeed) and finishes what was being
+  deleted, so the kernel and the state always end up agreeing.
+* Every step is idempotent, so Docker (or reconcile) may replay any request.
+* Requests for different networks run concurrently; requests touching the same network, and
+  every change to the set of networks, are serialised with locks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .errors import Conflict, DriverError, InvalidRequest, NotFound
+from .ipam import HostRoute, describe_route
+from .locks import KeyedLock
+from .model import Endpoint, IPInterface, Network, Subnet
+from .naming import (
+    bridge_mac,
+    bridge_name,
+    container_veth_name,
+    endpoint_mac,
+    host_veth_name,
+    is_pybridge_bridge,
+    is_pybridge_veth,
+)
+from .netlink import Link
+from .options import parse_network_options
+from .protocol import (
+    CreateEndpointRequest,
+    CreateNetworkRequest,
+    EndpointRef,
+    IPData,
+    JoinRequest,
+    NetworkRef,
+    ProgramExternalRequest,
+)
+from .rules import NetworkRules
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+NETWORKS_LOCK = "networks"
+
+
+class Kernel(Protocol):
+    async def get_link(self, name: str) -> Link | None: ...
+    async def links(self) -> list[Link]: ...
+    async def routes(self) -> list[HostRoute]: ...
+    async def ensure_bridge(self, name: str, mac: str, mtu: int | None) -> bool: ...
+    async def set_link(
+        self,
+        name: str,
+        *,
+        up: bool | None = None,
+        mtu: int | None = None,
+        master: str | None = None,
+    ) -> None: ...
+    async def ensure_address(self, name: str, address: IPInterface) -> None: ...
+    async def remove_address(self, name: str, address: IPInterface) -> None: ...
+    async def ensure_veth(self, host: str, peer: str, peer_mac: str, mtu: int | None) -> bool: ...
+    async def delete_link(self, name: str) -> bool: ...
+
+
+class FirewallPort(Protocol):
+    async def apply(self, networks: Sequence[NetworkRules]) -> None: ...
+
+
+class SysctlPort(Protocol):
+    async def ensure_ipv4_forwarding(self) -> None: ...
+    async def disable_accept_ra(self, ifname: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class JoinResult:
+    src_name: str
+    dst_prefix: str
+    gateway: Any
+    gateway_v6: Any
+    internal: bool
+
+
+def short(identifier: str) -> str:
+    return identifier[:12]
+
+
+def _subnets(data: tuple[IPData, ...]) -> tuple[Subnet, ...]:
+    return tuple(
+        Subnet(
+            pool=d.pool,
+            gateway=d.gateway,
+            aux_addresses=tuple(a.ip for a in d.aux_addresses.values()),
+        )
+        for d in data
+    )
+
+
+def firewall_view(network: Network) -> NetworkRules:
+    return NetworkRules(
+        bridge=network.bridge,
+        subnets_v4=tuple(s.pool for s in network.subnets_v4),
+        subnets_v6=tuple(s.pool for s in network.subnets_v6),
+        internal=network.internal,
+        icc=network.options.enable_icc,
+        masquerade=network.options.enable_ip_masquerade,
+    )
+
+
+class NetworkDriver:
+    def __init__(
+        self, store: Store, kernel: Kernel, firewall: FirewallPort, sysctl: SysctlPort
+    ) -> None:
+        self.store = store
+        self.kernel = kernel
+        self.firewall = firewall
+        self.sysctl = sysctl
+        self.networks: dict[str, Network] = {}
+        self.endpoints: dict[str, Endpoint] = {}
+        self._locks = KeyedLock()
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _network(self, network_id: str) -> Network:
+        network = self.networks.get(network_id)
+        if network is None or network.state != "ready":
+            raise NotFound(
+                f"network {short(network_id)} is not known to pybridge (was it created before "
+                "pybridge's state directory was reset?); remove it and create it again"
+            )
+        return network
+
+    def _endpoints_of(self, network_id: str) -> list[Endpoint]:
+        return [e for e in self.endpoints.values() if e.network_id == network_id]
+
+    async def _apply_firewall(self) -> None:
+        active = [firewall_view(n) for n in self.networks.values() if n.state != "deleting"]
+        await self.firewall.apply(active)
+
+    # -- networks ------------------------------------------------------------------------------
+
+    async def create_network(self, req: CreateNetworkRequest) -> None:
+        options = parse_network_options(req.generic_options)
+        if not req.ipv4_data and not req.ipv6_data:
+            raise InvalidRequest("the network has no subnet; give one with --subnet")
+        async with self._locks.hold(NETWORKS_LOCK), self._locks.hold(req.network_id):
+            existing = self.networks.get(req.network_id)
+            if existing is not None and existing.state == "ready":
+                log.info("network %s already exists; replay acknowledged", short(req.network_id))
+                return
+            name = options.bridge_name or bridge_name(req.network_id)
+            for other in self.networks.values():
+                if other.id != req.network_id and other.bridge == name:
+                    raise Conflict(
+                        f"bridge name {name} is already used by pybridge network {short(other.id)}"
+                    )
+            subnets_v4, subnets_v6 = _subnets(req.ipv4_data), _subnets(req.ipv6_data)
+            await self._check_subnets(req.network_id, name, subnets_v4 + subnets_v6)
+            if existing is not None:  # a crashed earlier attempt: keep its ownership record
+                bridge_owned = existing.bridge_owned
+            else:
+                link = await self.kernel.get_link(name)
+                if link is not None and link.kind != "bridge":
+                    raise Conflict(f"interface {name} already exists and is not a bridge")
+                bridge_owned = link is None
+            network = Network(
+                id=req.network_id,
+                bridge=name,
+                bridge_owned=bridge_owned,
+                subnets_v4=subnets_v4,
+                subnets_v6=subnets_v6,
+                options=options,
+                internal=req.internal,
+                enable_ipv6=req.enable_ipv6,
+                raw_options=dict(req.generic_options),
+                state="creating",
+            )
+            await self.store.put_network(network)
+            self.networks[network.id] = network
+            try:
+                await self._ensure_network_datapath(network)
+                await self._apply_firewall()
+                await self.sysctl.ensure_ipv4_forwarding()
+            except BaseException:
+                log.warning("creating network %s failed; rolling back", short(network.id))
+                await self._remove_network(network)
+                raise
+            ready = network.with_changes(state="ready")
+            await self.store.put_network(ready)
+            self.networks[network.id] = ready
+        log.info("network %s ready on bridge %s", short(network.id), name)
+
+    async def _check_subnets(
+        self, network_id: str, bridge: str, subnets: tuple[Subnet, ...]
+    ) -> None:
+        ours = {n.bridge for n in self.networks.values()}
+        routes = [r for r in await self.kernel.routes() if r.device not in ours | {bridge}]
+        for subnet in subnets:
+            for other in self.networks.values():
+                if other.id == network_id:
+                    continue
+                for theirs in other.subnets:
+                    if theirs.pool.version == subnet.pool.version and theirs.pool.overlaps(
+                        subnet.pool
+                    ):
+                        raise Conflict(
+                            f"subnet {subnet.pool} overlaps subnet {theirs.pool} of pybridge "
+                            f"network {short(other.id)} (bridge {other.bridge})"
+                        )
+            for route in routes:
+                dest = route.destination
+                if (
+                    dest.prefixlen
+                    and dest.version == subnet.pool.version
+                    and dest.overlaps(subnet.pool)
+                ):
+                    raise Conflict(f"subnet {subnet.pool} overlaps {describe_route(route)}")
+
+    async def _ensure_network_datapath(self, network: Network) -> None:
+        mtu = network.options.mtu
+        await self.kernel.ensure_bridge(network.bridge, bridge_mac(network.id), mtu)
+        if mtu:
+            await self.kernel.set_link(network.bridge, mtu=mtu)
+        await self.sysctl.disable_accept_ra(network.bridge)
+        for subnet in network.subnets:
+            if subnet.gateway is not None:
+                await self.kernel.ensure_address(network.bridge, subnet.gateway)
+        await self.kernel.set_link(network.bridge, up=True)
+
+    async def _remove_network(self, network: Network) -> None:
+        """Remove every trace of ``network``: endpoints, rules, bridge (or our addresses on a
+        bridge the user owns), then the record. Safe to repeat."""
+        deleting = network.with_changes(state="deleting")
+        await self.store.put_network(deleting)
+        self.networks[network.id] = deleting
+        for endpoint in self._endpoints_of(network.id):
+            await self._remove_endpoint(endpoint)
+        await self._apply_firewall()
+        if network.bridge_owned:
+            await self.kernel.delete_link(network.bridge)
+        else:
+            for subnet in network.subnets:
+                if subnet.gateway is not None:
+                    await self.kernel.remove_address(network.bridge, subnet.gateway)
+        await self.store.delete_network(network.id)
+        self.networks.pop(network.id, None)
+
+    async def delete_network(self, ref: NetworkRef) -> None:
+        async with self._locks.hold(NETWORKS_LOCK), self._locks.hold(ref.network_id):
+            network = self.networks.get(ref.network_id)
+            if network is None:
+                log.info("network %s was already deleted", short(ref.network_id))
+                return
+            leftovers = self._endpoints_of(network.id)
+            if leftovers:
+                log.warning(
+                    "network %s still had %d endpoint(s) Docker never deleted; removing them",
+                    short(network.id),
+                    len(leftovers),
+                )
+            await self._remove_network(network)
+        log.info("network %s deleted", short(ref.network_id))
+
+    # -- endpoints -----------------------------------------------------------------------------
+
+    async def create_endpoint(self, req: CreateEndpointRequest) -> str | None:
+        """Create the veth pair. Returns the MAC address to report, if pybridge chose it."""
+        async with self._locks.hold(req.network_id):
+            network = self._network(req.network_id)
+            existing = self.endpoints.get(req.endpoint_id)
+            if existing is not None and existing.network_id != req.network_id:
+                raise Conflict(
+                    f"endpoint {short(req.endpoint_id)} already exists on another network"
+                )
+            self._check_endpoint_addresses(network, req)
+            endpoint = Endpoint(
+                id=req.endpoint_id,
+                network_id=network.id,
+                host_veth=host_veth_name(req.endpoint_id),
+                container_veth=container_veth_name(req.endpoint_id),
+                mac_address=req.mac_address or endpoint_mac(req.endpoint_id),
+                mac_generated=req.mac_address is None,
+                address=req.address,
+                address_v6=req.address_v6,
+                port_bindings=req.ports.bindings,
+                exposed_ports=req.ports.exposed,
+                state="creating",
+            )
+            if existing is not None and existing.state == "ready":
+                log.info("endpoint %s already exists; replay acknowledged", short(endpoint.id))
+                return (
+                    existing.mac_address
+                    if existing.mac_generated and req.mac_address is None
+                    else None
+                )
+            await self.store.put_endpoint(endpoint)
+            self.endpoints[endpoint.id] = endpoint
+            try:
+                await self._ensure_endpoint_datapath(network, endpoint, fresh=True)
+            except BaseException:
+                await self._remove_endpoint(endpoint)
+                raise
+            ready = endpoint.with_changes(state="ready")
+            await self.store.put_endpoint(ready)
+            self.endpoints[endpoint.id] = ready
+        return ready.mac_address if ready.mac_generated else None
+
+    def _check_endpoint_addresses(self, network: Network, req: CreateEndpointRequest) -> None:
+        for address, subnets in (
+            (req.address, network.subnets_v4),
+            (req.address_v6, network.subnets_v6),
+        ):
+            if address is None:
+                continue
+            if subnets and not any(address.ip in s.pool for s in subnets):
+                pools = ", ".join(str(s.pool) for s in subnets)
+                raise InvalidRequest(
+                    f"address {address.ip} is outside the network's subnets ({pools})"
+                )
+
+    async def _ensure_endpoint_datapath(
+        self, network: Network, endpoint: Endpoint, *, fresh: bool
+    ) -> None:
+        mtu = network.options.mtu
+        created = await self.kernel.ensure_veth(
+            endpoint.host_veth, endpoint.container_veth, endpoint.mac_address, mtu
+        )
+        if fresh and not created:
+            # A leftover from an interrupted attempt: start clean so both ends are ours.
+            await self.kernel.delete_link(endpoint.host_veth)
+            await self.kernel.delete_link(endpoint.container_veth)
+            await self.kernel.ensure_veth(
+                endpoint.host_veth, endpoint.container_veth, endpoint.mac_address, mtu
+            )
+        await self.kernel.set_link(endpoint.host_veth, master=network.bridge, up=True, mtu=mtu)
+
+    async def _remove_endpoint(self, endpoint: Endpoint) -> None:
+        # Forget first: if we crash after this, reconcile removes the veth as an orphan.
+        await self.store.delete_endpoint(endpoint.id)
+        self.endpoints.pop(endpoint.id, None)
+        # Deleting the host end removes the pair wherever the other end is.
+        await self.kernel.delete_link(endpoint.host_veth)
+        await self.kernel.delete_link(endpoint.container_veth)
+
+    async def delete_endpoint(self, ref: EndpointRef) -> None:
+        async with self._locks.hold(ref.network_id):
+            endpoint = self.endpoints.get(ref.endpoint_id)
+            if endpoint is None:
+                log.info("endpoint %s was already deleted", short(ref.endpoint_id))
+                return
+            await self._remove_endpoint(endpoint)
+
+    def endpoint_oper_info(self, ref: EndpointRef) -> dict[str, Any]:
+        # Docker calls this often and must never see it fail.
+        endpoint = self.endpoints.get(ref.endpoint_id)
+        network = self.networks.get(ref.network_id)
+        if endpoint is None or network is None:
+            return {}
+        info: dict[str, Any] = {
+            "bridge": network.bridge,
+            "veth_host": endpoint.host_veth,
+            "mac_address": endpoint.mac_address,
+        }
+        if endpoint.address:
+            info["address"] = str(endpoint.address)
+        if endpoint.address_v6:
+            info["address_v6"] = str(endpoint.address_v6)
+        return info
+
+    async def join(self, req: JoinRequest) -> JoinResult:
+        async with self._locks.hold(req.network_id):
+            network = self._network(req.network_id)
+            endpoint = self.endpoints.get(req.endpoint_id)
+            if endpoint is None or endpoint.state != "ready":
+                raise NotFound(
+                    f"endpoint {short(req.endpoint_id)} is not known to pybridge on network "
+                    f"{short(req.network_id)}"
+                )
+            if await self.kernel.get_link(endpoint.container_veth) is None:
+                # Docker moved it away earlier (a replayed Join) or it vanished: recreate.
+                await self.kernel.delete_link(endpoint.host_veth)
+                await self._ensure_endpoint_datapath(network, endpoint, fresh=True)
+            else:
+                await self._ensure_endpoint_datapath(network, endpoint, fresh=False)
+            joined = endpoint.with_changes(
+                sandbox_key=req.sandbox_key or None,
+                port_bindings=req.ports.bindings if req.ports.present else endpoint.port_bindings,
+                exposed_ports=req.ports.exposed if req.ports.present else endpoint.exposed_ports,
+            )
+            if joined != endpoint:
+                await self.store.put_endpoint(joined)
+                self.endpoints[joined.id] = joined
+        return JoinResult(
+            src_name=endpoint.container_veth,
+            dst_prefix=network.options.container_iface_prefix,
+            # Internal networks give no default route: they must not look like a way out.
+            gateway=None if network.internal else network.gateway_v4,
+            gateway_v6=None if network.internal else network.gateway_v6,
+            internal=network.internal,
+        )
+
+    async def leave(self, ref: EndpointRef) -> None:
+        async with self._locks.hold(ref.network_id):
+            endpoint = self.endpoints.get(ref.endpoint_id)
+            if endpoint is None:
+                log.info("endpoint %s is not known; leave acknowledged", short(ref.endpoint_id))
+                return
+            if endpoint.sandbox_key is not None:
+                left = endpoint.with_changes(sandbox_key=None)
+                await self.store.put_endpoint(left)
+                self.endpoints[left.id] = left
+
+    async def program_external_connectivity(self, req: ProgramExternalRequest) -> None:
+        async with self._locks.hold(req.network_id):
+            self._network(req.network_id)
+            endpoint = self.endpoints.get(req.endpoint_id)
+            if endpoint is None:
+                raise NotFound(f"endpoint {short(req.endpoint_id)} is not known to pybridge")
+            if req.ports.bindings:
+                log.warning(
+                    "endpoint %s asks for %d published port(s); port publishing on pybridge "
+                    "networks is not implemented yet",
+                    short(endpoint.id),
+                    len(req.ports.bindings),
+                )
+
+    async def revoke_external_connectivity(self, ref: EndpointRef) -> None:
+        return None
+
+    # -- start-up ------------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        self.networks = {n.id: n for n in await self.store.load_networks()}
+        self.endpoints = {e.id: e for e in await self.store.load_endpoints()}
+
+    async def reconcile(self) -> list[str]:
+        """Make the kernel and firewall match the state. Returns what was repaired."""
+        repairs: list[str] = []
+        async with self._locks.hold(NETWORKS_LOCK):
+            for network in list(self.networks.values()):
+                if network.state != "ready":
+                    repairs.append(
+                        f"finished an interrupted {network.state} of network {short(network.id)}"
+                    )
+                    await self._remove_network(network)
+            for endpoint in list(self.endpoints.values()):
+                if endpoint.network_id not in self.networks or endpoint.state != "ready":
+                    repairs.append(f"removed an interrupted endpoint {short(endpoint.id)}")
+                    await self._remove_endpoint(endpoint)
+            for network in self.networks.values():
+                if network.bridge_owned and await self.kernel.get_link(network.bridge) is None:
+                    repairs.append(f"recreated bridge {network.bridge}")
+                await self._ensure_network_datapath(network)
+            for endpoint in self.endpoints.values():
+                network = self.networks[endpoint.network_id]
+                host_end = await self.kernel.get_link(endpoint.host_veth)
+                if host_end is not None:
+                    await self.kernel.set_link(endpoint.host_veth, master=network.bridge, up=True)
+                elif endpoint.sandbox_key is None:
+                    repairs.append(f"recreated veth {endpoint.host_veth}")
+                    await self._ensure_endpoint_datapath(network, endpoint, fresh=False)
+                else:
+                    log.warning(
+                        "endpoint %s lost its veth %s (its container is gone?)",
+                        short(endpoint.id),
+                        endpoint.host_veth,
+                    )
+            repairs += await self._remove_orphans()
+            await self._apply_firewall()
+            if self.networks:
+                await self.sysctl.ensure_ipv4_forwarding()
+        for repair in repairs:
+            log.warning("reconcile: %s", repair)
+        return repairs
+
+    async def _remove_orphans(self) -> list[str]:
+        bridges = {n.bridge for n in self.networks.values()}
+        veths = {e.host_veth for e in self.endpoints.values()} | {
+            e.container_veth for e in self.endpoints.values()
+        }
+        removed = []
+        for link in await self.kernel.links():
+            if link.kind == "bridge" and is_pybridge_bridge(link.name) and link.name not in bridges:
+                await self.kernel.delete_link(link.name)
+                removed.append(f"removed leftover bridge {link.name}")
+            elif (
+                link.kind == "veth"
+                and is_pybridge_veth(link.name)
+                and link.name not in veths
+                and await self.kernel.delete_link(link.name)
+            ):
+                removed.append(f"removed leftover veth {link.name}")
+        return removed
+
+
+__all__ = ["DriverError", "JoinResult", "NetworkDriver", "firewall_view"]

@@ -1,0 +1,155 @@
+"""The firewall adapter: the only module that runs processes.
+
+Rules are written with the iptables flavour Docker itself uses on this host (nf_tables or
+legacy). Rules in the other flavour would live in tables the host's FORWARD DROP never
+consults (an nftables accept is not final across base chains). Detection, in order:
+
+1. an explicit setting (``--firewall-backend nft|legacy``);
+2. the flavour whose ruleset already holds Docker's chains (DOCKER / DOCKER-USER);
+3. the flavour of ``iptables`` on PATH, which is the one Docker will use when it starts.
+
+Each apply is one ``*-save`` plus one ``*-restore --noflush`` per address family.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from .errors import HostError
+from .rules import Family, NetworkRules, render_restore
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["nft", "legacy"]
+BACKENDS: tuple[Backend, ...] = ("nft", "legacy")
+COMMAND_TIMEOUT = 30.0
+LEGACY_TABLE_NAMES = "/proc/net/ip_tables_names"
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+async def run(argv: Sequence[str], stdin: str | None = None) -> CommandResult:
+    """Run a command without a shell, asynchronously, with a time limit."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    except OSError as err:
+        raise HostError(f"could not run {argv[0]}: {err.strerror or err}") from None
+    try:
+        out, errout = await asyncio.wait_for(
+            proc.communicate(stdin.encode() if stdin is not None else None), COMMAND_TIMEOUT
+        )
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise HostError(f"{argv[0]} did not finish within {COMMAND_TIMEOUT:.0f} seconds") from None
+    return CommandResult(
+        proc.returncode or 0, out.decode(errors="replace"), errout.decode(errors="replace")
+    )
+
+
+def tool(backend: Backend, family: Family, action: str = "") -> str:
+    """e.g. tool("nft", 6, "restore") -> "ip6tables-nft-restore"."""
+    base = "iptables" if family == 4 else "ip6tables"
+    return f"{base}-{backend}" + (f"-{action}" if action else "")
+
+
+def available_backends() -> list[Backend]:
+    return [b for b in BACKENDS if shutil.which(tool(b, 4, "restore"))]
+
+
+async def detect_backend(setting: str = "auto") -> Backend:
+    if setting == "nft":
+        return "nft"
+    if setting == "legacy":
+        return "legacy"
+    if setting != "auto":
+        raise HostError(f"firewall backend {setting!r} is not valid; use auto, nft or legacy")
+    candidates = available_backends()
+    if not candidates:
+        raise HostError(
+            "no iptables tools found (iptables-nft-restore or iptables-legacy-restore); "
+            "install the iptables package"
+        )
+    with_docker = []
+    for backend in candidates:
+        if backend == "legacy" and not await asyncio.to_thread(_legacy_filter_exists):
+            continue  # reading it would create an empty legacy table on the host
+        result = await run([tool(backend, 4, "save"), "-t", "filter"])
+        if result.returncode == 0 and (
+            ":DOCKER-USER" in result.stdout or ":DOCKER " in result.stdout
+        ):
+            with_docker.append(backend)
+    if len(with_docker) == 1:
+        return with_docker[0]
+    default = await _path_iptables_backend()
+    if with_docker and default not in with_docker:
+        return with_docker[0]
+    if default in candidates:
+        return default
+    return candidates[0]
+
+
+def _legacy_filter_exists() -> bool:
+    try:
+        with open(LEGACY_TABLE_NAMES) as names:
+            return "filter" in names.read().split()
+    except OSError:
+        return False
+
+
+async def _path_iptables_backend() -> Backend | None:
+    if not shutil.which("iptables"):
+        return None
+    result = await run(["iptables", "-V"])
+    text = result.stdout + result.stderr
+    if "nf_tables" in text:
+        return "nft"
+    if "legacy" in text:
+        return "legacy"
+    return None
+
+
+class Firewall:
+    """Applies the rendered rule set; serialises applies so batches never interleave."""
+
+    def __init__(self, backend: Backend, *, ipv6: bool = True) -> None:
+        self.backend = backend
+        self.families: tuple[Family, ...] = (
+            (4, 6) if ipv6 and shutil.which(tool(backend, 6, "restore")) else (4,)
+        )
+        self._lock = asyncio.Lock()
+
+    async def save(self, family: Family) -> str:
+        result = await run([tool(self.backend, family, "save")])
+        if result.returncode != 0:
+            detail = result.stderr.strip() or f"exit status {result.returncode}"
+            raise HostError(f"{tool(self.backend, family, 'save')} failed: {detail}")
+        return result.stdout
+
+    async def apply(self, networks: Sequence[NetworkRules]) -> None:
+        async with self._lock:
+            for family in self.families:
+                current = await self.save(family)
+                text = render_restore(networks, family, current)
+                if not text:
+                    continue
+                argv = [tool(self.backend, family, "restore"), "-w", "5", "--noflush"]
+                result = await run(argv, stdin=text)
+                if result.returncode != 0:
+                    log.error("%s failed on input:\n%s", argv[0], text)
+                    raise HostError(f"{argv[0]} refused pybridge's rules: {result.stderr.strip()}")

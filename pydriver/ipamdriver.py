@@ -1,0 +1,134 @@
+"""The IPAM driver: pools and addresses for `--ipam-driver pybridge`, with any network driver.
+
+Keeps the pools in memory, persists every change before replying, and reads host routes
+through an injected function (so this module stays free of netlink).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from collections.abc import Awaitable, Callable
+
+from .errors import Conflict, InvalidRequest, NotFound, Unsupported
+from .ipam import (
+    HostRoute,
+    Pool,
+    choose_subnet,
+    default_v4_candidates,
+    find_overlap,
+    make_ula_prefix,
+    pool_id_for,
+    v6_candidates,
+)
+from .locks import KeyedLock
+from .model import IPInterface, IPNetwork
+from .protocol import (
+    ReleaseAddressRequest,
+    ReleasePoolRequest,
+    RequestAddressRequest,
+    RequestPoolRequest,
+)
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+LOCAL_ADDRESS_SPACE = "PybridgeLocal"
+GLOBAL_ADDRESS_SPACE = "PybridgeGlobal"
+ULA_META_KEY = "ula_prefix"
+
+RoutesProvider = Callable[[], Awaitable[list[HostRoute]]]
+
+
+class IpamDriver:
+    def __init__(self, store: Store, routes: RoutesProvider) -> None:
+        self.store = store
+        self._routes = routes
+        self.pools: dict[str, Pool] = {}
+        self.ula_prefix: ipaddress.IPv6Network | None = None
+        self._lock = KeyedLock()
+
+    async def load(self) -> None:
+        self.pools = {pool.id: pool for pool in await self.store.load_pools()}
+        stored = await self.store.get_meta(ULA_META_KEY)
+        if stored:
+            self.ula_prefix = ipaddress.IPv6Network(stored)
+        else:
+            self.ula_prefix = make_ula_prefix(os.urandom(5))
+            await self.store.set_meta(ULA_META_KEY, str(self.ula_prefix))
+
+    def address_spaces(self) -> tuple[str, str]:
+        return LOCAL_ADDRESS_SPACE, GLOBAL_ADDRESS_SPACE
+
+    async def request_pool(self, req: RequestPoolRequest) -> tuple[str, IPNetwork]:
+        if req.options:
+            names = ", ".join(sorted(req.options))
+            raise Unsupported(
+                f"pybridge IPAM does not support the IPAM option {names}; it takes no --ipam-opt"
+            )
+        # One lock for all pools: choosing a subnet must see every other pool.
+        async with self._lock.hold("pools"):
+            routes = await self._routes()
+            taken = [pool.subnet for pool in self.pools.values()]
+            if req.pool is not None:
+                conflict = find_overlap(req.pool, taken, routes)
+                if conflict:
+                    raise Conflict(f"subnet {req.pool} overlaps {conflict}")
+                subnet = req.pool
+            elif req.v6:
+                assert self.ula_prefix is not None
+                subnet = choose_subnet(v6_candidates(self.ula_prefix), taken, routes)
+            else:
+                subnet = choose_subnet(default_v4_candidates(), taken, routes)
+            pool = Pool(
+                id=pool_id_for(subnet),
+                subnet=subnet,
+                sub_range=req.sub_pool,
+                address_space=req.address_space,
+            )
+            await self.store.put_pool(pool)
+            self.pools[pool.id] = pool
+        log.info("pool %s allocated%s", pool.id, f" (range {req.sub_pool})" if req.sub_pool else "")
+        return pool.id, subnet
+
+    async def release_pool(self, req: ReleasePoolRequest) -> None:
+        async with self._lock.hold("pools"):
+            if req.pool_id not in self.pools:
+                log.info("pool %s was already released", req.pool_id)
+                return
+            await self.store.delete_pool(req.pool_id)
+            del self.pools[req.pool_id]
+
+    def _pool(self, pool_id: str) -> Pool:
+        pool = self.pools.get(pool_id)
+        if pool is None:
+            raise NotFound(f"IPAM pool {pool_id!r} is not known to pybridge")
+        return pool
+
+    async def request_address(self, req: RequestAddressRequest) -> IPInterface:
+        async with self._lock.hold("pools"):
+            pool = self._pool(req.pool_id)
+            if req.address is not None and req.address.version != pool.subnet.version:
+                raise InvalidRequest(
+                    f"address {req.address} is not an IPv{pool.subnet.version} address "
+                    f"of {pool.subnet}"
+                )
+            before = pool.cursor
+            address = pool.allocate(req.address, gateway=req.is_gateway)
+            try:
+                await self.store.add_address(pool, str(address))
+            except BaseException:
+                pool.allocated.discard(int(address))
+                pool.cursor = before
+                raise
+        return ipaddress.ip_interface(f"{address}/{pool.subnet.prefixlen}")
+
+    async def release_address(self, req: ReleaseAddressRequest) -> None:
+        async with self._lock.hold("pools"):
+            pool = self.pools.get(req.pool_id)
+            if pool is None or int(req.address) not in pool.allocated:
+                log.info("address %s in pool %s was already released", req.address, req.pool_id)
+                return
+            await self.store.remove_address(pool.id, str(req.address))
+            pool.release(req.address)

@@ -1,0 +1,222 @@
+"""Plain records shared by the pure logic and the adapters, with their JSON storage form."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Protocol = Literal["tcp", "udp", "sctp"]
+State = Literal["creating", "ready", "deleting"]
+
+
+@dataclass(frozen=True)
+class PortBinding:
+    """One `-p` mapping as Docker sent it (host_port 0 = choose one)."""
+
+    proto: Protocol
+    port: int
+    host_ip: IPAddress | None = None
+    host_port: int = 0
+    host_port_end: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "proto": self.proto,
+            "port": self.port,
+            "host_ip": str(self.host_ip) if self.host_ip else None,
+            "host_port": self.host_port,
+            "host_port_end": self.host_port_end,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PortBinding:
+        return cls(
+            proto=data["proto"],
+            port=int(data["port"]),
+            host_ip=ipaddress.ip_address(data["host_ip"]) if data.get("host_ip") else None,
+            host_port=int(data.get("host_port", 0)),
+            host_port_end=int(data.get("host_port_end", 0)),
+        )
+
+
+@dataclass(frozen=True)
+class Subnet:
+    """A subnet of a network with the gateway address pybridge puts on the bridge."""
+
+    pool: IPNetwork
+    gateway: IPInterface | None
+    aux_addresses: tuple[IPAddress, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pool": str(self.pool),
+            "gateway": str(self.gateway) if self.gateway else None,
+            "aux": [str(a) for a in self.aux_addresses],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Subnet:
+        return cls(
+            pool=ipaddress.ip_network(data["pool"]),
+            gateway=ipaddress.ip_interface(data["gateway"]) if data.get("gateway") else None,
+            aux_addresses=tuple(ipaddress.ip_address(a) for a in data.get("aux", [])),
+        )
+
+
+@dataclass(frozen=True)
+class NetworkOptions:
+    """Validated driver options of a network (see options.py for the wire keys)."""
+
+    bridge_name: str | None = None
+    enable_ip_masquerade: bool = True
+    enable_icc: bool = True
+    host_binding_ipv4: IPAddress | None = None
+    mtu: int | None = None
+    container_iface_prefix: str = "eth"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "bridge_name": self.bridge_name,
+            "enable_ip_masquerade": self.enable_ip_masquerade,
+            "enable_icc": self.enable_icc,
+            "host_binding_ipv4": str(self.host_binding_ipv4) if self.host_binding_ipv4 else None,
+            "mtu": self.mtu,
+            "container_iface_prefix": self.container_iface_prefix,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NetworkOptions:
+        hb = data.get("host_binding_ipv4")
+        return cls(
+            bridge_name=data.get("bridge_name"),
+            enable_ip_masquerade=bool(data.get("enable_ip_masquerade", True)),
+            enable_icc=bool(data.get("enable_icc", True)),
+            host_binding_ipv4=ipaddress.ip_address(hb) if hb else None,
+            mtu=data.get("mtu"),
+            container_iface_prefix=data.get("container_iface_prefix") or "eth",
+        )
+
+
+@dataclass(frozen=True)
+class Network:
+    id: str
+    bridge: str
+    # False when the bridge already existed (the user's): pybridge then never deletes it.
+    bridge_owned: bool
+    subnets_v4: tuple[Subnet, ...]
+    subnets_v6: tuple[Subnet, ...]
+    options: NetworkOptions = field(default_factory=NetworkOptions)
+    internal: bool = False
+    enable_ipv6: bool = False
+    raw_options: dict[str, str] = field(default_factory=dict)
+    # "creating" until Docker has been answered, "deleting" once removal has begun: after a
+    # crash, reconcile rolls a half-created network back and finishes a half-deleted one.
+    state: State = "ready"
+
+    def with_changes(self, **changes: Any) -> Network:
+        return replace(self, **changes)
+
+    @property
+    def subnets(self) -> tuple[Subnet, ...]:
+        return self.subnets_v4 + self.subnets_v6
+
+    @property
+    def gateway_v4(self) -> ipaddress.IPv4Address | None:
+        for s in self.subnets_v4:
+            if s.gateway is not None:
+                return s.gateway.ip  # type: ignore[return-value]
+        return None
+
+    @property
+    def gateway_v6(self) -> ipaddress.IPv6Address | None:
+        for s in self.subnets_v6:
+            if s.gateway is not None:
+                return s.gateway.ip  # type: ignore[return-value]
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "bridge": self.bridge,
+            "bridge_owned": self.bridge_owned,
+            "subnets_v4": [s.to_dict() for s in self.subnets_v4],
+            "subnets_v6": [s.to_dict() for s in self.subnets_v6],
+            "options": self.options.to_dict(),
+            "internal": self.internal,
+            "enable_ipv6": self.enable_ipv6,
+            "raw_options": self.raw_options,
+            "state": self.state,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Network:
+        return cls(
+            id=data["id"],
+            bridge=data["bridge"],
+            bridge_owned=bool(data["bridge_owned"]),
+            subnets_v4=tuple(Subnet.from_dict(s) for s in data.get("subnets_v4", [])),
+            subnets_v6=tuple(Subnet.from_dict(s) for s in data.get("subnets_v6", [])),
+            options=NetworkOptions.from_dict(data.get("options", {})),
+            internal=bool(data.get("internal", False)),
+            enable_ipv6=bool(data.get("enable_ipv6", False)),
+            raw_options=dict(data.get("raw_options", {})),
+            state=data.get("state", "ready"),
+        )
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    id: str
+    network_id: str
+    host_veth: str
+    container_veth: str
+    mac_address: str
+    mac_generated: bool
+    address: ipaddress.IPv4Interface | None = None
+    address_v6: ipaddress.IPv6Interface | None = None
+    sandbox_key: str | None = None
+    port_bindings: tuple[PortBinding, ...] = ()
+    exposed_ports: tuple[tuple[Protocol, int], ...] = ()
+    state: State = "ready"
+
+    def with_changes(self, **changes: Any) -> Endpoint:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "network_id": self.network_id,
+            "host_veth": self.host_veth,
+            "container_veth": self.container_veth,
+            "mac_address": self.mac_address,
+            "mac_generated": self.mac_generated,
+            "address": str(self.address) if self.address else None,
+            "address_v6": str(self.address_v6) if self.address_v6 else None,
+            "sandbox_key": self.sandbox_key,
+            "port_bindings": [b.to_dict() for b in self.port_bindings],
+            "exposed_ports": [[p, n] for p, n in self.exposed_ports],
+            "state": self.state,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Endpoint:
+        return cls(
+            id=data["id"],
+            network_id=data["network_id"],
+            host_veth=data["host_veth"],
+            container_veth=data["container_veth"],
+            mac_address=data["mac_address"],
+            mac_generated=bool(data.get("mac_generated", True)),
+            address=ipaddress.IPv4Interface(data["address"]) if data.get("address") else None,
+            address_v6=(
+                ipaddress.IPv6Interface(data["address_v6"]) if data.get("address_v6") else None
+            ),
+            sandbox_key=data.get("sandbox_key"),
+            port_bindings=tuple(PortBinding.from_dict(b) for b in data.get("port_bindings", [])),
+            exposed_ports=tuple((p, int(n)) for p, n in data.get("exposed_ports", [])),
+            state=data.get("state", "ready"),
+        )

@@ -1,0 +1,50 @@
+"""Deterministic kernel names and MAC addresses derived from Docker's ids (pure).
+
+Ids are validated as 64 hex digits before they get here, so every name is safe to pass to
+netlink and iptables. Linux interface names are at most 15 characters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+BRIDGE_PREFIX = "pyb-"
+HOST_VETH_PREFIX = "pyv"
+CONTAINER_VETH_PREFIX = "pyc"
+
+
+def bridge_name(network_id: str) -> str:
+    return BRIDGE_PREFIX + network_id[:11]
+
+
+def host_veth_name(endpoint_id: str) -> str:
+    return HOST_VETH_PREFIX + endpoint_id[:12]
+
+
+def container_veth_name(endpoint_id: str) -> str:
+    return CONTAINER_VETH_PREFIX + endpoint_id[:12]
+
+
+def is_pybridge_bridge(name: str) -> bool:
+    return name.startswith(BRIDGE_PREFIX)
+
+
+def is_pybridge_veth(name: str) -> bool:
+    return name.startswith((HOST_VETH_PREFIX, CONTAINER_VETH_PREFIX)) and len(name) == 15
+
+
+def _mac_from(seed: str) -> str:
+    digest = hashlib.sha256(seed.encode()).digest()
+    # 0x02: locally administered, unicast.
+    octets = [0x02, *digest[:5]]
+    return ":".join(f"{b:02x}" for b in octets)
+
+
+def endpoint_mac(endpoint_id: str) -> str:
+    """The MAC given to a container interface when Docker supplies none."""
+    return _mac_from("endpoint:" + endpoint_id)
+
+
+def bridge_mac(network_id: str) -> str:
+    """A fixed bridge MAC, so it does not change as ports come and go (as CNI's bridge does)."""
+    return _mac_from("bridge:" + network_id)

@@ -1,0 +1,115 @@
+"""Network options (`docker network create -o KEY=VALUE`): the same keys as the built-in bridge.
+
+Pure: validates the generic option map into ``NetworkOptions``. Anything pybridge does not
+support is refused by name, listing what is supported, so users learn at `network create`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from .errors import InvalidRequest, Unsupported
+from .model import NetworkOptions
+
+BRIDGE_NAME = "com.docker.network.bridge.name"
+ENABLE_IP_MASQUERADE = "com.docker.network.bridge.enable_ip_masquerade"
+ENABLE_ICC = "com.docker.network.bridge.enable_icc"
+HOST_BINDING_IPV4 = "com.docker.network.bridge.host_binding_ipv4"
+MTU = "com.docker.network.driver.mtu"
+MTU_SHORT = "mtu"  # `-o mtu=1400` arrives under this key; accepted as an alias of MTU
+CONTAINER_IFACE_PREFIX = "com.docker.network.container_iface_prefix"
+
+SUPPORTED = (
+    BRIDGE_NAME,
+    ENABLE_IP_MASQUERADE,
+    ENABLE_ICC,
+    HOST_BINDING_IPV4,
+    MTU,
+    CONTAINER_IFACE_PREFIX,
+)
+
+# strconv.ParseBool, which Docker's own bridge driver uses for these options.
+_TRUE = {"1", "t", "T", "TRUE", "true", "True"}
+_FALSE = {"0", "f", "F", "FALSE", "false", "False"}
+
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$")
+_PREFIX_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,9}$")
+
+MIN_MTU = 68
+MAX_MTU = 65535
+
+
+def valid_interface_name(name: str) -> bool:
+    """A Linux interface name we are willing to use: 1-15 safe characters."""
+    return bool(_IFNAME_RE.match(name)) and name not in (".", "..")
+
+
+def parse_network_options(generic: dict[str, str]) -> NetworkOptions:
+    unknown = sorted(k for k in generic if k not in SUPPORTED and k != MTU_SHORT)
+    if unknown:
+        names = ", ".join(unknown)
+        noun = "option" if len(unknown) == 1 else "options"
+        raise Unsupported(
+            f"pybridge does not support the network {noun} {names}; "
+            f"supported options are {', '.join(SUPPORTED)}"
+        )
+    if MTU in generic and MTU_SHORT in generic and generic[MTU] != generic[MTU_SHORT]:
+        raise InvalidRequest(f"options {MTU} and {MTU_SHORT} disagree; give the MTU once")
+
+    bridge_name = generic.get(BRIDGE_NAME) or None
+    if bridge_name is not None and not valid_interface_name(bridge_name):
+        raise InvalidRequest(
+            f"{BRIDGE_NAME} {bridge_name!r} is not a valid interface name; use 1 to 15 "
+            "letters, digits, '_', '.' or '-'"
+        )
+
+    mtu = None
+    raw_mtu = generic.get(MTU) or generic.get(MTU_SHORT)
+    if raw_mtu:
+        try:
+            mtu = int(raw_mtu)
+        except ValueError:
+            mtu = -1
+        if not MIN_MTU <= mtu <= MAX_MTU:
+            raise InvalidRequest(
+                f"{MTU} {raw_mtu!r} is not valid; it must be a whole number from "
+                f"{MIN_MTU} to {MAX_MTU}"
+            )
+
+    host_binding = None
+    raw_binding = generic.get(HOST_BINDING_IPV4)
+    if raw_binding:
+        try:
+            host_binding = ipaddress.ip_address(raw_binding)
+        except ValueError:
+            raise InvalidRequest(
+                f"{HOST_BINDING_IPV4} {raw_binding!r} is not an IP address"
+            ) from None
+
+    prefix = generic.get(CONTAINER_IFACE_PREFIX) or "eth"
+    if not _PREFIX_RE.match(prefix):
+        raise InvalidRequest(
+            f"{CONTAINER_IFACE_PREFIX} {prefix!r} is not valid; use a letter followed by up to "
+            "9 letters, digits or '_'"
+        )
+
+    return NetworkOptions(
+        bridge_name=bridge_name,
+        enable_ip_masquerade=_parse_bool(generic, ENABLE_IP_MASQUERADE, True),
+        enable_icc=_parse_bool(generic, ENABLE_ICC, True),
+        host_binding_ipv4=host_binding,
+        mtu=mtu,
+        container_iface_prefix=prefix,
+    )
+
+
+def _parse_bool(generic: dict[str, str], key: str, default: bool) -> bool:
+    raw = generic.get(key)
+    if raw is None or raw == "":
+        return default
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise InvalidRequest(f"{key} {raw!r} is not valid; it must be true or false")

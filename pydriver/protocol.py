@@ -1,0 +1,579 @@
+"""The wire layer: Docker's JSON requests in, typed requests out; typed replies back to JSON.
+
+This is the only module that knows Docker's PascalCase field names. Every parser raises
+``InvalidRequest`` with one sentence naming the field that is wrong and what is allowed.
+Parsing is pure: no I/O, no state.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import InvalidRequest
+from .model import IPInterface, IPNetwork, PortBinding, Protocol
+
+# ---------------------------------------------------------------------------------------------
+# Constants Docker uses on the wire
+# ---------------------------------------------------------------------------------------------
+
+GENERIC_OPTIONS = "com.docker.network.generic"
+ENABLE_IPV6 = "com.docker.network.enable_ipv6"
+ENABLE_IPV4 = "com.docker.network.enable_ipv4"
+INTERNAL = "com.docker.network.internal"
+EXPOSED_PORTS = "com.docker.network.endpoint.exposedports"
+PORT_MAP = "com.docker.network.portmap"
+REQUEST_ADDRESS_TYPE = "RequestAddressType"
+GATEWAY_ADDRESS_TYPE = "com.docker.network.gateway"
+
+CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
+
+_ID_RE = re.compile(r"^[0-9a-f]{64}$")
+# Docker ids are 64 lowercase hex digits. Accepting nothing else means an id can never carry
+# characters into interface names, iptables arguments or SQL.
+MAX_BODY_BYTES = 1024 * 1024
+
+_PROTOCOLS: dict[int, Protocol] = {6: "tcp", 17: "udp", 132: "sctp"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed requests
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IPData:
+    """One entry of IPv4Data/IPv6Data in CreateNetwork: a subnet already allocated by IPAM."""
+
+    pool: IPNetwork
+    gateway: IPInterface | None
+    aux_addresses: dict[str, IPInterface] = field(default_factory=dict)
+    address_space: str = ""
+
+
+@dataclass(frozen=True)
+class CreateNetworkRequest:
+    network_id: str
+    generic_options: dict[str, str]
+    ipv4_data: tuple[IPData, ...]
+    ipv6_data: tuple[IPData, ...]
+    enable_ipv6: bool = False
+    enable_ipv4: bool = True
+    internal: bool = False
+
+
+@dataclass(frozen=True)
+class NetworkRef:
+    network_id: str
+
+
+@dataclass(frozen=True)
+class EndpointRef:
+    network_id: str
+    endpoint_id: str
+
+
+@dataclass(frozen=True)
+class PortOptions:
+    """Exposed ports and port bindings that arrive in endpoint/join/program options."""
+
+    exposed: tuple[tuple[Protocol, int], ...] = ()
+    bindings: tuple[PortBinding, ...] = ()
+    present: bool = False  # whether Docker sent any port information at all
+
+
+@dataclass(frozen=True)
+class CreateEndpointRequest:
+    network_id: str
+    endpoint_id: str
+    address: ipaddress.IPv4Interface | None
+    address_v6: ipaddress.IPv6Interface | None
+    mac_address: str | None
+    ports: PortOptions
+    driver_options: dict[str, str]
+
+
+@dataclass(frozen=True)
+class JoinRequest:
+    network_id: str
+    endpoint_id: str
+    sandbox_key: str
+    ports: PortOptions
+
+
+@dataclass(frozen=True)
+class ProgramExternalRequest:
+    network_id: str
+    endpoint_id: str
+    ports: PortOptions
+
+
+@dataclass(frozen=True)
+class RequestPoolRequest:
+    address_space: str
+    pool: IPNetwork | None
+    sub_pool: IPNetwork | None
+    options: dict[str, str]
+    v6: bool
+
+
+@dataclass(frozen=True)
+class ReleasePoolRequest:
+    pool_id: str
+
+
+@dataclass(frozen=True)
+class RequestAddressRequest:
+    pool_id: str
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address | None
+    is_gateway: bool
+    options: dict[str, str]
+
+
+@dataclass(frozen=True)
+class ReleaseAddressRequest:
+    pool_id: str
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+# ---------------------------------------------------------------------------------------------
+# Body decoding and field helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def decode_body(raw: bytes) -> dict[str, Any]:
+    """Decode a request body. Docker sends an empty body for argument-less calls."""
+    if len(raw) > MAX_BODY_BYTES:
+        raise InvalidRequest(f"request body is larger than the {MAX_BODY_BYTES} bytes allowed")
+    if not raw.strip():
+        return {}
+    try:
+        value = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        reason = getattr(err, "msg", None) or type(err).__name__
+        raise InvalidRequest(f"request body is not valid JSON ({reason})") from None
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"request body must be a JSON object, not {_json_type(value)}")
+    return value
+
+
+def encode_reply(reply: Mapping[str, Any]) -> bytes:
+    return (json.dumps(reply, separators=(",", ":")) + "\n").encode()
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _show(value: object, limit: int = 60) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _string(body: Mapping[str, Any], name: str, *, required: bool = False) -> str:
+    value = body.get(name)
+    if value is None or value == "":
+        if required:
+            raise InvalidRequest(f"{name} is missing; it is required")
+        return ""
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{name} must be a string, not {_json_type(value)}")
+    return value
+
+
+def _bool(body: Mapping[str, Any], name: str, default: bool = False) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise InvalidRequest(f"{name} must be true or false, not {_show(value)}")
+
+
+def _object(body: Mapping[str, Any], name: str) -> dict[str, Any]:
+    value = body.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"{name} must be a JSON object, not {_json_type(value)}")
+    return value
+
+
+def _id(body: Mapping[str, Any], name: str) -> str:
+    value = body.get(name)
+    if value is None or value == "":
+        raise InvalidRequest(f"{name} is missing; it must be a 64-character hexadecimal id")
+    if not isinstance(value, str) or not _ID_RE.match(value):
+        raise InvalidRequest(
+            f"{name} {_show(value)} is not valid; it must be a 64-character hexadecimal id"
+        )
+    return value
+
+
+def _string_map(value: object, name: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"{name} must be a JSON object of strings, not {_json_type(value)}")
+    result: dict[str, str] = {}
+    for key, item in value.items():
+        if isinstance(item, bool):
+            item = "true" if item else "false"
+        elif isinstance(item, (int, float)):
+            item = str(item)
+        if not isinstance(item, str):
+            raise InvalidRequest(
+                f"option {key!r} in {name} must be a string, not {_json_type(item)}"
+            )
+        result[str(key)] = item
+    return result
+
+
+def parse_cidr_interface(value: object, name: str) -> IPInterface:
+    """Parse an address with prefix length, e.g. ``10.1.0.2/24`` (Docker sends CIDR strings)."""
+    if not isinstance(value, str) or "/" not in value:
+        raise InvalidRequest(
+            f"{name} {_show(value)} is not an address with a prefix length like 10.1.0.2/24"
+        )
+    try:
+        return ipaddress.ip_interface(value)
+    except ValueError:
+        raise InvalidRequest(
+            f"{name} {_show(value)} is not an address with a prefix length like 10.1.0.2/24"
+        ) from None
+
+
+def parse_network(value: object, name: str) -> IPNetwork:
+    """Parse a subnet like ``10.1.0.0/24``; host bits are cleared (10.1.0.5/24 -> 10.1.0.0/24)."""
+    if not isinstance(value, str) or "/" not in value:
+        raise InvalidRequest(f"{name} {_show(value)} is not a subnet in CIDR form like 10.1.0.0/24")
+    try:
+        return ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise InvalidRequest(
+            f"{name} {_show(value)} is not a subnet in CIDR form like 10.1.0.0/24"
+        ) from None
+
+
+def parse_address(value: object, name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """Parse a plain address. A prefix length, if present, is ignored."""
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{name} must be an IP address string, not {_json_type(value)}")
+    text = value.split("/", 1)[0]
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise InvalidRequest(f"{name} {_show(value)} is not a valid IP address") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# NetworkDriver requests
+# ---------------------------------------------------------------------------------------------
+
+
+def _ip_data_list(body: Mapping[str, Any], name: str, version: int) -> tuple[IPData, ...]:
+    value = body.get(name)
+    if value is None:
+        return ()  # Docker 25 sends null here (net-dhcp#46)
+    if not isinstance(value, list):
+        raise InvalidRequest(f"{name} must be a list, not {_json_type(value)}")
+    result = []
+    for i, item in enumerate(value):
+        where = f"{name}[{i}]"
+        if not isinstance(item, dict):
+            raise InvalidRequest(f"{where} must be a JSON object, not {_json_type(item)}")
+        pool = parse_network(item.get("Pool"), f"{where}.Pool")
+        if pool.version != version:
+            raise InvalidRequest(f"{where}.Pool {pool} is not an IPv{version} subnet")
+        gateway = None
+        if item.get("Gateway"):
+            gateway = parse_cidr_interface(item["Gateway"], f"{where}.Gateway")
+            if gateway.ip not in pool:
+                raise InvalidRequest(f"{where}.Gateway {gateway.ip} is outside the subnet {pool}")
+        aux: dict[str, IPInterface] = {}
+        raw_aux = item.get("AuxAddresses")
+        if raw_aux is not None:
+            if not isinstance(raw_aux, dict):
+                raise InvalidRequest(
+                    f"{where}.AuxAddresses must be a JSON object, not {_json_type(raw_aux)}"
+                )
+            for key, addr in raw_aux.items():
+                aux[str(key)] = parse_cidr_interface(addr, f"{where}.AuxAddresses[{key!r}]")
+        space = item.get("AddressSpace") or ""
+        if not isinstance(space, str):
+            raise InvalidRequest(f"{where}.AddressSpace must be a string")
+        result.append(IPData(pool=pool, gateway=gateway, aux_addresses=aux, address_space=space))
+    return tuple(result)
+
+
+def parse_create_network(body: Mapping[str, Any]) -> CreateNetworkRequest:
+    network_id = _id(body, "NetworkID")
+    options = _object(body, "Options")
+    generic = _string_map(options.get(GENERIC_OPTIONS), f"Options[{GENERIC_OPTIONS!r}]")
+    return CreateNetworkRequest(
+        network_id=network_id,
+        generic_options=generic,
+        ipv4_data=_ip_data_list(body, "IPv4Data", 4),
+        ipv6_data=_ip_data_list(body, "IPv6Data", 6),
+        enable_ipv6=_bool(options, ENABLE_IPV6),
+        enable_ipv4=_bool(options, ENABLE_IPV4, default=True),
+        internal=_bool(options, INTERNAL),
+    )
+
+
+def parse_network_ref(body: Mapping[str, Any]) -> NetworkRef:
+    return NetworkRef(network_id=_id(body, "NetworkID"))
+
+
+def parse_endpoint_ref(body: Mapping[str, Any]) -> EndpointRef:
+    return EndpointRef(network_id=_id(body, "NetworkID"), endpoint_id=_id(body, "EndpointID"))
+
+
+_MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+
+
+def parse_port_options(options: Mapping[str, Any]) -> PortOptions:
+    present = EXPOSED_PORTS in options or PORT_MAP in options
+    exposed: list[tuple[Protocol, int]] = []
+    raw_exposed = options.get(EXPOSED_PORTS)
+    if raw_exposed is not None:
+        if not isinstance(raw_exposed, list):
+            raise InvalidRequest(f"{EXPOSED_PORTS} must be a list, not {_json_type(raw_exposed)}")
+        for i, item in enumerate(raw_exposed):
+            where = f"{EXPOSED_PORTS}[{i}]"
+            if not isinstance(item, dict):
+                raise InvalidRequest(f"{where} must be a JSON object, not {_json_type(item)}")
+            exposed.append((_proto(item.get("Proto"), where), _port(item.get("Port"), where)))
+    bindings: list[PortBinding] = []
+    raw_map = options.get(PORT_MAP)
+    if raw_map is not None:
+        if not isinstance(raw_map, list):
+            raise InvalidRequest(f"{PORT_MAP} must be a list, not {_json_type(raw_map)}")
+        for i, item in enumerate(raw_map):
+            where = f"{PORT_MAP}[{i}]"
+            if not isinstance(item, dict):
+                raise InvalidRequest(f"{where} must be a JSON object, not {_json_type(item)}")
+            proto = _proto(item.get("Proto"), where)
+            port = _port(item.get("Port"), where)
+            host_ip = None
+            if item.get("HostIP"):
+                host_ip = parse_address(item["HostIP"], f"{where}.HostIP")
+            host_port = _port(item.get("HostPort", 0), where, "HostPort", allow_zero=True)
+            host_port_end = _port(item.get("HostPortEnd", 0), where, "HostPortEnd", allow_zero=True)
+            if host_port_end and host_port_end < host_port:
+                raise InvalidRequest(
+                    f"{where}.HostPortEnd {host_port_end} is below HostPort {host_port}"
+                )
+            bindings.append(
+                PortBinding(
+                    proto=proto,
+                    port=port,
+                    host_ip=host_ip,
+                    host_port=host_port,
+                    host_port_end=host_port_end or host_port,
+                )
+            )
+    return PortOptions(exposed=tuple(exposed), bindings=tuple(bindings), present=present)
+
+
+def _proto(value: object, where: str) -> Protocol:
+    if isinstance(value, int) and not isinstance(value, bool) and value in _PROTOCOLS:
+        return _PROTOCOLS[value]
+    raise InvalidRequest(
+        f"{where}.Proto {_show(value)} is not supported; use 6 (tcp), 17 (udp) or 132 (sctp)"
+    )
+
+
+def _port(value: object, where: str, name: str = "Port", *, allow_zero: bool = False) -> int:
+    low = 0 if allow_zero else 1
+    if isinstance(value, int) and not isinstance(value, bool) and low <= value <= 65535:
+        return value
+    raise InvalidRequest(f"{where}.{name} {_show(value)} is not a port number from {low} to 65535")
+
+
+def parse_create_endpoint(body: Mapping[str, Any]) -> CreateEndpointRequest:
+    network_id = _id(body, "NetworkID")
+    endpoint_id = _id(body, "EndpointID")
+    iface = _object(body, "Interface")
+    address = None
+    if iface.get("Address"):
+        parsed = parse_cidr_interface(iface["Address"], "Interface.Address")
+        if not isinstance(parsed, ipaddress.IPv4Interface):
+            raise InvalidRequest(f"Interface.Address {parsed} is not an IPv4 address")
+        address = parsed
+    address_v6 = None
+    if iface.get("AddressIPv6"):
+        parsed = parse_cidr_interface(iface["AddressIPv6"], "Interface.AddressIPv6")
+        if not isinstance(parsed, ipaddress.IPv6Interface):
+            raise InvalidRequest(f"Interface.AddressIPv6 {parsed} is not an IPv6 address")
+        address_v6 = parsed
+    mac = None
+    if iface.get("MacAddress"):
+        raw_mac = iface["MacAddress"]
+        if not isinstance(raw_mac, str) or not _MAC_RE.match(raw_mac):
+            raise InvalidRequest(
+                f"Interface.MacAddress {_show(raw_mac)} is not a MAC address like 02:42:ac:11:00:02"
+            )
+        mac = raw_mac.lower()
+    options = _object(body, "Options")
+    driver_options = {
+        key: value
+        for key, value in options.items()
+        if key not in (EXPOSED_PORTS, PORT_MAP) and isinstance(value, str)
+    }
+    return CreateEndpointRequest(
+        network_id=network_id,
+        endpoint_id=endpoint_id,
+        address=address,
+        address_v6=address_v6,
+        mac_address=mac,
+        ports=parse_port_options(options),
+        driver_options=driver_options,
+    )
+
+
+def parse_join(body: Mapping[str, Any]) -> JoinRequest:
+    return JoinRequest(
+        network_id=_id(body, "NetworkID"),
+        endpoint_id=_id(body, "EndpointID"),
+        sandbox_key=_string(body, "SandboxKey"),
+        ports=parse_port_options(_object(body, "Options")),
+    )
+
+
+def parse_program_external(body: Mapping[str, Any]) -> ProgramExternalRequest:
+    return ProgramExternalRequest(
+        network_id=_id(body, "NetworkID"),
+        endpoint_id=_id(body, "EndpointID"),
+        ports=parse_port_options(_object(body, "Options")),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# IpamDriver requests
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_request_pool(body: Mapping[str, Any]) -> RequestPoolRequest:
+    pool = parse_network(body["Pool"], "Pool") if body.get("Pool") else None
+    sub_pool = parse_network(body["SubPool"], "SubPool") if body.get("SubPool") else None
+    v6 = _bool(body, "V6")
+    if pool is not None and (pool.version == 6) != v6:
+        raise InvalidRequest(
+            f"Pool {pool} is an IPv{pool.version} subnet but V6 is {str(v6).lower()}"
+        )
+    if sub_pool is not None:
+        if pool is None:
+            raise InvalidRequest("SubPool (--ip-range) needs a Pool (--subnet) to be given too")
+        if sub_pool.version != pool.version or not sub_pool.subnet_of(pool):  # type: ignore[arg-type]
+            raise InvalidRequest(f"SubPool (--ip-range) {sub_pool} is not inside the subnet {pool}")
+    return RequestPoolRequest(
+        address_space=_string(body, "AddressSpace"),
+        pool=pool,
+        sub_pool=sub_pool,
+        options=_string_map(body.get("Options"), "Options"),
+        v6=v6,
+    )
+
+
+def parse_release_pool(body: Mapping[str, Any]) -> ReleasePoolRequest:
+    return ReleasePoolRequest(pool_id=_string(body, "PoolID", required=True))
+
+
+def parse_request_address(body: Mapping[str, Any]) -> RequestAddressRequest:
+    pool_id = _string(body, "PoolID", required=True)
+    address = parse_address(body["Address"], "Address") if body.get("Address") else None
+    options = _string_map(body.get("Options"), "Options")
+    return RequestAddressRequest(
+        pool_id=pool_id,
+        address=address,
+        is_gateway=options.get(REQUEST_ADDRESS_TYPE) == GATEWAY_ADDRESS_TYPE,
+        options=options,
+    )
+
+
+def parse_release_address(body: Mapping[str, Any]) -> ReleaseAddressRequest:
+    pool_id = _string(body, "PoolID", required=True)
+    if not body.get("Address"):
+        raise InvalidRequest("Address is missing; it is required")
+    return ReleaseAddressRequest(pool_id=pool_id, address=parse_address(body["Address"], "Address"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Replies
+# ---------------------------------------------------------------------------------------------
+
+
+def activate_reply() -> dict[str, Any]:
+    return {"Implements": ["NetworkDriver", "IpamDriver"]}
+
+
+def network_capabilities_reply() -> dict[str, Any]:
+    return {"Scope": "local", "ConnectivityScope": "local"}
+
+
+def ipam_capabilities_reply() -> dict[str, Any]:
+    return {"RequiresMACAddress": False, "RequiresRequestReplay": False}
+
+
+def address_spaces_reply(local: str, global_: str) -> dict[str, Any]:
+    return {"LocalDefaultAddressSpace": local, "GlobalDefaultAddressSpace": global_}
+
+
+def request_pool_reply(pool_id: str, pool: IPNetwork) -> dict[str, Any]:
+    return {"PoolID": pool_id, "Pool": str(pool), "Data": {}}
+
+
+def request_address_reply(address: IPInterface) -> dict[str, Any]:
+    return {"Address": str(address), "Data": {}}
+
+
+def create_endpoint_reply(generated_mac: str | None) -> dict[str, Any]:
+    # Only fields Docker left empty may be filled; echoing a supplied one fails the request.
+    return {"Interface": {"MacAddress": generated_mac} if generated_mac else {}}
+
+
+def join_reply(
+    src_name: str,
+    dst_prefix: str,
+    gateway: ipaddress.IPv4Address | None,
+    gateway_v6: ipaddress.IPv6Address | None,
+) -> dict[str, Any]:
+    reply: dict[str, Any] = {
+        "InterfaceName": {"SrcName": src_name, "DstPrefix": dst_prefix},
+        "StaticRoutes": [],
+        "DisableGatewayService": False,
+    }
+    if gateway is not None:
+        reply["Gateway"] = str(gateway)
+    if gateway_v6 is not None:
+        reply["GatewayIPv6"] = str(gateway_v6)
+    return reply
+
+
+def oper_info_reply(value: Mapping[str, Any]) -> dict[str, Any]:
+    return {"Value": dict(value)}
+
+
+def error_reply(message: str) -> dict[str, Any]:
+    return {"Err": message}

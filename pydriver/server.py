@@ -1,0 +1,192 @@
+"""HTTP glue: one route per protocol verb, every route the same shape (decode, call, encode),
+and one place that turns errors into ``{"Err": ...}``. The app never knows its socket."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+
+from . import protocol as p
+from .driver import NetworkDriver
+from .errors import DriverError
+from .ipamdriver import IpamDriver
+
+log = logging.getLogger("pydriver.requests")
+
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+def _ids(body: Mapping[str, Any]) -> str:
+    parts = []
+    for key, label in (("NetworkID", "net"), ("EndpointID", "ep"), ("PoolID", "pool")):
+        value = body.get(key)
+        if isinstance(value, str) and value:
+            parts.append(f"{label}={value[:12]}")
+    addr = body.get("Address")
+    if isinstance(addr, str) and addr:
+        parts.append(f"addr={addr[:45]}")
+    return " ".join(parts)
+
+
+class Api:
+    """Maps every route to the driver call behind it."""
+
+    def __init__(self, driver: NetworkDriver, ipam: IpamDriver) -> None:
+        self.driver = driver
+        self.ipam = ipam
+        self.routes: dict[str, Handler] = {
+            "/Plugin.Activate": self.activate,
+            "/NetworkDriver.GetCapabilities": self.net_capabilities,
+            "/NetworkDriver.CreateNetwork": self.create_network,
+            "/NetworkDriver.DeleteNetwork": self.delete_network,
+            "/NetworkDriver.AllocateNetwork": self.allocate_network,
+            "/NetworkDriver.FreeNetwork": self.empty,
+            "/NetworkDriver.CreateEndpoint": self.create_endpoint,
+            "/NetworkDriver.EndpointOperInfo": self.endpoint_oper_info,
+            "/NetworkDriver.DeleteEndpoint": self.delete_endpoint,
+            "/NetworkDriver.Join": self.join,
+            "/NetworkDriver.Leave": self.leave,
+            "/NetworkDriver.DiscoverNew": self.empty,
+            "/NetworkDriver.DiscoverDelete": self.empty,
+            "/NetworkDriver.ProgramExternalConnectivity": self.program_external,
+            "/NetworkDriver.RevokeExternalConnectivity": self.revoke_external,
+            "/IpamDriver.GetCapabilities": self.ipam_capabilities,
+            "/IpamDriver.GetDefaultAddressSpaces": self.address_spaces,
+            "/IpamDriver.RequestPool": self.request_pool,
+            "/IpamDriver.ReleasePool": self.release_pool,
+            "/IpamDriver.RequestAddress": self.request_address,
+            "/IpamDriver.ReleaseAddress": self.release_address,
+        }
+
+    async def activate(self, body: dict[str, Any]) -> dict[str, Any]:
+        return p.activate_reply()
+
+    async def empty(self, body: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    async def net_capabilities(self, body: dict[str, Any]) -> dict[str, Any]:
+        return p.network_capabilities_reply()
+
+    async def allocate_network(self, body: dict[str, Any]) -> dict[str, Any]:
+        raise DriverError("pybridge is a local-scope driver and cannot serve swarm networks")
+
+    async def create_network(self, body: dict[str, Any]) -> dict[str, Any]:
+        await self.driver.create_network(p.parse_create_network(body))
+        return {}
+
+    async def delete_network(self, body: dict[str, Any]) -> dict[str, Any]:
+        await self.driver.delete_network(p.parse_network_ref(body))
+        return {}
+
+    async def create_endpoint(self, body: dict[str, Any]) -> dict[str, Any]:
+        mac = await self.driver.create_endpoint(p.parse_create_endpoint(body))
+        return p.create_endpoint_reply(mac)
+
+    async def endpoint_oper_info(self, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            ref = p.parse_endpoint_ref(body)
+        except DriverError:
+            return p.oper_info_reply({})
+        return p.oper_info_reply(self.driver.endpoint_oper_info(ref))
+
+    async def delete_endpoint(self, body: dict[str, Any]) -> dict[str, Any]:
+        await self.driver.delete_endpoint(p.parse_endpoint_ref(body))
+        return {}
+
+    async def join(self, body: dict[str, Any]) -> dict[str, Any]:
+        result = await self.driver.join(p.parse_join(body))
+        reply = p.join_reply(result.src_name, result.dst_prefix, result.gateway, result.gateway_v6)
+        if result.internal:
+            reply["DisableGatewayService"] = True
+        return reply
+
+    async def leave(self, body: dict[str, Any]) -> dict[str, Any]:
+        await self.driver.leave(p.parse_endpoint_ref(body))
+        return {}
+
+    async def program_external(self, body: dict[str, Any]) -> dict[str, Any]:
+        await self.driver.program_external_connectivity(p.parse_program_external(body))
+        return {}
+
+    async def revoke_external(self, body: dict[str, Any]) -> dict[str, Any]:
+        await self.driver.revoke_external_connectivity(p.parse_endpoint_ref(body))
+        return {}
+
+    async def ipam_capabilities(self, body: dict[str, Any]) -> dict[str, Any]:
+        return p.ipam_capabilities_reply()
+
+    async def address_spaces(self, body: dict[str, Any]) -> dict[str, Any]:
+        return p.address_spaces_reply(*self.ipam.address_spaces())
+
+    async def request_pool(self, body: dict[str, Any]) -> dict[str, Any]:
+        pool_id, subnet = await self.ipam.request_pool(p.parse_request_pool(body))
+        return p.request_pool_reply(pool_id, subnet)
+
+    async def release_pool(self, body: dict[str, Any]) -> dict[str, Any]:
+        await self.ipam.release_pool(p.parse_release_pool(body))
+        return {}
+
+    async def request_address(self, body: dict[str, Any]) -> dict[str, Any]:
+        address = await self.ipam.request_address(p.parse_request_address(body))
+        return p.request_address_reply(address)
+
+    async def release_address(self, body: dict[str, Any]) -> dict[str, Any]:
+        await self.ipam.release_address(p.parse_release_address(body))
+        return {}
+
+
+def _json_response(reply: Mapping[str, Any], status: int = 200) -> web.Response:
+    return web.Response(body=p.encode_reply(reply), status=status, content_type=p.CONTENT_TYPE)
+
+
+def make_app(api: Api) -> web.Application:
+    app = web.Application(client_max_size=p.MAX_BODY_BYTES)
+
+    async def dispatch(request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        method = request.path.lstrip("/")
+        handler = api.routes.get(request.path)
+        body: dict[str, Any] = {}
+        outcome = "ok"
+        try:
+            if handler is None:
+                outcome = "not-implemented"
+                return _json_response(
+                    p.error_reply(f"pybridge does not implement {method or 'this request'}"), 404
+                )
+            if request.method != "POST":
+                outcome = "bad-method"
+                return _json_response(p.error_reply(f"{method} must be called with POST"), 405)
+            raw = await request.read()
+            body = p.decode_body(raw)
+            reply = await handler(body)
+            return _json_response(reply)
+        except DriverError as err:
+            outcome = f"error({err.kind}): {err}"
+            return _json_response(p.error_reply(str(err)), 500)
+        except web.HTTPRequestEntityTooLarge:
+            outcome = "error(invalid): body too large"
+            return _json_response(
+                p.error_reply(f"request body is larger than the {p.MAX_BODY_BYTES} bytes allowed"),
+                500,
+            )
+        except Exception as err:  # never a traceback to Docker, never a dead server
+            log.exception("internal error in %s", method)
+            outcome = f"internal error: {type(err).__name__}"
+            return _json_response(
+                p.error_reply(
+                    f"pybridge hit an internal error in {method} ({type(err).__name__}: {err}); "
+                    "see the pybridge log"
+                ),
+                500,
+            )
+        finally:
+            elapsed = (time.perf_counter() - started) * 1000
+            log.info("%s %s -> %s (%.1f ms)", method, _ids(body), outcome, elapsed)
+
+    app.router.add_route("*", "/{tail:.*}", dispatch)
+    return app

@@ -1,0 +1,248 @@
+"""State on disk: the only module that touches the state directory.
+
+SQLite in WAL mode with ``synchronous=FULL``: a change is on disk before pybridge replies to
+Docker, so a ``kill -9`` (or a power cut) never loses an acknowledged network, endpoint, pool
+or address. Each public method is one transaction. All calls run on one worker thread, so the
+event loop never waits on the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import HostError
+from .ipam import Pool
+from .model import Endpoint, Network
+
+T = TypeVar("T")
+
+DB_NAME = "state.db"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS networks (id TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS endpoints (
+    id TEXT PRIMARY KEY, network_id TEXT NOT NULL, data TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS endpoints_by_network ON endpoints (network_id);
+CREATE TABLE IF NOT EXISTS pools (id TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS addresses (
+    pool_id TEXT NOT NULL, address TEXT NOT NULL, PRIMARY KEY (pool_id, address));
+"""
+
+
+class SyncStore:
+    """The SQLite state database. Not thread-safe by itself: use it from one thread."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / DB_NAME
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            os.chmod(self.path, 0o600)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA busy_timeout=5000")
+            self.db.executescript(_SCHEMA)
+            self._check_version()
+        except (OSError, sqlite3.Error) as err:
+            raise HostError(f"cannot open the state database {self.path}: {err}") from None
+
+    def _check_version(self) -> None:
+        row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if row is None:
+            self.db.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+        elif int(row[0]) > SCHEMA_VERSION:
+            raise HostError(
+                f"the state database {self.path} is from a newer pybridge "
+                f"(schema {row[0]}, this version knows {SCHEMA_VERSION})"
+            )
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _tx(self, statements: Iterable[tuple[str, tuple[Any, ...]]]) -> None:
+        cur = self.db.cursor()
+        try:
+            cur.execute("BEGIN IMMEDIATE")
+            for sql, params in statements:
+                cur.execute(sql, params)
+            cur.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
+                cur.execute("ROLLBACK")
+            raise
+
+    # -- meta ----------------------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._tx([("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))])
+
+    # -- networks and endpoints ----------------------------------------------------------------
+
+    def load_networks(self) -> list[Network]:
+        rows = self.db.execute("SELECT data FROM networks ORDER BY id").fetchall()
+        return [Network.from_dict(json.loads(r[0])) for r in rows]
+
+    def load_endpoints(self) -> list[Endpoint]:
+        rows = self.db.execute("SELECT data FROM endpoints ORDER BY id").fetchall()
+        return [Endpoint.from_dict(json.loads(r[0])) for r in rows]
+
+    def put_network(self, network: Network) -> None:
+        self._tx(
+            [
+                (
+                    "INSERT OR REPLACE INTO networks (id, data) VALUES (?, ?)",
+                    (network.id, json.dumps(network.to_dict())),
+                )
+            ]
+        )
+
+    def delete_network(self, network_id: str) -> None:
+        self._tx(
+            [
+                ("DELETE FROM endpoints WHERE network_id=?", (network_id,)),
+                ("DELETE FROM networks WHERE id=?", (network_id,)),
+            ]
+        )
+
+    def put_endpoint(self, endpoint: Endpoint) -> None:
+        self._tx(
+            [
+                (
+                    "INSERT OR REPLACE INTO endpoints (id, network_id, data) VALUES (?, ?, ?)",
+                    (endpoint.id, endpoint.network_id, json.dumps(endpoint.to_dict())),
+                )
+            ]
+        )
+
+    def delete_endpoint(self, endpoint_id: str) -> None:
+        self._tx([("DELETE FROM endpoints WHERE id=?", (endpoint_id,))])
+
+    # -- IPAM ----------------------------------------------------------------------------------
+
+    def load_pools(self) -> list[Pool]:
+        pools = []
+        for pool_id, data in self.db.execute("SELECT id, data FROM pools ORDER BY id").fetchall():
+            addresses = [
+                r[0]
+                for r in self.db.execute(
+                    "SELECT address FROM addresses WHERE pool_id=?", (pool_id,)
+                )
+            ]
+            pools.append(Pool.from_dict(json.loads(data), addresses))
+        return pools
+
+    def put_pool_data(self, pool_id: str, pool_data: dict[str, Any]) -> None:
+        self._tx(
+            [
+                (
+                    "INSERT OR REPLACE INTO pools (id, data) VALUES (?, ?)",
+                    (pool_id, json.dumps(pool_data)),
+                )
+            ]
+        )
+
+    def delete_pool(self, pool_id: str) -> None:
+        self._tx(
+            [
+                ("DELETE FROM addresses WHERE pool_id=?", (pool_id,)),
+                ("DELETE FROM pools WHERE id=?", (pool_id,)),
+            ]
+        )
+
+    def add_address(self, pool_id: str, pool_data: dict[str, Any], address: str) -> None:
+        # The pool row carries the allocation cursor, so both change in one transaction.
+        self._tx(
+            [
+                ("INSERT INTO addresses (pool_id, address) VALUES (?, ?)", (pool_id, address)),
+                ("UPDATE pools SET data=? WHERE id=?", (json.dumps(pool_data), pool_id)),
+            ]
+        )
+
+    def remove_address(self, pool_id: str, address: str) -> None:
+        self._tx([("DELETE FROM addresses WHERE pool_id=? AND address=?", (pool_id, address))])
+
+    def check_integrity(self) -> str:
+        row = self.db.execute("PRAGMA integrity_check").fetchone()
+        return str(row[0]) if row else "no answer"
+
+
+class Store:
+    """Async facade: runs every SyncStore call on one dedicated thread."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pydriver-store")
+        self._sync = SyncStore(state_dir)
+
+    @property
+    def path(self) -> Path:
+        return self._sync.path
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn, *args)
+        except sqlite3.Error as err:
+            raise HostError(f"could not write pybridge's state database: {err}") from None
+
+    def close(self) -> None:
+        self._executor.submit(self._sync.close).result()
+        self._executor.shutdown(wait=True)
+
+    # Thin async wrappers, named as in SyncStore.
+    async def get_meta(self, key: str) -> str | None:
+        return await self.call(self._sync.get_meta, key)
+
+    async def set_meta(self, key: str, value: str) -> None:
+        await self.call(self._sync.set_meta, key, value)
+
+    async def load_networks(self) -> list[Network]:
+        return await self.call(self._sync.load_networks)
+
+    async def load_endpoints(self) -> list[Endpoint]:
+        return await self.call(self._sync.load_endpoints)
+
+    async def put_network(self, network: Network) -> None:
+        await self.call(self._sync.put_network, network)
+
+    async def delete_network(self, network_id: str) -> None:
+        await self.call(self._sync.delete_network, network_id)
+
+    async def put_endpoint(self, endpoint: Endpoint) -> None:
+        await self.call(self._sync.put_endpoint, endpoint)
+
+    async def delete_endpoint(self, endpoint_id: str) -> None:
+        await self.call(self._sync.delete_endpoint, endpoint_id)
+
+    async def load_pools(self) -> list[Pool]:
+        return await self.call(self._sync.load_pools)
+
+    async def put_pool(self, pool: Pool) -> None:
+        # Serialise on the caller's thread: the pool may change again once we yield.
+        await self.call(self._sync.put_pool_data, pool.id, pool.to_dict())
+
+    async def delete_pool(self, pool_id: str) -> None:
+        await self.call(self._sync.delete_pool, pool_id)
+
+    async def add_address(self, pool: Pool, address: str) -> None:
+        await self.call(self._sync.add_address, pool.id, pool.to_dict(), address)
+
+    async def remove_address(self, pool_id: str, address: str) -> None:
+        await self.call(self._sync.remove_address, pool_id, address)
+
+    async def check_integrity(self) -> str:
+        return await self.call(self._sync.check_integrity)

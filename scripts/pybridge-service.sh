@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Run pybridge (`pydriver serve`) as a background host service: start | stop | restart | status.
+# Only ever stops the process recorded in its own pid file.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${PYDRIVER_VENV:-$ROOT/.venv}"
+PIDFILE="${PYDRIVER_PIDFILE:-/run/pydriver.pid}"
+LOG="${PYDRIVER_LOG:-/var/log/pydriver.log}"
+SOCKET="${PYDRIVER_SOCKET:-/run/docker/plugins/pybridge.sock}"
+
+running_pid() {
+    [ -f "$PIDFILE" ] || return 1
+    local pid
+    pid="$(cat "$PIDFILE")"
+    # Check it is still our pydriver, not a recycled pid.
+    [ -n "$pid" ] && grep -q pydriver "/proc/$pid/cmdline" 2>/dev/null && echo "$pid"
+}
+
+start() {
+    if pid="$(running_pid)"; then
+        echo "pybridge already running (pid $pid)"
+        return 0
+    fi
+    mkdir -p "$(dirname "$LOG")"
+    setsid "$VENV/bin/pydriver" serve --socket "$SOCKET" >>"$LOG" 2>&1 </dev/null &
+    echo $! >"$PIDFILE"
+    for _ in $(seq 1 100); do
+        if [ -S "$SOCKET" ]; then
+            echo "pybridge running (pid $(cat "$PIDFILE"), socket $SOCKET, log $LOG)"
+            return 0
+        fi
+        if ! running_pid >/dev/null; then break; fi
+        sleep 0.1
+    done
+    echo "pybridge did not start; last lines of $LOG:" >&2
+    tail -n 20 "$LOG" >&2
+    return 1
+}
+
+stop() {
+    local sig="${1:-TERM}"
+    if ! pid="$(running_pid)"; then
+        echo "pybridge is not running"
+        rm -f "$PIDFILE"
+        return 0
+    fi
+    kill "-$sig" "$pid"
+    for _ in $(seq 1 100); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    rm -f "$PIDFILE"
+    echo "pybridge stopped"
+}
+
+case "${1:-}" in
+    start) start ;;
+    stop) stop TERM ;;
+    kill) stop KILL ;;
+    restart) stop TERM; start ;;
+    status)
+        if pid="$(running_pid)"; then echo "running (pid $pid)"; else echo "stopped"; exit 3; fi ;;
+    *) echo "usage: $0 start|stop|kill|restart|status" >&2; exit 2 ;;
+esac

@@ -1,0 +1,219 @@
+"""End-to-end fixtures: a real dockerd (started by scripts/install.sh), the pybridge host service,
+a busybox image built locally, the leak guard and an outside test host."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import secrets
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.hostenv import (
+    ROOT,
+    OutsideHost,
+    leak_guard,
+    outside_host,
+    require_root,
+    routes,
+    run,
+)
+
+IMAGE = "pybridge-test/busybox:latest"
+SERVICE = ROOT / "scripts" / "pybridge-service.sh"
+SOCKET = "/run/docker/plugins/pybridge.sock"
+DRIVER = "pybridge"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/e2e/" in str(item.fspath):
+            item.add_marker(pytest.mark.e2e)
+
+
+def docker(*args: str, check: bool = True, timeout: float = 120) -> str:
+    return run(["docker", *args], check=check, timeout=timeout).stdout.strip()
+
+
+def docker_fails(*args: str, timeout: float = 120) -> str:
+    """Run a docker command that must fail; return its error output."""
+    result = run(["docker", *args], check=False, timeout=timeout)
+    assert result.returncode != 0, f"docker {' '.join(args)} succeeded but should have failed"
+    return result.stderr.strip()
+
+
+class Plugin:
+    """The pybridge host service the tests run against."""
+
+    def restart(self) -> None:
+        run([str(SERVICE), "restart"])
+
+    def kill9_and_start(self) -> None:
+        run([str(SERVICE), "kill"])
+        run([str(SERVICE), "start"])
+
+    def stop(self) -> None:
+        run([str(SERVICE), "stop"])
+
+    def start(self) -> None:
+        run([str(SERVICE), "start"])
+
+
+class Docker:
+    """Creates uniquely named containers and networks and removes them all afterwards."""
+
+    def __init__(self) -> None:
+        self.prefix = "pbt" + secrets.token_hex(3)
+        self.containers: list[str] = []
+        self.networks: list[str] = []
+        self._n = 0
+
+    def name(self, kind: str) -> str:
+        self._n += 1
+        return f"{self.prefix}-{kind}{self._n}"
+
+    def network(self, *args: str, driver: str = DRIVER, name: str | None = None) -> str:
+        name = name or self.name("net")
+        docker("network", "create", "-d", driver, *args, name)
+        self.networks.append(name)
+        return name
+
+    def run(self, network: str, *args: str, name: str | None = None,
+            command: tuple[str, ...] = ("sleep", "600")) -> str:
+        name = name or self.name("c")
+        self.containers.append(name)
+        docker("run", "-d", "--name", name, "--network", network, *args, IMAGE, *command)
+        return name
+
+    def exec(self, container: str, *argv: str, check: bool = True, timeout: float = 60) -> str:
+        return docker("exec", container, *argv, check=check, timeout=timeout)
+
+    def ip(self, container: str, network: str) -> str:
+        return docker(
+            "inspect", "-f", f"{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}",
+            container,
+        )
+
+    def ip6(self, container: str, network: str) -> str:
+        return docker(
+            "inspect", "-f",
+            f"{{{{(index .NetworkSettings.Networks \"{network}\").GlobalIPv6Address}}}}",
+            container,
+        )
+
+    def network_info(self, network: str) -> dict[str, object]:
+        data = json.loads(docker("network", "inspect", network))
+        assert isinstance(data, list) and data
+        return dict(data[0])
+
+    def rm_container(self, name: str) -> None:
+        docker("rm", "-f", name, check=False)
+        if name in self.containers:
+            self.containers.remove(name)
+
+    def rm_network(self, name: str) -> None:
+        docker("network", "rm", name)
+        self.networks.remove(name)
+
+    def cleanup(self) -> None:
+        if self.containers:
+            docker("rm", "-f", *self.containers, check=False)
+        for net in reversed(self.networks):
+            docker("network", "rm", net, check=False)
+        self.containers.clear()
+        self.networks.clear()
+
+
+def ping(d: Docker, container: str, target: str, count: int = 2) -> None:
+    out = d.exec(container, "ping", "-c", str(count), "-W", "2", target, check=False)
+    assert f"{count} packets received" in out, f"{container} cannot ping {target}:\n{out}"
+
+
+def cannot_ping(d: Docker, container: str, target: str) -> None:
+    out = d.exec(container, "ping", "-c", "1", "-W", "1", target, check=False)
+    assert " 0 packets received" in out, f"{container} reached {target} but must not:\n{out}"
+
+
+def free_subnet(third: int) -> str:
+    """A test subnet 10.213.N.0/24, checked against every host route."""
+    subnet = ipaddress.ip_network(f"10.213.{third}.0/24")
+    for route in routes():
+        dst = str(route.get("dst", ""))
+        if dst in ("default", "") or ":" in dst:
+            continue
+        if subnet.overlaps(ipaddress.ip_network(dst, strict=False)):
+            raise AssertionError(f"test subnet {subnet} overlaps host route {dst}")
+    return str(subnet)
+
+
+def build_image() -> None:
+    if run(["docker", "image", "inspect", IMAGE], check=False).returncode == 0:
+        return
+    busybox = shutil.which("busybox")
+    assert busybox, "busybox is needed for the test image (apt-get install busybox-static)"
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for sub in ("bin", "etc", "tmp", "www"):
+            (root / sub).mkdir()
+        shutil.copy(busybox, root / "bin" / "busybox")
+        applets = run([busybox, "--list"]).stdout.split()
+        for applet in applets:
+            if applet != "busybox":
+                (root / "bin" / applet).symlink_to("busybox")
+        (root / "www" / "index.html").write_text("hello from pybridge\n")
+        (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+        (root / "etc" / "group").write_text("root:x:0:\n")
+        tar_proc = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
+        imported = subprocess.run(
+            ["docker", "import", "-c", 'CMD ["sh"]', "-", IMAGE],
+            stdin=tar_proc.stdout, capture_output=True, timeout=120, check=False,
+        )
+        tar_proc.wait()
+        assert imported.returncode == 0, imported.stderr
+
+
+@pytest.fixture(scope="session")
+def environment() -> Iterator[None]:
+    require_root()
+    if run(["docker", "info"], check=False).returncode != 0:
+        raise AssertionError("no dockerd answers: run scripts/install.sh (scripts/test.sh does)")
+    if not Path(SOCKET).is_socket():
+        raise AssertionError(f"pybridge is not serving {SOCKET}: run scripts/install.sh")
+    build_image()
+    with leak_guard():
+        yield
+
+
+@pytest.fixture(scope="session")
+def outside(environment: None) -> Iterator[OutsideHost]:
+    with outside_host() as host:
+        yield host
+
+
+@pytest.fixture
+def d(environment: None) -> Iterator[Docker]:
+    client = Docker()
+    try:
+        yield client
+    finally:
+        client.cleanup()
+
+
+@pytest.fixture(scope="session")
+def plugin(environment: None) -> Plugin:
+    return Plugin()
+
+
+def wait_for(predicate: object, timeout: float = 10.0, interval: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(predicate) and predicate():
+            return True
+        time.sleep(interval)
+    return False
