@@ -127,15 +127,17 @@ async def _path_iptables_backend() -> Backend | None:
 class Firewall:
     """Applies the rendered rule set; serialises applies so batches never interleave."""
 
-    def __init__(self, backend: Backend, *, ipv6: bool = True) -> None:
+    def __init__(self, backend: Backend, *, ipv6: bool = True, netns: str | None = None) -> None:
         self.backend = backend
+        # Tests run the firewall inside a throwaway network namespace.
+        self._prefix = ["ip", "netns", "exec", netns] if netns else []
         self.families: tuple[Family, ...] = (
             (4, 6) if ipv6 and shutil.which(tool(backend, 6, "restore")) else (4,)
         )
         self._lock = asyncio.Lock()
 
     async def save(self, family: Family) -> str:
-        result = await run([tool(self.backend, family, "save")])
+        result = await run([*self._prefix, tool(self.backend, family, "save")])
         if result.returncode != 0:
             detail = result.stderr.strip() or f"exit status {result.returncode}"
             raise HostError(f"{tool(self.backend, family, 'save')} failed: {detail}")
@@ -148,8 +150,9 @@ class Firewall:
                 text = render_restore(networks, family, current)
                 if not text:
                     continue
-                argv = [tool(self.backend, family, "restore"), "-w", "5", "--noflush"]
+                restore = tool(self.backend, family, "restore")
+                argv = [*self._prefix, restore, "-w", "5", "--noflush"]
                 result = await run(argv, stdin=text)
                 if result.returncode != 0:
-                    log.error("%s failed on input:\n%s", argv[0], text)
-                    raise HostError(f"{argv[0]} refused pybridge's rules: {result.stderr.strip()}")
+                    log.error("%s failed on input:\n%s", restore, text)
+                    raise HostError(f"{restore} refused pybridge's rules: {result.stderr.strip()}")

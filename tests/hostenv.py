@@ -27,13 +27,14 @@ OUTSIDE_PORT = 7000
 # A server in the outside namespace that answers every TCP connection with the address it
 # sees the connection coming from, then closes it.
 _PEER_SERVER = r"""
-import socket, threading
+import socket, sys, threading
+PORT = int(sys.argv[1])
 def serve(family, addr):
     s = socket.socket(family, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if family == socket.AF_INET6:
         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    s.bind((addr, %d)); s.listen(64)
+    s.bind((addr, PORT)); s.listen(64)
     while True:
         c, peer = s.accept()
         try:
@@ -42,7 +43,7 @@ def serve(family, addr):
             c.close()
 threading.Thread(target=serve, args=(socket.AF_INET6, "::"), daemon=True).start()
 serve(socket.AF_INET, "0.0.0.0")
-""" % OUTSIDE_PORT
+"""
 
 
 def run(
@@ -132,8 +133,7 @@ def outside_host() -> Iterator[OutsideHost]:
         run(["ip", "link", "add", OUTSIDE_HOST_IF, "type", "veth", "peer", "name", OUTSIDE_NS_IF])
         run(["ip", "link", "set", OUTSIDE_NS_IF, "netns", OUTSIDE_NS])
         run(["ip", "addr", "add", f"{OUTSIDE_HOST_IP}/24", "dev", OUTSIDE_HOST_IF])
-        run(["ip", "-6", "addr", "add", f"{OUTSIDE_HOST_IP6}/64", "dev", OUTSIDE_HOST_IF,
-             "nodad"])
+        run(["ip", "-6", "addr", "add", f"{OUTSIDE_HOST_IP6}/64", "dev", OUTSIDE_HOST_IF, "nodad"])
         run(["ip", "link", "set", OUTSIDE_HOST_IF, "up"])
         ns = ["ip", "netns", "exec", OUTSIDE_NS]
         run([*ns, "ip", "addr", "add", f"{OUTSIDE_IP}/24", "dev", OUTSIDE_NS_IF])
@@ -143,8 +143,9 @@ def outside_host() -> Iterator[OutsideHost]:
         # No default route inside: replies reach only the host's own address on this link,
         # so a container gets an answer only if its traffic was masqueraded.
         server = subprocess.Popen(
-            [*ns, "python3", "-c", _PEER_SERVER],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [*ns, "python3", "-c", _PEER_SERVER, str(OUTSIDE_PORT)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -191,8 +192,10 @@ def firewall_dump() -> str:
     for tool in ("iptables-nft-save", "ip6tables-nft-save"):
         text.append(run([tool], check=False).stdout)
     # Reading legacy tables that do not exist would create them; read only existing ones.
-    for names, tool in (("/proc/net/ip_tables_names", "iptables-legacy-save"),
-                        ("/proc/net/ip6_tables_names", "ip6tables-legacy-save")):
+    for names, tool in (
+        ("/proc/net/ip_tables_names", "iptables-legacy-save"),
+        ("/proc/net/ip6_tables_names", "ip6tables-legacy-save"),
+    ):
         try:
             present = Path(names).read_text().split()
         except OSError:

@@ -84,8 +84,13 @@ class Docker:
         self.networks.append(name)
         return name
 
-    def run(self, network: str, *args: str, name: str | None = None,
-            command: tuple[str, ...] = ("sleep", "600")) -> str:
+    def run(
+        self,
+        network: str,
+        *args: str,
+        name: str | None = None,
+        command: tuple[str, ...] = ("sleep", "600"),
+    ) -> str:
         name = name or self.name("c")
         self.containers.append(name)
         docker("run", "-d", "--name", name, "--network", network, *args, IMAGE, *command)
@@ -96,14 +101,17 @@ class Docker:
 
     def ip(self, container: str, network: str) -> str:
         return docker(
-            "inspect", "-f", f"{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}",
+            "inspect",
+            "-f",
+            f'{{{{(index .NetworkSettings.Networks "{network}").IPAddress}}}}',
             container,
         )
 
     def ip6(self, container: str, network: str) -> str:
         return docker(
-            "inspect", "-f",
-            f"{{{{(index .NetworkSettings.Networks \"{network}\").GlobalIPv6Address}}}}",
+            "inspect",
+            "-f",
+            f'{{{{(index .NetworkSettings.Networks "{network}").GlobalIPv6Address}}}}',
             container,
         )
 
@@ -172,7 +180,10 @@ def build_image() -> None:
         tar_proc = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
         imported = subprocess.run(
             ["docker", "import", "-c", 'CMD ["sh"]', "-", IMAGE],
-            stdin=tar_proc.stdout, capture_output=True, timeout=120, check=False,
+            stdin=tar_proc.stdout,
+            capture_output=True,
+            timeout=120,
+            check=False,
         )
         tar_proc.wait()
         assert imported.returncode == 0, imported.stderr

@@ -50,8 +50,14 @@ def test_egress_is_masqueraded(d: Docker, outside: OutsideHost) -> None:
 def test_network_inspect_shows_ipam_config(d: Docker) -> None:
     subnet = free_subnet(11)
     net = d.network(
-        "--subnet", subnet, "--gateway", "10.213.11.1", "--ip-range", "10.213.11.128/25",
-        "--aux-address", "printer=10.213.11.130",
+        "--subnet",
+        subnet,
+        "--gateway",
+        "10.213.11.1",
+        "--ip-range",
+        "10.213.11.128/25",
+        "--aux-address",
+        "printer=10.213.11.130",
     )
     info = d.network_info(net)
     assert info["Driver"] == "pybridge"
@@ -141,9 +147,21 @@ def test_plugin_restart_with_running_containers(d: Docker, plugin: Plugin) -> No
     net0_first = running[nets[0]][0]
     # Pings keep flowing while the plugin restarts: the data plane does not depend on it.
     pinger = subprocess.Popen(
-        ["docker", "exec", net0_first, "ping", "-c", "40", "-i", "0.1", "-W", "1",
-         running[nets[0]][1]],
-        stdout=subprocess.PIPE, text=True,
+        [
+            "docker",
+            "exec",
+            net0_first,
+            "ping",
+            "-c",
+            "40",
+            "-i",
+            "0.1",
+            "-W",
+            "1",
+            running[nets[0]][1],
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     plugin.restart()
     plugin.kill9_and_start()

@@ -1,0 +1,236 @@
+"""The kernel and firewall adapters, and the whole driver, for real inside throwaway network
+namespaces (root, no Docker). Both iptables flavours are exercised here; the host's own
+firewall and links are never touched."""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from pydriver import protocol as p
+from pydriver.driver import NetworkDriver
+from pydriver.errors import Conflict
+from pydriver.firewall import Backend, Firewall, tool
+from pydriver.netlink import Netlink
+from pydriver.rules import NetworkRules, jumps_present, pybridge_rules_in
+from pydriver.store import Store
+from tests.hostenv import require_root, run
+
+pytestmark = pytest.mark.privileged
+
+
+def _netns() -> str:
+    name = "pbt-" + secrets.token_hex(4)
+    run(["ip", "netns", "add", name])
+    run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"])
+    return name
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    require_root()
+    names = [_netns()]
+    try:
+        yield names[0]
+    finally:
+        for name in names:
+            run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.fixture
+async def nl(netns: str) -> AsyncIterator[Netlink]:
+    link = Netlink(netns=netns)
+    await link.open()
+    try:
+        yield link
+    finally:
+        await link.close()
+
+
+def in_ns(ns: str, *argv: str, check: bool = True) -> str:
+    return run(["ip", "netns", "exec", ns, *argv], check=check).stdout
+
+
+async def test_bridge_is_idempotent_and_refuses_non_bridges(nl: Netlink, netns: str) -> None:
+    assert await nl.ensure_bridge("pyb-test", "02:00:00:00:00:aa", 1400) is True
+    assert await nl.ensure_bridge("pyb-test", "02:00:00:00:00:aa", 1400) is False
+    gw = ipaddress.ip_interface("10.213.40.1/24")
+    await nl.ensure_address("pyb-test", gw)
+    await nl.ensure_address("pyb-test", gw)  # EEXIST is success
+    await nl.set_link("pyb-test", up=True)
+    link = await nl.get_link("pyb-test")
+    assert link is not None and link.kind == "bridge" and link.mtu == 1400 and link.up
+    assert link.mac == "02:00:00:00:00:aa"
+    assert await nl.addresses("pyb-test") == [gw]
+    assert any(r.destination == gw.network and r.device == "pyb-test" for r in await nl.routes())
+    await nl.remove_address("pyb-test", gw)
+    await nl.remove_address("pyb-test", gw)  # already gone is success
+    in_ns(netns, "ip", "link", "add", "pbt-dummy", "type", "veth", "peer", "name", "pbt-dummy2")
+    with pytest.raises(Conflict, match="not a bridge"):
+        await nl.ensure_bridge("pbt-dummy", "02:00:00:00:00:ab", None)
+    assert await nl.delete_link("pyb-test") is True
+    assert await nl.delete_link("pyb-test") is False
+
+
+async def test_veth_pair(nl: Netlink) -> None:
+    await nl.ensure_bridge("pyb-test", "02:00:00:00:00:aa", None)
+    assert await nl.ensure_veth("pyvaaaaaaaaaaaa", "pycaaaaaaaaaaaa", "02:11:22:33:44:55", 1300)
+    assert not await nl.ensure_veth("pyvaaaaaaaaaaaa", "pycaaaaaaaaaaaa", "02:11:22:33:44:55", 1300)
+    await nl.set_link("pyvaaaaaaaaaaaa", master="pyb-test", up=True)
+    host = await nl.get_link("pyvaaaaaaaaaaaa")
+    peer = await nl.get_link("pycaaaaaaaaaaaa")
+    bridge = await nl.get_link("pyb-test")
+    assert host is not None and peer is not None and bridge is not None
+    assert host.master == bridge.index and host.up and host.mtu == 1300
+    assert peer.mac == "02:11:22:33:44:55" and peer.mtu == 1300
+    assert await nl.delete_link("pyvaaaaaaaaaaaa")
+    assert await nl.get_link("pycaaaaaaaaaaaa") is None  # the pair goes together
+
+
+@pytest.mark.parametrize("backend", ["nft", "legacy"])
+async def test_firewall_apply_is_atomic_idempotent_and_cleans_up(
+    netns: str, backend: Backend
+) -> None:
+    save = [tool(backend, 4, "save")]
+    in_ns(netns, tool(backend, 4), "-N", "DOCKER-USER")
+    in_ns(netns, tool(backend, 4), "-A", "FORWARD", "-j", "DOCKER-USER")
+    in_ns(netns, tool(backend, 4), "-A", "FORWARD", "-j", "ACCEPT")
+    firewall = Firewall(backend, netns=netns)
+    nets = [
+        NetworkRules(
+            "pyb-one",
+            (ipaddress.ip_network("10.213.41.0/24"),),
+            (ipaddress.ip_network("fd00:213:41::/64"),),
+        )
+    ]
+    for _ in range(3):
+        await firewall.apply(nets)
+    text = in_ns(netns, *save)
+    assert jumps_present(text) == [
+        "-A FORWARD -j PYBRIDGE-FORWARD",
+        "-A POSTROUTING -j PYBRIDGE-POSTROUTING",
+    ]
+    forward = [line for line in text.splitlines() if line.startswith("-A FORWARD")]
+    assert forward[:2] == ["-A FORWARD -j DOCKER-USER", "-A FORWARD -j PYBRIDGE-FORWARD"]
+    rules = pybridge_rules_in(text)
+    assert "-A PYBRIDGE-POSTROUTING -s 10.213.41.0/24 ! -o pyb-one -j MASQUERADE" in rules["nat"]
+    text6 = in_ns(netns, tool(backend, 6, "save"))
+    assert "-A PYBRIDGE-POSTROUTING -s fd00:213:41::/64 ! -o pyb-one -j MASQUERADE" in text6
+    # Someone flushes FORWARD (a firewall reload): the next apply restores exactly one jump.
+    in_ns(netns, tool(backend, 4), "-F", "FORWARD")
+    await firewall.apply(nets)
+    assert jumps_present(in_ns(netns, *save)).count("-A FORWARD -j PYBRIDGE-FORWARD") == 1
+    await firewall.apply([])
+    for family in (4, 6):
+        assert "PYBRIDGE" not in in_ns(netns, tool(backend, family, "save"))
+    await firewall.apply([])  # nothing left to remove is fine
+
+
+class _Sysctl:
+    def __init__(self, netns: str) -> None:
+        self.netns = netns
+
+    async def ensure_ipv4_forwarding(self) -> None:
+        in_ns(self.netns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+
+    async def disable_accept_ra(self, ifname: str) -> None:
+        return None
+
+
+def _hex() -> str:
+    return secrets.token_hex(32)
+
+
+@pytest.mark.parametrize("backend", ["nft", "legacy"])
+async def test_driver_datapath_with_forward_drop(
+    netns: str, nl: Netlink, tmp_path: Path, backend: Backend
+) -> None:
+    """A miniature host in a netns with FORWARD DROP: two "containers" (netns) on a pybridge
+    network reach each other and, masqueraded, an "outside" netns; nothing is left after."""
+    ipt = tool(backend, 4)
+    in_ns(netns, ipt, "-P", "FORWARD", "DROP")
+    # Make bridged traffic cross iptables, as br_netfilter does on our hosts.
+    in_ns(netns, "sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1", check=False)
+    containers = [_netns(), _netns()]
+    outside = _netns()
+    store = Store(tmp_path)
+    try:
+        driver = NetworkDriver(store, nl, Firewall(backend, netns=netns), _Sysctl(netns))
+        network_id = _hex()
+        await driver.create_network(
+            p.parse_create_network(
+                {
+                    "NetworkID": network_id,
+                    "Options": {"com.docker.network.generic": {}},
+                    "IPv4Data": [{"Pool": "10.213.42.0/24", "Gateway": "10.213.42.1/24"}],
+                    "IPv6Data": None,
+                }
+            )
+        )
+        # The outside host hangs off the miniature host on 198.51.100.0/24, no route back.
+        in_ns(netns, "ip", "link", "add", "pbt-up", "type", "veth", "peer", "name", "pbt-o")
+        in_ns(netns, "ip", "link", "set", "pbt-o", "netns", outside)
+        in_ns(netns, "ip", "addr", "add", "198.51.100.1/24", "dev", "pbt-up")
+        in_ns(netns, "ip", "link", "set", "pbt-up", "up")
+        in_ns(outside, "ip", "addr", "add", "198.51.100.2/24", "dev", "pbt-o")
+        in_ns(outside, "ip", "link", "set", "pbt-o", "up")
+        endpoints = []
+        for i, ns in enumerate(containers):
+            endpoint_id = _hex()
+            endpoints.append(endpoint_id)
+            address = f"10.213.42.{10 + i}/24"
+            await driver.create_endpoint(
+                p.parse_create_endpoint(
+                    {
+                        "NetworkID": network_id,
+                        "EndpointID": endpoint_id,
+                        "Interface": {"Address": address, "AddressIPv6": "", "MacAddress": ""},
+                        "Options": {},
+                    }
+                )
+            )
+            joined = await driver.join(
+                p.parse_join(
+                    {
+                        "NetworkID": network_id,
+                        "EndpointID": endpoint_id,
+                        "SandboxKey": f"/run/netns/{ns}",
+                        "Options": {},
+                    }
+                )
+            )
+            # Do what Docker does with the Join answer.
+            in_ns(netns, "ip", "link", "set", joined.src_name, "netns", ns)
+            in_ns(ns, "ip", "link", "set", joined.src_name, "name", "eth0")
+            in_ns(ns, "ip", "addr", "add", address, "dev", "eth0")
+            in_ns(ns, "ip", "link", "set", "eth0", "up")
+            in_ns(ns, "ip", "route", "add", "default", "via", str(joined.gateway))
+        ping = ["busybox", "ping", "-c", "1", "-W", "2"]
+        in_ns(containers[0], *ping, "10.213.42.11")
+        in_ns(containers[1], *ping, "10.213.42.10")
+        in_ns(containers[0], *ping, "10.213.42.1")
+        in_ns(containers[0], *ping, "198.51.100.2")  # only works masqueraded
+        # Nothing from outside gets into the network (no published ports).
+        in_ns(outside, "ip", "route", "add", "10.213.42.0/24", "via", "198.51.100.1")
+        assert " 0 packets received" in in_ns(outside, *ping, "10.213.42.10", check=False)
+
+        for endpoint_id in endpoints:
+            await driver.leave(
+                p.parse_endpoint_ref({"NetworkID": network_id, "EndpointID": endpoint_id})
+            )
+            await driver.delete_endpoint(
+                p.parse_endpoint_ref({"NetworkID": network_id, "EndpointID": endpoint_id})
+            )
+        await driver.delete_network(p.parse_network_ref({"NetworkID": network_id}))
+        links = in_ns(netns, "ip", "-o", "link", "show")
+        assert "pyb-" not in links and "pyv" not in links
+        assert "PYBRIDGE" not in in_ns(netns, tool(backend, 4, "save"))
+        assert "10.213.42." not in in_ns(netns, "ip", "-o", "addr", "show")
+    finally:
+        store.close()
+        for ns in [*containers, outside]:
+            run(["ip", "netns", "del", ns], check=False)
