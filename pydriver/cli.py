@@ -100,6 +100,7 @@ def prepare_socket_path(path: str) -> None:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    os.umask(0o077)  # state files, the WAL and the socket: root only
     prepare_socket_path(args.socket)
     store = Store(Path(args.state_dir))
     netlink = Netlink()
@@ -130,12 +131,8 @@ async def serve(args: argparse.Namespace) -> int:
         make_app(Api(driver, ipam)), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT
     )
     await runner.setup()
-    old_umask = os.umask(0o177)  # the socket is created 0600: root only
-    try:
-        site = web.UnixSite(runner, args.socket)
-        await site.start()
-    finally:
-        os.umask(old_umask)
+    site = web.UnixSite(runner, args.socket)
+    await site.start()
     os.chmod(args.socket, 0o600)
     log.info("listening on %s", args.socket)
 

@@ -15,8 +15,9 @@ below, so its logic runs in unit tests with fakes. Rules it keeps:
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -66,6 +67,7 @@ class Kernel(Protocol):
         master: str | None = None,
     ) -> None: ...
     async def ensure_address(self, name: str, address: IPInterface) -> None: ...
+    async def link_addresses(self, name: str) -> list[IPInterface]: ...
     async def remove_address(self, name: str, address: IPInterface) -> None: ...
     async def ensure_veth(self, host: str, peer: str, peer_mac: str, mtu: int | None) -> bool: ...
     async def delete_link(self, name: str) -> bool: ...
@@ -77,6 +79,7 @@ class FirewallPort(Protocol):
 
 class SysctlPort(Protocol):
     async def ensure_ipv4_forwarding(self) -> None: ...
+    async def ensure_ipv6_forwarding(self) -> None: ...
     async def disable_accept_ra(self, ifname: str) -> None: ...
 
 
@@ -138,6 +141,13 @@ class NetworkDriver:
             )
         return network
 
+    def _endpoint_on(self, network_id: str, endpoint_id: str) -> Endpoint | None:
+        """The endpoint, only if it belongs to that network (ids from Docker must agree)."""
+        endpoint = self.endpoints.get(endpoint_id)
+        if endpoint is None or endpoint.network_id != network_id:
+            return None
+        return endpoint
+
     def _endpoints_of(self, network_id: str) -> list[Endpoint]:
         return [e for e in self.endpoints.values() if e.network_id == network_id]
 
@@ -164,13 +174,22 @@ class NetworkDriver:
                     )
             subnets_v4, subnets_v6 = _subnets(req.ipv4_data), _subnets(req.ipv6_data)
             await self._check_subnets(req.network_id, name, subnets_v4 + subnets_v6)
+            foreign: tuple[IPInterface, ...] = ()
             if existing is not None:  # a crashed earlier attempt: keep its ownership record
                 bridge_owned = existing.bridge_owned
+                foreign = existing.foreign_addresses
             else:
                 link = await self.kernel.get_link(name)
                 if link is not None and link.kind != "bridge":
                     raise Conflict(f"interface {name} already exists and is not a bridge")
                 bridge_owned = link is None
+                if link is not None:
+                    present = set(await self.kernel.link_addresses(name))
+                    foreign = tuple(
+                        s.gateway
+                        for s in subnets_v4 + subnets_v6
+                        if s.gateway is not None and s.gateway in present
+                    )
             network = Network(
                 id=req.network_id,
                 bridge=name,
@@ -182,16 +201,17 @@ class NetworkDriver:
                 enable_ipv6=req.enable_ipv6,
                 raw_options=dict(req.generic_options),
                 state="creating",
+                foreign_addresses=foreign,
             )
             await self.store.put_network(network)
             self.networks[network.id] = network
             try:
                 await self._ensure_network_datapath(network)
                 await self._apply_firewall()
-                await self.sysctl.ensure_ipv4_forwarding()
+                await self._ensure_forwarding(network)
             except BaseException:
                 log.warning("creating network %s failed; rolling back", short(network.id))
-                await self._remove_network(network)
+                await self._remove_network(network, best_effort=True)
                 raise
             ready = network.with_changes(state="ready")
             await self.store.put_network(ready)
@@ -235,21 +255,42 @@ class NetworkDriver:
                 await self.kernel.ensure_address(network.bridge, subnet.gateway)
         await self.kernel.set_link(network.bridge, up=True)
 
-    async def _remove_network(self, network: Network) -> None:
-        """Remove every trace of ``network``: endpoints, rules, bridge (or our addresses on a
-        bridge the user owns), then the record. Safe to repeat."""
+    async def _ensure_forwarding(self, network: Network) -> None:
+        await self.sysctl.ensure_ipv4_forwarding()
+        if network.subnets_v6:
+            await self.sysctl.ensure_ipv6_forwarding()
+
+    async def _remove_network(self, network: Network, *, best_effort: bool = False) -> None:
+        """Remove every trace of ``network``: endpoints, rules, bridge (or only the addresses
+        pybridge added to a bridge the user owns), then the record. Safe to repeat.
+
+        ``best_effort`` (rollback of a failed create) carries on past failing steps and always
+        drops the record, so the same request can be retried; the next firewall apply or
+        start-up removes whatever a failed step left."""
         deleting = network.with_changes(state="deleting")
         await self.store.put_network(deleting)
         self.networks[network.id] = deleting
-        for endpoint in self._endpoints_of(network.id):
-            await self._remove_endpoint(endpoint)
-        await self._apply_firewall()
-        if network.bridge_owned:
-            await self.kernel.delete_link(network.bridge)
-        else:
+
+        async def remove_bridge() -> None:
+            if network.bridge_owned:
+                await self.kernel.delete_link(network.bridge)
+                return
             for subnet in network.subnets:
-                if subnet.gateway is not None:
-                    await self.kernel.remove_address(network.bridge, subnet.gateway)
+                gateway = subnet.gateway
+                if gateway is not None and gateway not in network.foreign_addresses:
+                    await self.kernel.remove_address(network.bridge, gateway)
+
+        steps: list[Callable[[], Awaitable[None]]] = [
+            functools.partial(self._remove_endpoint, e) for e in self._endpoints_of(network.id)
+        ]
+        steps += [self._apply_firewall, remove_bridge]
+        for step in steps:
+            try:
+                await step()
+            except DriverError as err:
+                if not best_effort:
+                    raise
+                log.warning("while removing network %s: %s", short(network.id), err)
         await self.store.delete_network(network.id)
         self.networks.pop(network.id, None)
 
@@ -352,7 +393,7 @@ class NetworkDriver:
 
     async def delete_endpoint(self, ref: EndpointRef) -> None:
         async with self._locks.hold(ref.network_id):
-            endpoint = self.endpoints.get(ref.endpoint_id)
+            endpoint = self._endpoint_on(ref.network_id, ref.endpoint_id)
             if endpoint is None:
                 log.info("endpoint %s was already deleted", short(ref.endpoint_id))
                 return
@@ -360,7 +401,7 @@ class NetworkDriver:
 
     def endpoint_oper_info(self, ref: EndpointRef) -> dict[str, Any]:
         # Docker calls this often and must never see it fail.
-        endpoint = self.endpoints.get(ref.endpoint_id)
+        endpoint = self._endpoint_on(ref.network_id, ref.endpoint_id)
         network = self.networks.get(ref.network_id)
         if endpoint is None or network is None:
             return {}
@@ -378,7 +419,7 @@ class NetworkDriver:
     async def join(self, req: JoinRequest) -> JoinResult:
         async with self._locks.hold(req.network_id):
             network = self._network(req.network_id)
-            endpoint = self.endpoints.get(req.endpoint_id)
+            endpoint = self._endpoint_on(req.network_id, req.endpoint_id)
             if endpoint is None or endpoint.state != "ready":
                 raise NotFound(
                     f"endpoint {short(req.endpoint_id)} is not known to pybridge on network "
@@ -409,7 +450,7 @@ class NetworkDriver:
 
     async def leave(self, ref: EndpointRef) -> None:
         async with self._locks.hold(ref.network_id):
-            endpoint = self.endpoints.get(ref.endpoint_id)
+            endpoint = self._endpoint_on(ref.network_id, ref.endpoint_id)
             if endpoint is None:
                 log.info("endpoint %s is not known; leave acknowledged", short(ref.endpoint_id))
                 return
@@ -421,9 +462,12 @@ class NetworkDriver:
     async def program_external_connectivity(self, req: ProgramExternalRequest) -> None:
         async with self._locks.hold(req.network_id):
             self._network(req.network_id)
-            endpoint = self.endpoints.get(req.endpoint_id)
+            endpoint = self._endpoint_on(req.network_id, req.endpoint_id)
             if endpoint is None:
-                raise NotFound(f"endpoint {short(req.endpoint_id)} is not known to pybridge")
+                raise NotFound(
+                    f"endpoint {short(req.endpoint_id)} is not known to pybridge on network "
+                    f"{short(req.network_id)}"
+                )
             if req.ports.bindings:
                 log.warning(
                     "endpoint %s asks for %d published port(s); port publishing on pybridge "
@@ -442,63 +486,95 @@ class NetworkDriver:
         self.endpoints = {e.id: e for e in await self.store.load_endpoints()}
 
     async def reconcile(self) -> list[str]:
-        """Make the kernel and firewall match the state. Returns what was repaired."""
+        """Make the kernel and firewall match the state. Returns what was repaired.
+
+        Runs before the socket is bound. One broken network must not keep pybridge from
+        serving the others, so failures are logged per item and the rest carries on."""
         repairs: list[str] = []
+
+        async def attempt(what: str, step: Callable[[], Awaitable[None]]) -> None:
+            try:
+                await step()
+            except DriverError as err:
+                repairs.append(f"could not {what}: {err}")
+
         async with self._locks.hold(NETWORKS_LOCK):
             for network in list(self.networks.values()):
                 if network.state != "ready":
                     repairs.append(
                         f"finished an interrupted {network.state} of network {short(network.id)}"
                     )
-                    await self._remove_network(network)
+                    await attempt(
+                        f"remove network {short(network.id)}",
+                        functools.partial(self._remove_network, network, best_effort=True),
+                    )
             for endpoint in list(self.endpoints.values()):
                 if endpoint.network_id not in self.networks or endpoint.state != "ready":
                     repairs.append(f"removed an interrupted endpoint {short(endpoint.id)}")
-                    await self._remove_endpoint(endpoint)
-            for network in self.networks.values():
-                if network.bridge_owned and await self.kernel.get_link(network.bridge) is None:
-                    repairs.append(f"recreated bridge {network.bridge}")
-                await self._ensure_network_datapath(network)
-            for endpoint in self.endpoints.values():
-                network = self.networks[endpoint.network_id]
-                host_end = await self.kernel.get_link(endpoint.host_veth)
-                if host_end is not None:
-                    await self.kernel.set_link(endpoint.host_veth, master=network.bridge, up=True)
-                elif endpoint.sandbox_key is None:
-                    repairs.append(f"recreated veth {endpoint.host_veth}")
-                    await self._ensure_endpoint_datapath(network, endpoint, fresh=False)
-                else:
-                    log.warning(
-                        "endpoint %s lost its veth %s (its container is gone?)",
-                        short(endpoint.id),
-                        endpoint.host_veth,
+                    await attempt(
+                        f"remove endpoint {short(endpoint.id)}",
+                        functools.partial(self._remove_endpoint, endpoint),
                     )
-            repairs += await self._remove_orphans()
-            await self._apply_firewall()
-            if self.networks:
-                await self.sysctl.ensure_ipv4_forwarding()
+            for network in list(self.networks.values()):
+                await attempt(
+                    f"restore network {short(network.id)}",
+                    functools.partial(self._restore_network, network, repairs),
+                )
+            for endpoint in list(self.endpoints.values()):
+                await attempt(
+                    f"restore endpoint {short(endpoint.id)}",
+                    functools.partial(self._restore_endpoint, endpoint, repairs),
+                )
+            await attempt("remove leftovers", functools.partial(self._remove_orphans, repairs))
+            await attempt("apply the firewall", self._apply_firewall)
+            for network in self.networks.values():
+                await attempt(
+                    "enable forwarding", functools.partial(self._ensure_forwarding, network)
+                )
         for repair in repairs:
             log.warning("reconcile: %s", repair)
         return repairs
 
-    async def _remove_orphans(self) -> list[str]:
+    async def _restore_network(self, network: Network, repairs: list[str]) -> None:
+        if await self.kernel.get_link(network.bridge) is None:
+            repairs.append(f"recreated bridge {network.bridge}")
+            if not network.bridge_owned:
+                # The user's bridge is gone; the one we create now is ours to delete later.
+                network = network.with_changes(bridge_owned=True, foreign_addresses=())
+                await self.store.put_network(network)
+                self.networks[network.id] = network
+        await self._ensure_network_datapath(network)
+
+    async def _restore_endpoint(self, endpoint: Endpoint, repairs: list[str]) -> None:
+        network = self.networks[endpoint.network_id]
+        if await self.kernel.get_link(endpoint.host_veth) is not None:
+            await self.kernel.set_link(endpoint.host_veth, master=network.bridge, up=True)
+        elif endpoint.sandbox_key is None:
+            repairs.append(f"recreated veth {endpoint.host_veth}")
+            await self._ensure_endpoint_datapath(network, endpoint, fresh=False)
+        else:
+            log.warning(
+                "endpoint %s lost its veth %s (its container is gone?)",
+                short(endpoint.id),
+                endpoint.host_veth,
+            )
+
+    async def _remove_orphans(self, repairs: list[str]) -> None:
         bridges = {n.bridge for n in self.networks.values()}
         veths = {e.host_veth for e in self.endpoints.values()} | {
             e.container_veth for e in self.endpoints.values()
         }
-        removed = []
         for link in await self.kernel.links():
             if link.kind == "bridge" and is_pybridge_bridge(link.name) and link.name not in bridges:
                 await self.kernel.delete_link(link.name)
-                removed.append(f"removed leftover bridge {link.name}")
+                repairs.append(f"removed leftover bridge {link.name}")
             elif (
                 link.kind == "veth"
                 and is_pybridge_veth(link.name)
                 and link.name not in veths
                 and await self.kernel.delete_link(link.name)
             ):
-                removed.append(f"removed leftover veth {link.name}")
-        return removed
+                repairs.append(f"removed leftover veth {link.name}")
 
 
 __all__ = ["DriverError", "JoinResult", "NetworkDriver", "firewall_view"]

@@ -113,6 +113,9 @@ class Network:
     internal: bool = False
     enable_ipv6: bool = False
     raw_options: dict[str, str] = field(default_factory=dict)
+    # Gateway addresses that were already on a user's bridge when pybridge adopted it: they
+    # stay when the network is removed.
+    foreign_addresses: tuple[IPInterface, ...] = ()
     # "creating" until Docker has been answered, "deleting" once removal has begun: after a
     # crash, reconcile rolls a half-created network back and finishes a half-deleted one.
     state: State = "ready"
@@ -150,6 +153,7 @@ class Network:
             "enable_ipv6": self.enable_ipv6,
             "raw_options": self.raw_options,
             "state": self.state,
+            "foreign_addresses": [str(a) for a in self.foreign_addresses],
         }
 
     @classmethod
@@ -165,6 +169,9 @@ class Network:
             enable_ipv6=bool(data.get("enable_ipv6", False)),
             raw_options=dict(data.get("raw_options", {})),
             state=data.get("state", "ready"),
+            foreign_addresses=tuple(
+                ipaddress.ip_interface(a) for a in data.get("foreign_addresses", [])
+            ),
         )
 
 

@@ -119,7 +119,7 @@ class Netlink:
                     found.append(HostRoute(net, names.get(msg.get("oif") or 0, "")))
         return found
 
-    async def addresses(self, name: str) -> list[IPInterface]:
+    async def link_addresses(self, name: str) -> list[IPInterface]:
         link = await self.get_link(name)
         if link is None:
             return []

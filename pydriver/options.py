@@ -34,6 +34,7 @@ _TRUE = {"1", "t", "T", "TRUE", "true", "True"}
 _FALSE = {"0", "f", "F", "FALSE", "false", "False"}
 
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$")
+_DIGITS_RE = re.compile(r"[0-9]{1,6}", re.ASCII)
 _PREFIX_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,9}$")
 
 MIN_MTU = 68
@@ -42,7 +43,7 @@ MAX_MTU = 65535
 
 def valid_interface_name(name: str) -> bool:
     """A Linux interface name we are willing to use: 1-15 safe characters."""
-    return bool(_IFNAME_RE.match(name)) and name not in (".", "..")
+    return bool(_IFNAME_RE.fullmatch(name)) and name not in (".", "..")
 
 
 def parse_network_options(generic: dict[str, str]) -> NetworkOptions:
@@ -67,10 +68,8 @@ def parse_network_options(generic: dict[str, str]) -> NetworkOptions:
     mtu = None
     raw_mtu = generic.get(MTU) or generic.get(MTU_SHORT)
     if raw_mtu:
-        try:
-            mtu = int(raw_mtu)
-        except ValueError:
-            mtu = -1
+        # Digits only, as Go's strconv.Atoi in Docker's own driver (int() takes " 1_400").
+        mtu = int(raw_mtu) if _DIGITS_RE.fullmatch(raw_mtu) else -1
         if not MIN_MTU <= mtu <= MAX_MTU:
             raise InvalidRequest(
                 f"{MTU} {raw_mtu!r} is not valid; it must be a whole number from "
@@ -88,7 +87,7 @@ def parse_network_options(generic: dict[str, str]) -> NetworkOptions:
             ) from None
 
     prefix = generic.get(CONTAINER_IFACE_PREFIX) or "eth"
-    if not _PREFIX_RE.match(prefix):
+    if not _PREFIX_RE.fullmatch(prefix):
         raise InvalidRequest(
             f"{CONTAINER_IFACE_PREFIX} {prefix!r} is not valid; use a letter followed by up to "
             "9 letters, digits or '_'"

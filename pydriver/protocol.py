@@ -223,7 +223,7 @@ def _id(body: Mapping[str, Any], name: str) -> str:
     value = body.get(name)
     if value is None or value == "":
         raise InvalidRequest(f"{name} is missing; it must be a 64-character hexadecimal id")
-    if not isinstance(value, str) or not _ID_RE.match(value):
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
         raise InvalidRequest(
             f"{name} {_show(value)} is not valid; it must be a 64-character hexadecimal id"
         )
@@ -430,7 +430,7 @@ def parse_create_endpoint(body: Mapping[str, Any]) -> CreateEndpointRequest:
     mac = None
     if iface.get("MacAddress"):
         raw_mac = iface["MacAddress"]
-        if not isinstance(raw_mac, str) or not _MAC_RE.match(raw_mac):
+        if not isinstance(raw_mac, str) or not _MAC_RE.fullmatch(raw_mac):
             raise InvalidRequest(
                 f"Interface.MacAddress {_show(raw_mac)} is not a MAC address like 02:42:ac:11:00:02"
             )

@@ -133,21 +133,22 @@ def parse_save(save_text: str) -> dict[str, tuple[set[str], list[str]]]:
 
 
 def _jump_fixes(jump: Jump, rules: list[str]) -> list[str]:
-    """Lines that make exactly one copy of ``jump`` exist, near the top of its chain."""
+    """Lines that make exactly one copy of ``jump`` exist, in its place: right after the
+    ``after_target`` jump when there is one, else first. Anything inserted above it since (a
+    dockerd started after pybridge puts its ACCEPT rules first) gets it moved back up."""
     chain_rules = [r for r in rules if r.split()[1] == jump.chain]
     ours = [i for i, r in enumerate(chain_rules) if r == jump.spec]
-    if len(ours) == 1:
-        return []
-    # Duplicates (or none): delete every copy, insert one. Deleting by spec removes the first
-    # match each time, so one delete per copy.
-    lines = [f"-D {jump.chain} -j {jump.target}" for _ in ours]
-    position = 1
+    position = 1  # 1-based, counted without our own jump
     if jump.after_target:
         remaining = [r for r in chain_rules if r != jump.spec]
         for i, rule in enumerate(remaining):
             if rule == f"-A {jump.chain} -j {jump.after_target}":
                 position = i + 2
                 break
+    if ours == [position - 1]:
+        return []
+    # Deleting by spec removes the first match each time, so one delete per copy.
+    lines = [f"-D {jump.chain} -j {jump.target}" for _ in ours]
     lines.append(f"-I {jump.chain} {position} -j {jump.target}")
     return lines
 

@@ -46,6 +46,9 @@ class SyncStore:
         try:
             state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.Error) as err:
+            raise HostError(f"cannot open the state database {self.path}: {err}") from None
+        try:
             os.chmod(self.path, 0o600)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
@@ -53,7 +56,11 @@ class SyncStore:
             self.db.executescript(_SCHEMA)
             self._check_version()
         except (OSError, sqlite3.Error) as err:
+            self.db.close()
             raise HostError(f"cannot open the state database {self.path}: {err}") from None
+        except BaseException:
+            self.db.close()
+            raise
 
     def _check_version(self) -> None:
         row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()

@@ -48,6 +48,11 @@ class Sysctl:
     async def ensure_ipv4_forwarding(self) -> None:
         await self.ensure("net.ipv4.ip_forward", "1")
 
+    async def ensure_ipv6_forwarding(self) -> None:
+        # What Docker does for --ipv6 networks. Hosts that take their IPv6 default route from
+        # router advertisements need accept_ra=2 on the uplink (forwarding disables RA there).
+        await self.ensure("net.ipv6.conf.all.forwarding", "1")
+
     async def disable_accept_ra(self, ifname: str) -> None:
         # Interface names may contain dots, so build the path by parts, not from a dotted key.
         path = self.root / "net" / "ipv6" / "conf" / ifname / "accept_ra"

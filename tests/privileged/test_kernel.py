@@ -65,7 +65,7 @@ async def test_bridge_is_idempotent_and_refuses_non_bridges(nl: Netlink, netns: 
     link = await nl.get_link("pyb-test")
     assert link is not None and link.kind == "bridge" and link.mtu == 1400 and link.up
     assert link.mac == "02:00:00:00:00:aa"
-    assert await nl.addresses("pyb-test") == [gw]
+    assert await nl.link_addresses("pyb-test") == [gw]
     assert any(r.destination == gw.network and r.device == "pyb-test" for r in await nl.routes())
     await nl.remove_address("pyb-test", gw)
     await nl.remove_address("pyb-test", gw)  # already gone is success
@@ -136,6 +136,9 @@ class _Sysctl:
 
     async def ensure_ipv4_forwarding(self) -> None:
         in_ns(self.netns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+
+    async def ensure_ipv6_forwarding(self) -> None:
+        in_ns(self.netns, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
 
     async def disable_accept_ra(self, ifname: str) -> None:
         return None

@@ -1,0 +1,178 @@
+"""`pydriver serve` as a process: socket handling, start-up order and signals. Each instance runs
+inside its own network namespace, so it never sees (or tidies up) the host's pybridge objects."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.hostenv import require_root, run
+
+pytestmark = pytest.mark.privileged
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    require_root()
+    name = "pbt-" + secrets.token_hex(4)
+    run(["ip", "netns", "add", name])
+    run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"])
+    try:
+        yield name
+    finally:
+        run(["ip", "netns", "del", name], check=False)
+
+
+def start(netns: str, sock: Path, state: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            netns,
+            sys.executable,
+            "-m",
+            "pydriver.cli",
+            "serve",
+            "--socket",
+            str(sock),
+            "--state-dir",
+            str(state),
+            "--log-level",
+            "debug",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_socket(sock: Path, proc: subprocess.Popen[str], timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sock.is_socket() and _connects(sock):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"pydriver exited early:\n{proc.stdout.read() if proc.stdout else ''}"
+            )
+        time.sleep(0.05)
+    raise AssertionError("pydriver did not bind its socket")
+
+
+def _connects(sock: Path) -> bool:
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(str(sock))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def post(sock: Path, method: str, body: bytes = b"") -> tuple[int, object]:
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(str(sock))
+    s.sendall(
+        f"POST /{method} HTTP/1.1\r\nHost: plugin.moby.localhost\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        + body
+    )
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    s.close()
+    head, _, payload = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(payload)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_lifecycle(netns: str, tmp_path: Path, sig: signal.Signals) -> None:
+    sock = tmp_path / "pb.sock"
+    state = tmp_path / "state"
+    # A stale socket file with no listener, as a crash leaves behind.
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(sock))
+    stale.close()
+    proc = start(netns, sock, state)
+    try:
+        wait_socket(sock, proc)
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+        assert post(sock, "Plugin.Activate") == (
+            200,
+            {"Implements": ["NetworkDriver", "IpamDriver"]},
+        )
+        # A second instance on the same socket refuses to start and leaves the first alone.
+        second = start(netns, sock, tmp_path / "state2")
+        out, _ = second.communicate(timeout=30)
+        assert second.returncode == 1
+        assert "another process is already serving" in out
+        assert post(sock, "NetworkDriver.GetCapabilities")[0] == 200
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=20)
+        assert proc.returncode == 0, out
+        assert not sock.exists()
+        assert (state / "state.db").exists()
+        assert "listening on" in out and "stopped" in out
+        assert "Plugin.Activate" in out  # one log line per request
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_state_is_loaded_and_reconciled_before_binding(netns: str, tmp_path: Path) -> None:
+    """A network created by one instance is still served by the next one, whose bridge is
+    back before the socket answers, even if someone deleted it in between."""
+    sock = tmp_path / "pb.sock"
+    state = tmp_path / "state"
+    network_id = secrets.token_hex(32)
+    proc = start(netns, sock, state)
+    try:
+        wait_socket(sock, proc)
+        body = json.dumps(
+            {
+                "NetworkID": network_id,
+                "Options": {"com.docker.network.generic": {}},
+                "IPv4Data": [{"Pool": "10.213.60.0/24", "Gateway": "10.213.60.1/24"}],
+                "IPv6Data": [],
+            }
+        ).encode()
+        assert post(sock, "NetworkDriver.CreateNetwork", body) == (200, {})
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+        bridge = "pyb-" + network_id[:11]
+        run(["ip", "netns", "exec", netns, "ip", "link", "del", bridge])
+        # An orphan with pybridge's prefix that no state refers to.
+        run(
+            ["ip", "netns", "exec", netns, "ip", "link", "add", "pyb-00000000000", "type", "bridge"]
+        )
+        proc = start(netns, sock, state)
+        wait_socket(sock, proc)
+        links = run(["ip", "netns", "exec", netns, "ip", "-o", "link", "show"]).stdout
+        addrs = run(
+            ["ip", "netns", "exec", netns, "ip", "-o", "addr", "show", "dev", bridge]
+        ).stdout
+        assert bridge in links and "10.213.60.1/24" in addrs
+        assert "pyb-00000000000" not in links
+        body = json.dumps({"NetworkID": network_id}).encode()
+        assert post(sock, "NetworkDriver.DeleteNetwork", body) == (200, {})
+        links = run(["ip", "netns", "exec", netns, "ip", "-o", "link", "show"]).stdout
+        assert bridge not in links
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=20)

@@ -1,0 +1,61 @@
+"""Shared fixtures: a NetworkDriver (and IpamDriver) over fakes and a real state database."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from pydriver.driver import NetworkDriver
+from pydriver.ipamdriver import IpamDriver
+from pydriver.store import Store
+
+from .fakes import FakeFirewall, FakeKernel, FakeSysctl
+
+
+@dataclass
+class Env:
+    state_dir: Path
+    kernel: FakeKernel
+    firewall: FakeFirewall
+    sysctl: FakeSysctl
+    store: Store
+    driver: NetworkDriver
+    ipam: IpamDriver
+    _closed: list[Store] = field(default_factory=list)
+
+    async def restart(self, kernel: FakeKernel | None = None) -> NetworkDriver:
+        """A daemon restart (or crash): a fresh Store, NetworkDriver and IpamDriver on the same
+        state directory, loaded but not reconciled. ``kernel`` replaces the host (a reboot)."""
+        self.close()
+        if kernel is not None:
+            self.kernel = kernel
+        self.store = Store(self.state_dir)
+        self.driver = NetworkDriver(self.store, self.kernel, self.firewall, self.sysctl)
+        self.ipam = IpamDriver(self.store, self.kernel.routes)
+        await self.driver.load()
+        await self.ipam.load()
+        return self.driver
+
+    def close(self) -> None:
+        if self.store not in self._closed:
+            self.store.close()
+            self._closed.append(self.store)
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    state_dir = tmp_path / "state"
+    kernel = FakeKernel()
+    firewall = FakeFirewall()
+    sysctl = FakeSysctl()
+    store = Store(state_dir)
+    driver = NetworkDriver(store, kernel, firewall, sysctl)
+    ipam = IpamDriver(store, kernel.routes)
+    await driver.load()
+    await ipam.load()
+    environment = Env(state_dir, kernel, firewall, sysctl, store, driver, ipam)
+    yield environment
+    environment.close()

@@ -1,0 +1,557 @@
+"""The IPAM allocator (pure) and the IPAM driver over a real state database."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from pydriver import protocol as p
+from pydriver.errors import Conflict, Exhausted, InvalidRequest, NotFound, Unsupported
+from pydriver.ipam import (
+    DEFAULT_V4_POOLS,
+    HostRoute,
+    Pool,
+    choose_subnet,
+    default_v4_candidates,
+    describe_route,
+    find_overlap,
+    make_ula_prefix,
+    pool_id_for,
+    v6_candidates,
+)
+from pydriver.ipamdriver import GLOBAL_ADDRESS_SPACE, LOCAL_ADDRESS_SPACE, IpamDriver
+from pydriver.model import IPNetwork
+from pydriver.store import Store
+
+
+def net(text: str) -> IPNetwork:
+    return ipaddress.ip_network(text)
+
+
+def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.ip_address(text)
+
+
+def pool(subnet: str, sub_range: str | None = None) -> Pool:
+    s = net(subnet)
+    return Pool(id=pool_id_for(s), subnet=s, sub_range=net(sub_range) if sub_range else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pool.allocate
+# ---------------------------------------------------------------------------------------------
+
+
+def test_gateway_is_first_host_and_dynamic_follows() -> None:
+    pl = pool("10.1.0.0/24")
+    assert pl.allocate(gateway=True) == ip("10.1.0.1")
+    assert pl.allocate() == ip("10.1.0.2")
+    assert pl.allocate() == ip("10.1.0.3")
+    assert pl.allocated == {int(ip("10.1.0.1")), int(ip("10.1.0.2")), int(ip("10.1.0.3"))}
+
+
+def test_dynamic_without_gateway_starts_at_first_host() -> None:
+    assert pool("10.1.0.0/24").allocate() == ip("10.1.0.1")
+
+
+def test_round_robin_after_release() -> None:
+    pl = pool("10.1.0.0/24")
+    pl.allocate(gateway=True)
+    a, b = pl.allocate(), pl.allocate()
+    assert (a, b) == (ip("10.1.0.2"), ip("10.1.0.3"))
+    assert pl.release(a) is True
+    assert pl.release(a) is False  # idempotent
+    # the just-released .2 is not reused at once
+    assert pl.allocate() == ip("10.1.0.4")
+
+
+def test_round_robin_wraps_to_released_addresses() -> None:
+    pl = pool("10.1.0.0/29")  # hosts .1-.6
+    got = [pl.allocate() for _ in range(6)]
+    assert got == [ip(f"10.1.0.{i}") for i in range(1, 7)]
+    pl.release(ip("10.1.0.3"))
+    assert pl.allocate() == ip("10.1.0.3")
+
+
+def test_specific_address_and_conflict() -> None:
+    pl = pool("10.1.0.0/24")
+    assert pl.allocate(ip("10.1.0.77")) == ip("10.1.0.77")
+    with pytest.raises(Conflict, match=r"10\.1\.0\.77 is already in use"):
+        pl.allocate(ip("10.1.0.77"))
+    # a specific allocation does not move the cursor
+    assert pl.allocate() == ip("10.1.0.1")
+
+
+def test_gateway_given_explicitly() -> None:
+    pl = pool("10.1.0.0/24")
+    assert pl.allocate(ip("10.1.0.254"), gateway=True) == ip("10.1.0.254")
+    assert pl.allocate() == ip("10.1.0.1")
+
+
+def test_gateway_skips_taken_addresses() -> None:
+    pl = pool("10.1.0.0/24")
+    pl.allocate(ip("10.1.0.1"))
+    assert pl.allocate(gateway=True) == ip("10.1.0.2")
+
+
+@pytest.mark.parametrize("address", ["10.2.0.1", "fd00::1", "10.1.1.0"])
+def test_specific_outside_subnet(address: str) -> None:
+    with pytest.raises(InvalidRequest, match="outside the subnet"):
+        pool("10.1.0.0/24").allocate(ip(address))
+
+
+@pytest.mark.parametrize(
+    ("subnet", "address"),
+    [("10.1.0.0/24", "10.1.0.0"), ("10.1.0.0/24", "10.1.0.255"), ("fd00::/64", "fd00::")],
+)
+def test_network_and_broadcast_refused(subnet: str, address: str) -> None:
+    with pytest.raises(InvalidRequest, match="network or broadcast"):
+        pool(subnet).allocate(ip(address))
+
+
+def test_ipv6_last_address_is_usable() -> None:
+    pl = pool("fd00::/120")
+    assert pl.allocate(ip("fd00::ff")) == ip("fd00::ff")
+    assert pl.allocate(gateway=True) == ip("fd00::1")
+
+
+def test_slash_31_uses_both_addresses() -> None:
+    pl = pool("10.9.0.0/31")
+    assert pl.allocate(gateway=True) == ip("10.9.0.0")
+    assert pl.allocate() == ip("10.9.0.1")
+    with pytest.raises(Exhausted, match="out of addresses"):
+        pl.allocate()
+
+
+def test_slash_32_has_one_address() -> None:
+    pl = pool("10.9.0.7/32")
+    assert pl.allocate() == ip("10.9.0.7")
+    with pytest.raises(Exhausted, match="out of addresses"):
+        pl.allocate()
+    with pytest.raises(Conflict):
+        pl.allocate(ip("10.9.0.7"))
+
+
+def test_exhaustion() -> None:
+    pl = pool("10.1.0.0/29")
+    for _ in range(6):
+        pl.allocate()
+    with pytest.raises(Exhausted) as info:
+        pl.allocate()
+    assert "out of addresses" in str(info.value)
+    assert "10.1.0.0/29" in str(info.value)
+    with pytest.raises(Exhausted, match="out of addresses"):
+        pl.allocate(gateway=True)
+
+
+def test_sub_range_for_dynamic_only() -> None:
+    pl = pool("10.216.0.0/24", "10.216.0.128/25")
+    assert pl.allocate(gateway=True) == ip("10.216.0.1")  # gateway: anywhere in the subnet
+    assert pl.allocate() == ip("10.216.0.128")
+    assert pl.allocate() == ip("10.216.0.129")
+    assert pl.allocate(ip("10.216.0.5")) == ip("10.216.0.5")  # specific: anywhere too
+    assert pl.allocate() == ip("10.216.0.130")
+
+
+def test_sub_range_exhaustion_ignores_rest_of_subnet() -> None:
+    pl = pool("10.216.0.0/24", "10.216.0.252/30")  # .252-.254 (.255 is the broadcast)
+    assert [pl.allocate() for _ in range(3)] == [ip(f"10.216.0.{i}") for i in (252, 253, 254)]
+    with pytest.raises(Exhausted) as info:
+        pl.allocate()
+    assert "out of addresses" in str(info.value)
+    assert "10.216.0.252/30" in str(info.value)
+    # the rest of the subnet is still there for specific requests and the gateway
+    assert pl.allocate(gateway=True) == ip("10.216.0.1")
+
+
+def test_ipv6_slash_64_is_fast_with_thousands_allocated() -> None:
+    pl = pool("fd12:3456:789a:1::/64")
+    started = time.perf_counter()
+    assert pl.allocate(gateway=True) == ip("fd12:3456:789a:1::1")
+    got = [pl.allocate() for _ in range(5000)]
+    assert got[0] == ip("fd12:3456:789a:1::2")
+    assert got[-1] == ip("fd12:3456:789a:1::1389")
+    assert len(set(got)) == 5000
+    # the worst case: a cursor that points before thousands of allocated addresses
+    pl.cursor = 0
+    assert pl.allocate() == ip("fd12:3456:789a:1::138a")
+    for address in got[::2]:
+        pl.release(address)
+    pl.cursor = 0
+    assert pl.allocate() == ip("fd12:3456:789a:1::2")
+    assert time.perf_counter() - started < 2.0
+
+
+def test_ipv6_sub_range() -> None:
+    pl = pool("fd00:1::/64", "fd00:1::1:0/112")
+    assert pl.allocate(gateway=True) == ip("fd00:1::1")
+    assert pl.allocate() == ip("fd00:1::1:0")
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_allocator_never_hands_out_a_duplicate(seed: int) -> None:
+    rng = random.Random(seed)
+    pl = pool("10.3.0.0/27", "10.3.0.16/28")  # dynamic range .16-.30 (.31 is the broadcast)
+    live: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
+    for _ in range(200):
+        if rng.random() < 0.6:
+            try:
+                address = pl.allocate()
+            except Exhausted:
+                assert len(live) == 15
+                continue
+            assert address not in live
+            assert address in net("10.3.0.16/28")
+            assert address != ip("10.3.0.31")
+            live.add(address)
+        elif live:
+            victim = rng.choice(sorted(live))
+            assert pl.release(victim)
+            live.discard(victim)
+        assert pl.allocated == {int(a) for a in live}
+
+
+def test_pool_round_trips_through_dict() -> None:
+    pl = pool("10.1.0.0/24", "10.1.0.128/25")
+    pl.address_space = "LocalDefault"
+    pl.allocate()
+    copy = Pool.from_dict(pl.to_dict(), [str(ip("10.1.0.128"))])
+    assert copy == pl
+    assert copy.cursor == int(ip("10.1.0.128"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Subnet choice
+# ---------------------------------------------------------------------------------------------
+
+
+def route(dest: str, dev: str = "eth0") -> HostRoute:
+    return HostRoute(net(dest), dev)
+
+
+def test_find_overlap_with_pools() -> None:
+    assert find_overlap(net("10.1.0.0/24"), [net("10.1.0.0/16")], []) == (
+        "the pool 10.1.0.0/16 already in use"
+    )
+    assert find_overlap(net("10.1.0.0/16"), [net("10.1.7.0/24")], []) is not None
+    assert find_overlap(net("10.2.0.0/24"), [net("10.1.0.0/16")], []) is None
+    # different families never overlap
+    assert find_overlap(net("fd00::/64"), [net("10.1.0.0/16")], []) is None
+
+
+def test_find_overlap_with_routes() -> None:
+    routes = [route("0.0.0.0/0"), route("::/0"), route("192.168.1.0/24", "wlan0")]
+    assert find_overlap(net("192.168.1.0/24"), [], routes) == (
+        "the host route 192.168.1.0/24 on wlan0"
+    )
+    assert find_overlap(net("192.168.0.0/16"), [], routes) is not None
+    # default routes overlap everything; they are ignored
+    assert find_overlap(net("10.0.0.0/8"), [], routes) is None
+    assert find_overlap(net("fd00::/64"), [], routes) is None
+    assert find_overlap(net("10.0.0.0/8"), [], [route("10.1.2.3/32")]) is not None
+
+
+def test_describe_route_without_device() -> None:
+    assert describe_route(HostRoute(net("10.0.0.0/8"), "")) == "the host route 10.0.0.0/8"
+
+
+def test_default_v4_candidates_order() -> None:
+    candidates = [str(c) for c in default_v4_candidates()]
+    assert candidates[:15] == [f"172.{n}.0.0/16" for n in range(17, 32)]
+    assert candidates[15:18] == ["192.168.0.0/20", "192.168.16.0/20", "192.168.32.0/20"]
+    assert candidates[-1] == "192.168.240.0/20"
+    assert len(candidates) == 15 + 16
+    assert DEFAULT_V4_POOLS[0] == ("172.17.0.0/16", 16)
+
+
+def test_choose_subnet() -> None:
+    assert choose_subnet(default_v4_candidates(), [], []) == net("172.17.0.0/16")
+    # Docker's own docker0 route and another pool are skipped
+    assert choose_subnet(
+        default_v4_candidates(),
+        [net("172.18.0.0/16")],
+        [route("0.0.0.0/0"), route("172.17.0.0/16", "docker0")],
+    ) == net("172.19.0.0/16")
+    # once 172.16.0.0/12 is taken, 192.168 /20s follow, skipping a LAN route
+    assert choose_subnet(
+        default_v4_candidates(), [net("172.16.0.0/12")], [route("192.168.1.0/24", "eth0")]
+    ) == net("192.168.16.0/20")
+
+
+def test_choose_subnet_exhausted() -> None:
+    with pytest.raises(Exhausted, match="--subnet"):
+        choose_subnet(default_v4_candidates(), [net("172.16.0.0/12"), net("192.168.0.0/16")], [])
+    with pytest.raises(Exhausted):
+        choose_subnet([], [], [])
+
+
+def test_make_ula_prefix() -> None:
+    prefix = make_ula_prefix(bytes([0x12, 0x34, 0x56, 0x78, 0x9A]))
+    assert prefix == net("fd12:3456:789a::/48")
+    assert prefix.subnet_of(net("fc00::/7"))  # type: ignore[arg-type]
+    assert make_ula_prefix(b"\x00" * 5) == net("fd00::/48")
+    assert make_ula_prefix(b"\xff" * 8) == net("fdff:ffff:ffff::/48")
+    with pytest.raises(ValueError):
+        make_ula_prefix(b"\x01\x02")
+
+
+def test_v6_candidates() -> None:
+    prefix = ipaddress.IPv6Network("fd12:3456:789a::/48")
+    gen = v6_candidates(prefix)
+    first = [next(gen) for _ in range(3)]
+    assert [str(c) for c in first] == [
+        "fd12:3456:789a:1::/64",
+        "fd12:3456:789a:2::/64",
+        "fd12:3456:789a:3::/64",
+    ]
+    assert all(c.subnet_of(prefix) for c in first)
+    assert choose_subnet(v6_candidates(prefix), [net("fd12:3456:789a:1::/64")], []) == net(
+        "fd12:3456:789a:2::/64"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# IpamDriver over a real Store
+# ---------------------------------------------------------------------------------------------
+
+
+class FakeRoutes:
+    def __init__(self) -> None:
+        self.routes: list[HostRoute] = [route("0.0.0.0/0"), route("192.0.2.0/24")]
+        self.calls = 0
+
+    async def __call__(self) -> list[HostRoute]:
+        self.calls += 1
+        return list(self.routes)
+
+
+OpenIpam = Callable[[], Awaitable[IpamDriver]]
+
+
+@pytest.fixture
+def routes() -> FakeRoutes:
+    return FakeRoutes()
+
+
+@pytest.fixture
+async def open_ipam(tmp_path: Path, routes: FakeRoutes) -> AsyncIterator[OpenIpam]:
+    """Opens a fresh Store + IpamDriver on the same state directory (a daemon restart)."""
+    stores: list[Store] = []
+
+    async def opener() -> IpamDriver:
+        for old in stores:
+            old.close()
+        stores.clear()
+        store = Store(tmp_path / "state")
+        stores.append(store)
+        ipam = IpamDriver(store, routes)
+        await ipam.load()
+        return ipam
+
+    yield opener
+    for store in stores:
+        store.close()
+
+
+def pool_req(
+    pool: str = "", sub_pool: str = "", v6: bool = False, options: dict[str, str] | None = None
+) -> p.RequestPoolRequest:
+    return p.parse_request_pool(
+        {
+            "AddressSpace": LOCAL_ADDRESS_SPACE,
+            "Pool": pool,
+            "SubPool": sub_pool,
+            "Options": options or {},
+            "V6": v6,
+        }
+    )
+
+
+def addr_req(pool_id: str, address: str = "", gateway: bool = False) -> p.RequestAddressRequest:
+    options = {"RequestAddressType": "com.docker.network.gateway"} if gateway else None
+    return p.parse_request_address({"PoolID": pool_id, "Address": address, "Options": options})
+
+
+def release_req(pool_id: str, address: str) -> p.ReleaseAddressRequest:
+    return p.parse_release_address({"PoolID": pool_id, "Address": address})
+
+
+async def test_address_spaces(open_ipam: OpenIpam) -> None:
+    ipam = await open_ipam()
+    assert ipam.address_spaces() == (LOCAL_ADDRESS_SPACE, GLOBAL_ADDRESS_SPACE)
+
+
+async def test_request_pool_explicit(open_ipam: OpenIpam, routes: FakeRoutes) -> None:
+    ipam = await open_ipam()
+    pool_id, subnet = await ipam.request_pool(pool_req("10.216.0.0/24", "10.216.0.128/25"))
+    assert subnet == net("10.216.0.0/24")
+    assert pool_id == "10.216.0.0/24"
+    assert ipam.pools[pool_id].sub_range == net("10.216.0.128/25")
+    assert ipam.pools[pool_id].address_space == LOCAL_ADDRESS_SPACE
+    assert routes.calls == 1
+
+
+async def test_request_pool_auto(open_ipam: OpenIpam, routes: FakeRoutes) -> None:
+    routes.routes.append(route("172.17.0.0/16", "docker0"))
+    ipam = await open_ipam()
+    first = await ipam.request_pool(pool_req())
+    second = await ipam.request_pool(pool_req())
+    assert first[1] == net("172.18.0.0/16")
+    assert second[1] == net("172.19.0.0/16")
+
+
+async def test_request_pool_v6_auto(open_ipam: OpenIpam) -> None:
+    ipam = await open_ipam()
+    assert ipam.ula_prefix is not None
+    assert ipam.ula_prefix.prefixlen == 48
+    assert ipam.ula_prefix.subnet_of(net("fd00::/8"))  # type: ignore[arg-type]
+    _, a = await ipam.request_pool(pool_req(v6=True))
+    _, b = await ipam.request_pool(pool_req(v6=True))
+    assert a.prefixlen == b.prefixlen == 64
+    assert a.subnet_of(ipam.ula_prefix)  # type: ignore[arg-type]
+    assert a != b
+    assert a != next(ipam.ula_prefix.subnets(new_prefix=64))  # the ::/64 is skipped
+
+
+async def test_request_pool_v6_explicit(open_ipam: OpenIpam) -> None:
+    ipam = await open_ipam()
+    pool_id, subnet = await ipam.request_pool(pool_req("fd00:216:1::/64", v6=True))
+    assert subnet == net("fd00:216:1::/64")
+    address = await ipam.request_address(addr_req(pool_id, gateway=True))
+    assert address == ipaddress.ip_interface("fd00:216:1::1/64")
+
+
+async def test_request_pool_overlapping_a_pool(open_ipam: OpenIpam) -> None:
+    ipam = await open_ipam()
+    await ipam.request_pool(pool_req("10.216.0.0/16"))
+    with pytest.raises(Conflict) as info:
+        await ipam.request_pool(pool_req("10.216.3.0/24"))
+    assert "10.216.3.0/24" in str(info.value)
+    assert "10.216.0.0/16" in str(info.value)
+    # auto-allocation skips pools too
+    await ipam.request_pool(pool_req("172.17.0.0/16"))
+    assert (await ipam.request_pool(pool_req()))[1] == net("172.18.0.0/16")
+
+
+async def test_request_pool_overlapping_a_route(open_ipam: OpenIpam, routes: FakeRoutes) -> None:
+    ipam = await open_ipam()
+    with pytest.raises(Conflict) as info:
+        await ipam.request_pool(pool_req("192.0.2.128/25"))
+    assert "the host route 192.0.2.0/24 on eth0" in str(info.value)
+    assert ipam.pools == {}
+
+
+async def test_request_pool_ipam_options_unsupported(open_ipam: OpenIpam) -> None:
+    ipam = await open_ipam()
+    with pytest.raises(Unsupported) as info:
+        await ipam.request_pool(pool_req(options={"com.example.opt": "1"}))
+    assert "com.example.opt" in str(info.value)
+    assert ipam.pools == {}
+
+
+async def test_request_address(open_ipam: OpenIpam) -> None:
+    ipam = await open_ipam()
+    pool_id, _ = await ipam.request_pool(pool_req("10.216.0.0/24", "10.216.0.128/25"))
+    assert str(await ipam.request_address(addr_req(pool_id, gateway=True))) == "10.216.0.1/24"
+    assert str(await ipam.request_address(addr_req(pool_id, "10.216.0.200"))) == "10.216.0.200/24"
+    assert str(await ipam.request_address(addr_req(pool_id))) == "10.216.0.128/24"
+    assert str(await ipam.request_address(addr_req(pool_id))) == "10.216.0.129/24"
+    with pytest.raises(Conflict):
+        await ipam.request_address(addr_req(pool_id, "10.216.0.200"))
+    with pytest.raises(InvalidRequest, match="outside"):
+        await ipam.request_address(addr_req(pool_id, "10.217.0.1"))
+    with pytest.raises(InvalidRequest, match="IPv4"):
+        await ipam.request_address(addr_req(pool_id, "fd00::1"))
+    with pytest.raises(NotFound, match="nope"):
+        await ipam.request_address(addr_req("nope"))
+
+
+async def test_concurrent_requests_get_distinct_addresses(open_ipam: OpenIpam) -> None:
+    ipam = await open_ipam()
+    pool_id, _ = await ipam.request_pool(pool_req("10.216.8.0/24"))
+    got = await asyncio.gather(*(ipam.request_address(addr_req(pool_id)) for _ in range(50)))
+    assert len({str(a) for a in got}) == 50
+    reloaded = await open_ipam()
+    assert len(reloaded.pools[pool_id].allocated) == 50
+
+
+async def test_request_address_exhausted(open_ipam: OpenIpam) -> None:
+    ipam = await open_ipam()
+    pool_id, _ = await ipam.request_pool(pool_req("10.216.9.0/30"))
+    await ipam.request_address(addr_req(pool_id, gateway=True))
+    await ipam.request_address(addr_req(pool_id))
+    with pytest.raises(Exhausted, match="out of addresses"):
+        await ipam.request_address(addr_req(pool_id))
+
+
+async def test_release_is_idempotent(open_ipam: OpenIpam) -> None:
+    ipam = await open_ipam()
+    pool_id, _ = await ipam.request_pool(pool_req("10.216.0.0/24"))
+    await ipam.request_address(addr_req(pool_id, gateway=True))
+    await ipam.request_address(addr_req(pool_id))
+    await ipam.release_address(release_req(pool_id, "10.216.0.2"))
+    await ipam.release_address(release_req(pool_id, "10.216.0.2"))
+    await ipam.release_address(release_req(pool_id, "10.216.0.99"))
+    await ipam.release_address(release_req("unknown-pool", "10.216.0.2"))
+    assert ipam.pools[pool_id].allocated == {int(ip("10.216.0.1"))}
+    await ipam.release_pool(p.parse_release_pool({"PoolID": pool_id}))
+    await ipam.release_pool(p.parse_release_pool({"PoolID": pool_id}))
+    assert ipam.pools == {}
+    # the subnet can be used again
+    assert (await ipam.request_pool(pool_req("10.216.0.0/24")))[0] == pool_id
+
+
+async def test_state_survives_a_reload(open_ipam: OpenIpam) -> None:
+    ipam = await open_ipam()
+    a, _ = await ipam.request_pool(pool_req("10.216.0.0/24", "10.216.0.128/25"))
+    b, _ = await ipam.request_pool(pool_req())
+    c, _ = await ipam.request_pool(pool_req(v6=True))
+    gone, _ = await ipam.request_pool(pool_req("10.216.5.0/24"))
+    await ipam.release_pool(p.parse_release_pool({"PoolID": gone}))
+    await ipam.request_address(addr_req(a, gateway=True))
+    await ipam.request_address(addr_req(a, "10.216.0.5"))
+    assert str(await ipam.request_address(addr_req(a))) == "10.216.0.128/24"
+    assert str(await ipam.request_address(addr_req(a))) == "10.216.0.129/24"
+    await ipam.release_address(release_req(a, "10.216.0.129"))
+    await ipam.request_address(addr_req(b, gateway=True))
+    before = {pid: (pl.subnet, pl.sub_range, set(pl.allocated)) for pid, pl in ipam.pools.items()}
+    ula = ipam.ula_prefix
+
+    reloaded = await open_ipam()
+    after = {
+        pid: (pl.subnet, pl.sub_range, set(pl.allocated)) for pid, pl in reloaded.pools.items()
+    }
+    assert after == before
+    assert set(after) == {a, b, c}
+    assert reloaded.ula_prefix == ula
+    # the cursor continues: neither a live address nor the just-released .129 comes back
+    assert str(await reloaded.request_address(addr_req(a))) == "10.216.0.130/24"
+    with pytest.raises(Conflict):
+        await reloaded.request_address(addr_req(a, "10.216.0.5"))
+    # the auto-allocator sees the reloaded pools
+    assert (await reloaded.request_pool(pool_req()))[1] == net("172.18.0.0/16")
+
+
+async def test_reload_does_not_hand_out_duplicates(open_ipam: OpenIpam) -> None:
+    ipam = await open_ipam()
+    pool_id, _ = await ipam.request_pool(pool_req("10.216.7.0/29"))
+    first = [str(await ipam.request_address(addr_req(pool_id))) for _ in range(3)]
+    reloaded = await open_ipam()
+    rest = [str(await reloaded.request_address(addr_req(pool_id))) for _ in range(3)]
+    assert len(set(first + rest)) == 6
+    with pytest.raises(Exhausted):
+        await reloaded.request_address(addr_req(pool_id))
+
+
+async def test_ula_prefix_is_stable_across_reloads(open_ipam: OpenIpam) -> None:
+    first = (await open_ipam()).ula_prefix
+    second = (await open_ipam()).ula_prefix
+    third = (await open_ipam()).ula_prefix
+    assert first is not None
+    assert first == second == third

@@ -1,0 +1,225 @@
+"""`docker network create -o KEY=VALUE` validation."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from pathlib import Path
+
+import pytest
+
+from pydriver import options as o
+from pydriver.errors import InvalidRequest, Unsupported
+from pydriver.model import NetworkOptions
+from pydriver.protocol import parse_create_network
+
+CORPUS_DIR = Path(__file__).resolve().parent.parent / "data" / "corpus"
+
+TRUE_SPELLINGS = ["1", "t", "T", "TRUE", "true", "True"]
+FALSE_SPELLINGS = ["0", "f", "F", "FALSE", "false", "False"]
+
+
+def test_defaults() -> None:
+    opts = o.parse_network_options({})
+    assert opts == NetworkOptions()
+    assert opts.bridge_name is None
+    assert opts.enable_ip_masquerade is True
+    assert opts.enable_icc is True
+    assert opts.host_binding_ipv4 is None
+    assert opts.mtu is None
+    assert opts.container_iface_prefix == "eth"
+
+
+def test_empty_values_mean_defaults() -> None:
+    opts = o.parse_network_options(
+        {
+            o.BRIDGE_NAME: "",
+            o.ENABLE_ICC: "",
+            o.ENABLE_IP_MASQUERADE: "",
+            o.HOST_BINDING_IPV4: "",
+            o.MTU: "",
+            o.CONTAINER_IFACE_PREFIX: "",
+        }
+    )
+    assert opts == NetworkOptions()
+
+
+def test_every_supported_key() -> None:
+    opts = o.parse_network_options(
+        {
+            o.BRIDGE_NAME: "br-lab.10",
+            o.ENABLE_IP_MASQUERADE: "false",
+            o.ENABLE_ICC: "0",
+            o.HOST_BINDING_IPV4: "127.0.0.1",
+            o.MTU: "9000",
+            o.CONTAINER_IFACE_PREFIX: "lan",
+        }
+    )
+    assert opts == NetworkOptions(
+        bridge_name="br-lab.10",
+        enable_ip_masquerade=False,
+        enable_icc=False,
+        host_binding_ipv4=ipaddress.ip_address("127.0.0.1"),
+        mtu=9000,
+        container_iface_prefix="lan",
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "attr", "expected"),
+    [
+        (o.BRIDGE_NAME, "recbr", "bridge_name", "recbr"),
+        (o.BRIDGE_NAME, "a" * 15, "bridge_name", "a" * 15),
+        (o.BRIDGE_NAME, "_x", "bridge_name", "_x"),
+        (o.ENABLE_IP_MASQUERADE, "false", "enable_ip_masquerade", False),
+        (o.ENABLE_ICC, "false", "enable_icc", False),
+        (o.HOST_BINDING_IPV4, "192.0.2.7", "host_binding_ipv4", ipaddress.ip_address("192.0.2.7")),
+        (o.MTU, "1400", "mtu", 1400),
+        (o.MTU, "68", "mtu", 68),
+        (o.MTU, "65535", "mtu", 65535),
+        (o.CONTAINER_IFACE_PREFIX, "net", "container_iface_prefix", "net"),
+        (o.CONTAINER_IFACE_PREFIX, "a123456789", "container_iface_prefix", "a123456789"),
+    ],
+)
+def test_each_supported_key(key: str, value: str, attr: str, expected: object) -> None:
+    assert getattr(o.parse_network_options({key: value}), attr) == expected
+
+
+def test_mtu_alias() -> None:
+    assert o.parse_network_options({o.MTU_SHORT: "1400"}).mtu == 1400
+    # both spellings, agreeing
+    assert o.parse_network_options({o.MTU_SHORT: "1400", o.MTU: "1400"}).mtu == 1400
+
+
+def test_mtu_alias_disagreeing() -> None:
+    with pytest.raises(InvalidRequest) as info:
+        o.parse_network_options({o.MTU_SHORT: "1400", o.MTU: "1500"})
+    assert o.MTU in str(info.value)
+    assert "mtu" in str(info.value)
+
+
+def test_corpus_generic_options_are_accepted() -> None:
+    for name in ("dockerd-20.10.24.jsonl", "dockerd-26.1.5.jsonl"):
+        for line in (CORPUS_DIR / name).read_text().splitlines():
+            record = json.loads(line)
+            if record.get("path") == "/NetworkDriver.CreateNetwork":
+                req = parse_create_network(record["body"])
+                opts = o.parse_network_options(req.generic_options)
+                if req.generic_options:
+                    assert opts.bridge_name == "recbr"
+                    assert opts.mtu == 1400
+
+
+@pytest.mark.parametrize("key", [o.ENABLE_IP_MASQUERADE, o.ENABLE_ICC])
+@pytest.mark.parametrize("spelling", TRUE_SPELLINGS)
+def test_parse_bool_true(key: str, spelling: str) -> None:
+    opts = o.parse_network_options({key: spelling})
+    assert getattr(opts, key.rsplit(".", 1)[1]) is True
+
+
+@pytest.mark.parametrize("key", [o.ENABLE_IP_MASQUERADE, o.ENABLE_ICC])
+@pytest.mark.parametrize("spelling", FALSE_SPELLINGS)
+def test_parse_bool_false(key: str, spelling: str) -> None:
+    opts = o.parse_network_options({key: spelling})
+    assert getattr(opts, key.rsplit(".", 1)[1]) is False
+
+
+@pytest.mark.parametrize("key", [o.ENABLE_IP_MASQUERADE, o.ENABLE_ICC])
+@pytest.mark.parametrize("spelling", ["yes", "no", "on", "tRUE", "2", " true", "true ", "-1"])
+def test_invalid_booleans(key: str, spelling: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        o.parse_network_options({key: spelling})
+    assert key in str(info.value)
+    assert "true or false" in str(info.value)
+
+
+@pytest.mark.parametrize("key", [o.MTU, o.MTU_SHORT])
+@pytest.mark.parametrize("value", ["abc", "0", "67", "65536", "-1500", "1400.5", "1e3"])
+def test_invalid_mtu(key: str, value: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        o.parse_network_options({key: value})
+    assert o.MTU in str(info.value)
+    assert repr(value) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "a" * 16,
+        "br 0",
+        "br/0",
+        "br:0",
+        "-br",
+        ".",
+        "..",
+        ".hidden",
+        "br;reboot",
+        "br$(id)",
+        "bré",
+        "br\t",
+    ],
+)
+def test_invalid_bridge_names(name: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        o.parse_network_options({o.BRIDGE_NAME: name})
+    assert o.BRIDGE_NAME in str(info.value)
+
+
+def test_bridge_name_with_trailing_newline_is_refused() -> None:
+    # BUG (options.py _IFNAME_RE): `$` matches before a final "\n", so "br0\n" (and even a
+    # 16-character "aaaaaaaaaaaaaaa\n") passes valid_interface_name and would be written into
+    # iptables-restore input, where the newline splits a rule line in two.
+    for name in ("br0\n", "a" * 15 + "\n"):
+        assert not o.valid_interface_name(name)
+        with pytest.raises(InvalidRequest, match=o.BRIDGE_NAME):
+            o.parse_network_options({o.BRIDGE_NAME: name})
+
+
+@pytest.mark.parametrize("prefix", ["1eth", "e-th", "eth0.", "abcdefghijk", "_eth", "e th"])
+def test_invalid_prefix(prefix: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        o.parse_network_options({o.CONTAINER_IFACE_PREFIX: prefix})
+    assert o.CONTAINER_IFACE_PREFIX in str(info.value)
+
+
+def test_prefix_with_trailing_newline_is_refused() -> None:
+    # BUG (options.py _PREFIX_RE): same `$` problem; "eth\n" would be sent to Docker as DstPrefix.
+    with pytest.raises(InvalidRequest, match=o.CONTAINER_IFACE_PREFIX):
+        o.parse_network_options({o.CONTAINER_IFACE_PREFIX: "eth\n"})
+
+
+@pytest.mark.parametrize("value", ["localhost", "1.2.3", "256.0.0.1", "10.0.0.0/8"])
+def test_invalid_host_binding(value: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        o.parse_network_options({o.HOST_BINDING_IPV4: value})
+    assert o.HOST_BINDING_IPV4 in str(info.value)
+
+
+def test_unknown_option() -> None:
+    with pytest.raises(Unsupported) as info:
+        o.parse_network_options({"com.docker.network.bridge.gateway_mode_ipv4": "routed"})
+    message = str(info.value)
+    assert "option com.docker.network.bridge.gateway_mode_ipv4;" in message
+    for supported in o.SUPPORTED:
+        assert supported in message
+
+
+def test_unknown_options_are_all_listed_sorted() -> None:
+    with pytest.raises(Unsupported) as info:
+        o.parse_network_options({"zeta": "1", "alpha": "2", o.MTU: "1400"})
+    message = str(info.value)
+    assert "options alpha, zeta;" in message
+    assert "supported options are " + ", ".join(o.SUPPORTED) in message
+
+
+def test_unknown_options_win_over_invalid_values() -> None:
+    # Unknown names are reported first, so the user learns about them even with other mistakes.
+    with pytest.raises(Unsupported):
+        o.parse_network_options({"x": "1", o.MTU: "nope"})
+
+
+def test_valid_interface_name() -> None:
+    assert o.valid_interface_name("docker0")
+    assert o.valid_interface_name("br-0123456789ab")
+    assert not o.valid_interface_name("")
+    assert not o.valid_interface_name("a" * 16)
