@@ -7,20 +7,30 @@ chain atomically, so the kernel never sees a half-applied rule set. Only the jum
 built-in chains (FORWARD, POSTROUTING) are shared with others, so they are checked against the
 current ``iptables-save`` output and added or removed one by one (kube-proxy does the same).
 
-Filter layout, for every pybridge network with bridge B:
+Two kinds of decisions, in two places, for every pybridge network with bridge B:
 
-    PYBRIDGE-FORWARD   (jumped to from FORWARD, right after Docker's DOCKER-USER jump)
+*Accepts* live in the filter table, whose FORWARD policy Docker sets to DROP (under nftables an
+accept is only final in the table that drops):
+
+    PYBRIDGE-FORWARD   (filter; jumped to from FORWARD right after Docker's DOCKER-USER jump)
       ingress, for each network first, so no accept below can let traffic into another network:
         -o B -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT     replies
         -i B -o B -j ACCEPT                                           ICC (DROP if disabled)
         -o B -j DROP                                                  nothing else gets in
       egress, for each network:
-        -i B -j PYBRIDGE-ISOLATION                                    not into Docker's bridges
         -i B -j ACCEPT                                                out to the world
-        (internal networks: -i B -j DROP instead of both)
-    PYBRIDGE-ISOLATION
-        -m conntrack --ctstate DNAT -j RETURN                         published ports are fine
-        -o docker0 -j DROP ; -o br-+ -j DROP                          Docker's bridges
+        (internal networks: -i B -j DROP)
+
+*Isolation drops* live in the mangle table's FORWARD chain, which runs before filter: dockerd
+inserts its own ACCEPT rules (``-i br-x ! -o br-x -j ACCEPT``) at the top of filter FORWARD
+whenever it creates a network, above pybridge's jump, and those must not open a way between
+Docker's bridges and pybridge's. A DROP is final wherever it happens.
+
+    PYBRIDGE-ISOLATION (mangle; jumped to from FORWARD, first)
+        -m conntrack --ctstate RELATED,ESTABLISHED,DNAT -j RETURN     replies, published ports
+        ! -i B -o B -j DROP                                           nothing new gets in
+        -i B -o docker0 -j DROP ; -i B -o br-+ -j DROP                not into Docker's bridges
+        (internal networks: -i B ! -o B -j DROP instead of the last two)
 
 NAT: PYBRIDGE-POSTROUTING (from POSTROUTING): -s SUBNET ! -o B -j MASQUERADE.
 """
@@ -41,7 +51,8 @@ POSTROUTING_CHAIN = "PYBRIDGE-POSTROUTING"
 
 # table -> chains pybridge owns in it
 OWN_CHAINS: dict[str, tuple[str, ...]] = {
-    "filter": (FORWARD_CHAIN, ISOLATION_CHAIN),
+    "filter": (FORWARD_CHAIN,),
+    "mangle": (ISOLATION_CHAIN,),
     "nat": (POSTROUTING_CHAIN,),
 }
 
@@ -63,6 +74,7 @@ class Jump:
 
 JUMPS: tuple[Jump, ...] = (
     Jump("filter", "FORWARD", FORWARD_CHAIN, after_target="DOCKER-USER"),
+    Jump("mangle", "FORWARD", ISOLATION_CHAIN),
     Jump("nat", "POSTROUTING", POSTROUTING_CHAIN),
 )
 
@@ -97,14 +109,20 @@ def render_chain_rules(networks: Sequence[NetworkRules], family: Family) -> dict
         fwd.append(f"-A {FORWARD_CHAIN} -i {b} -o {b} -j {'ACCEPT' if net.icc else 'DROP'}")
         fwd.append(f"-A {FORWARD_CHAIN} -o {b} -j DROP")
     for net in networks:
+        fwd.append(f"-A {FORWARD_CHAIN} -i {net.bridge} -j {'DROP' if net.internal else 'ACCEPT'}")
+
+    iso = [f"-A {ISOLATION_CHAIN} -m conntrack --ctstate RELATED,ESTABLISHED,DNAT -j RETURN"]
+    for net in networks:
         b = net.bridge
+        # Written in iptables-save's own order (-i before -o), so saved rules compare equal.
+        iso.append(f"-A {ISOLATION_CHAIN} ! -i {b} -o {b} -j DROP")
         if net.internal:
-            fwd.append(f"-A {FORWARD_CHAIN} -i {b} -j DROP")
+            iso.append(f"-A {ISOLATION_CHAIN} -i {b} ! -o {b} -j DROP")
         else:
-            fwd.append(f"-A {FORWARD_CHAIN} -i {b} -j {ISOLATION_CHAIN}")
-            fwd.append(f"-A {FORWARD_CHAIN} -i {b} -j ACCEPT")
-    iso = [f"-A {ISOLATION_CHAIN} -m conntrack --ctstate DNAT -j RETURN"]
-    iso += [f"-A {ISOLATION_CHAIN} -o {pattern} -j DROP" for pattern in DOCKER_BRIDGE_PATTERNS]
+            iso += [
+                f"-A {ISOLATION_CHAIN} -i {b} -o {pattern} -j DROP"
+                for pattern in DOCKER_BRIDGE_PATTERNS
+            ]
 
     post: list[str] = []
     for net in networks:
@@ -112,7 +130,7 @@ def render_chain_rules(networks: Sequence[NetworkRules], family: Family) -> dict
             continue
         for subnet in net.subnets(family):
             post.append(f"-A {POSTROUTING_CHAIN} -s {subnet} ! -o {net.bridge} -j MASQUERADE")
-    return {"filter": fwd + iso, "nat": post}
+    return {"filter": fwd, "mangle": iso, "nat": post}
 
 
 def parse_save(save_text: str) -> dict[str, tuple[set[str], list[str]]]:
@@ -153,51 +171,48 @@ def _jump_fixes(jump: Jump, rules: list[str]) -> list[str]:
     return lines
 
 
+CHAIN_PREFIX = "PYBRIDGE-"
+
+
+def _removal(chains: Sequence[str], rules: list[str]) -> list[str]:
+    """Lines that remove ``chains``: every rule elsewhere that jumps to them (our jumps from
+    the built-in chains included), then a flush and -X of each."""
+    targets = set(chains)
+    refs = [
+        "-D " + rule[3:]
+        for rule in rules
+        if rule.split()[-1] in targets
+        and rule.split()[-2] == "-j"
+        and rule.split()[1] not in targets
+    ]
+    return refs + [f":{c} - [0:0]" for c in chains] + [f"-X {c}" for c in chains]
+
+
 def render_restore(networks: Sequence[NetworkRules], family: Family, current_save: str) -> str:
     """The complete ``iptables-restore --noflush`` input that makes the host match ``networks``.
 
-    With no networks left, pybridge's jumps and chains are removed entirely. Returns "" when
-    nothing needs doing (no networks and nothing of ours present).
+    With no networks left, pybridge's jumps and chains are removed entirely. Chains named
+    PYBRIDGE-* that this version does not use (left by an older one) are removed too. Returns
+    "" when nothing needs doing (no networks and nothing of ours present).
     """
     current = parse_save(current_save)
     out: list[str] = []
-    if networks:
-        chain_rules = render_chain_rules(networks, family)
-        for table, chains in OWN_CHAINS.items():
-            out.append(f"*{table}")
-            out += [f":{chain} - [0:0]" for chain in chains]
-            out += chain_rules[table]
-            rules = current.get(table, (set(), []))[1]
-            for jump in JUMPS:
-                if jump.table == table:
-                    out += _jump_fixes(jump, rules)
-            out.append("COMMIT")
-    else:
-        for table, chains in OWN_CHAINS.items():
-            names, rules = current.get(table, (set(), []))
-            present = [c for c in chains if c in names]
-            jumps = [
-                f"-D {j.chain} -j {j.target}"
-                for j in JUMPS
-                if j.table == table
-                for r in rules
-                if r == j.spec
-            ]
-            # Rules elsewhere that still point at our chains would make -X fail; find them too.
-            refs = [
-                "-D " + r[3:]
-                for r in rules
-                if any(r.endswith(f"-j {c}") for c in chains)
-                and r.split()[1] not in chains
-                and r not in {j.spec for j in JUMPS}
-            ]
-            if not present and not jumps and not refs:
-                continue
-            out.append(f"*{table}")
-            out += jumps + refs
-            out += [f":{chain} - [0:0]" for chain in present]
-            out += [f"-X {chain}" for chain in present]
-            out.append("COMMIT")
+    chain_rules = render_chain_rules(networks, family) if networks else {}
+    for table in sorted(set(OWN_CHAINS) | set(current)):
+        names, rules = current.get(table, (set(), []))
+        own = OWN_CHAINS.get(table, ()) if networks else ()
+        stale = sorted(c for c in names if c.startswith(CHAIN_PREFIX) and c not in own)
+        if not own and not stale:
+            continue
+        out.append(f"*{table}")
+        out += [f":{chain} - [0:0]" for chain in own]
+        out += chain_rules.get(table, [])
+        for jump in JUMPS:
+            if jump.table == table and jump.target in own:
+                out += _jump_fixes(jump, rules)
+        # References from our own chains were just reset; only foreign ones remain.
+        out += _removal(stale, [r for r in rules if r.split()[1] not in own])
+        out.append("COMMIT")
     return "\n".join(out) + "\n" if out else ""
 
 

@@ -138,6 +138,12 @@ class Docker:
         self.networks.clear()
 
 
+def default_routes(d: Docker, container: str, family: str = "-4") -> list[str]:
+    """The container's default route lines (busybox's ip ignores a "default" filter)."""
+    out = d.exec(container, "ip", family, "route", "show")
+    return [line.strip() for line in out.splitlines() if line.startswith("default")]
+
+
 def ping(d: Docker, container: str, target: str, count: int = 2) -> None:
     out = d.exec(container, "ping", "-c", str(count), "-W", "2", target, check=False)
     assert f"{count} packets received" in out, f"{container} cannot ping {target}:\n{out}"

@@ -7,7 +7,7 @@ import json
 import re
 import subprocess
 
-from tests.e2e.conftest import Docker, Plugin, docker, free_subnet, ping
+from tests.e2e.conftest import Docker, Plugin, default_routes, docker, free_subnet, ping
 from tests.hostenv import OutsideHost, all_addresses, firewall_dump, link_names, routes
 
 
@@ -32,8 +32,7 @@ def test_default_route_via_gateway_and_gateway_reachable(d: Docker) -> None:
     subnet = free_subnet(10)
     net = d.network("--subnet", subnet, "--gateway", "10.213.10.254")
     c = d.run(net)
-    route = d.exec(c, "ip", "route", "show", "default")
-    assert route.startswith("default via 10.213.10.254 dev eth0"), route
+    assert default_routes(d, c) == ["default via 10.213.10.254 dev eth0"], default_routes(d, c)
     ping(d, c, "10.213.10.254")
     assert "10.213.10.254/24" in all_addresses()
 
@@ -83,7 +82,7 @@ def test_auto_subnet_with_docker_ipam_and_pybridge_ipam(d: Docker) -> None:
                 assert not subnet.overlaps(ipaddress.ip_network(dst, strict=False)), (subnet, dst)
         c = d.run(net)
         assert ipaddress.ip_address(d.ip(c, net)) in subnet
-        gateway = d.exec(c, "ip", "route", "show", "default").split()[2]
+        gateway = default_routes(d, c)[0].split()[2]
         ping(d, c, gateway)
     # Two automatic pybridge-IPAM networks never share a subnet.
     n1 = d.network("--ipam-driver", "pybridge")

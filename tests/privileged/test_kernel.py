@@ -16,7 +16,7 @@ from pydriver.driver import NetworkDriver
 from pydriver.errors import Conflict
 from pydriver.firewall import Backend, Firewall, tool
 from pydriver.netlink import Netlink
-from pydriver.rules import NetworkRules, jumps_present, pybridge_rules_in
+from pydriver.rules import NetworkRules, jumps_present, parse_save, pybridge_rules_in
 from pydriver.store import Store
 from tests.hostenv import require_root, run
 
@@ -112,9 +112,10 @@ async def test_firewall_apply_is_atomic_idempotent_and_cleans_up(
     text = in_ns(netns, *save)
     assert jumps_present(text) == [
         "-A FORWARD -j PYBRIDGE-FORWARD",
+        "-A FORWARD -j PYBRIDGE-ISOLATION",
         "-A POSTROUTING -j PYBRIDGE-POSTROUTING",
     ]
-    forward = [line for line in text.splitlines() if line.startswith("-A FORWARD")]
+    forward = [r for r in parse_save(text)["filter"][1] if r.startswith("-A FORWARD")]
     assert forward[:2] == ["-A FORWARD -j DOCKER-USER", "-A FORWARD -j PYBRIDGE-FORWARD"]
     rules = pybridge_rules_in(text)
     assert "-A PYBRIDGE-POSTROUTING -s 10.213.41.0/24 ! -o pyb-one -j MASQUERADE" in rules["nat"]
