@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -20,10 +21,13 @@ from . import __version__
 from .driver import NetworkDriver
 from .errors import DriverError
 from .firewall import Firewall, detect_backend
+from .hostports import HostPorts
 from .ipamdriver import IpamDriver
 from .netlink import Netlink
+from .ports import DEFAULT_EPHEMERAL_RANGE
+from .report import Names, docker_names, format_table, port_rows
 from .server import Api, make_app
-from .store import Store
+from .store import Store, read_state
 from .sysctl import Sysctl
 
 log = logging.getLogger("pydriver")
@@ -31,6 +35,7 @@ log = logging.getLogger("pydriver")
 DEFAULT_SOCKET = "/run/docker/plugins/pybridge.sock"
 DEFAULT_STATE_DIR = "/var/lib/pydriver"
 SHUTDOWN_TIMEOUT = 8.0  # dockerd waits 10 s before SIGKILL for managed plugins
+PORT_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
 
 
 def _env(name: str, default: str) -> str:
@@ -67,7 +72,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="iptables flavour to write rules with (env PYDRIVER_FIREWALL_BACKEND; "
         "default auto = the one Docker uses)",
     )
+    ports = sub.add_parser(
+        "ports", help="list the ports pybridge publishes (docker ps cannot show them)"
+    )
+    ports.add_argument(
+        "--state-dir",
+        default=_env("PYDRIVER_STATE_DIR", DEFAULT_STATE_DIR),
+        help=f"state directory (env PYDRIVER_STATE_DIR; default {DEFAULT_STATE_DIR})",
+    )
+    ports.add_argument("--json", action="store_true", help="print JSON for scripts")
+    ports.add_argument(
+        "--no-names",
+        action="store_true",
+        help="do not ask the docker CLI for container and network names",
+    )
     return parser
+
+
+def ports_command(args: argparse.Namespace) -> int:
+    networks, endpoints = read_state(Path(args.state_dir))
+    names = Names({}, {}) if args.no_names else docker_names()
+    rows = port_rows(networks, endpoints, names)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif rows:
+        print(format_table(rows))
+    else:
+        print("pybridge publishes no ports")
+    return 0
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The kernel's ephemeral port range, which Docker also uses for -P."""
+    try:
+        low, high = (int(v) for v in Path(PORT_RANGE_FILE).read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return DEFAULT_EPHEMERAL_RANGE
 
 
 def setup_logging(level: str) -> None:
@@ -114,7 +155,15 @@ async def serve(args: argparse.Namespace) -> int:
         "" if args.firewall_backend == "auto" else " (set explicitly)",
     )
     firewall = Firewall(backend)
-    driver = NetworkDriver(store, netlink, firewall, Sysctl())
+    host_ports = HostPorts()
+    driver = NetworkDriver(
+        store,
+        netlink,
+        firewall,
+        Sysctl(),
+        host_ports=host_ports,
+        ephemeral_range=ephemeral_range(),
+    )
     ipam = IpamDriver(store, netlink.routes)
     await driver.load()
     await ipam.load()
@@ -147,6 +196,7 @@ async def serve(args: argparse.Namespace) -> int:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(args.socket)
     await netlink.close()
+    host_ports.close()  # the DNAT rules stay: published ports keep working while we are down
     store.close()
     log.info("stopped")
     return 0
@@ -161,6 +211,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except DriverError as err:
             log.error("%s", err)
             return 1
+    try:
+        if args.command == "ports":
+            return ports_command(args)
+    except DriverError as err:
+        print(f"pydriver: {err}", file=sys.stderr)
+        return 1
     return 2
 
 

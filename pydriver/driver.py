@@ -15,6 +15,7 @@ below, so its logic runs in unit tests with fakes. Rules it keeps:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -22,9 +23,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .errors import Conflict, DriverError, InvalidRequest, NotFound
+from .hostports import HostPorts, PortInUse, port_holder
 from .ipam import HostRoute, describe_route
 from .locks import KeyedLock
-from .model import Endpoint, IPInterface, Network, Subnet
+from .model import Endpoint, IPInterface, Mapping, Network, PortBinding, Subnet
 from .naming import (
     bridge_mac,
     bridge_name,
@@ -36,6 +38,7 @@ from .naming import (
 )
 from .netlink import Link
 from .options import parse_network_options
+from .ports import DEFAULT_EPHEMERAL_RANGE, PortRequest, find_conflict, plan
 from .protocol import (
     CreateEndpointRequest,
     CreateNetworkRequest,
@@ -51,6 +54,7 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 NETWORKS_LOCK = "networks"
+PORTS_LOCK = "host-ports"  # host ports are shared by all networks
 
 
 class Kernel(Protocol):
@@ -71,13 +75,23 @@ class Kernel(Protocol):
     async def remove_address(self, name: str, address: IPInterface) -> None: ...
     async def ensure_veth(self, host: str, peer: str, peer_mac: str, mtu: int | None) -> bool: ...
     async def delete_link(self, name: str) -> bool: ...
+    async def set_hairpin(self, name: str) -> None: ...
 
 
 class FirewallPort(Protocol):
     async def apply(self, networks: Sequence[NetworkRules]) -> None: ...
 
 
+class HostPortsPort(Protocol):
+    def reserve(self, mapping: Mapping) -> None: ...
+    def release(self, mapping: Mapping) -> None: ...
+
+
+PortHolder = Callable[[str, int], Awaitable[str | None]]
+
+
 class SysctlPort(Protocol):
+    async def enable_route_localnet(self, ifname: str) -> None: ...
     async def ensure_ipv4_forwarding(self) -> None: ...
     async def ensure_ipv6_forwarding(self) -> None: ...
     async def disable_accept_ra(self, ifname: str) -> None: ...
@@ -107,7 +121,7 @@ def _subnets(data: tuple[IPData, ...]) -> tuple[Subnet, ...]:
     )
 
 
-def firewall_view(network: Network) -> NetworkRules:
+def firewall_view(network: Network, mappings: Sequence[Mapping] = ()) -> NetworkRules:
     return NetworkRules(
         bridge=network.bridge,
         subnets_v4=tuple(s.pool for s in network.subnets_v4),
@@ -115,17 +129,29 @@ def firewall_view(network: Network) -> NetworkRules:
         internal=network.internal,
         icc=network.options.enable_icc,
         masquerade=network.options.enable_ip_masquerade,
+        mappings=tuple(mappings),
     )
 
 
 class NetworkDriver:
     def __init__(
-        self, store: Store, kernel: Kernel, firewall: FirewallPort, sysctl: SysctlPort
+        self,
+        store: Store,
+        kernel: Kernel,
+        firewall: FirewallPort,
+        sysctl: SysctlPort,
+        host_ports: HostPortsPort | None = None,
+        port_holder: PortHolder = port_holder,
+        ephemeral_range: tuple[int, int] = DEFAULT_EPHEMERAL_RANGE,
     ) -> None:
         self.store = store
         self.kernel = kernel
         self.firewall = firewall
         self.sysctl = sysctl
+        self.host_ports: HostPortsPort = host_ports if host_ports is not None else HostPorts()
+        self.port_holder = port_holder
+        self.ephemeral_range = ephemeral_range
+        self._ephemeral_cursor = 0
         self.networks: dict[str, Network] = {}
         self.endpoints: dict[str, Endpoint] = {}
         self._locks = KeyedLock()
@@ -151,8 +177,19 @@ class NetworkDriver:
     def _endpoints_of(self, network_id: str) -> list[Endpoint]:
         return [e for e in self.endpoints.values() if e.network_id == network_id]
 
+    def _mappings_by_network(self) -> dict[str, list[Mapping]]:
+        found: dict[str, list[Mapping]] = {}
+        for endpoint in self.endpoints.values():
+            found.setdefault(endpoint.network_id, []).extend(endpoint.mappings)
+        return found
+
     async def _apply_firewall(self) -> None:
-        active = [firewall_view(n) for n in self.networks.values() if n.state != "deleting"]
+        mappings = self._mappings_by_network()
+        active = [
+            firewall_view(n, mappings.get(n.id, ()))
+            for n in self.networks.values()
+            if n.state != "deleting"
+        ]
         await self.firewall.apply(active)
 
     # -- networks ------------------------------------------------------------------------------
@@ -250,6 +287,9 @@ class NetworkDriver:
         if mtu:
             await self.kernel.set_link(network.bridge, mtu=mtu)
         await self.sysctl.disable_accept_ra(network.bridge)
+        if not network.internal:
+            # Lets 127.0.0.1:PORT reach published ports (DNAT'd in OUTPUT, routed out here).
+            await self.sysctl.enable_route_localnet(network.bridge)
         for subnet in network.subnets:
             if subnet.gateway is not None:
                 await self.kernel.ensure_address(network.bridge, subnet.gateway)
@@ -382,11 +422,15 @@ class NetworkDriver:
                 endpoint.host_veth, endpoint.container_veth, endpoint.mac_address, mtu
             )
         await self.kernel.set_link(endpoint.host_veth, master=network.bridge, up=True, mtu=mtu)
+        if not network.internal:
+            await self.kernel.set_hairpin(endpoint.host_veth)
 
     async def _remove_endpoint(self, endpoint: Endpoint) -> None:
         # Forget first: if we crash after this, reconcile removes the veth as an orphan.
         await self.store.delete_endpoint(endpoint.id)
         self.endpoints.pop(endpoint.id, None)
+        for mapping in endpoint.mappings:
+            self.host_ports.release(mapping)
         # Deleting the host end removes the pair wherever the other end is.
         await self.kernel.delete_link(endpoint.host_veth)
         await self.kernel.delete_link(endpoint.container_veth)
@@ -398,6 +442,8 @@ class NetworkDriver:
                 log.info("endpoint %s was already deleted", short(ref.endpoint_id))
                 return
             await self._remove_endpoint(endpoint)
+            if endpoint.mappings:  # after a dockerd restart Docker may skip the Revoke
+                await self._apply_firewall()
 
     def endpoint_oper_info(self, ref: EndpointRef) -> dict[str, Any]:
         # Docker calls this often and must never see it fail.
@@ -460,24 +506,125 @@ class NetworkDriver:
                 self.endpoints[left.id] = left
 
     async def program_external_connectivity(self, req: ProgramExternalRequest) -> None:
+        """Publish the endpoint's ports. Docker does nothing for `-p` when a remote driver's
+        endpoint is the gateway, so this is the whole of port publishing. May be called again
+        without a Revoke (Docker 29): the new bindings replace the old ones."""
         async with self._locks.hold(req.network_id):
-            self._network(req.network_id)
+            network = self._network(req.network_id)
             endpoint = self._endpoint_on(req.network_id, req.endpoint_id)
             if endpoint is None:
                 raise NotFound(
                     f"endpoint {short(req.endpoint_id)} is not known to pybridge on network "
                     f"{short(req.network_id)}"
                 )
-            if req.ports.bindings:
-                log.warning(
-                    "endpoint %s asks for %d published port(s); port publishing on pybridge "
-                    "networks is not implemented yet",
-                    short(endpoint.id),
-                    len(req.ports.bindings),
+            bindings = req.ports.bindings if req.ports.present else endpoint.port_bindings
+            if network.internal:
+                if bindings:
+                    log.info("network %s is internal: ports are not published", short(network.id))
+                return
+            if endpoint.mappings and bindings == endpoint.port_bindings:
+                return  # already published exactly so
+            async with self._locks.hold(PORTS_LOCK):
+                await self._publish(network, endpoint, bindings)
+
+    async def _publish(
+        self, network: Network, endpoint: Endpoint, bindings: tuple[PortBinding, ...]
+    ) -> None:
+        requests = plan(
+            bindings,
+            endpoint.address.ip if endpoint.address else None,
+            endpoint.address_v6.ip if endpoint.address_v6 else None,
+            network.options.host_binding_ipv4,
+        )
+        taken = [m for e in self.endpoints.values() if e.id != endpoint.id for m in e.mappings]
+        for old in endpoint.mappings:
+            self.host_ports.release(old)
+        chosen: list[Mapping] = []
+        try:
+            for request in requests:
+                mappings = await self._choose(request, taken + chosen, endpoint)
+                chosen.extend(mappings)
+            published = endpoint.with_changes(port_bindings=bindings, mappings=tuple(chosen))
+            await self.store.put_endpoint(published)
+            self.endpoints[endpoint.id] = published
+            try:
+                await self._apply_firewall()
+            except BaseException:
+                await self.store.put_endpoint(endpoint)
+                self.endpoints[endpoint.id] = endpoint
+                raise
+        except BaseException:
+            for mapping in chosen:
+                self.host_ports.release(mapping)
+            for old in endpoint.mappings:  # put the previous publication back as it was
+                with contextlib.suppress(DriverError):
+                    self.host_ports.reserve(old)
+            raise
+        for mapping in chosen:
+            log.info("endpoint %s publishes %s", short(endpoint.id), mapping.describe())
+
+    async def _choose(
+        self, request: PortRequest, taken: list[Mapping], endpoint: Endpoint
+    ) -> list[Mapping]:
+        """Pick a host port for one binding and reserve it on every address it covers."""
+        binding = request.binding
+        single = not request.ephemeral and binding.host_port == binding.host_port_end
+        last_error: DriverError | None = None
+        for port in request.candidates(self.ephemeral_range, self._ephemeral_cursor):
+            mappings = request.mappings(port)
+            clash = find_conflict(mappings, taken)
+            if clash is not None:
+                owner = self._owner_of(clash)
+                last_error = Conflict(
+                    f"host port {clash.host_text()}/{clash.proto} is already published by "
+                    f"pybridge for {owner}"
                 )
+                if single:
+                    raise last_error
+                continue
+            reserved: list[Mapping] = []
+            try:
+                for mapping in mappings:
+                    self.host_ports.reserve(mapping)
+                    reserved.append(mapping)
+            except PortInUse as err:
+                for mapping in reserved:
+                    self.host_ports.release(mapping)
+                holder = await self.port_holder(binding.proto, port)
+                last_error = Conflict(f"{err} by {holder or 'another program on the host'}")
+                if single:
+                    raise last_error from None
+                continue
+            if request.ephemeral:
+                self._ephemeral_cursor = port
+            return mappings
+        if request.ephemeral:
+            low, high = self.ephemeral_range
+            raise Conflict(f"no free host port is left in the ephemeral range {low}-{high}")
+        raise Conflict(
+            f"no free host port in {binding.host_port}-{binding.host_port_end}/{binding.proto} "
+            f"for container port {binding.port}" + (f" (last: {last_error})" if last_error else "")
+        )
+
+    def _owner_of(self, mapping: Mapping) -> str:
+        for endpoint in self.endpoints.values():
+            if mapping in endpoint.mappings:
+                return f"endpoint {short(endpoint.id)} on network {short(endpoint.network_id)}"
+        return "another endpoint"
 
     async def revoke_external_connectivity(self, ref: EndpointRef) -> None:
-        return None
+        async with self._locks.hold(ref.network_id):
+            endpoint = self._endpoint_on(ref.network_id, ref.endpoint_id)
+            if endpoint is None or not endpoint.mappings:
+                return
+            async with self._locks.hold(PORTS_LOCK):
+                revoked = endpoint.with_changes(mappings=())
+                await self.store.put_endpoint(revoked)
+                self.endpoints[endpoint.id] = revoked
+                for mapping in endpoint.mappings:
+                    self.host_ports.release(mapping)
+                await self._apply_firewall()
+            log.info("endpoint %s no longer publishes ports", short(endpoint.id))
 
     # -- start-up ------------------------------------------------------------------------------
 
@@ -547,6 +694,13 @@ class NetworkDriver:
 
     async def _restore_endpoint(self, endpoint: Endpoint, repairs: list[str]) -> None:
         network = self.networks[endpoint.network_id]
+        for mapping in endpoint.mappings:
+            try:
+                self.host_ports.reserve(mapping)
+            except DriverError as err:
+                # The DNAT rule stays (the container keeps its port); say who took it.
+                holder = await self.port_holder(mapping.proto, mapping.host_port)
+                repairs.append(f"{err} by {holder or 'another program'} while pybridge was down")
         if await self.kernel.get_link(endpoint.host_veth) is not None:
             await self.kernel.set_link(endpoint.host_veth, master=network.bridge, up=True)
         elif endpoint.sandbox_key is None:

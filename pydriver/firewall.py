@@ -1,4 +1,4 @@
-"""The firewall adapter: the only module that runs processes.
+"""The firewall adapter: the only module that runs iptables.
 
 Rules are written with the iptables flavour Docker itself uses on this host (nf_tables or
 legacy). Rules in the other flavour would live in tables the host's FORWARD DROP never
@@ -17,49 +17,18 @@ import asyncio
 import logging
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 from .errors import HostError
-from .rules import Family, NetworkRules, render_restore
+from .model import Family
+from .process import run
+from .rules import NetworkRules, render_restore
 
 log = logging.getLogger(__name__)
 
 Backend = Literal["nft", "legacy"]
 BACKENDS: tuple[Backend, ...] = ("nft", "legacy")
-COMMAND_TIMEOUT = 30.0
 LEGACY_TABLE_NAMES = "/proc/net/ip_tables_names"
-
-
-@dataclass(frozen=True)
-class CommandResult:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-async def run(argv: Sequence[str], stdin: str | None = None) -> CommandResult:
-    """Run a command without a shell, asynchronously, with a time limit."""
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-    except OSError as err:
-        raise HostError(f"could not run {argv[0]}: {err.strerror or err}") from None
-    try:
-        out, errout = await asyncio.wait_for(
-            proc.communicate(stdin.encode() if stdin is not None else None), COMMAND_TIMEOUT
-        )
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise HostError(f"{argv[0]} did not finish within {COMMAND_TIMEOUT:.0f} seconds") from None
-    return CommandResult(
-        proc.returncode or 0, out.decode(errors="replace"), errout.decode(errors="replace")
-    )
 
 
 def tool(backend: Backend, family: Family, action: str = "") -> str:

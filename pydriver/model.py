@@ -11,6 +11,7 @@ IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Protocol = Literal["tcp", "udp", "sctp"]
 State = Literal["creating", "ready", "deleting"]
+Family = Literal[4, 6]
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,55 @@ class PortBinding:
             host_ip=ipaddress.ip_address(data["host_ip"]) if data.get("host_ip") else None,
             host_port=int(data.get("host_port", 0)),
             host_port_end=int(data.get("host_port_end", 0)),
+        )
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One published port: host address (None = every address of the family) -> container."""
+
+    proto: Protocol
+    host_ip: IPAddress | None
+    host_port: int
+    container_ip: IPAddress
+    container_port: int
+
+    @property
+    def family(self) -> Family:
+        return 4 if self.container_ip.version == 4 else 6
+
+    def host_text(self) -> str:
+        if self.host_ip is None:
+            return f"{'0.0.0.0' if self.family == 4 else '[::]'}:{self.host_port}"  # noqa: S104
+        if self.family == 6:
+            return f"[{self.host_ip}]:{self.host_port}"
+        return f"{self.host_ip}:{self.host_port}"
+
+    def container_text(self) -> str:
+        if self.family == 6:
+            return f"[{self.container_ip}]:{self.container_port}"
+        return f"{self.container_ip}:{self.container_port}"
+
+    def describe(self) -> str:
+        return f"{self.host_text()}/{self.proto} -> {self.container_text()}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "proto": self.proto,
+            "host_ip": str(self.host_ip) if self.host_ip else None,
+            "host_port": self.host_port,
+            "container_ip": str(self.container_ip),
+            "container_port": self.container_port,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Mapping:
+        return cls(
+            proto=data["proto"],
+            host_ip=ipaddress.ip_address(data["host_ip"]) if data.get("host_ip") else None,
+            host_port=int(data["host_port"]),
+            container_ip=ipaddress.ip_address(data["container_ip"]),
+            container_port=int(data["container_port"]),
         )
 
 
@@ -189,6 +239,8 @@ class Endpoint:
     port_bindings: tuple[PortBinding, ...] = ()
     exposed_ports: tuple[tuple[Protocol, int], ...] = ()
     state: State = "ready"
+    # Host ports currently published for this endpoint (while it is a gateway endpoint).
+    mappings: tuple[Mapping, ...] = ()
 
     def with_changes(self, **changes: Any) -> Endpoint:
         return replace(self, **changes)
@@ -207,6 +259,7 @@ class Endpoint:
             "port_bindings": [b.to_dict() for b in self.port_bindings],
             "exposed_ports": [[p, n] for p, n in self.exposed_ports],
             "state": self.state,
+            "mappings": [mp.to_dict() for mp in self.mappings],
         }
 
     @classmethod
@@ -226,4 +279,5 @@ class Endpoint:
             port_bindings=tuple(PortBinding.from_dict(b) for b in data.get("port_bindings", [])),
             exposed_ports=tuple((p, int(n)) for p, n in data.get("exposed_ports", [])),
             state=data.get("state", "ready"),
+            mappings=tuple(Mapping.from_dict(mp) for mp in data.get("mappings", [])),
         )

@@ -218,6 +218,18 @@ class Netlink:
                         f"could not remove address {address} from {name}: {_describe(err)}"
                     ) from None
 
+    async def set_hairpin(self, name: str) -> None:
+        """Let the bridge send a frame back out the port it came in on: a container reaching
+        its own published port through a host address comes back on its own port."""
+        link = await self.get_link(name)
+        if link is None:
+            raise HostError(f"interface {name} does not exist")
+        async with self._lock:
+            try:
+                await self.ipr.brport("set", index=link.index, mode=1)
+            except NetlinkError as err:
+                raise HostError(f"could not set hairpin mode on {name}: {_describe(err)}") from None
+
     # -- veths ---------------------------------------------------------------------------------
 
     async def ensure_veth(self, host: str, peer: str, peer_mac: str, mtu: int | None) -> bool:

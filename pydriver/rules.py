@@ -32,28 +32,36 @@ Docker's bridges and pybridge's. A DROP is final wherever it happens.
         -i B -o docker0 -j DROP ; -i B -o br-+ -j DROP                not into Docker's bridges
         (internal networks: -i B ! -o B -j DROP instead of the last two)
 
-NAT: PYBRIDGE-POSTROUTING (from POSTROUTING): -s SUBNET ! -o B -j MASQUERADE.
+NAT, per network that is not internal:
+
+    PYBRIDGE-DNAT (nat; from PREROUTING and OUTPUT for local destinations): published ports
+        [-d HOST_IP] -p PROTO -m PROTO --dport HOST_PORT -j DNAT --to-destination CIP:CPORT
+    PYBRIDGE-POSTROUTING (nat; from POSTROUTING)
+        -s 127.0.0.0/8 -o B -j MASQUERADE                             127.0.0.1:PORT (IPv4)
+        -s SUBNET -o B -m conntrack --ctstate DNAT -j MASQUERADE      hairpin
+        -s SUBNET ! -o B -j MASQUERADE                                egress (unless disabled)
+
+The filter side then also has, per network that is not internal, right after the replies rule:
+        -o B -m conntrack --ctstate DNAT -j ACCEPT                    published ports
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
-from .model import IPNetwork
-
-Family = Literal[4, 6]
+from .model import Family, IPNetwork, Mapping
 
 FORWARD_CHAIN = "PYBRIDGE-FORWARD"
 ISOLATION_CHAIN = "PYBRIDGE-ISOLATION"
 POSTROUTING_CHAIN = "PYBRIDGE-POSTROUTING"
+DNAT_CHAIN = "PYBRIDGE-DNAT"
 
 # table -> chains pybridge owns in it
 OWN_CHAINS: dict[str, tuple[str, ...]] = {
     "filter": (FORWARD_CHAIN,),
     "mangle": (ISOLATION_CHAIN,),
-    "nat": (POSTROUTING_CHAIN,),
+    "nat": (DNAT_CHAIN, POSTROUTING_CHAIN),
 }
 
 
@@ -66,15 +74,24 @@ class Jump:
     target: str
     # Insert after this target's jump when present (Docker's DOCKER-USER), else at the top.
     after_target: str | None = None
+    # Match options, written as iptables-save prints them.
+    match: str = ""
+
+    @property
+    def rule(self) -> str:
+        """The rule without its "-A CHAIN" (for -D and -I)."""
+        return f"{self.match} -j {self.target}".strip()
 
     @property
     def spec(self) -> str:
-        return f"-A {self.chain} -j {self.target}"
+        return f"-A {self.chain} {self.rule}"
 
 
 JUMPS: tuple[Jump, ...] = (
     Jump("filter", "FORWARD", FORWARD_CHAIN, after_target="DOCKER-USER"),
     Jump("mangle", "FORWARD", ISOLATION_CHAIN),
+    Jump("nat", "PREROUTING", DNAT_CHAIN, match="-m addrtype --dst-type LOCAL"),
+    Jump("nat", "OUTPUT", DNAT_CHAIN, match="-m addrtype --dst-type LOCAL"),
     Jump("nat", "POSTROUTING", POSTROUTING_CHAIN),
 )
 
@@ -92,6 +109,7 @@ class NetworkRules:
     internal: bool = False
     icc: bool = True
     masquerade: bool = True
+    mappings: tuple[Mapping, ...] = ()
 
     def subnets(self, family: Family) -> tuple[IPNetwork, ...]:
         return self.subnets_v4 if family == 4 else self.subnets_v6
@@ -106,6 +124,9 @@ def render_chain_rules(networks: Sequence[NetworkRules], family: Family) -> dict
         fwd.append(
             f"-A {FORWARD_CHAIN} -o {b} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
         )
+        if not net.internal:
+            # Published ports (pybridge's DNAT), from anywhere, hairpin included.
+            fwd.append(f"-A {FORWARD_CHAIN} -o {b} -m conntrack --ctstate DNAT -j ACCEPT")
         fwd.append(f"-A {FORWARD_CHAIN} -i {b} -o {b} -j {'ACCEPT' if net.icc else 'DROP'}")
         fwd.append(f"-A {FORWARD_CHAIN} -o {b} -j DROP")
     for net in networks:
@@ -124,13 +145,41 @@ def render_chain_rules(networks: Sequence[NetworkRules], family: Family) -> dict
                 for pattern in DOCKER_BRIDGE_PATTERNS
             ]
 
+    dnat: list[str] = []
     post: list[str] = []
     for net in networks:
-        if net.internal or not net.masquerade:
+        if net.internal:
             continue
+        b = net.bridge
+        mappings = sorted(
+            (m for m in net.mappings if m.family == family),
+            key=lambda m: (m.proto, m.host_port, str(m.host_ip or "")),
+        )
+        dnat += [_dnat_rule(m) for m in mappings]
+        if family == 4:
+            # 127.0.0.1:PORT from the host: DNAT'd in OUTPUT, routed out the bridge
+            # (route_localnet), and given the bridge's address so the container can answer.
+            post.append(f"-A {POSTROUTING_CHAIN} -s 127.0.0.0/8 -o {b} -j MASQUERADE")
         for subnet in net.subnets(family):
-            post.append(f"-A {POSTROUTING_CHAIN} -s {subnet} ! -o {net.bridge} -j MASQUERADE")
-    return {"filter": fwd, "mangle": iso, "nat": post}
+            # Hairpin: a container reaching a published port of its own network through a
+            # host address must see the reply come from that address, not from its neighbour.
+            post.append(
+                f"-A {POSTROUTING_CHAIN} -s {subnet} -o {b} -m conntrack --ctstate DNAT "
+                "-j MASQUERADE"
+            )
+            if net.masquerade:
+                post.append(f"-A {POSTROUTING_CHAIN} -s {subnet} ! -o {b} -j MASQUERADE")
+    return {"filter": fwd, "mangle": iso, "nat": dnat + post}
+
+
+def _dnat_rule(m: Mapping) -> str:
+    dest = ""
+    if m.host_ip is not None:
+        dest = f"-d {m.host_ip}/{32 if m.family == 4 else 128} "
+    return (
+        f"-A {DNAT_CHAIN} {dest}-p {m.proto} -m {m.proto} --dport {m.host_port} "
+        f"-j DNAT --to-destination {m.container_text()}"
+    )
 
 
 def parse_save(save_text: str) -> dict[str, tuple[set[str], list[str]]]:
@@ -166,8 +215,8 @@ def _jump_fixes(jump: Jump, rules: list[str]) -> list[str]:
     if ours == [position - 1]:
         return []
     # Deleting by spec removes the first match each time, so one delete per copy.
-    lines = [f"-D {jump.chain} -j {jump.target}" for _ in ours]
-    lines.append(f"-I {jump.chain} {position} -j {jump.target}")
+    lines = [f"-D {jump.chain} {jump.rule}" for _ in ours]
+    lines.append(f"-I {jump.chain} {position} {jump.rule}")
     return lines
 
 

@@ -188,6 +188,31 @@ class SyncStore:
         return str(row[0]) if row else "no answer"
 
 
+def read_state(state_dir: Path) -> tuple[list[Network], list[Endpoint]]:
+    """Networks and endpoints from a state directory, read-only (safe while pybridge runs)."""
+    path = state_dir / DB_NAME
+    if not path.exists():
+        raise HostError(f"no pybridge state at {path}; is --state-dir right?")
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    except sqlite3.Error as err:
+        raise HostError(f"cannot read the state database {path}: {err}") from None
+    try:
+        networks = [
+            Network.from_dict(json.loads(r[0]))
+            for r in db.execute("SELECT data FROM networks ORDER BY id")
+        ]
+        endpoints = [
+            Endpoint.from_dict(json.loads(r[0]))
+            for r in db.execute("SELECT data FROM endpoints ORDER BY id")
+        ]
+    except sqlite3.Error as err:
+        raise HostError(f"cannot read the state database {path}: {err}") from None
+    finally:
+        db.close()
+    return networks, endpoints
+
+
 class Store:
     """Async facade: runs every SyncStore call on one dedicated thread."""
 

@@ -53,6 +53,11 @@ class Sysctl:
         # router advertisements need accept_ra=2 on the uplink (forwarding disables RA there).
         await self.ensure("net.ipv6.conf.all.forwarding", "1")
 
+    async def enable_route_localnet(self, ifname: str) -> None:
+        path = self.root / "net" / "ipv4" / "conf" / ifname / "route_localnet"
+        if path.exists():
+            await asyncio.to_thread(_ensure, path, "1")
+
     async def disable_accept_ra(self, ifname: str) -> None:
         # Interface names may contain dots, so build the path by parts, not from a dotted key.
         path = self.root / "net" / "ipv6" / "conf" / ifname / "accept_ra"

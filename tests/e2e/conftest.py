@@ -3,6 +3,7 @@ a busybox image built locally, the leak guard and an outside test host."""
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import secrets
@@ -18,14 +19,17 @@ import pytest
 from tests.hostenv import (
     ROOT,
     OutsideHost,
+    firewall_dump,
     leak_guard,
+    link_names,
     outside_host,
     require_root,
     routes,
     run,
 )
 
-IMAGE = "pybridge-test/busybox:latest"
+ECHO_SOURCE = Path(__file__).parent / "image" / "pbtest-echo.c"
+IMAGE = "pybridge-test/busybox:" + hashlib.sha256(ECHO_SOURCE.read_bytes()).hexdigest()[:12]
 SERVICE = ROOT / "scripts" / "pybridge-service.sh"
 SOCKET = "/run/docker/plugins/pybridge.sock"
 DRIVER = "pybridge"
@@ -167,6 +171,8 @@ def free_subnet(third: int) -> str:
 
 
 def build_image() -> None:
+    """busybox (Debian's busybox-static) plus pbtest-echo, imported as IMAGE. The tag carries
+    a hash of what goes in, so a changed helper means a new image."""
     if run(["docker", "image", "inspect", IMAGE], check=False).returncode == 0:
         return
     busybox = shutil.which("busybox")
@@ -180,6 +186,7 @@ def build_image() -> None:
         for applet in applets:
             if applet != "busybox":
                 (root / "bin" / applet).symlink_to("busybox")
+        run(["gcc", "-static", "-O2", "-o", str(root / "bin" / "pbtest-echo"), str(ECHO_SOURCE)])
         (root / "www" / "index.html").write_text("hello from pybridge\n")
         (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
         (root / "etc" / "group").write_text("root:x:0:\n")
@@ -205,6 +212,24 @@ def environment() -> Iterator[None]:
     build_image()
     with leak_guard():
         yield
+    assert_nothing_left_behind()
+
+
+def assert_nothing_left_behind() -> None:
+    """After the whole run: no test container or network, and no pybridge kernel object or rule
+    that no remaining pybridge network accounts for."""
+    containers = docker("ps", "-a", "--filter", "name=pbt", "--format", "{{.Names}}").split()
+    assert containers == [], f"test containers left behind: {containers}"
+    networks = docker("network", "ls", "--filter", "name=pbt", "--format", "{{.Name}}").split()
+    assert networks == [], f"test networks left behind: {networks}"
+    remaining = docker("network", "ls", "--filter", "driver=pybridge", "-q", "--no-trunc").split()
+    bridges = {"pyb-" + network_id[:11] for network_id in remaining}
+    names = link_names()
+    leftover = {n for n in names if n.startswith("pyb-")} - bridges
+    assert leftover == set(), f"bridges left behind: {leftover}"
+    if not remaining:
+        assert not [n for n in names if n.startswith(("pyv", "pyc"))], names
+        assert "PYBRIDGE" not in firewall_dump(), "pybridge rules left behind"
 
 
 @pytest.fixture(scope="session")

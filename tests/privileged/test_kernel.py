@@ -113,6 +113,8 @@ async def test_firewall_apply_is_atomic_idempotent_and_cleans_up(
     assert jumps_present(text) == [
         "-A FORWARD -j PYBRIDGE-FORWARD",
         "-A FORWARD -j PYBRIDGE-ISOLATION",
+        "-A PREROUTING -m addrtype --dst-type LOCAL -j PYBRIDGE-DNAT",
+        "-A OUTPUT -m addrtype --dst-type LOCAL -j PYBRIDGE-DNAT",
         "-A POSTROUTING -j PYBRIDGE-POSTROUTING",
     ]
     forward = [r for r in parse_save(text)["filter"][1] if r.startswith("-A FORWARD")]
@@ -137,6 +139,9 @@ class _Sysctl:
 
     async def ensure_ipv4_forwarding(self) -> None:
         in_ns(self.netns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+
+    async def enable_route_localnet(self, ifname: str) -> None:
+        in_ns(self.netns, "sysctl", "-qw", f"net.ipv4.conf.{ifname}.route_localnet=1")
 
     async def ensure_ipv6_forwarding(self) -> None:
         in_ns(self.netns, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")

@@ -12,7 +12,7 @@ from pydriver.driver import NetworkDriver
 from pydriver.ipamdriver import IpamDriver
 from pydriver.store import Store
 
-from .fakes import FakeFirewall, FakeKernel, FakeSysctl
+from .fakes import FakeFirewall, FakeHostPorts, FakeKernel, FakeSysctl
 
 
 @dataclass
@@ -24,6 +24,7 @@ class Env:
     store: Store
     driver: NetworkDriver
     ipam: IpamDriver
+    host_ports: FakeHostPorts
     _closed: list[Store] = field(default_factory=list)
 
     async def restart(self, kernel: FakeKernel | None = None) -> NetworkDriver:
@@ -33,7 +34,15 @@ class Env:
         if kernel is not None:
             self.kernel = kernel
         self.store = Store(self.state_dir)
-        self.driver = NetworkDriver(self.store, self.kernel, self.firewall, self.sysctl)
+        self.host_ports = FakeHostPorts(busy=self.host_ports.busy)
+        self.driver = NetworkDriver(
+            self.store,
+            self.kernel,
+            self.firewall,
+            self.sysctl,
+            host_ports=self.host_ports,
+            port_holder=self.host_ports.holder,
+        )
         self.ipam = IpamDriver(self.store, self.kernel.routes)
         await self.driver.load()
         await self.ipam.load()
@@ -52,10 +61,13 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     firewall = FakeFirewall()
     sysctl = FakeSysctl()
     store = Store(state_dir)
-    driver = NetworkDriver(store, kernel, firewall, sysctl)
+    host_ports = FakeHostPorts()
+    driver = NetworkDriver(
+        store, kernel, firewall, sysctl, host_ports=host_ports, port_holder=host_ports.holder
+    )
     ipam = IpamDriver(store, kernel.routes)
     await driver.load()
     await ipam.load()
-    environment = Env(state_dir, kernel, firewall, sysctl, store, driver, ipam)
+    environment = Env(state_dir, kernel, firewall, sysctl, store, driver, ipam, host_ports)
     yield environment
     environment.close()

@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydriver.errors import Conflict, DriverError, HostError
+from pydriver.hostports import PortInUse
 from pydriver.ipam import HostRoute
-from pydriver.model import IPInterface
+from pydriver.model import IPInterface, Mapping
 from pydriver.netlink import Link
 from pydriver.protocol import (
     ENABLE_IPV6,
@@ -43,6 +44,7 @@ class FakeLink:
     mtu: int = 1500
     mac: str = ""
     peer: str | None = None  # the other end of a veth pair
+    hairpin: bool = False
 
     def as_link(self, kernel: FakeKernel) -> Link:
         master = kernel.links_by_name.get(self.master) if self.master else None
@@ -186,6 +188,13 @@ class FakeKernel:
         self.add_link(peer, "veth", peer=host, mac=peer_mac, mtu=mtu or 1500)
         return True
 
+    async def set_hairpin(self, name: str) -> None:
+        self._enter("set_hairpin", name)
+        link = self.links_by_name.get(name)
+        if link is None:
+            raise HostError(f"interface {name} does not exist")
+        link.hairpin = True
+
     async def delete_link(self, name: str) -> bool:
         self._enter("delete_link", name)
         link = self.links_by_name.pop(name, None)
@@ -229,6 +238,7 @@ class FakeFirewall:
 class FakeSysctl:
     forwarding: int = 0
     forwarding_v6: int = 0
+    route_localnet: list[str] = field(default_factory=list)
     accept_ra_disabled: list[str] = field(default_factory=list)
 
     async def ensure_ipv4_forwarding(self) -> None:
@@ -237,8 +247,30 @@ class FakeSysctl:
     async def ensure_ipv6_forwarding(self) -> None:
         self.forwarding_v6 += 1
 
+    async def enable_route_localnet(self, ifname: str) -> None:
+        self.route_localnet.append(ifname)
+
     async def disable_accept_ra(self, ifname: str) -> None:
         self.accept_ra_disabled.append(ifname)
+
+
+@dataclass
+class FakeHostPorts:
+    """Host port reservations; ``busy[(proto, port)] = holder`` simulates a host process."""
+
+    held: set[Mapping] = field(default_factory=set)
+    busy: dict[tuple[str, int], str] = field(default_factory=dict)
+
+    def reserve(self, mapping: Mapping) -> None:
+        if (mapping.proto, mapping.host_port) in self.busy:
+            raise PortInUse(f"host port {mapping.host_text()}/{mapping.proto} is already in use")
+        self.held.add(mapping)
+
+    def release(self, mapping: Mapping) -> None:
+        self.held.discard(mapping)
+
+    async def holder(self, proto: str, port: int) -> str | None:
+        return self.busy.get((proto, port))
 
 
 # ---------------------------------------------------------------------------------------------

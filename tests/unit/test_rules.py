@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from pydriver.model import Family, Mapping
 from pydriver.rules import (
+    DNAT_CHAIN,
     FORWARD_CHAIN,
     ISOLATION_CHAIN,
     JUMPS,
     POSTROUTING_CHAIN,
-    Family,
     NetworkRules,
     jumps_present,
     mentions,
@@ -124,6 +125,7 @@ SAVE_WITH_PYBRIDGE = f"""\
 -A DOCKER-ISOLATION-STAGE-2 -j RETURN
 -A DOCKER-USER -j RETURN
 -A {FORWARD_CHAIN} -o {OURS_A} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A {FORWARD_CHAIN} -o {OURS_A} -m conntrack --ctstate DNAT -j ACCEPT
 -A {FORWARD_CHAIN} -i {OURS_A} -o {OURS_A} -j ACCEPT
 -A {FORWARD_CHAIN} -o {OURS_A} -j DROP
 -A {FORWARD_CHAIN} -i {OURS_A} -j ACCEPT
@@ -151,12 +153,17 @@ COMMIT
 :OUTPUT ACCEPT [0:0]
 :POSTROUTING ACCEPT [0:0]
 :DOCKER - [0:0]
+:{DNAT_CHAIN} - [0:0]
 :{POSTROUTING_CHAIN} - [0:0]
+-A PREROUTING -m addrtype --dst-type LOCAL -j {DNAT_CHAIN}
 -A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER
+-A OUTPUT -m addrtype --dst-type LOCAL -j {DNAT_CHAIN}
 -A OUTPUT ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j DOCKER
 -A POSTROUTING -j {POSTROUTING_CHAIN}
 -A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE
 -A DOCKER -i docker0 -j RETURN
+-A {POSTROUTING_CHAIN} -s 127.0.0.0/8 -o {OURS_A} -j MASQUERADE
+-A {POSTROUTING_CHAIN} -s 10.216.0.0/24 -o {OURS_A} -m conntrack --ctstate DNAT -j MASQUERADE
 -A {POSTROUTING_CHAIN} -s 10.216.0.0/24 ! -o {OURS_A} -j MASQUERADE
 COMMIT
 # Completed on Sat Nov 22 23:00:00 2025
@@ -253,7 +260,9 @@ def test_masquerade_disabled() -> None:
     text = render_restore(nets, 4, DOCKER_SAVE_V4)
     check_consistent(nets, 4, text)
     check_golden("masquerade_disabled", text)
-    assert "MASQUERADE" not in text
+    # Only the egress masquerade goes; published-port helpers (loopback, hairpin) stay.
+    assert f"! -o {OURS_A} -j MASQUERADE" not in text
+    assert f"-s 10.216.0.0/24 -o {OURS_A} -m conntrack --ctstate DNAT -j MASQUERADE" in text
 
 
 def test_dual_stack() -> None:
@@ -281,6 +290,7 @@ def test_chain_rules_layout() -> None:
     assert rules == {
         "filter": [
             f"-A PYBRIDGE-FORWARD -o {OURS_A} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+            f"-A PYBRIDGE-FORWARD -o {OURS_A} -m conntrack --ctstate DNAT -j ACCEPT",
             f"-A PYBRIDGE-FORWARD -i {OURS_A} -o {OURS_A} -j ACCEPT",
             f"-A PYBRIDGE-FORWARD -o {OURS_A} -j DROP",
             f"-A PYBRIDGE-FORWARD -i {OURS_A} -j ACCEPT",
@@ -291,7 +301,12 @@ def test_chain_rules_layout() -> None:
             f"-A PYBRIDGE-ISOLATION -i {OURS_A} -o docker0 -j DROP",
             f"-A PYBRIDGE-ISOLATION -i {OURS_A} -o br-+ -j DROP",
         ],
-        "nat": [f"-A PYBRIDGE-POSTROUTING -s 10.216.0.0/24 ! -o {OURS_A} -j MASQUERADE"],
+        "nat": [
+            f"-A PYBRIDGE-POSTROUTING -s 127.0.0.0/8 -o {OURS_A} -j MASQUERADE",
+            f"-A PYBRIDGE-POSTROUTING -s 10.216.0.0/24 -o {OURS_A} -m conntrack --ctstate DNAT "
+            "-j MASQUERADE",
+            f"-A PYBRIDGE-POSTROUTING -s 10.216.0.0/24 ! -o {OURS_A} -j MASQUERADE",
+        ],
     }
 
 
@@ -341,6 +356,8 @@ def test_teardown_with_chains_but_no_jumps() -> None:
         SAVE_WITH_PYBRIDGE.replace(f"-A FORWARD -j {FORWARD_CHAIN}\n", "")
         .replace(f"-A POSTROUTING -j {POSTROUTING_CHAIN}\n", "")
         .replace(f"-A FORWARD -j {ISOLATION_CHAIN}\n", "")
+        .replace(f"-A PREROUTING -m addrtype --dst-type LOCAL -j {DNAT_CHAIN}\n", "")
+        .replace(f"-A OUTPUT -m addrtype --dst-type LOCAL -j {DNAT_CHAIN}\n", "")
     )
     text = render_restore([], 4, save)
     assert "-D " not in text
@@ -383,6 +400,8 @@ def test_jump_follows_docker_user_wherever_it_is() -> None:
     assert jump_lines(text) == [
         f"-I FORWARD 4 -j {FORWARD_CHAIN}",
         f"-I FORWARD 1 -j {ISOLATION_CHAIN}",
+        "-I PREROUTING 1 -m addrtype --dst-type LOCAL -j PYBRIDGE-DNAT",
+        "-I OUTPUT 1 -m addrtype --dst-type LOCAL -j PYBRIDGE-DNAT",
         f"-I POSTROUTING 1 -j {POSTROUTING_CHAIN}",
     ]
 
@@ -409,6 +428,8 @@ COMMIT
     assert jump_lines(text) == [
         f"-I FORWARD 1 -j {FORWARD_CHAIN}",
         f"-I FORWARD 1 -j {ISOLATION_CHAIN}",
+        "-I PREROUTING 1 -m addrtype --dst-type LOCAL -j PYBRIDGE-DNAT",
+        "-I OUTPUT 1 -m addrtype --dst-type LOCAL -j PYBRIDGE-DNAT",
         f"-I POSTROUTING 1 -j {POSTROUTING_CHAIN}",
     ]
     # an empty save (a host that never had a firewall) behaves the same
@@ -423,7 +444,7 @@ def test_duplicate_jumps_are_deleted_and_one_inserted() -> None:
         "-A DOCKER -i docker0 -j RETURN\n",
         f"-A DOCKER -i docker0 -j RETURN\n-A POSTROUTING -j {POSTROUTING_CHAIN}\n",
     )
-    assert len(jumps_present(save)) == 5
+    assert len(jumps_present(save)) == 7
     text = render_restore([NET_A], 4, save)
     check_golden("jump_duplicates", text)
     # once both copies are gone, DOCKER-USER is rule 1 again, so ours goes to position 2
@@ -453,7 +474,7 @@ def test_jump_below_dockers_accept_rules_is_moved_back_up() -> None:
         "-A FORWARD -i docker0 -o docker0 -j ACCEPT\n",
         f"-A FORWARD -i docker0 -o docker0 -j ACCEPT\n-A FORWARD -j {FORWARD_CHAIN}\n",
     )
-    assert len(jumps_present(save)) == 3
+    assert len(jumps_present(save)) == 5
     text = render_restore([NET_A], 4, save)
     assert jump_lines(text) == [
         f"-D FORWARD -j {FORWARD_CHAIN}",
@@ -476,9 +497,11 @@ def test_pybridge_rules_in() -> None:
 
 def test_mentions() -> None:
     lines = mentions(SAVE_WITH_PYBRIDGE, [OURS_A])
-    assert len(lines) == 8
+    assert len(lines) == 11
     assert mentions(SAVE_WITH_PYBRIDGE, ["10.216.0.0/24"]) == [
-        f"-A {POSTROUTING_CHAIN} -s 10.216.0.0/24 ! -o {OURS_A} -j MASQUERADE"
+        f"-A {POSTROUTING_CHAIN} -s 10.216.0.0/24 -o {OURS_A} -m conntrack --ctstate DNAT "
+        "-j MASQUERADE",
+        f"-A {POSTROUTING_CHAIN} -s 10.216.0.0/24 ! -o {OURS_A} -j MASQUERADE",
     ]
     # whole words only
     assert mentions(SAVE_WITH_PYBRIDGE, ["pyb-7503"]) == []
@@ -501,3 +524,68 @@ def test_chains_of_an_older_version_are_removed() -> None:
     assert filter_part.index(":PYBRIDGE-OLD - [0:0]") < filter_part.index("-X PYBRIDGE-OLD")
     teardown = render_restore([], 4, save)
     assert "-X PYBRIDGE-OLD" in teardown and f"-X {FORWARD_CHAIN}" in teardown
+
+
+# ---------------------------------------------------------------------------------------------
+# Published ports
+# ---------------------------------------------------------------------------------------------
+
+
+def mapping(proto: str, host_ip: str | None, host_port: int, cip: str, cport: int) -> Mapping:
+    return Mapping(
+        proto,  # type: ignore[arg-type]
+        ipaddress.ip_address(host_ip) if host_ip else None,
+        host_port,
+        ipaddress.ip_address(cip),
+        cport,
+    )
+
+
+PORTS_NET = NetworkRules(
+    bridge=OURS_A,
+    subnets_v4=(ipaddress.ip_network("10.216.0.0/24"),),
+    subnets_v6=(ipaddress.ip_network("fd00:216::/64"),),
+    mappings=(
+        mapping("udp", "192.0.2.2", 5353, "10.216.0.2", 53),
+        mapping("tcp", None, 8080, "10.216.0.2", 80),
+        mapping("sctp", None, 9000, "10.216.0.3", 9000),
+        mapping("tcp", None, 8080, "fd00:216::2", 80),
+        mapping("tcp", "2001:db8::1", 8443, "fd00:216::2", 443),
+    ),
+)
+
+
+def test_published_ports_v4() -> None:
+    text = render_restore([PORTS_NET], 4, DOCKER_SAVE_V4)
+    check_golden("ports.v4", text)
+    dnat = render_chain_rules([PORTS_NET], 4)["nat"]
+    assert dnat[:3] == [
+        "-A PYBRIDGE-DNAT -p sctp -m sctp --dport 9000 -j DNAT --to-destination 10.216.0.3:9000",
+        "-A PYBRIDGE-DNAT -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.216.0.2:80",
+        "-A PYBRIDGE-DNAT -d 192.0.2.2/32 -p udp -m udp --dport 5353 "
+        "-j DNAT --to-destination 10.216.0.2:53",
+    ]
+
+
+def test_published_ports_v6() -> None:
+    text = render_restore([PORTS_NET], 6, DOCKER_SAVE_V6)
+    check_golden("ports.v6", text)
+    dnat = [r for r in render_chain_rules([PORTS_NET], 6)["nat"] if DNAT_CHAIN + " " in r]
+    assert dnat == [
+        "-A PYBRIDGE-DNAT -p tcp -m tcp --dport 8080 -j DNAT --to-destination [fd00:216::2]:80",
+        "-A PYBRIDGE-DNAT -d 2001:db8::1/128 -p tcp -m tcp --dport 8443 "
+        "-j DNAT --to-destination [fd00:216::2]:443",
+    ]
+    assert "127.0.0.0/8" not in text  # loopback publishing is IPv4 only
+
+
+def test_internal_networks_publish_nothing() -> None:
+    internal = NetworkRules(
+        bridge=OURS_A,
+        subnets_v4=(ipaddress.ip_network("10.216.0.0/24"),),
+        internal=True,
+        mappings=(mapping("tcp", None, 8080, "10.216.0.2", 80),),
+    )
+    rules = render_chain_rules([internal], 4)
+    assert rules["nat"] == []
+    assert not any("DNAT -j ACCEPT" in r for r in rules["filter"])

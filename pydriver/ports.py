@@ -1,0 +1,107 @@
+"""Port publishing decisions (pure): from Docker's port bindings to concrete host mappings.
+
+Docker sends one binding per container port (a `-p 8000-8010:80-90` range arrives already
+expanded); a binding may ask for one host port, a host port range to choose from
+(`-p 8000-8010:80`), or any port (`-p 80`, `-P`: HostPort 0). pybridge publishes with DNAT
+rules alone, so it must also pick ephemeral ports and refuse conflicts itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from .errors import InvalidRequest
+from .model import IPAddress, Mapping, PortBinding
+
+__all__ = ["DEFAULT_EPHEMERAL_RANGE", "Mapping", "PortRequest", "find_conflict", "overlaps", "plan"]
+DEFAULT_EPHEMERAL_RANGE = (32768, 60999)
+
+
+def overlaps(a: Mapping, b: Mapping) -> bool:
+    """Whether two mappings claim the same host port (same protocol, family and address, or a
+    wildcard on either side)."""
+    return (
+        a.proto == b.proto
+        and a.family == b.family
+        and a.host_port == b.host_port
+        and (a.host_ip is None or b.host_ip is None or a.host_ip == b.host_ip)
+    )
+
+
+@dataclass(frozen=True)
+class PortRequest:
+    """One binding, resolved to its targets; the host port is still to be chosen."""
+
+    binding: PortBinding
+    # (host address or None, container address) per family the binding covers
+    targets: tuple[tuple[IPAddress | None, IPAddress], ...]
+
+    @property
+    def ephemeral(self) -> bool:
+        return self.binding.host_port == 0
+
+    def candidates(self, ephemeral_range: tuple[int, int], start: int) -> Iterator[int]:
+        """Host ports to try, in order. Ephemeral ports start after ``start`` and wrap."""
+        if not self.ephemeral:
+            yield from range(self.binding.host_port, self.binding.host_port_end + 1)
+            return
+        low, high = ephemeral_range
+        size = high - low + 1
+        offset = (start - low + 1) % size if low <= start <= high else 0
+        for step in range(size):
+            yield low + (offset + step) % size
+
+    def mappings(self, host_port: int) -> list[Mapping]:
+        return [
+            Mapping(self.binding.proto, host_ip, host_port, container_ip, self.binding.port)
+            for host_ip, container_ip in self.targets
+        ]
+
+
+def _unspecified(address: IPAddress | None) -> bool:
+    return address is None or address.is_unspecified
+
+
+def plan(
+    bindings: Sequence[PortBinding],
+    container_v4: IPAddress | None,
+    container_v6: IPAddress | None,
+    default_host_ip: IPAddress | None = None,
+) -> list[PortRequest]:
+    """Resolve which host address family each binding publishes on.
+
+    No host address: every IPv4 address (or the network's host_binding_ipv4) and, when the
+    container has an IPv6 address, every IPv6 address. A host address: that family only.
+    """
+    requests = []
+    for binding in bindings:
+        host_ip = binding.host_ip if binding.host_ip is not None else default_host_ip
+        targets: list[tuple[IPAddress | None, IPAddress]] = []
+        if host_ip is None or _unspecified(host_ip):
+            wanted = {4, 6} if host_ip is None else {host_ip.version}
+            if 4 in wanted and container_v4 is not None:
+                targets.append((None, container_v4))
+            if 6 in wanted and container_v6 is not None:
+                targets.append((None, container_v6))
+        elif host_ip.version == 4 and container_v4 is not None:
+            targets.append((host_ip, container_v4))
+        elif host_ip.version == 6 and container_v6 is not None:
+            targets.append((host_ip, container_v6))
+        if not targets:
+            family = "IPv6" if host_ip is not None and host_ip.version == 6 else "IPv4"
+            raise InvalidRequest(
+                f"cannot publish {binding.proto} port {binding.port} on "
+                f"{host_ip or 'this host'}: the container has no {family} address on this network"
+            )
+        requests.append(PortRequest(binding, tuple(targets)))
+    return requests
+
+
+def find_conflict(candidate: Iterable[Mapping], taken: Iterable[Mapping]) -> Mapping | None:
+    taken_list = list(taken)
+    for mine in candidate:
+        for other in taken_list:
+            if overlaps(mine, other):
+                return other
+    return None

@@ -1,0 +1,270 @@
+"""Port publishing: the pure planning in ports.py and the driver's Program/Revoke, over fakes."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import pytest
+
+from pydriver import protocol as p
+from pydriver.errors import Conflict, InvalidRequest
+from pydriver.model import Mapping, PortBinding
+from pydriver.ports import PortRequest, find_conflict, overlaps, plan
+
+from .conftest import Env
+from .fakes import create_endpoint_body, create_network_body, hexid, join_body
+
+NET = hexid("ports-net")
+NET2 = hexid("ports-net-2")
+EP1, EP2, EP3 = hexid("ports-ep-1"), hexid("ports-ep-2"), hexid("ports-ep-3")
+V4 = ipaddress.ip_address("10.50.0.2")
+V6 = ipaddress.ip_address("fd00:50::2")
+
+
+def binding(
+    port: int, host_port: int = 0, end: int = 0, proto: str = "tcp", host_ip: str | None = None
+) -> PortBinding:
+    return PortBinding(
+        proto=proto,  # type: ignore[arg-type]
+        port=port,
+        host_ip=ipaddress.ip_address(host_ip) if host_ip else None,
+        host_port=host_port,
+        host_port_end=end or host_port,
+    )
+
+
+# -- pure -------------------------------------------------------------------------------------
+
+
+def test_plan_wildcard_covers_each_family_the_container_has() -> None:
+    [req] = plan([binding(80, 8080)], V4, V6)
+    assert req.targets == ((None, V4), (None, V6))
+    [req] = plan([binding(80, 8080)], V4, None)
+    assert req.targets == ((None, V4),)
+
+
+def test_plan_host_ip_and_default_binding() -> None:
+    [req] = plan([binding(80, 8080, host_ip="192.0.2.2")], V4, V6)
+    assert req.targets == ((ipaddress.ip_address("192.0.2.2"), V4),)
+    [req] = plan([binding(80, 8080)], V4, V6, ipaddress.ip_address("192.0.2.9"))
+    assert req.targets == ((ipaddress.ip_address("192.0.2.9"), V4),)
+    [req] = plan([binding(80, 8080, host_ip="0.0.0.0")], V4, V6)
+    assert req.targets == ((None, V4),)
+    with pytest.raises(InvalidRequest, match="no IPv6 address"):
+        plan([binding(80, 8080, host_ip="2001:db8::1")], V4, None)
+
+
+def test_candidates() -> None:
+    fixed = PortRequest(binding(80, 8000, 8003), ((None, V4),))
+    assert list(fixed.candidates((40000, 40010), 0)) == [8000, 8001, 8002, 8003]
+    ephemeral = PortRequest(binding(80), ((None, V4),))
+    assert list(ephemeral.candidates((40000, 40003), 0)) == [40000, 40001, 40002, 40003]
+    assert list(ephemeral.candidates((40000, 40003), 40001)) == [40002, 40003, 40000, 40001]
+
+
+def test_overlaps() -> None:
+    a = Mapping("tcp", None, 8080, V4, 80)
+    assert overlaps(a, Mapping("tcp", ipaddress.ip_address("192.0.2.2"), 8080, V4, 81))
+    assert not overlaps(a, Mapping("udp", None, 8080, V4, 80))
+    assert not overlaps(a, Mapping("tcp", None, 8080, V6, 80))  # other family
+    assert not overlaps(
+        Mapping("tcp", ipaddress.ip_address("192.0.2.2"), 8080, V4, 80),
+        Mapping("tcp", ipaddress.ip_address("192.0.2.3"), 8080, V4, 80),
+    )
+    assert find_conflict([a], [Mapping("tcp", None, 9090, V4, 80)]) is None
+
+
+def test_mapping_round_trip_and_text() -> None:
+    m = Mapping("tcp", ipaddress.ip_address("2001:db8::1"), 8443, V6, 443)
+    assert Mapping.from_dict(m.to_dict()) == m
+    assert m.describe() == "[2001:db8::1]:8443/tcp -> [fd00:50::2]:443"
+    assert Mapping("udp", None, 53, V4, 53).describe() == "0.0.0.0:53/udp -> 10.50.0.2:53"
+
+
+# -- driver -----------------------------------------------------------------------------------
+
+
+def portmap(*entries: dict[str, Any]) -> dict[str, Any]:
+    return {"com.docker.network.portmap": list(entries)}
+
+
+def entry(
+    port: int, host_port: int = 0, end: int = 0, proto: int = 6, host_ip: str = ""
+) -> dict[str, Any]:
+    return {
+        "Proto": proto,
+        "IP": "",
+        "Port": port,
+        "HostIP": host_ip,
+        "HostPort": host_port,
+        "HostPortEnd": end or host_port,
+    }
+
+
+async def start(env: Env, network: str, endpoint: str, address: str, **kw: Any) -> None:
+    await env.driver.create_endpoint(
+        p.parse_create_endpoint(create_endpoint_body(network, endpoint, address, **kw))
+    )
+    await env.driver.join(p.parse_join(join_body(network, endpoint)))
+
+
+async def program(env: Env, network: str, endpoint: str, *entries: dict[str, Any]) -> None:
+    body = {"NetworkID": network, "EndpointID": endpoint, "Options": portmap(*entries)}
+    await env.driver.program_external_connectivity(p.parse_program_external(body))
+
+
+async def revoke(env: Env, network: str, endpoint: str) -> None:
+    await env.driver.revoke_external_connectivity(
+        p.parse_endpoint_ref({"NetworkID": network, "EndpointID": endpoint})
+    )
+
+
+@pytest.fixture
+async def net(env: Env) -> Env:
+    await env.driver.create_network(p.parse_create_network(create_network_body(NET)))
+    await start(env, NET, EP1, "10.50.0.2/24")
+    await start(env, NET, EP2, "10.50.0.3/24")
+    return env
+
+
+def published(env: Env, endpoint: str) -> list[str]:
+    return [m.describe() for m in env.driver.endpoints[endpoint].mappings]
+
+
+async def test_publish_and_revoke(net: Env) -> None:
+    env = net
+    await program(env, NET, EP1, entry(80, 8080), entry(53, 5353, proto=17))
+    assert published(env, EP1) == [
+        "0.0.0.0:8080/tcp -> 10.50.0.2:80",
+        "0.0.0.0:5353/udp -> 10.50.0.2:53",
+    ]
+    assert len(env.host_ports.held) == 2
+    assert {m.host_port for m in env.firewall.last[0].mappings} == {8080, 5353}
+    stored = {e.id: e for e in await env.store.load_endpoints()}
+    assert stored[EP1].mappings == env.driver.endpoints[EP1].mappings
+    await revoke(env, NET, EP1)
+    assert published(env, EP1) == []
+    assert env.host_ports.held == set()
+    assert env.firewall.last[0].mappings == ()
+
+
+async def test_repeated_program_replaces_and_never_duplicates(net: Env) -> None:
+    env = net
+    await program(env, NET, EP1, entry(80, 8080))
+    await program(env, NET, EP1, entry(80, 8080))  # Docker 29: again, no revoke between
+    assert published(env, EP1) == ["0.0.0.0:8080/tcp -> 10.50.0.2:80"]
+    await program(env, NET, EP1, entry(80, 9090))
+    assert published(env, EP1) == ["0.0.0.0:9090/tcp -> 10.50.0.2:80"]
+    assert {m.host_port for m in env.host_ports.held} == {9090}
+
+
+async def test_ephemeral_ports_never_collide(net: Env) -> None:
+    env = net
+    env.driver.ephemeral_range = (40000, 40003)
+    env.host_ports.busy[("tcp", 40001)] = "nginx (pid 7)"
+    await program(env, NET, EP1, entry(80), entry(81))
+    await program(env, NET, EP2, entry(80))
+    ports = [m.host_port for e in (EP1, EP2) for m in env.driver.endpoints[e].mappings]
+    assert sorted(ports) == [40000, 40002, 40003]
+    await start(env, NET, EP3, "10.50.0.4/24")
+    with pytest.raises(Conflict, match="no free host port is left in the ephemeral range"):
+        await program(env, NET, EP3, entry(80))
+    assert published(env, EP3) == []
+
+
+async def test_host_port_range_picks_a_free_one(net: Env) -> None:
+    env = net
+    await program(env, NET, EP1, entry(80, 8000))
+    await program(env, NET, EP2, entry(80, 8000, 8002))
+    assert published(env, EP2) == ["0.0.0.0:8001/tcp -> 10.50.0.3:80"]
+
+
+async def test_port_taken_by_another_endpoint_is_refused_by_name(net: Env) -> None:
+    env = net
+    await program(env, NET, EP1, entry(80, 8080))
+    with pytest.raises(Conflict) as err:
+        await program(env, NET, EP2, entry(80, 8080, host_ip="192.0.2.2"))
+    assert str(err.value) == (
+        f"host port 0.0.0.0:8080/tcp is already published by pybridge for endpoint "
+        f"{EP1[:12]} on network {NET[:12]}"
+    )
+    assert published(env, EP2) == []
+
+
+async def test_port_held_by_a_host_process_is_refused_by_name(net: Env) -> None:
+    env = net
+    env.host_ports.busy[("tcp", 8080)] = "python3 (pid 42)"
+    with pytest.raises(Conflict) as err:
+        await program(env, NET, EP1, entry(80, 8080), entry(81, 8081))
+    assert str(err.value) == "host port 0.0.0.0:8080/tcp is already in use by python3 (pid 42)"
+    assert env.host_ports.held == set()  # nothing half-published
+    assert published(env, EP1) == []
+
+
+async def test_failed_republish_keeps_the_old_ports(net: Env) -> None:
+    env = net
+    await program(env, NET, EP1, entry(80, 8080))
+    env.host_ports.busy[("tcp", 9090)] = "other"
+    with pytest.raises(Conflict):
+        await program(env, NET, EP1, entry(80, 9090))
+    assert published(env, EP1) == ["0.0.0.0:8080/tcp -> 10.50.0.2:80"]
+    assert {m.host_port for m in env.host_ports.held} == {8080}
+
+
+async def test_host_binding_ipv4_option_is_the_default_address(env: Env) -> None:
+    body = create_network_body(
+        NET2,
+        "10.60.0.0/24",
+        "10.60.0.1/24",
+        generic={"com.docker.network.bridge.host_binding_ipv4": "192.0.2.2"},
+    )
+    await env.driver.create_network(p.parse_create_network(body))
+    await start(env, NET2, EP1, "10.60.0.2/24")
+    await program(env, NET2, EP1, entry(80, 8080))
+    assert published(env, EP1) == ["192.0.2.2:8080/tcp -> 10.60.0.2:80"]
+
+
+async def test_ports_from_create_endpoint_are_used_when_program_has_none(env: Env) -> None:
+    await env.driver.create_network(p.parse_create_network(create_network_body(NET)))
+    await start(env, NET, EP1, "10.50.0.2/24", ports=True)  # portmap 18100 -> 80
+    body = {"NetworkID": NET, "EndpointID": EP1}
+    await env.driver.program_external_connectivity(p.parse_program_external(body))
+    assert published(env, EP1) == ["0.0.0.0:18100/tcp -> 10.50.0.2:80"]
+
+
+async def test_delete_endpoint_without_revoke_unpublishes(net: Env) -> None:
+    env = net
+    await program(env, NET, EP1, entry(80, 8080))
+    await env.driver.delete_endpoint(p.parse_endpoint_ref({"NetworkID": NET, "EndpointID": EP1}))
+    assert env.host_ports.held == set()
+    assert all(not n.mappings for n in env.firewall.last)
+
+
+async def test_internal_network_publishes_nothing(env: Env) -> None:
+    body = create_network_body(NET2, "10.60.0.0/24", "10.60.0.1/24", internal=True)
+    await env.driver.create_network(p.parse_create_network(body))
+    await start(env, NET2, EP1, "10.60.0.2/24")
+    await program(env, NET2, EP1, entry(80, 8080))
+    assert published(env, EP1) == []
+
+
+async def test_restart_keeps_and_re_reserves_mappings(net: Env) -> None:
+    env = net
+    await program(env, NET, EP1, entry(80, 8080))
+    driver = await env.restart()
+    assert env.host_ports.held == set()
+    await driver.reconcile()
+    assert {m.host_port for m in env.host_ports.held} == {8080}
+    assert {m.host_port for m in env.firewall.last[0].mappings} == {8080}
+
+
+async def test_restart_reports_a_port_taken_while_down(net: Env) -> None:
+    env = net
+    await program(env, NET, EP1, entry(80, 8080))
+    env.host_ports.busy[("tcp", 8080)] = "nc (pid 9)"
+    driver = await env.restart()
+    repairs = await driver.reconcile()
+    assert any("8080" in r and "nc (pid 9)" in r for r in repairs), repairs
+    # The container keeps its DNAT rule.
+    assert {m.host_port for m in env.firewall.last[0].mappings} == {8080}
