@@ -23,12 +23,14 @@ from .errors import DriverError
 from .firewall import Firewall, detect_backend
 from .hostports import HostPorts
 from .ipamdriver import IpamDriver
+from .metrics import Metrics
 from .netlink import Netlink
 from .ports import DEFAULT_EPHEMERAL_RANGE
 from .report import Names, docker_names, format_table, port_rows
-from .server import Api, make_app
+from .server import Api, make_app, make_metrics_app
 from .store import Store, read_state
 from .sysctl import Sysctl
+from .upkeep import Intervals, Upkeep
 
 log = logging.getLogger("pydriver")
 
@@ -71,6 +73,25 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "nft", "legacy"],
         help="iptables flavour to write rules with (env PYDRIVER_FIREWALL_BACKEND; "
         "default auto = the one Docker uses)",
+    )
+    serve.add_argument(
+        "--metrics-address",
+        default=_env("PYDRIVER_METRICS_ADDRESS", ""),
+        help="serve Prometheus metrics at HOST:PORT (e.g. 127.0.0.1:9327) or a Unix socket "
+        "path (env PYDRIVER_METRICS_ADDRESS; default off)",
+    )
+    serve.add_argument(
+        "--heal-interval",
+        type=float,
+        default=float(_env("PYDRIVER_HEAL_INTERVAL", "2")),
+        help="seconds between firewall checks; 0 turns self-healing off (default 2)",
+    )
+    serve.add_argument(
+        "--gc-interval",
+        type=float,
+        default=float(_env("PYDRIVER_GC_INTERVAL", "10")),
+        help="seconds between scans for endpoints of vanished containers; 0 turns it off "
+        "(default 10)",
     )
     ports = sub.add_parser(
         "ports", help="list the ports pybridge publishes (docker ps cannot show them)"
@@ -168,6 +189,8 @@ async def serve(args: argparse.Namespace) -> int:
     await driver.load()
     await ipam.load()
     repairs = await driver.reconcile()
+    metrics = Metrics()
+    metrics.count_repairs("startup", len(repairs))
     log.info(
         "state loaded: %d network(s), %d endpoint(s), %d pool(s); %d repair(s)",
         len(driver.networks),
@@ -177,13 +200,16 @@ async def serve(args: argparse.Namespace) -> int:
     )
 
     runner = web.AppRunner(
-        make_app(Api(driver, ipam)), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT
+        make_app(Api(driver, ipam), metrics), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT
     )
     await runner.setup()
     site = web.UnixSite(runner, args.socket)
     await site.start()
     os.chmod(args.socket, 0o600)
     log.info("listening on %s", args.socket)
+    metrics_runner = await start_metrics(args.metrics_address, metrics, driver, ipam)
+    upkeep = Upkeep(driver, ipam, metrics, Intervals(heal=args.heal_interval, gc=args.gc_interval))
+    upkeep.start()
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -192,7 +218,10 @@ async def serve(args: argparse.Namespace) -> int:
     await stop.wait()
     log.info("shutting down: finishing requests in flight, leaving the data plane up")
     # Stop accepting first, let in-flight requests finish, then drop the socket file.
+    await upkeep.stop()
     await runner.cleanup()
+    if metrics_runner is not None:
+        await metrics_runner.cleanup()
     with contextlib.suppress(FileNotFoundError):
         os.unlink(args.socket)
     await netlink.close()
@@ -200,6 +229,36 @@ async def serve(args: argparse.Namespace) -> int:
     store.close()
     log.info("stopped")
     return 0
+
+
+async def start_metrics(
+    address: str, metrics: Metrics, driver: NetworkDriver, ipam: IpamDriver
+) -> web.AppRunner | None:
+    """Serve /metrics on HOST:PORT or on a Unix socket path, if asked to."""
+    if not address:
+        return None
+
+    def gauges() -> dict[str, float]:
+        return {
+            "networks": len(driver.networks),
+            "endpoints": len(driver.endpoints),
+            "published_ports": sum(len(e.mappings) for e in driver.endpoints.values()),
+            "ipam_pools": len(ipam.pools),
+        }
+
+    runner = web.AppRunner(make_metrics_app(metrics, gauges), access_log=None)
+    await runner.setup()
+    site: web.BaseSite
+    if address.startswith("/"):
+        site = web.UnixSite(runner, address)
+    else:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise DriverError(f"--metrics-address {address!r} is not HOST:PORT or a socket path")
+        site = web.TCPSite(runner, host.strip("[]"), int(port))
+    await site.start()
+    log.info("metrics on %s/metrics", address)
+    return runner
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,13 +15,17 @@ below, so its logic runs in unit tests with fakes. Rules it keeps:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
+import os
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from . import faults
 from .errors import Conflict, DriverError, InvalidRequest, NotFound
 from .hostports import HostPorts, PortInUse, port_holder
 from .ipam import HostRoute, describe_route
@@ -80,6 +84,7 @@ class Kernel(Protocol):
 
 class FirewallPort(Protocol):
     async def apply(self, networks: Sequence[NetworkRules]) -> None: ...
+    async def drift(self, networks: Sequence[NetworkRules]) -> list[str]: ...
 
 
 class HostPortsPort(Protocol):
@@ -104,6 +109,12 @@ class JoinResult:
     gateway: Any
     gateway_v6: Any
     internal: bool
+
+
+def _sandbox_gone(path: str) -> bool:
+    """True only when the sandbox's directory is visible and the sandbox itself is not (inside
+    a managed plugin the host's netns directory may not be mounted at all: then we cannot tell)."""
+    return os.path.isdir(os.path.dirname(path)) and not os.path.exists(path)
 
 
 def short(identifier: str) -> str:
@@ -183,14 +194,16 @@ class NetworkDriver:
             found.setdefault(endpoint.network_id, []).extend(endpoint.mappings)
         return found
 
-    async def _apply_firewall(self) -> None:
+    def firewall_views(self) -> list[NetworkRules]:
         mappings = self._mappings_by_network()
-        active = [
+        return [
             firewall_view(n, mappings.get(n.id, ()))
             for n in self.networks.values()
             if n.state != "deleting"
         ]
-        await self.firewall.apply(active)
+
+    async def _apply_firewall(self) -> None:
+        await self.firewall.apply(self.firewall_views())
 
     # -- networks ------------------------------------------------------------------------------
 
@@ -242,9 +255,12 @@ class NetworkDriver:
             )
             await self.store.put_network(network)
             self.networks[network.id] = network
+            await faults.point("network.create.recorded")
             try:
                 await self._ensure_network_datapath(network)
+                await faults.point("network.create.bridge")
                 await self._apply_firewall()
+                await faults.point("network.create.firewall")
                 await self._ensure_forwarding(network)
             except BaseException:
                 log.warning("creating network %s failed; rolling back", short(network.id))
@@ -253,6 +269,7 @@ class NetworkDriver:
             ready = network.with_changes(state="ready")
             await self.store.put_network(ready)
             self.networks[network.id] = ready
+            await faults.point("network.create.ready")
         log.info("network %s ready on bridge %s", short(network.id), name)
 
     async def _check_subnets(
@@ -310,6 +327,7 @@ class NetworkDriver:
         deleting = network.with_changes(state="deleting")
         await self.store.put_network(deleting)
         self.networks[network.id] = deleting
+        await faults.point("network.delete.recorded")
 
         async def remove_bridge() -> None:
             if network.bridge_owned:
@@ -323,7 +341,12 @@ class NetworkDriver:
         steps: list[Callable[[], Awaitable[None]]] = [
             functools.partial(self._remove_endpoint, e) for e in self._endpoints_of(network.id)
         ]
-        steps += [self._apply_firewall, remove_bridge]
+        steps += [
+            self._apply_firewall,
+            functools.partial(faults.point, "network.delete.firewall"),
+            remove_bridge,
+            functools.partial(faults.point, "network.delete.bridge"),
+        ]
         for step in steps:
             try:
                 await step()
@@ -374,6 +397,7 @@ class NetworkDriver:
                 port_bindings=req.ports.bindings,
                 exposed_ports=req.ports.exposed,
                 state="creating",
+                created_at=time.time(),
             )
             if existing is not None and existing.state == "ready":
                 log.info("endpoint %s already exists; replay acknowledged", short(endpoint.id))
@@ -384,14 +408,17 @@ class NetworkDriver:
                 )
             await self.store.put_endpoint(endpoint)
             self.endpoints[endpoint.id] = endpoint
+            await faults.point("endpoint.create.recorded")
             try:
                 await self._ensure_endpoint_datapath(network, endpoint, fresh=True)
+                await faults.point("endpoint.create.veth")
             except BaseException:
                 await self._remove_endpoint(endpoint)
                 raise
             ready = endpoint.with_changes(state="ready")
             await self.store.put_endpoint(ready)
             self.endpoints[endpoint.id] = ready
+            await faults.point("endpoint.create.ready")
         return ready.mac_address if ready.mac_generated else None
 
     def _check_endpoint_addresses(self, network: Network, req: CreateEndpointRequest) -> None:
@@ -429,6 +456,7 @@ class NetworkDriver:
         # Forget first: if we crash after this, reconcile removes the veth as an orphan.
         await self.store.delete_endpoint(endpoint.id)
         self.endpoints.pop(endpoint.id, None)
+        await faults.point("endpoint.delete.forgotten")
         for mapping in endpoint.mappings:
             self.host_ports.release(mapping)
         # Deleting the host end removes the pair wherever the other end is.
@@ -485,6 +513,7 @@ class NetworkDriver:
             if joined != endpoint:
                 await self.store.put_endpoint(joined)
                 self.endpoints[joined.id] = joined
+            await faults.point("join.recorded")
         return JoinResult(
             src_name=endpoint.container_veth,
             dst_prefix=network.options.container_iface_prefix,
@@ -547,8 +576,10 @@ class NetworkDriver:
             published = endpoint.with_changes(port_bindings=bindings, mappings=tuple(chosen))
             await self.store.put_endpoint(published)
             self.endpoints[endpoint.id] = published
+            await faults.point("ports.publish.recorded")
             try:
                 await self._apply_firewall()
+                await faults.point("ports.publish.firewall")
             except BaseException:
                 await self.store.put_endpoint(endpoint)
                 self.endpoints[endpoint.id] = endpoint
@@ -621,10 +652,68 @@ class NetworkDriver:
                 revoked = endpoint.with_changes(mappings=())
                 await self.store.put_endpoint(revoked)
                 self.endpoints[endpoint.id] = revoked
+                await faults.point("ports.revoke.recorded")
                 for mapping in endpoint.mappings:
                     self.host_ports.release(mapping)
                 await self._apply_firewall()
             log.info("endpoint %s no longer publishes ports", short(endpoint.id))
+
+    # -- background upkeep ------------------------------------------------------------------
+
+    async def heal_firewall(self, confirm_delay: float = 0.5) -> list[str]:
+        """Restore pybridge's rules and jumps if something removed or reordered them (a
+        firewall reload, `iptables -F`, dockerd rebuilding its chains). Touches nothing else.
+
+        A difference must still be there after ``confirm_delay``, so a change that is being
+        applied right now is not mistaken for damage."""
+        problems = await self.firewall.drift(self.firewall_views())
+        if not problems:
+            return []
+        await asyncio.sleep(confirm_delay)
+        async with self._locks.hold(NETWORKS_LOCK):
+            problems = await self.firewall.drift(self.firewall_views())
+            if problems:
+                for problem in problems:
+                    log.warning("firewall: %s; restoring pybridge's rules", problem)
+                await self._apply_firewall()
+        return problems
+
+    async def collect_garbage(
+        self, suspects: set[str], now: float, unjoined_grace: float = 600.0
+    ) -> tuple[set[str], list[Endpoint]]:
+        """Remove endpoints whose container is gone without Docker telling pybridge (a dockerd
+        crash, or a restart while pybridge was down). Never asks Docker: an endpoint is gone
+        when its sandbox (the SandboxKey netns file) no longer exists, or when it was never
+        joined long after it was made. Only what two scans in a row (``suspects`` from the
+        last one) agree on is removed. Returns the new suspects and the removed endpoints."""
+        found: set[str] = set()
+        for endpoint in list(self.endpoints.values()):
+            if endpoint.state != "ready":
+                continue
+            if endpoint.sandbox_key:
+                if await asyncio.to_thread(_sandbox_gone, endpoint.sandbox_key):
+                    found.add(endpoint.id)
+            elif now - endpoint.created_at > unjoined_grace:
+                found.add(endpoint.id)
+        removed: list[Endpoint] = []
+        for endpoint_id in sorted(found & suspects):
+            seen = self.endpoints.get(endpoint_id)
+            if seen is None:
+                continue
+            async with self._locks.hold(seen.network_id):
+                if self.endpoints.get(endpoint_id) != seen:
+                    continue  # changed meanwhile (joined, say): leave it for the next scan
+                log.warning(
+                    "endpoint %s on network %s: its container is gone (sandbox %s); removing it",
+                    short(seen.id),
+                    short(seen.network_id),
+                    seen.sandbox_key or "never joined",
+                )
+                await self._remove_endpoint(seen)
+                if seen.mappings:
+                    await self._apply_firewall()
+                removed.append(seen)
+        return found - {e.id for e in removed}, removed
 
     # -- start-up ------------------------------------------------------------------------------
 

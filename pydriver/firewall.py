@@ -22,7 +22,7 @@ from typing import Literal
 from .errors import HostError
 from .model import Family
 from .process import run
-from .rules import NetworkRules, render_restore
+from .rules import NetworkRules, drift, render_restore
 
 log = logging.getLogger(__name__)
 
@@ -125,3 +125,12 @@ class Firewall:
                 if result.returncode != 0:
                     log.error("%s failed on input:\n%s", restore, text)
                     raise HostError(f"{restore} refused pybridge's rules: {result.stderr.strip()}")
+
+    async def drift(self, networks: Sequence[NetworkRules]) -> list[str]:
+        """What differs from the wanted rules, per family ([] when all is in place)."""
+        problems: list[str] = []
+        async with self._lock:
+            for family in self.families:
+                current = await self.save(family)
+                problems += [f"IPv{family} {p}" for p in drift(networks, family, current)]
+        return problems

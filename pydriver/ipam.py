@@ -49,6 +49,14 @@ class Pool:
     # The last address handed out dynamically: allocation continues after it (round robin), so
     # a just-released address is not reused at once (stale ARP/conntrack entries).
     cursor: int = 0
+    # Chosen by pybridge (no --subnet was given).
+    auto: bool = False
+    # Crash recovery: allocations whose answer never reached Docker before pybridge stopped
+    # (address -> "gateway" | "specific" | "dynamic"). Docker retries a request that died with
+    # the plugin, and the retry gets the same answer instead of a second allocation.
+    replayable: dict[int, str] = field(default_factory=dict)
+    # The pool itself was never acknowledged to Docker before pybridge stopped.
+    replayable_pool: bool = False
 
     @property
     def v6(self) -> bool:
@@ -61,10 +69,17 @@ class Pool:
             "range": str(self.sub_range) if self.sub_range else None,
             "address_space": self.address_space,
             "cursor": self.cursor,
+            "auto": self.auto,
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], allocated: Iterable[str] = ()) -> Pool:
+    def from_dict(
+        cls,
+        data: dict[str, Any],
+        allocated: Iterable[str] = (),
+        unacknowledged: dict[str, str] | None = None,
+        pool_unacknowledged: bool = False,
+    ) -> Pool:
         return cls(
             id=data["id"],
             subnet=ipaddress.ip_network(data["subnet"]),
@@ -72,7 +87,29 @@ class Pool:
             address_space=data.get("address_space", ""),
             allocated={int(ipaddress.ip_address(a)) for a in allocated},
             cursor=int(data.get("cursor", 0)),
+            auto=bool(data.get("auto", False)),
+            replayable={
+                int(ipaddress.ip_address(a)): kind for a, kind in (unacknowledged or {}).items()
+            },
+            replayable_pool=pool_unacknowledged,
         )
+
+    def claim_replay(self, requested: IPAddress | None, *, gateway: bool) -> IPAddress | None:
+        """The answer to a retried request, if this looks like one (see ``replayable``)."""
+        if not self.replayable:
+            return None
+        if requested is not None:
+            kind = self.replayable.get(int(requested))
+            if kind not in ("specific", "gateway"):
+                return None
+            del self.replayable[int(requested)]
+            return requested
+        wanted = "gateway" if gateway else "dynamic"
+        for value, kind in sorted(self.replayable.items()):
+            if kind == wanted:
+                del self.replayable[value]
+                return ipaddress.ip_address(value)
+        return None
 
     # -- address rules -------------------------------------------------------------------------
 
@@ -132,6 +169,7 @@ class Pool:
 
     def release(self, address: IPAddress) -> bool:
         """Release an address; returns False if it was not allocated (release is idempotent)."""
+        self.replayable.pop(int(address), None)
         if int(address) in self.allocated:
             self.allocated.discard(int(address))
             return True

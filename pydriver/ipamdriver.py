@@ -11,6 +11,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 
+from . import faults
 from .errors import Conflict, InvalidRequest, NotFound, Unsupported
 from .ipam import (
     HostRoute,
@@ -23,7 +24,7 @@ from .ipam import (
     v6_candidates,
 )
 from .locks import KeyedLock
-from .model import IPInterface, IPNetwork
+from .model import IPAddress, IPInterface, IPNetwork
 from .protocol import (
     ReleaseAddressRequest,
     ReleasePoolRequest,
@@ -39,6 +40,7 @@ GLOBAL_ADDRESS_SPACE = "PybridgeGlobal"
 ULA_META_KEY = "ula_prefix"
 
 RoutesProvider = Callable[[], Awaitable[list[HostRoute]]]
+Ack = Callable[[], Awaitable[None]]
 
 
 class IpamDriver:
@@ -61,7 +63,8 @@ class IpamDriver:
     def address_spaces(self) -> tuple[str, str]:
         return LOCAL_ADDRESS_SPACE, GLOBAL_ADDRESS_SPACE
 
-    async def request_pool(self, req: RequestPoolRequest) -> tuple[str, IPNetwork]:
+    async def request_pool(self, req: RequestPoolRequest) -> tuple[str, IPNetwork, Ack]:
+        """Allocate a pool. Also returns the callback to run once the answer reached Docker."""
         if req.options:
             names = ", ".join(sorted(req.options))
             raise Unsupported(
@@ -69,6 +72,10 @@ class IpamDriver:
             )
         # One lock for all pools: choosing a subnet must see every other pool.
         async with self._lock.hold("pools"):
+            replayed = self._replayed_pool(req)
+            if replayed is not None:
+                log.info("pool %s: a retry of a request answered before a restart", replayed.id)
+                return replayed.id, replayed.subnet, self._ack(replayed.id, None)
             routes = await self._routes()
             taken = [pool.subnet for pool in self.pools.values()]
             if req.pool is not None:
@@ -86,11 +93,31 @@ class IpamDriver:
                 subnet=subnet,
                 sub_range=req.sub_pool,
                 address_space=req.address_space,
+                auto=req.pool is None,
             )
             await self.store.put_pool(pool)
             self.pools[pool.id] = pool
+            await faults.point("ipam.pool.recorded")
         log.info("pool %s allocated%s", pool.id, f" (range {req.sub_pool})" if req.sub_pool else "")
-        return pool.id, subnet
+        return pool.id, subnet, self._ack(pool.id, None)
+
+    def _replayed_pool(self, req: RequestPoolRequest) -> Pool | None:
+        """A pool allocated just before a crash, never confirmed to Docker, that this request
+        asks for again (Docker retries requests that died with the plugin)."""
+        for pool in self.pools.values():
+            if not pool.replayable_pool or pool.allocated:
+                continue
+            same_subnet = pool.subnet == req.pool if req.pool is not None else pool.auto
+            if same_subnet and pool.v6 == req.v6 and pool.sub_range == req.sub_pool:
+                pool.replayable_pool = False
+                return pool
+        return None
+
+    def _ack(self, pool_id: str, address: str | None) -> Ack:
+        async def acknowledge() -> None:
+            await self.store.acknowledge(pool_id, address)
+
+        return acknowledge
 
     async def release_pool(self, req: ReleasePoolRequest) -> None:
         async with self._lock.hold("pools"):
@@ -106,7 +133,7 @@ class IpamDriver:
             raise NotFound(f"IPAM pool {pool_id!r} is not known to pybridge")
         return pool
 
-    async def request_address(self, req: RequestAddressRequest) -> IPInterface:
+    async def request_address(self, req: RequestAddressRequest) -> tuple[IPInterface, Ack]:
         async with self._lock.hold("pools"):
             pool = self._pool(req.pool_id)
             if req.address is not None and req.address.version != pool.subnet.version:
@@ -114,15 +141,27 @@ class IpamDriver:
                     f"address {req.address} is not an IPv{pool.subnet.version} address "
                     f"of {pool.subnet}"
                 )
-            before = pool.cursor
-            address = pool.allocate(req.address, gateway=req.is_gateway)
-            try:
-                await self.store.add_address(pool, str(address))
-            except BaseException:
-                pool.allocated.discard(int(address))
-                pool.cursor = before
-                raise
-        return ipaddress.ip_interface(f"{address}/{pool.subnet.prefixlen}")
+            replayed = pool.claim_replay(req.address, gateway=req.is_gateway)
+            if replayed is not None:
+                log.info("address %s: a retry of a request answered before a restart", replayed)
+                address = replayed
+            else:
+                before = pool.cursor
+                address = pool.allocate(req.address, gateway=req.is_gateway)
+                kind = (
+                    "gateway"
+                    if req.is_gateway
+                    else ("specific" if req.address is not None else "dynamic")
+                )
+                try:
+                    await self.store.add_address(pool, str(address), kind)
+                except BaseException:
+                    pool.allocated.discard(int(address))
+                    pool.cursor = before
+                    raise
+                await faults.point("ipam.address.recorded")
+        iface = ipaddress.ip_interface(f"{address}/{pool.subnet.prefixlen}")
+        return iface, self._ack(pool.id, str(address))
 
     async def release_address(self, req: ReleaseAddressRequest) -> None:
         async with self._lock.hold("pools"):
@@ -132,3 +171,14 @@ class IpamDriver:
                 return
             await self.store.remove_address(pool.id, str(req.address))
             pool.release(req.address)
+
+    async def release_addresses(self, addresses: list[IPAddress]) -> None:
+        """Give back addresses of endpoints whose containers vanished without Docker releasing
+        them (found by the collector). Addresses not allocated are ignored."""
+        async with self._lock.hold("pools"):
+            for address in addresses:
+                for pool in self.pools.values():
+                    if address in pool.subnet and int(address) in pool.allocated:
+                        await self.store.remove_address(pool.id, str(address))
+                        pool.release(address)
+                        log.info("released address %s of a vanished container", address)

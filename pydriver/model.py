@@ -241,6 +241,7 @@ class Endpoint:
     state: State = "ready"
     # Host ports currently published for this endpoint (while it is a gateway endpoint).
     mappings: tuple[Mapping, ...] = ()
+    created_at: float = 0.0  # time.time(); lets the collector find endpoints never joined
 
     def with_changes(self, **changes: Any) -> Endpoint:
         return replace(self, **changes)
@@ -260,6 +261,7 @@ class Endpoint:
             "exposed_ports": [[p, n] for p, n in self.exposed_ports],
             "state": self.state,
             "mappings": [mp.to_dict() for mp in self.mappings],
+            "created_at": self.created_at,
         }
 
     @classmethod
@@ -280,4 +282,5 @@ class Endpoint:
             exposed_ports=tuple((p, int(n)) for p, n in data.get("exposed_ports", [])),
             state=data.get("state", "ready"),
             mappings=tuple(Mapping.from_dict(mp) for mp in data.get("mappings", [])),
+            created_at=float(data.get("created_at", 0.0)),
         )

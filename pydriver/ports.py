@@ -77,6 +77,11 @@ def plan(
     requests = []
     for binding in bindings:
         host_ip = binding.host_ip if binding.host_ip is not None else default_host_ip
+        if host_ip is not None and host_ip.version == 6 and host_ip.is_loopback:
+            raise InvalidRequest(
+                f"cannot publish {binding.proto} port {binding.port} on [::1]: IPv6 loopback "
+                "cannot be forwarded to a container; use 127.0.0.1 or a host address"
+            )
         targets: list[tuple[IPAddress | None, IPAddress]] = []
         if host_ip is None or _unspecified(host_ip):
             wanted = {4, 6} if host_ip is None else {host_ip.version}

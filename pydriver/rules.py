@@ -265,6 +265,38 @@ def render_restore(networks: Sequence[NetworkRules], family: Family, current_sav
     return "\n".join(out) + "\n" if out else ""
 
 
+def drift(networks: Sequence[NetworkRules], family: Family, current_save: str) -> list[str]:
+    """How the host's rules differ from what pybridge wants, one line per problem; [] when
+    they match. Used to repair the firewall when someone else flushed or reloaded it."""
+    current = parse_save(current_save)
+    want = render_chain_rules(networks, family) if networks else {}
+    problems: list[str] = []
+    for table in sorted(set(OWN_CHAINS) | set(current)):
+        names, rules = current.get(table, (set(), []))
+        own = OWN_CHAINS.get(table, ()) if networks else ()
+        stale = sorted(c for c in names if c.startswith(CHAIN_PREFIX) and c not in own)
+        if stale:
+            problems.append(f"{table}: leftover chain(s) {', '.join(stale)}")
+        if not own:
+            continue
+        missing_chains = [c for c in own if c not in names]
+        if missing_chains:
+            problems.append(f"{table}: chain(s) {', '.join(missing_chains)} missing")
+        have = [r for r in rules if r.split()[1] in own]
+        wanted = want.get(table, [])
+        if have != wanted:
+            missing = sum(1 for r in wanted if r not in have)
+            extra = sum(1 for r in have if r not in wanted)
+            detail = (
+                f"{missing} missing, {extra} unexpected" if missing or extra else "out of order"
+            )
+            problems.append(f"{table}: pybridge rules differ ({detail})")
+        for jump in JUMPS:
+            if jump.table == table and jump.target in own and _jump_fixes(jump, rules):
+                problems.append(f"{table}: jump '{jump.spec}' missing, duplicated or out of place")
+    return problems
+
+
 def pybridge_rules_in(save_text: str) -> dict[str, list[str]]:
     """The rules currently in pybridge's chains (for diagnostics and tests)."""
     current = parse_save(save_text)

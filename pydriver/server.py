@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -14,10 +15,20 @@ from . import protocol as p
 from .driver import NetworkDriver
 from .errors import DriverError
 from .ipamdriver import IpamDriver
+from .metrics import Metrics
 
 log = logging.getLogger("pydriver.requests")
 
-Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+@dataclass(frozen=True)
+class Reply:
+    """A reply with work to do once it has been written to Docker's connection."""
+
+    body: dict[str, Any]
+    on_sent: Callable[[], Awaitable[None]]
+
+
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any] | Reply]]
 
 
 def _ids(body: Mapping[str, Any]) -> str:
@@ -122,17 +133,17 @@ class Api:
     async def address_spaces(self, body: dict[str, Any]) -> dict[str, Any]:
         return p.address_spaces_reply(*self.ipam.address_spaces())
 
-    async def request_pool(self, body: dict[str, Any]) -> dict[str, Any]:
-        pool_id, subnet = await self.ipam.request_pool(p.parse_request_pool(body))
-        return p.request_pool_reply(pool_id, subnet)
+    async def request_pool(self, body: dict[str, Any]) -> Reply:
+        pool_id, subnet, ack = await self.ipam.request_pool(p.parse_request_pool(body))
+        return Reply(p.request_pool_reply(pool_id, subnet), ack)
 
     async def release_pool(self, body: dict[str, Any]) -> dict[str, Any]:
         await self.ipam.release_pool(p.parse_release_pool(body))
         return {}
 
-    async def request_address(self, body: dict[str, Any]) -> dict[str, Any]:
-        address = await self.ipam.request_address(p.parse_request_address(body))
-        return p.request_address_reply(address)
+    async def request_address(self, body: dict[str, Any]) -> Reply:
+        address, ack = await self.ipam.request_address(p.parse_request_address(body))
+        return Reply(p.request_address_reply(address), ack)
 
     async def release_address(self, body: dict[str, Any]) -> dict[str, Any]:
         await self.ipam.release_address(p.parse_release_address(body))
@@ -143,7 +154,7 @@ def _json_response(reply: Mapping[str, Any], status: int = 200) -> web.Response:
     return web.Response(body=p.encode_reply(reply), status=status, content_type=p.CONTENT_TYPE)
 
 
-def make_app(api: Api) -> web.Application:
+def make_app(api: Api, metrics: Metrics | None = None) -> web.Application:
     app = web.Application(client_max_size=p.MAX_BODY_BYTES)
 
     async def dispatch(request: web.Request) -> web.Response:
@@ -152,23 +163,35 @@ def make_app(api: Api) -> web.Application:
         handler = api.routes.get(request.path)
         body: dict[str, Any] = {}
         outcome = "ok"
+        kind = "ok"
         try:
             if handler is None:
-                outcome = "not-implemented"
+                outcome = kind = "not-implemented"
                 return _json_response(
                     p.error_reply(f"pybridge does not implement {method or 'this request'}"), 404
                 )
             if request.method != "POST":
-                outcome = "bad-method"
+                outcome = kind = "bad-method"
                 return _json_response(p.error_reply(f"{method} must be called with POST"), 405)
             raw = await request.read()
             body = p.decode_body(raw)
             reply = await handler(body)
+            if isinstance(reply, Reply):
+                response = _json_response(reply.body)
+                await response.prepare(request)
+                await response.write_eof()
+                try:
+                    await reply.on_sent()
+                except Exception:  # the answer is out; a failed acknowledgment only logs
+                    log.exception("could not record that %s was answered", method)
+                return response
             return _json_response(reply)
         except DriverError as err:
+            kind = err.kind
             outcome = f"error({err.kind}): {err}"
             return _json_response(p.error_reply(str(err)), 500)
         except web.HTTPRequestEntityTooLarge:
+            kind = "invalid"
             outcome = "error(invalid): body too large"
             return _json_response(
                 p.error_reply(f"request body is larger than the {p.MAX_BODY_BYTES} bytes allowed"),
@@ -176,6 +199,7 @@ def make_app(api: Api) -> web.Application:
             )
         except Exception as err:  # never a traceback to Docker, never a dead server
             log.exception("internal error in %s", method)
+            kind = "internal"
             outcome = f"internal error: {type(err).__name__}"
             return _json_response(
                 p.error_reply(
@@ -185,8 +209,25 @@ def make_app(api: Api) -> web.Application:
                 500,
             )
         finally:
-            elapsed = (time.perf_counter() - started) * 1000
-            log.info("%s %s -> %s (%.1f ms)", method, _ids(body), outcome, elapsed)
+            elapsed = time.perf_counter() - started
+            log.info("%s %s -> %s (%.1f ms)", method, _ids(body), outcome, elapsed * 1000)
+            if metrics is not None and handler is not None:
+                metrics.observe_request(method, kind, elapsed)
 
     app.router.add_route("*", "/{tail:.*}", dispatch)
+    return app
+
+
+def make_metrics_app(
+    metrics: Metrics, gauges: Callable[[], Mapping[str, float]]
+) -> web.Application:
+    """GET /metrics in the Prometheus text format."""
+    app = web.Application()
+
+    async def serve_metrics(request: web.Request) -> web.Response:
+        return web.Response(
+            text=metrics.render(gauges()), content_type="text/plain", charset="utf-8"
+        )
+
+    app.router.add_get("/metrics", serve_metrics)
     return app

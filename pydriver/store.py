@@ -24,7 +24,7 @@ from .model import Endpoint, Network
 T = TypeVar("T")
 
 DB_NAME = "state.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -32,10 +32,23 @@ CREATE TABLE IF NOT EXISTS networks (id TEXT PRIMARY KEY, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS endpoints (
     id TEXT PRIMARY KEY, network_id TEXT NOT NULL, data TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS endpoints_by_network ON endpoints (network_id);
-CREATE TABLE IF NOT EXISTS pools (id TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS pools (
+    id TEXT PRIMARY KEY, data TEXT NOT NULL, pending INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS addresses (
-    pool_id TEXT NOT NULL, address TEXT NOT NULL, PRIMARY KEY (pool_id, address));
+    pool_id TEXT NOT NULL, address TEXT NOT NULL,
+    pending INTEGER NOT NULL DEFAULT 0, kind TEXT NOT NULL DEFAULT 'dynamic',
+    PRIMARY KEY (pool_id, address));
 """
+
+# "pending" marks an IPAM answer that was written before it was sent and not yet known to
+# have reached Docker; see ipam.Pool.replayable.
+_MIGRATIONS = {
+    2: [
+        "ALTER TABLE pools ADD COLUMN pending INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE addresses ADD COLUMN pending INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE addresses ADD COLUMN kind TEXT NOT NULL DEFAULT 'dynamic'",
+    ],
+}
 
 
 class SyncStore:
@@ -68,11 +81,21 @@ class SyncStore:
             self.db.execute(
                 "INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
-        elif int(row[0]) > SCHEMA_VERSION:
+            return
+        version = int(row[0])
+        if version > SCHEMA_VERSION:
             raise HostError(
                 f"the state database {self.path} is from a newer pybridge "
-                f"(schema {row[0]}, this version knows {SCHEMA_VERSION})"
+                f"(schema {version}, this version knows {SCHEMA_VERSION})"
             )
+        statements: list[tuple[str, tuple[Any, ...]]] = []
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            statements += [(sql, ()) for sql in _MIGRATIONS.get(target, [])]
+        if statements:
+            statements.append(
+                ("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
+            )
+            self._tx(statements)
 
     def close(self) -> None:
         self.db.close()
@@ -142,22 +165,28 @@ class SyncStore:
     # -- IPAM ----------------------------------------------------------------------------------
 
     def load_pools(self) -> list[Pool]:
+        """Pools with their addresses. Answers still pending come back as replayable."""
         pools = []
-        for pool_id, data in self.db.execute("SELECT id, data FROM pools ORDER BY id").fetchall():
-            addresses = [
-                r[0]
-                for r in self.db.execute(
-                    "SELECT address FROM addresses WHERE pool_id=?", (pool_id,)
+        rows = self.db.execute("SELECT id, data, pending FROM pools ORDER BY id").fetchall()
+        for pool_id, data, pool_pending in rows:
+            addresses = self.db.execute(
+                "SELECT address, pending, kind FROM addresses WHERE pool_id=?", (pool_id,)
+            ).fetchall()
+            pools.append(
+                Pool.from_dict(
+                    json.loads(data),
+                    [a for a, _, _ in addresses],
+                    {a: kind for a, pending, kind in addresses if pending},
+                    bool(pool_pending),
                 )
-            ]
-            pools.append(Pool.from_dict(json.loads(data), addresses))
+            )
         return pools
 
     def put_pool_data(self, pool_id: str, pool_data: dict[str, Any]) -> None:
         self._tx(
             [
                 (
-                    "INSERT OR REPLACE INTO pools (id, data) VALUES (?, ?)",
+                    "INSERT OR REPLACE INTO pools (id, data, pending) VALUES (?, ?, 1)",
                     (pool_id, json.dumps(pool_data)),
                 )
             ]
@@ -171,14 +200,30 @@ class SyncStore:
             ]
         )
 
-    def add_address(self, pool_id: str, pool_data: dict[str, Any], address: str) -> None:
+    def add_address(self, pool_id: str, pool_data: dict[str, Any], address: str, kind: str) -> None:
         # The pool row carries the allocation cursor, so both change in one transaction.
         self._tx(
             [
-                ("INSERT INTO addresses (pool_id, address) VALUES (?, ?)", (pool_id, address)),
+                (
+                    "INSERT INTO addresses (pool_id, address, pending, kind) VALUES (?, ?, 1, ?)",
+                    (pool_id, address, kind),
+                ),
                 ("UPDATE pools SET data=? WHERE id=?", (json.dumps(pool_data), pool_id)),
             ]
         )
+
+    def acknowledge(self, pool_id: str, address: str | None) -> None:
+        """The answer reached Docker. Needs no fsync: it only has to survive a kill -9, and the
+        write to the WAL does (a power cut takes the containers down anyway)."""
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            if address is None:
+                self._tx([("UPDATE pools SET pending=0 WHERE id=?", (pool_id,))])
+            else:
+                sql = "UPDATE addresses SET pending=0 WHERE pool_id=? AND address=?"
+                self._tx([(sql, (pool_id, address))])
+        finally:
+            self.db.execute("PRAGMA synchronous=FULL")
 
     def remove_address(self, pool_id: str, address: str) -> None:
         self._tx([("DELETE FROM addresses WHERE pool_id=? AND address=?", (pool_id, address))])
@@ -270,8 +315,11 @@ class Store:
     async def delete_pool(self, pool_id: str) -> None:
         await self.call(self._sync.delete_pool, pool_id)
 
-    async def add_address(self, pool: Pool, address: str) -> None:
-        await self.call(self._sync.add_address, pool.id, pool.to_dict(), address)
+    async def add_address(self, pool: Pool, address: str, kind: str) -> None:
+        await self.call(self._sync.add_address, pool.id, pool.to_dict(), address, kind)
+
+    async def acknowledge(self, pool_id: str, address: str | None = None) -> None:
+        await self.call(self._sync.acknowledge, pool_id, address)
 
     async def remove_address(self, pool_id: str, address: str) -> None:
         await self.call(self._sync.remove_address, pool_id, address)

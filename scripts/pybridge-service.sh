@@ -8,6 +8,8 @@ VENV="${PYDRIVER_VENV:-$ROOT/.venv}"
 PIDFILE="${PYDRIVER_PIDFILE:-/run/pydriver.pid}"
 LOG="${PYDRIVER_LOG:-/var/log/pydriver.log}"
 SOCKET="${PYDRIVER_SOCKET:-/run/docker/plugins/pybridge.sock}"
+# Metrics on loopback for this host service (the plugin itself serves none unless asked).
+export PYDRIVER_METRICS_ADDRESS="${PYDRIVER_METRICS_ADDRESS-127.0.0.1:9327}"
 
 running_pid() {
     [ -f "$PIDFILE" ] || return 1

@@ -219,11 +219,16 @@ class FakeKernel:
 class FakeFirewall:
     applied: list[list[NetworkRules]] = field(default_factory=list)
     fail: DriverError | None = None
+    damaged: list[str] = field(default_factory=list)  # what drift() reports until next apply
 
     async def apply(self, networks: Sequence[NetworkRules]) -> None:
         if self.fail is not None:
             raise self.fail
         self.applied.append(list(networks))
+        self.damaged = []
+
+    async def drift(self, networks: Sequence[NetworkRules]) -> list[str]:
+        return list(self.damaged)
 
     @property
     def last(self) -> list[NetworkRules]:

@@ -8,6 +8,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,6 +29,10 @@ from pydriver.ipam import (
 from pydriver.ipamdriver import GLOBAL_ADDRESS_SPACE, LOCAL_ADDRESS_SPACE, IpamDriver
 from pydriver.model import IPNetwork
 from pydriver.store import Store
+
+
+def iface(text: str) -> Any:
+    return ipaddress.ip_interface(text)
 
 
 def net(text: str) -> IPNetwork:
@@ -387,9 +392,22 @@ async def test_address_spaces(open_ipam: OpenIpam) -> None:
     assert ipam.address_spaces() == (LOCAL_ADDRESS_SPACE, GLOBAL_ADDRESS_SPACE)
 
 
+async def request_pool(ipam: IpamDriver, req: p.RequestPoolRequest) -> tuple[str, Any]:
+    """request_pool, with its answer acknowledged as the HTTP layer does once it is sent."""
+    pool_id, subnet, ack = await ipam.request_pool(req)
+    await ack()
+    return pool_id, subnet
+
+
+async def request_address(ipam: IpamDriver, req: p.RequestAddressRequest) -> Any:
+    address, ack = await ipam.request_address(req)
+    await ack()
+    return address
+
+
 async def test_request_pool_explicit(open_ipam: OpenIpam, routes: FakeRoutes) -> None:
     ipam = await open_ipam()
-    pool_id, subnet = await ipam.request_pool(pool_req("10.216.0.0/24", "10.216.0.128/25"))
+    pool_id, subnet = await request_pool(ipam, pool_req("10.216.0.0/24", "10.216.0.128/25"))
     assert subnet == net("10.216.0.0/24")
     assert pool_id == "10.216.0.0/24"
     assert ipam.pools[pool_id].sub_range == net("10.216.0.128/25")
@@ -400,8 +418,8 @@ async def test_request_pool_explicit(open_ipam: OpenIpam, routes: FakeRoutes) ->
 async def test_request_pool_auto(open_ipam: OpenIpam, routes: FakeRoutes) -> None:
     routes.routes.append(route("172.17.0.0/16", "docker0"))
     ipam = await open_ipam()
-    first = await ipam.request_pool(pool_req())
-    second = await ipam.request_pool(pool_req())
+    first = await request_pool(ipam, pool_req())
+    second = await request_pool(ipam, pool_req())
     assert first[1] == net("172.18.0.0/16")
     assert second[1] == net("172.19.0.0/16")
 
@@ -411,38 +429,38 @@ async def test_request_pool_v6_auto(open_ipam: OpenIpam) -> None:
     assert ipam.ula_prefix is not None
     assert ipam.ula_prefix.prefixlen == 48
     assert ipam.ula_prefix.subnet_of(net("fd00::/8"))  # type: ignore[arg-type]
-    _, a = await ipam.request_pool(pool_req(v6=True))
-    _, b = await ipam.request_pool(pool_req(v6=True))
+    _, a = await request_pool(ipam, pool_req(v6=True))
+    _, b = await request_pool(ipam, pool_req(v6=True))
     assert a.prefixlen == b.prefixlen == 64
-    assert a.subnet_of(ipam.ula_prefix)  # type: ignore[arg-type]
+    assert a.subnet_of(ipam.ula_prefix)
     assert a != b
     assert a != next(ipam.ula_prefix.subnets(new_prefix=64))  # the ::/64 is skipped
 
 
 async def test_request_pool_v6_explicit(open_ipam: OpenIpam) -> None:
     ipam = await open_ipam()
-    pool_id, subnet = await ipam.request_pool(pool_req("fd00:216:1::/64", v6=True))
+    pool_id, subnet = await request_pool(ipam, pool_req("fd00:216:1::/64", v6=True))
     assert subnet == net("fd00:216:1::/64")
-    address = await ipam.request_address(addr_req(pool_id, gateway=True))
+    address = await request_address(ipam, addr_req(pool_id, gateway=True))
     assert address == ipaddress.ip_interface("fd00:216:1::1/64")
 
 
 async def test_request_pool_overlapping_a_pool(open_ipam: OpenIpam) -> None:
     ipam = await open_ipam()
-    await ipam.request_pool(pool_req("10.216.0.0/16"))
+    await request_pool(ipam, pool_req("10.216.0.0/16"))
     with pytest.raises(Conflict) as info:
-        await ipam.request_pool(pool_req("10.216.3.0/24"))
+        await request_pool(ipam, pool_req("10.216.3.0/24"))
     assert "10.216.3.0/24" in str(info.value)
     assert "10.216.0.0/16" in str(info.value)
     # auto-allocation skips pools too
-    await ipam.request_pool(pool_req("172.17.0.0/16"))
-    assert (await ipam.request_pool(pool_req()))[1] == net("172.18.0.0/16")
+    await request_pool(ipam, pool_req("172.17.0.0/16"))
+    assert (await request_pool(ipam, pool_req()))[1] == net("172.18.0.0/16")
 
 
 async def test_request_pool_overlapping_a_route(open_ipam: OpenIpam, routes: FakeRoutes) -> None:
     ipam = await open_ipam()
     with pytest.raises(Conflict) as info:
-        await ipam.request_pool(pool_req("192.0.2.128/25"))
+        await request_pool(ipam, pool_req("192.0.2.128/25"))
     assert "the host route 192.0.2.0/24 on eth0" in str(info.value)
     assert ipam.pools == {}
 
@@ -450,32 +468,32 @@ async def test_request_pool_overlapping_a_route(open_ipam: OpenIpam, routes: Fak
 async def test_request_pool_ipam_options_unsupported(open_ipam: OpenIpam) -> None:
     ipam = await open_ipam()
     with pytest.raises(Unsupported) as info:
-        await ipam.request_pool(pool_req(options={"com.example.opt": "1"}))
+        await request_pool(ipam, pool_req(options={"com.example.opt": "1"}))
     assert "com.example.opt" in str(info.value)
     assert ipam.pools == {}
 
 
 async def test_request_address(open_ipam: OpenIpam) -> None:
     ipam = await open_ipam()
-    pool_id, _ = await ipam.request_pool(pool_req("10.216.0.0/24", "10.216.0.128/25"))
-    assert str(await ipam.request_address(addr_req(pool_id, gateway=True))) == "10.216.0.1/24"
-    assert str(await ipam.request_address(addr_req(pool_id, "10.216.0.200"))) == "10.216.0.200/24"
-    assert str(await ipam.request_address(addr_req(pool_id))) == "10.216.0.128/24"
-    assert str(await ipam.request_address(addr_req(pool_id))) == "10.216.0.129/24"
+    pool_id, _ = await request_pool(ipam, pool_req("10.216.0.0/24", "10.216.0.128/25"))
+    assert str(await request_address(ipam, addr_req(pool_id, gateway=True))) == "10.216.0.1/24"
+    assert str(await request_address(ipam, addr_req(pool_id, "10.216.0.200"))) == "10.216.0.200/24"
+    assert str(await request_address(ipam, addr_req(pool_id))) == "10.216.0.128/24"
+    assert str(await request_address(ipam, addr_req(pool_id))) == "10.216.0.129/24"
     with pytest.raises(Conflict):
-        await ipam.request_address(addr_req(pool_id, "10.216.0.200"))
+        await request_address(ipam, addr_req(pool_id, "10.216.0.200"))
     with pytest.raises(InvalidRequest, match="outside"):
-        await ipam.request_address(addr_req(pool_id, "10.217.0.1"))
+        await request_address(ipam, addr_req(pool_id, "10.217.0.1"))
     with pytest.raises(InvalidRequest, match="IPv4"):
-        await ipam.request_address(addr_req(pool_id, "fd00::1"))
+        await request_address(ipam, addr_req(pool_id, "fd00::1"))
     with pytest.raises(NotFound, match="nope"):
-        await ipam.request_address(addr_req("nope"))
+        await request_address(ipam, addr_req("nope"))
 
 
 async def test_concurrent_requests_get_distinct_addresses(open_ipam: OpenIpam) -> None:
     ipam = await open_ipam()
-    pool_id, _ = await ipam.request_pool(pool_req("10.216.8.0/24"))
-    got = await asyncio.gather(*(ipam.request_address(addr_req(pool_id)) for _ in range(50)))
+    pool_id, _ = await request_pool(ipam, pool_req("10.216.8.0/24"))
+    got = await asyncio.gather(*(request_address(ipam, addr_req(pool_id)) for _ in range(50)))
     assert len({str(a) for a in got}) == 50
     reloaded = await open_ipam()
     assert len(reloaded.pools[pool_id].allocated) == 50
@@ -483,18 +501,18 @@ async def test_concurrent_requests_get_distinct_addresses(open_ipam: OpenIpam) -
 
 async def test_request_address_exhausted(open_ipam: OpenIpam) -> None:
     ipam = await open_ipam()
-    pool_id, _ = await ipam.request_pool(pool_req("10.216.9.0/30"))
-    await ipam.request_address(addr_req(pool_id, gateway=True))
-    await ipam.request_address(addr_req(pool_id))
+    pool_id, _ = await request_pool(ipam, pool_req("10.216.9.0/30"))
+    await request_address(ipam, addr_req(pool_id, gateway=True))
+    await request_address(ipam, addr_req(pool_id))
     with pytest.raises(Exhausted, match="out of addresses"):
-        await ipam.request_address(addr_req(pool_id))
+        await request_address(ipam, addr_req(pool_id))
 
 
 async def test_release_is_idempotent(open_ipam: OpenIpam) -> None:
     ipam = await open_ipam()
-    pool_id, _ = await ipam.request_pool(pool_req("10.216.0.0/24"))
-    await ipam.request_address(addr_req(pool_id, gateway=True))
-    await ipam.request_address(addr_req(pool_id))
+    pool_id, _ = await request_pool(ipam, pool_req("10.216.0.0/24"))
+    await request_address(ipam, addr_req(pool_id, gateway=True))
+    await request_address(ipam, addr_req(pool_id))
     await ipam.release_address(release_req(pool_id, "10.216.0.2"))
     await ipam.release_address(release_req(pool_id, "10.216.0.2"))
     await ipam.release_address(release_req(pool_id, "10.216.0.99"))
@@ -504,22 +522,22 @@ async def test_release_is_idempotent(open_ipam: OpenIpam) -> None:
     await ipam.release_pool(p.parse_release_pool({"PoolID": pool_id}))
     assert ipam.pools == {}
     # the subnet can be used again
-    assert (await ipam.request_pool(pool_req("10.216.0.0/24")))[0] == pool_id
+    assert (await request_pool(ipam, pool_req("10.216.0.0/24")))[0] == pool_id
 
 
 async def test_state_survives_a_reload(open_ipam: OpenIpam) -> None:
     ipam = await open_ipam()
-    a, _ = await ipam.request_pool(pool_req("10.216.0.0/24", "10.216.0.128/25"))
-    b, _ = await ipam.request_pool(pool_req())
-    c, _ = await ipam.request_pool(pool_req(v6=True))
-    gone, _ = await ipam.request_pool(pool_req("10.216.5.0/24"))
+    a, _ = await request_pool(ipam, pool_req("10.216.0.0/24", "10.216.0.128/25"))
+    b, _ = await request_pool(ipam, pool_req())
+    c, _ = await request_pool(ipam, pool_req(v6=True))
+    gone, _ = await request_pool(ipam, pool_req("10.216.5.0/24"))
     await ipam.release_pool(p.parse_release_pool({"PoolID": gone}))
-    await ipam.request_address(addr_req(a, gateway=True))
-    await ipam.request_address(addr_req(a, "10.216.0.5"))
-    assert str(await ipam.request_address(addr_req(a))) == "10.216.0.128/24"
-    assert str(await ipam.request_address(addr_req(a))) == "10.216.0.129/24"
+    await request_address(ipam, addr_req(a, gateway=True))
+    await request_address(ipam, addr_req(a, "10.216.0.5"))
+    assert str(await request_address(ipam, addr_req(a))) == "10.216.0.128/24"
+    assert str(await request_address(ipam, addr_req(a))) == "10.216.0.129/24"
     await ipam.release_address(release_req(a, "10.216.0.129"))
-    await ipam.request_address(addr_req(b, gateway=True))
+    await request_address(ipam, addr_req(b, gateway=True))
     before = {pid: (pl.subnet, pl.sub_range, set(pl.allocated)) for pid, pl in ipam.pools.items()}
     ula = ipam.ula_prefix
 
@@ -531,22 +549,22 @@ async def test_state_survives_a_reload(open_ipam: OpenIpam) -> None:
     assert set(after) == {a, b, c}
     assert reloaded.ula_prefix == ula
     # the cursor continues: neither a live address nor the just-released .129 comes back
-    assert str(await reloaded.request_address(addr_req(a))) == "10.216.0.130/24"
+    assert str(await request_address(reloaded, addr_req(a))) == "10.216.0.130/24"
     with pytest.raises(Conflict):
-        await reloaded.request_address(addr_req(a, "10.216.0.5"))
+        await request_address(reloaded, addr_req(a, "10.216.0.5"))
     # the auto-allocator sees the reloaded pools
-    assert (await reloaded.request_pool(pool_req()))[1] == net("172.18.0.0/16")
+    assert (await request_pool(reloaded, pool_req()))[1] == net("172.18.0.0/16")
 
 
 async def test_reload_does_not_hand_out_duplicates(open_ipam: OpenIpam) -> None:
     ipam = await open_ipam()
-    pool_id, _ = await ipam.request_pool(pool_req("10.216.7.0/29"))
-    first = [str(await ipam.request_address(addr_req(pool_id))) for _ in range(3)]
+    pool_id, _ = await request_pool(ipam, pool_req("10.216.7.0/29"))
+    first = [str(await request_address(ipam, addr_req(pool_id))) for _ in range(3)]
     reloaded = await open_ipam()
-    rest = [str(await reloaded.request_address(addr_req(pool_id))) for _ in range(3)]
+    rest = [str(await request_address(reloaded, addr_req(pool_id))) for _ in range(3)]
     assert len(set(first + rest)) == 6
     with pytest.raises(Exhausted):
-        await reloaded.request_address(addr_req(pool_id))
+        await request_address(reloaded, addr_req(pool_id))
 
 
 async def test_ula_prefix_is_stable_across_reloads(open_ipam: OpenIpam) -> None:
@@ -555,3 +573,44 @@ async def test_ula_prefix_is_stable_across_reloads(open_ipam: OpenIpam) -> None:
     third = (await open_ipam()).ula_prefix
     assert first is not None
     assert first == second == third
+
+
+# -- crash recovery: Docker retries a request that died with the plugin ----------------------
+
+
+async def test_unacknowledged_pool_and_addresses_are_replayed_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    async def no_routes() -> list[HostRoute]:
+        return []
+
+    store = Store(tmp_path / "s")
+    ipam = IpamDriver(store, no_routes)
+    await ipam.load()
+    pool_id, _, ack = await ipam.request_pool(pool_req("10.216.0.0/24"))
+    await ack()
+    gateway, ack = await ipam.request_address(addr_req(pool_id, gateway=True))
+    await ack()
+    # These three answers never reach Docker: pybridge dies before sending them.
+    await ipam.request_address(addr_req(pool_id))
+    await ipam.request_address(addr_req(pool_id, "10.216.0.77"))
+    auto_id, auto_subnet, _ = await ipam.request_pool(pool_req())
+    store.close()
+
+    store = Store(tmp_path / "s")
+    ipam = IpamDriver(store, no_routes)
+    await ipam.load()
+    # Docker's retries get the same answers, not second allocations ...
+    assert (await ipam.request_address(addr_req(pool_id)))[0] == iface("10.216.0.2/24")
+    assert (await ipam.request_address(addr_req(pool_id, "10.216.0.77")))[0] == iface(
+        "10.216.0.77/24"
+    )
+    again_id, again_subnet, _ = await ipam.request_pool(pool_req())
+    assert (again_id, again_subnet) == (auto_id, auto_subnet)
+    # ... but what Docker did receive is never handed out twice.
+    with pytest.raises(Conflict):
+        await ipam.request_address(addr_req(pool_id, str(gateway.ip)))
+    assert (await ipam.request_address(addr_req(pool_id)))[0] == iface("10.216.0.3/24")
+    with pytest.raises(Conflict):
+        await ipam.request_address(addr_req(pool_id, "10.216.0.77"))
+    store.close()

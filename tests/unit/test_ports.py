@@ -268,3 +268,8 @@ async def test_restart_reports_a_port_taken_while_down(net: Env) -> None:
     assert any("8080" in r and "nc (pid 9)" in r for r in repairs), repairs
     # The container keeps its DNAT rule.
     assert {m.host_port for m in env.firewall.last[0].mappings} == {8080}
+
+
+def test_ipv6_loopback_is_refused_clearly() -> None:
+    with pytest.raises(InvalidRequest, match=r"\[::1\]: IPv6 loopback cannot be forwarded"):
+        plan([binding(80, 8080, host_ip="::1")], V4, V6)

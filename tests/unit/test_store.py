@@ -86,11 +86,17 @@ async def test_pools_and_addresses(tmp_path: Path) -> None:
         pool = Pool(id="10.1.0.0/24", subnet=ipaddress.ip_network("10.1.0.0/24"))
         await store.put_pool(pool)
         address = pool.allocate()
-        await store.add_address(pool, str(address))
+        await store.add_address(pool, str(address), "dynamic")
+        # Not yet acknowledged: a restart sees both as answers Docker may retry.
+        (loaded,) = await store.load_pools()
+        assert loaded.replayable == {int(address): "dynamic"} and loaded.replayable_pool
+        await store.acknowledge(pool.id)
+        await store.acknowledge(pool.id, str(address))
         (loaded,) = await store.load_pools()
         assert loaded == pool
         with pytest.raises(HostError):
-            await store.add_address(pool, str(address))  # the primary key refuses a duplicate
+            # the primary key refuses a duplicate
+            await store.add_address(pool, str(address), "dynamic")
         await store.remove_address(pool.id, str(address))
         assert (await store.load_pools())[0].allocated == set()
         await store.delete_pool(pool.id)

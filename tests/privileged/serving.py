@@ -1,0 +1,154 @@
+"""Run `pydriver serve` inside a throwaway network namespace and talk to it as dockerd does."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pydriver.driver import firewall_view
+from pydriver.rules import drift
+from pydriver.store import read_state
+from tests.hostenv import run
+
+
+class PluginDied(Exception):
+    """The connection broke: the plugin died in the middle of the request."""
+
+
+@contextmanager
+def netns() -> Iterator[str]:
+    name = "pbt-" + secrets.token_hex(4)
+    run(["ip", "netns", "add", name])
+    run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"])
+    try:
+        yield name
+    finally:
+        run(["ip", "netns", "del", name], check=False)
+
+
+class Plugin:
+    """One `pydriver serve` process in ``ns``, restartable, with its own socket and state."""
+
+    def __init__(self, ns: str, workdir: Path) -> None:
+        self.ns = ns
+        self.sock = workdir / "pb.sock"
+        self.state = workdir / "state"
+        self.proc: subprocess.Popen[str] | None = None
+        self.log = workdir / "pydriver.log"
+
+    def start(self, **env: str) -> None:
+        environment = dict(os.environ)
+        environment.update({"PYDRIVER_GC_INTERVAL": "0", "PYDRIVER_HEAL_INTERVAL": "0"})
+        environment.update(env)
+        with open(self.log, "a") as log:
+            self.proc = subprocess.Popen(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    self.ns,
+                    sys.executable,
+                    "-m",
+                    "pydriver.cli",
+                    "serve",
+                    "--socket",
+                    str(self.sock),
+                    "--state-dir",
+                    str(self.state),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=environment,
+            )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.sock.is_socket() and _connects(self.sock):
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"pydriver exited early:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.02)
+        raise AssertionError("pydriver did not bind its socket")
+
+    def wait_dead(self, timeout: float = 10) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=20)
+
+    def post(self, method: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+        return post(self.sock, method, body)
+
+    def consistent(self) -> list[str]:
+        """Everything wrong between pybridge's state and the namespace's kernel objects and
+        firewall ([] when they agree)."""
+        return check_consistent(self.ns, self.state)
+
+
+def _connects(sock: Path) -> bool:
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(str(sock))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def post(sock: Path, method: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+    payload = b"" if body is None else (json.dumps(body) + "\n").encode()
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(30)
+    try:
+        s.connect(str(sock))
+        s.sendall(
+            f"POST /{method} HTTP/1.1\r\nHost: plugin.moby.localhost\r\n"
+            f"Accept: application/vnd.docker.plugins.v1.2+json\r\n"
+            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
+            + payload
+        )
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    except OSError as err:
+        raise PluginDied(str(err)) from None
+    finally:
+        s.close()
+    head, _, rest = data.partition(b"\r\n\r\n")
+    if not head:
+        raise PluginDied("no answer")
+    return int(head.split()[1]), json.loads(rest)
+
+
+def check_consistent(ns: str, state_dir: Path) -> list[str]:
+    networks, endpoints = read_state(state_dir)
+    problems = [f"network {n.id[:12]} is {n.state}" for n in networks if n.state != "ready"]
+    problems += [f"endpoint {e.id[:12]} is {e.state}" for e in endpoints if e.state != "ready"]
+    links = set(run(["ip", "netns", "exec", ns, "ip", "-o", "link", "show"]).stdout.split())
+    names = {word.rstrip(":").split("@")[0] for word in links}
+    wanted = {n.bridge for n in networks} | {e.host_veth for e in endpoints}
+    problems += [f"{name} missing" for name in sorted(wanted - names)]
+    ours = {n for n in names if n.startswith(("pyb-", "pyv", "pyc"))}
+    known = wanted | {e.container_veth for e in endpoints}
+    problems += [f"{name} left behind" for name in sorted(ours - known)]
+    mappings: dict[str, list[Any]] = {}
+    for e in endpoints:
+        mappings.setdefault(e.network_id, []).extend(e.mappings)
+    views = [firewall_view(n, mappings.get(n.id, ())) for n in networks]
+    for family, tool in ((4, "iptables-nft-save"), (6, "ip6tables-nft-save")):
+        save = run(["ip", "netns", "exec", ns, tool]).stdout
+        problems += [f"IPv{family} {p}" for p in drift(views, family, save)]  # type: ignore[arg-type]
+    return problems
