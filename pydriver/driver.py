@@ -63,6 +63,7 @@ PORTS_LOCK = "host-ports"  # host ports are shared by all networks
 
 class Kernel(Protocol):
     async def get_link(self, name: str) -> Link | None: ...
+    async def exists(self, name: str) -> bool: ...
     async def links(self) -> list[Link]: ...
     async def routes(self) -> list[HostRoute]: ...
     async def ensure_bridge(self, name: str, mac: str, mtu: int | None) -> bool: ...
@@ -83,7 +84,7 @@ class Kernel(Protocol):
 
 
 class FirewallPort(Protocol):
-    async def apply(self, networks: Sequence[NetworkRules]) -> None: ...
+    async def apply(self, networks: Sequence[NetworkRules], *, force: bool = False) -> None: ...
     async def drift(self, networks: Sequence[NetworkRules]) -> list[str]: ...
 
 
@@ -112,9 +113,17 @@ class JoinResult:
 
 
 def _sandbox_gone(path: str) -> bool:
-    """True only when the sandbox's directory is visible and the sandbox itself is not (inside
-    a managed plugin the host's netns directory may not be mounted at all: then we cannot tell)."""
-    return os.path.isdir(os.path.dirname(path)) and not os.path.exists(path)
+    """True when Docker's exec root (the directory holding netns/<id>) is visible but the
+    sandbox is not a live network namespace: missing, or an empty file left behind (a live one
+    is an nsfs bind mount, on another device than its directory). Inside a managed plugin the
+    host's exec root may not be mounted at all: then nothing can be told from the path."""
+    exec_root = os.path.dirname(os.path.dirname(path))
+    if not exec_root or not os.path.isdir(exec_root):
+        return False
+    try:
+        return os.stat(path).st_dev == os.stat(os.path.dirname(path)).st_dev
+    except OSError:
+        return True
 
 
 def short(identifier: str) -> str:
@@ -202,8 +211,8 @@ class NetworkDriver:
             if n.state != "deleting"
         ]
 
-    async def _apply_firewall(self) -> None:
-        await self.firewall.apply(self.firewall_views())
+    async def _apply_firewall(self, *, force: bool = False) -> None:
+        await self.firewall.apply(self.firewall_views(), force=force)
 
     # -- networks ------------------------------------------------------------------------------
 
@@ -553,6 +562,8 @@ class NetworkDriver:
                 return
             if endpoint.mappings and bindings == endpoint.port_bindings:
                 return  # already published exactly so
+            if not bindings and not endpoint.mappings:
+                return  # nothing to publish, nothing published
             async with self._locks.hold(PORTS_LOCK):
                 await self._publish(network, endpoint, bindings)
 
@@ -675,25 +686,30 @@ class NetworkDriver:
             if problems:
                 for problem in problems:
                     log.warning("firewall: %s; restoring pybridge's rules", problem)
-                await self._apply_firewall()
+                await self._apply_firewall(force=True)
         return problems
 
     async def collect_garbage(
         self, suspects: set[str], now: float, unjoined_grace: float = 600.0
     ) -> tuple[set[str], list[Endpoint]]:
         """Remove endpoints whose container is gone without Docker telling pybridge (a dockerd
-        crash, or a restart while pybridge was down). Never asks Docker: an endpoint is gone
-        when its sandbox (the SandboxKey netns file) no longer exists, or when it was never
-        joined long after it was made. Only what two scans in a row (``suspects`` from the
-        last one) agree on is removed. Returns the new suspects and the removed endpoints."""
+        crash, or a restart while pybridge was down). Never asks Docker: a joined endpoint is
+        gone when its host veth vanished or its sandbox (the SandboxKey netns) is no longer a
+        live namespace; an endpoint never joined long after it was made is gone too. Only
+        what two scans in a row (``suspects`` from the last one) agree on is removed. Returns
+        the new suspects and the removed endpoints."""
         found: set[str] = set()
-        for endpoint in list(self.endpoints.values()):
-            if endpoint.state != "ready":
-                continue
-            if endpoint.sandbox_key:
-                if await asyncio.to_thread(_sandbox_gone, endpoint.sandbox_key):
-                    found.add(endpoint.id)
-            elif now - endpoint.created_at > unjoined_grace:
+        joined = [e for e in self.endpoints.values() if e.state == "ready" and e.sandbox_key]
+        sandboxes = [e.sandbox_key or "" for e in joined]
+        gone = await asyncio.to_thread(lambda: [_sandbox_gone(path) for path in sandboxes])
+        for endpoint, sandbox_gone in zip(joined, gone, strict=True):
+            # A joined endpoint whose host-side veth is gone lost its container: the pair dies
+            # with the container's network namespace.
+            if sandbox_gone or not await self.kernel.exists(endpoint.host_veth):
+                found.add(endpoint.id)
+        for endpoint in self.endpoints.values():
+            never_joined = endpoint.state == "ready" and not endpoint.sandbox_key
+            if never_joined and now - endpoint.created_at > unjoined_grace:
                 found.add(endpoint.id)
         removed: list[Endpoint] = []
         for endpoint_id in sorted(found & suspects):

@@ -22,7 +22,7 @@ from typing import Literal
 from .errors import HostError
 from .model import Family
 from .process import run
-from .rules import NetworkRules, drift, render_restore
+from .rules import NetworkRules, drift, render_chain_rules, render_restore
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,10 @@ class Firewall:
     """Applies the rendered rule set; serialises applies so batches never interleave."""
 
     def __init__(self, backend: Backend, *, ipv6: bool = True, netns: str | None = None) -> None:
+        # What was last written per family: an apply that would write the same again is
+        # skipped (a container without ports changes nothing). Damage done meanwhile by
+        # others is the self-healing check's job, which forces the write.
+        self._applied: dict[Family, dict[str, list[str]]] = {}
         self.backend = backend
         # Tests run the firewall inside a throwaway network namespace.
         self._prefix = ["ip", "netns", "exec", netns] if netns else []
@@ -112,19 +116,25 @@ class Firewall:
             raise HostError(f"{tool(self.backend, family, 'save')} failed: {detail}")
         return result.stdout
 
-    async def apply(self, networks: Sequence[NetworkRules]) -> None:
+    async def apply(self, networks: Sequence[NetworkRules], *, force: bool = False) -> None:
         async with self._lock:
             for family in self.families:
+                wanted = render_chain_rules(networks, family) if networks else {}
+                if not force and self._applied.get(family) == wanted:
+                    continue
                 current = await self.save(family)
                 text = render_restore(networks, family, current)
                 if not text:
+                    self._applied[family] = wanted
                     continue
                 restore = tool(self.backend, family, "restore")
                 argv = [*self._prefix, restore, "-w", "5", "--noflush"]
                 result = await run(argv, stdin=text)
                 if result.returncode != 0:
+                    self._applied.pop(family, None)
                     log.error("%s failed on input:\n%s", restore, text)
                     raise HostError(f"{restore} refused pybridge's rules: {result.stderr.strip()}")
+                self._applied[family] = wanted
 
     async def drift(self, networks: Sequence[NetworkRules]) -> list[str]:
         """What differs from the wanted rules, per family ([] when all is in place)."""

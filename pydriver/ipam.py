@@ -15,7 +15,7 @@ from .errors import Conflict, Exhausted, InvalidRequest
 from .model import IPAddress, IPNetwork
 
 # The built-in IPAM's default pools (172.17-31.x.x/16, then 192.168.x.x/20), so automatic
-# subnets look like Docker's own.
+# subnets look like Docker's own (pybridge walks them in the other direction).
 DEFAULT_V4_POOLS: tuple[tuple[str, int], ...] = (
     *((f"172.{n}.0.0/16", 16) for n in range(17, 32)),
     ("192.168.0.0/16", 20),
@@ -200,9 +200,15 @@ def find_overlap(
 
 
 def default_v4_candidates() -> Iterator[ipaddress.IPv4Network]:
+    """Docker's default pools, each range from the top down (172.31 ... 172.17, then
+    192.168.240/20 ... 192.168.0/20): Docker's own IPAM takes them from the bottom up, so two
+    networks created at the same moment by the two allocators (neither sees the other's pool
+    before its bridge exists) do not pick the same subnet."""
+    sixteens = [ipaddress.IPv4Network(base) for base, prefix in DEFAULT_V4_POOLS if prefix == 16]
+    yield from reversed(sixteens)
     for base, prefix in DEFAULT_V4_POOLS:
-        net = ipaddress.IPv4Network(base)
-        yield from net.subnets(new_prefix=prefix)
+        if prefix != 16:
+            yield from reversed(list(ipaddress.IPv4Network(base).subnets(new_prefix=prefix)))
 
 
 def v6_candidates(ula_prefix: ipaddress.IPv6Network) -> Iterator[ipaddress.IPv6Network]:

@@ -66,7 +66,7 @@ class IpamDriver:
     async def request_pool(self, req: RequestPoolRequest) -> tuple[str, IPNetwork, Ack]:
         """Allocate a pool. Also returns the callback to run once the answer reached Docker."""
         if req.options:
-            names = ", ".join(sorted(req.options))
+            names = ", ".join(sorted(o[:60] for o in req.options)[:5])
             raise Unsupported(
                 f"pybridge IPAM does not support the IPAM option {names}; it takes no --ipam-opt"
             )

@@ -44,14 +44,16 @@ class Metrics:
         self.repairs: Counter[str] = Counter()
         self.loop_lag = Histogram(LAG_BUCKETS)
         self.loop_lag_max = 0.0
+        self.loop_late_max = 0.0
 
     def observe_request(self, method: str, outcome: str, seconds: float) -> None:
         self.requests[(method, outcome)] += 1
         self.durations.setdefault(method, Histogram(BUCKETS)).observe(seconds)
 
-    def observe_lag(self, seconds: float) -> None:
+    def observe_lag(self, seconds: float, raw: float | None = None) -> None:
         self.loop_lag.observe(seconds)
         self.loop_lag_max = max(self.loop_lag_max, seconds)
+        self.loop_late_max = max(self.loop_late_max, seconds if raw is None else raw)
 
     def count_repairs(self, kind: str, number: int = 1) -> None:
         if number:
@@ -77,12 +79,17 @@ class Metrics:
         for kind, count in sorted(self.repairs.items()):
             out.append(f'pydriver_repairs_total{{kind="{kind}"}} {count}')
         out += [
-            "# HELP pydriver_event_loop_lag_seconds How late the event loop ran a timer.",
+            "# HELP pydriver_event_loop_lag_seconds How long the event loop was busy or blocked "
+            "when a timer was due (time spent waiting for a CPU excluded).",
             "# TYPE pydriver_event_loop_lag_seconds histogram",
             *self.loop_lag.lines("pydriver_event_loop_lag_seconds"),
             "# HELP pydriver_event_loop_lag_max_seconds Largest event loop lag seen.",
             "# TYPE pydriver_event_loop_lag_max_seconds gauge",
             f"pydriver_event_loop_lag_max_seconds {self.loop_lag_max:.6f}",
+            "# HELP pydriver_event_loop_late_max_seconds Largest lateness of a timer, CPU "
+            "starvation included.",
+            "# TYPE pydriver_event_loop_late_max_seconds gauge",
+            f"pydriver_event_loop_late_max_seconds {self.loop_late_max:.6f}",
         ]
         for name, value in sorted(gauges.items()):
             out += [f"# TYPE pydriver_{name} gauge", f"pydriver_{name} {value:g}"]

@@ -11,17 +11,21 @@ import errno
 import ipaddress
 import logging
 import os
+import socket
+import threading
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from .errors import Conflict, HostError
 from .ipam import HostRoute
-from .model import IPInterface
+from .model import IPInterface, IPNetwork
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 IFA_F_NODAD = 0x02
 MAIN_TABLE = 254
@@ -63,8 +67,9 @@ def _describe(err: NetlinkError) -> str:
         return str(err)
 
 
-class Netlink:
-    """One netlink socket for the process; calls are serialised (they are short)."""
+class _NetlinkCore:
+    """The netlink socket and every call on it. Runs on the netlink thread's own event loop
+    (see Netlink): calls are serialised (they are short)."""
 
     def __init__(self, netns: str | None = None) -> None:
         self._netns = netns
@@ -73,7 +78,12 @@ class Netlink:
 
     async def open(self) -> None:
         if self._ipr is None:
-            self._ipr = AsyncIPRoute(netns=self._netns) if self._netns else AsyncIPRoute()
+            # groups=0: no multicast subscriptions. Otherwise every link and address change on
+            # the host (Docker moving interfaces around) is received and parsed for nothing.
+            kwargs: dict[str, Any] = {"groups": 0}
+            if self._netns:
+                kwargs["netns"] = self._netns
+            self._ipr = AsyncIPRoute(**kwargs)
             await self._ipr.setup_endpoint()
 
     async def close(self) -> None:
@@ -88,6 +98,29 @@ class Netlink:
         return self._ipr
 
     # -- queries -------------------------------------------------------------------------------
+    # Parsing a full link message costs about a millisecond of event-loop time, so where only
+    # an interface's index is needed it comes from if_nametoindex (in our own namespace).
+
+    async def index(self, name: str) -> int | None:
+        """The interface's index, or None if there is no such interface."""
+        if self._netns is None:
+            try:
+                return socket.if_nametoindex(name)
+            except OSError:
+                return None
+        link = await self.get_link(name)
+        return link.index if link else None
+
+    async def exists(self, name: str) -> bool:
+        return await self.index(name) is not None
+
+    async def _name_of(self, index: int, names: dict[int, str] | None) -> str:
+        if names is not None:
+            return names.get(index, "")
+        try:
+            return socket.if_indextoname(index)
+        except OSError:
+            return ""
 
     async def get_link(self, name: str) -> Link | None:
         async with self._lock:
@@ -105,8 +138,8 @@ class Netlink:
 
     async def routes(self) -> list[HostRoute]:
         """Unicast routes of the main table, both families, with their device names."""
-        names = {link.index: link.name for link in await self.links()}
-        found: list[HostRoute] = []
+        names = {link.index: link.name for link in await self.links()} if self._netns else None
+        raw: list[tuple[IPNetwork, int]] = []
         async with self._lock:
             for family in (2, 10):
                 async for msg in await self.ipr.route("dump", family=family):
@@ -116,17 +149,17 @@ class Netlink:
                     if not dst:
                         continue
                     net = ipaddress.ip_network(f"{dst}/{msg['dst_len']}", strict=False)
-                    found.append(HostRoute(net, names.get(msg.get("oif") or 0, "")))
-        return found
+                    raw.append((net, msg.get("oif") or 0))
+        return [HostRoute(net, await self._name_of(oif, names)) for net, oif in raw]
 
     async def link_addresses(self, name: str) -> list[IPInterface]:
-        link = await self.get_link(name)
-        if link is None:
+        index = await self.index(name)
+        if index is None:
             return []
         async with self._lock:
             return [
                 ipaddress.ip_interface(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}")
-                async for msg in await self.ipr.addr("dump", index=link.index)
+                async for msg in await self.ipr.addr("dump", index=index)
             ]
 
     # -- bridges -------------------------------------------------------------------------------
@@ -158,34 +191,34 @@ class Netlink:
         mtu: int | None = None,
         master: str | None = None,
     ) -> None:
-        link = await self.get_link(name)
-        if link is None:
+        """Set state, MTU and bridge (idempotent: setting what is already set is fine)."""
+        index = await self.index(name)
+        if index is None:
             raise HostError(f"interface {name} does not exist")
         kwargs: dict[str, Any] = {}
-        if up is not None and up != link.up:
+        if up is not None:
             kwargs["state"] = "up" if up else "down"
-        if mtu and mtu != link.mtu:
+        if mtu:
             kwargs["mtu"] = mtu
         if master is not None:
-            master_link = await self.get_link(master)
-            if master_link is None:
+            master_index = await self.index(master)
+            if master_index is None:
                 raise HostError(f"bridge {master} does not exist")
-            if link.master != master_link.index:
-                kwargs["master"] = master_link.index
+            kwargs["master"] = master_index
         if not kwargs:
             return
         async with self._lock:
             try:
-                await self.ipr.link("set", index=link.index, **kwargs)
+                await self.ipr.link("set", index=index, **kwargs)
             except NetlinkError as err:
                 raise HostError(f"could not configure interface {name}: {_describe(err)}") from None
 
     async def ensure_address(self, name: str, address: IPInterface) -> None:
-        link = await self.get_link(name)
-        if link is None:
+        index = await self.index(name)
+        if index is None:
             raise HostError(f"interface {name} does not exist")
         kwargs: dict[str, Any] = {
-            "index": link.index,
+            "index": index,
             "address": str(address.ip),
             "prefixlen": address.network.prefixlen,
         }
@@ -201,14 +234,14 @@ class Netlink:
                     ) from None
 
     async def remove_address(self, name: str, address: IPInterface) -> None:
-        link = await self.get_link(name)
-        if link is None:
+        index = await self.index(name)
+        if index is None:
             return
         async with self._lock:
             try:
                 await self.ipr.addr(
                     "del",
-                    index=link.index,
+                    index=index,
                     address=str(address.ip),
                     prefixlen=address.network.prefixlen,
                 )
@@ -221,12 +254,12 @@ class Netlink:
     async def set_hairpin(self, name: str) -> None:
         """Let the bridge send a frame back out the port it came in on: a container reaching
         its own published port through a host address comes back on its own port."""
-        link = await self.get_link(name)
-        if link is None:
+        index = await self.index(name)
+        if index is None:
             raise HostError(f"interface {name} does not exist")
         async with self._lock:
             try:
-                await self.ipr.brport("set", index=link.index, mode=1)
+                await self.ipr.brport("set", index=index, mode=1)
             except NetlinkError as err:
                 raise HostError(f"could not set hairpin mode on {name}: {_describe(err)}") from None
 
@@ -234,7 +267,7 @@ class Netlink:
 
     async def ensure_veth(self, host: str, peer: str, peer_mac: str, mtu: int | None) -> bool:
         """Create a veth pair unless the host end exists. Returns True if created now."""
-        if await self.get_link(host) is not None:
+        if await self.exists(host):
             return False
         peer_spec: dict[str, Any] = {"ifname": peer, "address": peer_mac}
         kwargs: dict[str, Any] = {"ifname": host, "kind": "veth", "peer": peer_spec}
@@ -254,14 +287,101 @@ class Netlink:
 
     async def delete_link(self, name: str) -> bool:
         """Delete an interface; returns False if it did not exist."""
-        link = await self.get_link(name)
-        if link is None:
+        index = await self.index(name)
+        if index is None:
             return False
         async with self._lock:
             try:
-                await self.ipr.link("del", index=link.index)
+                await self.ipr.link("del", index=index)
             except NetlinkError as err:
                 if err.code in (errno.ENODEV, errno.ENOENT):
                     return False
                 raise HostError(f"could not delete interface {name}: {_describe(err)}") from None
         return True
+
+
+class Netlink:
+    """The kernel adapter used by the driver.
+
+    The kernel does the work of a netlink request (creating a veth, moving a link) inside the
+    sendmsg() call, under the kernel's rtnl lock, so a request can block for a long time while
+    dockerd, runc or anyone else holds that lock; pyroute2's async socket only makes the
+    *answer* asynchronous. So the AsyncIPRoute socket lives on a dedicated thread with its own
+    event loop, and pybridge's event loop only awaits the results: it never waits for the
+    kernel."""
+
+    def __init__(self, netns: str | None = None) -> None:
+        self._netns = netns
+        self._core = _NetlinkCore(netns)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="pydriver-netlink", daemon=True
+        )
+
+    async def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return await asyncio.wrap_future(future)
+
+    async def open(self) -> None:
+        if not self._thread.is_alive():
+            self._thread.start()
+        await self._call(self._core.open())
+
+    async def close(self) -> None:
+        if not self._thread.is_alive():
+            return
+        await self._call(self._core.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        await asyncio.to_thread(self._thread.join, 5)
+        self._loop.close()
+
+    async def index(self, name: str) -> int | None:
+        if self._netns is None:  # a libc call: no need to leave this thread
+            try:
+                return socket.if_nametoindex(name)
+            except OSError:
+                return None
+        return await self._call(self._core.index(name))
+
+    async def exists(self, name: str) -> bool:
+        return await self.index(name) is not None
+
+    async def get_link(self, name: str) -> Link | None:
+        return await self._call(self._core.get_link(name))
+
+    async def links(self) -> list[Link]:
+        return await self._call(self._core.links())
+
+    async def routes(self) -> list[HostRoute]:
+        return await self._call(self._core.routes())
+
+    async def link_addresses(self, name: str) -> list[IPInterface]:
+        return await self._call(self._core.link_addresses(name))
+
+    async def ensure_bridge(self, name: str, mac: str, mtu: int | None) -> bool:
+        return await self._call(self._core.ensure_bridge(name, mac, mtu))
+
+    async def set_link(
+        self,
+        name: str,
+        *,
+        up: bool | None = None,
+        mtu: int | None = None,
+        master: str | None = None,
+    ) -> None:
+        await self._call(self._core.set_link(name, up=up, mtu=mtu, master=master))
+
+    async def ensure_address(self, name: str, address: IPInterface) -> None:
+        await self._call(self._core.ensure_address(name, address))
+
+    async def remove_address(self, name: str, address: IPInterface) -> None:
+        await self._call(self._core.remove_address(name, address))
+
+    async def set_hairpin(self, name: str) -> None:
+        await self._call(self._core.set_hairpin(name))
+
+    async def ensure_veth(self, host: str, peer: str, peer_mac: str, mtu: int | None) -> bool:
+        return await self._call(self._core.ensure_veth(host, peer, peer_mac, mtu))
+
+    async def delete_link(self, name: str) -> bool:
+        return await self._call(self._core.delete_link(name))

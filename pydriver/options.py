@@ -41,6 +41,10 @@ MIN_MTU = 68
 MAX_MTU = 65535
 
 
+def _clip(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def valid_interface_name(name: str) -> bool:
     """A Linux interface name we are willing to use: 1-15 safe characters."""
     return bool(_IFNAME_RE.fullmatch(name)) and name not in (".", "..")
@@ -49,7 +53,9 @@ def valid_interface_name(name: str) -> bool:
 def parse_network_options(generic: dict[str, str]) -> NetworkOptions:
     unknown = sorted(k for k in generic if k not in SUPPORTED and k != MTU_SHORT)
     if unknown:
-        names = ", ".join(unknown)
+        names = ", ".join(_clip(k) for k in unknown[:5])
+        if len(unknown) > 5:
+            names += f" and {len(unknown) - 5} more"
         noun = "option" if len(unknown) == 1 else "options"
         raise Unsupported(
             f"pybridge does not support the network {noun} {names}; "
@@ -61,7 +67,7 @@ def parse_network_options(generic: dict[str, str]) -> NetworkOptions:
     bridge_name = generic.get(BRIDGE_NAME) or None
     if bridge_name is not None and not valid_interface_name(bridge_name):
         raise InvalidRequest(
-            f"{BRIDGE_NAME} {bridge_name!r} is not a valid interface name; use 1 to 15 "
+            f"{BRIDGE_NAME} {_clip(bridge_name)!r} is not a valid interface name; use 1 to 15 "
             "letters, digits, '_', '.' or '-'"
         )
 
@@ -72,7 +78,7 @@ def parse_network_options(generic: dict[str, str]) -> NetworkOptions:
         mtu = int(raw_mtu) if _DIGITS_RE.fullmatch(raw_mtu) else -1
         if not MIN_MTU <= mtu <= MAX_MTU:
             raise InvalidRequest(
-                f"{MTU} {raw_mtu!r} is not valid; it must be a whole number from "
+                f"{MTU} {_clip(raw_mtu)!r} is not valid; it must be a whole number from "
                 f"{MIN_MTU} to {MAX_MTU}"
             )
 
@@ -83,14 +89,14 @@ def parse_network_options(generic: dict[str, str]) -> NetworkOptions:
             host_binding = ipaddress.ip_address(raw_binding)
         except ValueError:
             raise InvalidRequest(
-                f"{HOST_BINDING_IPV4} {raw_binding!r} is not an IP address"
+                f"{HOST_BINDING_IPV4} {_clip(raw_binding)!r} is not an IP address"
             ) from None
 
     prefix = generic.get(CONTAINER_IFACE_PREFIX) or "eth"
     if not _PREFIX_RE.fullmatch(prefix):
         raise InvalidRequest(
-            f"{CONTAINER_IFACE_PREFIX} {prefix!r} is not valid; use a letter followed by up to "
-            "9 letters, digits or '_'"
+            f"{CONTAINER_IFACE_PREFIX} {_clip(prefix)!r} is not valid; use a letter followed "
+            "by up to 9 letters, digits or '_'"
         )
 
     return NetworkOptions(
@@ -111,4 +117,4 @@ def _parse_bool(generic: dict[str, str], key: str, default: bool) -> bool:
         return True
     if raw in _FALSE:
         return False
-    raise InvalidRequest(f"{key} {raw!r} is not valid; it must be true or false")
+    raise InvalidRequest(f"{key} {_clip(raw)!r} is not valid; it must be true or false")

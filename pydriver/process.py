@@ -1,8 +1,13 @@
-"""Running host tools: always without a shell, asynchronously, with a time limit."""
+"""Running host tools: always without a shell, with a time limit, and off the event loop.
+
+A fork and exec from the event loop thread stalls it for a millisecond or more per process
+(plus a watcher thread each), so processes are started and waited for on worker threads;
+the loop only awaits the result."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,25 +23,25 @@ class CommandResult:
     stderr: str
 
 
-async def run(argv: Sequence[str], stdin: str | None = None) -> CommandResult:
-    """Run a command without a shell, asynchronously, with a time limit."""
+def _run_blocking(argv: Sequence[str], stdin: str | None) -> CommandResult:
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+        done = subprocess.run(
+            list(argv),
+            input=stdin,
+            stdin=None if stdin is not None else subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=COMMAND_TIMEOUT,
+            check=False,
         )
+    except subprocess.TimeoutExpired:
+        raise HostError(f"{argv[0]} did not finish within {COMMAND_TIMEOUT:.0f} seconds") from None
     except OSError as err:
         raise HostError(f"could not run {argv[0]}: {err.strerror or err}") from None
-    try:
-        out, errout = await asyncio.wait_for(
-            proc.communicate(stdin.encode() if stdin is not None else None), COMMAND_TIMEOUT
-        )
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise HostError(f"{argv[0]} did not finish within {COMMAND_TIMEOUT:.0f} seconds") from None
-    return CommandResult(
-        proc.returncode or 0, out.decode(errors="replace"), errout.decode(errors="replace")
-    )
+    return CommandResult(done.returncode, done.stdout, done.stderr)
+
+
+async def run(argv: Sequence[str], stdin: str | None = None) -> CommandResult:
+    """Run a command (no shell) and return its exit status and output."""
+    return await asyncio.to_thread(_run_blocking, argv, stdin)

@@ -6,7 +6,6 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${PYDRIVER_VENV:-$ROOT/.venv}"
-DOCKERD_LOG="${DOCKERD_LOG:-/var/log/dockerd.log}"
 
 say() { printf '[install] %s\n' "$*"; }
 
@@ -46,17 +45,7 @@ fi
 
 # 4. dockerd, unless one already answers.
 if ! docker info >/dev/null 2>&1; then
-    if [ -d /run/systemd/system ]; then
-        say "starting docker.service"
-        systemctl start docker
-    else
-        say "starting dockerd (log: $DOCKERD_LOG)"
-        setsid dockerd >>"$DOCKERD_LOG" 2>&1 </dev/null &
-    fi
-    for _ in $(seq 1 120); do
-        docker info >/dev/null 2>&1 && break
-        sleep 0.5
-    done
-    docker info >/dev/null 2>&1 || { echo "dockerd did not come up; see $DOCKERD_LOG" >&2; exit 1; }
+    say "starting dockerd (log: ${DOCKERD_LOG:-/var/log/dockerd.log})"
+    "$ROOT/scripts/dockerd-service.sh" start
 fi
 say "ready: try 'docker network create -d pybridge mynet'"

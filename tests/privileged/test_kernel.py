@@ -123,9 +123,12 @@ async def test_firewall_apply_is_atomic_idempotent_and_cleans_up(
     assert "-A PYBRIDGE-POSTROUTING -s 10.213.41.0/24 ! -o pyb-one -j MASQUERADE" in rules["nat"]
     text6 = in_ns(netns, tool(backend, 6, "save"))
     assert "-A PYBRIDGE-POSTROUTING -s fd00:213:41::/64 ! -o pyb-one -j MASQUERADE" in text6
-    # Someone flushes FORWARD (a firewall reload): the next apply restores exactly one jump.
+    # Someone flushes FORWARD (a firewall reload): drift sees it, and a forced apply (what
+    # self-healing does) restores exactly one jump.
     in_ns(netns, tool(backend, 4), "-F", "FORWARD")
-    await firewall.apply(nets)
+    assert any("jump" in problem for problem in await firewall.drift(nets))
+    await firewall.apply(nets, force=True)
+    assert await firewall.drift(nets) == []
     assert jumps_present(in_ns(netns, *save)).count("-A FORWARD -j PYBRIDGE-FORWARD") == 1
     await firewall.apply([])
     for family in (4, 6):

@@ -176,3 +176,39 @@ def test_state_is_loaded_and_reconciled_before_binding(netns: str, tmp_path: Pat
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             proc.communicate(timeout=20)
+
+
+def test_sigterm_finishes_requests_in_flight_and_keeps_the_data_plane(
+    netns: str, tmp_path: Path
+) -> None:
+    from tests.privileged.serving import Plugin
+
+    plugin = Plugin(netns, tmp_path)
+    # The request pauses inside, right after the bridge is made, while SIGTERM arrives.
+    plugin.start(PYDRIVER_DELAY_AT="network.create.bridge:1.5")
+    network_id = secrets.token_hex(32)
+    body = {
+        "NetworkID": network_id,
+        "Options": {"com.docker.network.generic": {}},
+        "IPv4Data": [{"Pool": "10.213.61.0/24", "Gateway": "10.213.61.1/24"}],
+        "IPv6Data": [],
+    }
+    result: dict[str, object] = {}
+
+    def call() -> None:
+        result["reply"] = plugin.post("NetworkDriver.CreateNetwork", body)
+
+    import threading
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    time.sleep(0.5)
+    assert plugin.proc is not None
+    plugin.proc.send_signal(signal.SIGTERM)
+    caller.join(20)
+    assert result["reply"] == (200, {})
+    assert plugin.proc.wait(timeout=20) == 0
+    assert not plugin.sock.exists()
+    links = run(["ip", "netns", "exec", netns, "ip", "-o", "link", "show"]).stdout
+    assert "pyb-" + network_id[:11] in links  # the data plane stays up
+    assert plugin.consistent() == []

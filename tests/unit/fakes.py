@@ -116,6 +116,10 @@ class FakeKernel:
         link = self.links_by_name.get(name)
         return link.as_link(self) if link else None
 
+    async def exists(self, name: str) -> bool:
+        self._enter("exists", name)
+        return name in self.links_by_name
+
     async def links(self) -> list[Link]:
         self._enter("links", "")
         return [link.as_link(self) for link in self.links_by_name.values()]
@@ -221,7 +225,7 @@ class FakeFirewall:
     fail: DriverError | None = None
     damaged: list[str] = field(default_factory=list)  # what drift() reports until next apply
 
-    async def apply(self, networks: Sequence[NetworkRules]) -> None:
+    async def apply(self, networks: Sequence[NetworkRules], *, force: bool = False) -> None:
         if self.fail is not None:
             raise self.fail
         self.applied.append(list(networks))

@@ -807,3 +807,66 @@ async def test_ipv6_network_turns_on_ipv6_forwarding(env: Env) -> None:
         v6_gateway="fd00:60::1/64",
     )
     assert env.sysctl.forwarding_v6 == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Garbage collection of endpoints whose containers vanished
+# ---------------------------------------------------------------------------------------------
+
+
+async def _joined(env: Env, endpoint_id: str, sandbox: str, address: str) -> None:
+    await create_endpoint(env.driver, NET_A, endpoint_id, address=address)
+    await env.driver.join(p.parse_join(join_body(NET_A, endpoint_id, sandbox)))
+
+
+async def test_collector_needs_two_scans_and_spares_live_endpoints(env: Env, tmp_path) -> None:
+    await create_network(env.driver, NET_A)
+    exec_root = tmp_path / "docker"
+    (exec_root / "netns").mkdir(parents=True)
+    (exec_root / "netns" / "dead").write_text("")  # an empty file dockerd left behind
+    await _joined(env, EP_1, str(exec_root / "netns" / "dead"), "10.50.0.2/24")
+    # A sandbox whose exec root is not visible (inside a managed plugin): cannot tell.
+    await _joined(env, EP_2, "/nonexistent-root/netns/abc", "10.50.0.3/24")
+    suspects, removed = await env.driver.collect_garbage(set(), now=0)
+    assert suspects == {EP_1} and removed == []
+    suspects, removed = await env.driver.collect_garbage(suspects, now=0)
+    assert [e.id for e in removed] == [EP_1] and suspects == set()
+    assert set(env.driver.endpoints) == {EP_2}
+    assert host_veth_name(EP_1) not in env.kernel.names()
+    # Once its veth vanishes (its netns died), the other one goes too.
+    await env.kernel.delete_link(host_veth_name(EP_2))
+    suspects, _ = await env.driver.collect_garbage(set(), now=0)
+    _, removed = await env.driver.collect_garbage(suspects, now=0)
+    assert [e.id for e in removed] == [EP_2]
+
+
+async def test_collector_removes_endpoints_never_joined(env: Env) -> None:
+    await create_network(env.driver, NET_A)
+    await create_endpoint(env.driver, NET_A, EP_1)
+    created = env.driver.endpoints[EP_1].created_at
+    suspects, _ = await env.driver.collect_garbage(set(), now=created + 60)
+    assert suspects == set()  # still young: Docker joins right after creating
+    suspects, _ = await env.driver.collect_garbage(set(), now=created + 3600)
+    _, removed = await env.driver.collect_garbage(suspects, now=created + 3600)
+    assert [e.id for e in removed] == [EP_1]
+
+
+async def test_upkeep_collect_releases_the_ipam_address(env: Env, tmp_path) -> None:
+    from pydriver.metrics import Metrics
+    from pydriver.upkeep import Intervals, Upkeep
+
+    pool_id, _, ack = await env.ipam.request_pool(
+        p.parse_request_pool({"Pool": "10.50.0.0/24", "V6": False})
+    )
+    await ack()
+    address, _ = await env.ipam.request_address(
+        p.parse_request_address({"PoolID": pool_id, "Address": ""})
+    )
+    await create_network(env.driver, NET_A)
+    await _joined(env, EP_1, str(tmp_path / "netns" / "gone"), str(address))
+    upkeep = Upkeep(env.driver, env.ipam, Metrics(), Intervals())
+    await upkeep.collect()
+    await upkeep.collect()
+    assert EP_1 not in env.driver.endpoints
+    assert int(address.ip) not in env.ipam.pools[pool_id].allocated
+    assert upkeep.metrics.repairs["stale_endpoint"] == 1

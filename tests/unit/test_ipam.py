@@ -267,26 +267,27 @@ def test_describe_route_without_device() -> None:
 
 
 def test_default_v4_candidates_order() -> None:
+    # Docker's default pools, from the top down (Docker's IPAM goes bottom up).
     candidates = [str(c) for c in default_v4_candidates()]
-    assert candidates[:15] == [f"172.{n}.0.0/16" for n in range(17, 32)]
-    assert candidates[15:18] == ["192.168.0.0/20", "192.168.16.0/20", "192.168.32.0/20"]
-    assert candidates[-1] == "192.168.240.0/20"
+    assert candidates[:15] == [f"172.{n}.0.0/16" for n in range(31, 16, -1)]
+    assert candidates[15:18] == ["192.168.240.0/20", "192.168.224.0/20", "192.168.208.0/20"]
+    assert candidates[-1] == "192.168.0.0/20"
     assert len(candidates) == 15 + 16
     assert DEFAULT_V4_POOLS[0] == ("172.17.0.0/16", 16)
 
 
 def test_choose_subnet() -> None:
-    assert choose_subnet(default_v4_candidates(), [], []) == net("172.17.0.0/16")
-    # Docker's own docker0 route and another pool are skipped
+    assert choose_subnet(default_v4_candidates(), [], []) == net("172.31.0.0/16")
+    # a route and another pool are skipped
     assert choose_subnet(
         default_v4_candidates(),
-        [net("172.18.0.0/16")],
-        [route("0.0.0.0/0"), route("172.17.0.0/16", "docker0")],
-    ) == net("172.19.0.0/16")
-    # once 172.16.0.0/12 is taken, 192.168 /20s follow, skipping a LAN route
+        [net("172.30.0.0/16")],
+        [route("0.0.0.0/0"), route("172.31.0.0/24", "br-x")],
+    ) == net("172.29.0.0/16")
+    # once 172.16.0.0/12 is taken, 192.168 /20s follow from the top, skipping a LAN route
     assert choose_subnet(
-        default_v4_candidates(), [net("172.16.0.0/12")], [route("192.168.1.0/24", "eth0")]
-    ) == net("192.168.16.0/20")
+        default_v4_candidates(), [net("172.16.0.0/12")], [route("192.168.240.0/24", "eth0")]
+    ) == net("192.168.224.0/20")
 
 
 def test_choose_subnet_exhausted() -> None:
@@ -416,12 +417,12 @@ async def test_request_pool_explicit(open_ipam: OpenIpam, routes: FakeRoutes) ->
 
 
 async def test_request_pool_auto(open_ipam: OpenIpam, routes: FakeRoutes) -> None:
-    routes.routes.append(route("172.17.0.0/16", "docker0"))
+    routes.routes.append(route("172.31.0.0/16", "br-1234"))
     ipam = await open_ipam()
     first = await request_pool(ipam, pool_req())
     second = await request_pool(ipam, pool_req())
-    assert first[1] == net("172.18.0.0/16")
-    assert second[1] == net("172.19.0.0/16")
+    assert first[1] == net("172.30.0.0/16")
+    assert second[1] == net("172.29.0.0/16")
 
 
 async def test_request_pool_v6_auto(open_ipam: OpenIpam) -> None:
@@ -453,8 +454,8 @@ async def test_request_pool_overlapping_a_pool(open_ipam: OpenIpam) -> None:
     assert "10.216.3.0/24" in str(info.value)
     assert "10.216.0.0/16" in str(info.value)
     # auto-allocation skips pools too
-    await request_pool(ipam, pool_req("172.17.0.0/16"))
-    assert (await request_pool(ipam, pool_req()))[1] == net("172.18.0.0/16")
+    await request_pool(ipam, pool_req("172.31.0.0/16"))
+    assert (await request_pool(ipam, pool_req()))[1] == net("172.30.0.0/16")
 
 
 async def test_request_pool_overlapping_a_route(open_ipam: OpenIpam, routes: FakeRoutes) -> None:
@@ -553,7 +554,7 @@ async def test_state_survives_a_reload(open_ipam: OpenIpam) -> None:
     with pytest.raises(Conflict):
         await request_address(reloaded, addr_req(a, "10.216.0.5"))
     # the auto-allocator sees the reloaded pools
-    assert (await request_pool(reloaded, pool_req()))[1] == net("172.18.0.0/16")
+    assert (await request_pool(reloaded, pool_req()))[1] == net("172.30.0.0/16")
 
 
 async def test_reload_does_not_hand_out_duplicates(open_ipam: OpenIpam) -> None:

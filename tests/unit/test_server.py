@@ -216,7 +216,7 @@ async def test_full_flow(client: Client) -> None:
             "V6": False,
         },
     )
-    assert pool == {"PoolID": "172.17.0.0/16", "Pool": "172.17.0.0/16", "Data": {}}
+    assert pool == {"PoolID": "172.31.0.0/16", "Pool": "172.31.0.0/16", "Data": {}}
     gateway = await client.ok(
         "/IpamDriver.RequestAddress",
         {
@@ -225,7 +225,7 @@ async def test_full_flow(client: Client) -> None:
             "Options": {"RequestAddressType": "com.docker.network.gateway"},
         },
     )
-    assert gateway == {"Address": "172.17.0.1/16", "Data": {}}
+    assert gateway == {"Address": "172.31.0.1/16", "Data": {}}
     assert (
         await client.ok(
             "/NetworkDriver.CreateNetwork",
@@ -241,7 +241,7 @@ async def test_full_flow(client: Client) -> None:
     address = await client.ok(
         "/IpamDriver.RequestAddress", {"PoolID": pool["PoolID"], "Address": "", "Options": None}
     )
-    assert address["Address"] == "172.17.0.2/16"
+    assert address["Address"] == "172.31.0.2/16"
     reply = await client.ok(
         "/NetworkDriver.CreateEndpoint",
         create_endpoint_body(NET, EP, address["Address"], ports=True),
@@ -252,14 +252,14 @@ async def test_full_flow(client: Client) -> None:
         "InterfaceName": {"SrcName": container_veth_name(EP), "DstPrefix": "eth"},
         "StaticRoutes": [],
         "DisableGatewayService": False,
-        "Gateway": "172.17.0.1",
+        "Gateway": "172.31.0.1",
     }
     program = endpoint_ref_body(NET, EP)
     program["Options"] = create_endpoint_body(NET, EP, ports=True)["Options"]
     assert await client.ok("/NetworkDriver.ProgramExternalConnectivity", program) == {}
     info = await client.ok("/NetworkDriver.EndpointOperInfo", endpoint_ref_body(NET, EP))
     assert info["Value"]["veth_host"] == host_veth_name(EP)
-    assert info["Value"]["address"] == "172.17.0.2/16"
+    assert info["Value"]["address"] == "172.31.0.2/16"
 
     # docker rm -f; docker network rm
     env.kernel.move_to_container(container_veth_name(EP))
@@ -272,14 +272,14 @@ async def test_full_flow(client: Client) -> None:
     assert host_veth_name(EP) not in env.kernel.names()
     assert (
         await client.ok(
-            "/IpamDriver.ReleaseAddress", {"PoolID": pool["PoolID"], "Address": "172.17.0.2"}
+            "/IpamDriver.ReleaseAddress", {"PoolID": pool["PoolID"], "Address": "172.31.0.2"}
         )
         == {}
     )
     assert await client.ok("/NetworkDriver.DeleteNetwork", {"NetworkID": NET}) == {}
     assert (
         await client.ok(
-            "/IpamDriver.ReleaseAddress", {"PoolID": pool["PoolID"], "Address": "172.17.0.1"}
+            "/IpamDriver.ReleaseAddress", {"PoolID": pool["PoolID"], "Address": "172.31.0.1"}
         )
         == {}
     )
