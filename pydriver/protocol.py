@@ -275,6 +275,22 @@ def parse_network(value: object, name: str) -> IPNetwork:
         ) from None
 
 
+POOL_PREFIX_LIMITS = {4: (8, 30), 6: (16, 126)}
+
+
+def parse_pool(value: object, name: str) -> IPNetwork:
+    """A subnet a network can use: not a default route's worth of addresses, and room for a
+    gateway and at least one container."""
+    pool = parse_network(value, name)
+    low, high = POOL_PREFIX_LIMITS[pool.version]
+    if not low <= pool.prefixlen <= high:
+        raise InvalidRequest(
+            f"{name} {pool} is not usable for a network; IPv{pool.version} subnets must have a "
+            f"prefix length from /{low} to /{high}"
+        )
+    return pool
+
+
 def parse_address(value: object, name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """Parse a plain address. A prefix length, if present, is ignored."""
     if not isinstance(value, str):
@@ -302,7 +318,7 @@ def _ip_data_list(body: Mapping[str, Any], name: str, version: int) -> tuple[IPD
         where = f"{name}[{i}]"
         if not isinstance(item, dict):
             raise InvalidRequest(f"{where} must be a JSON object, not {_json_type(item)}")
-        pool = parse_network(item.get("Pool"), f"{where}.Pool")
+        pool = parse_pool(item.get("Pool"), f"{where}.Pool")
         if pool.version != version:
             raise InvalidRequest(f"{where}.Pool {pool} is not an IPv{version} subnet")
         gateway = None
@@ -475,7 +491,7 @@ def parse_program_external(body: Mapping[str, Any]) -> ProgramExternalRequest:
 
 
 def parse_request_pool(body: Mapping[str, Any]) -> RequestPoolRequest:
-    pool = parse_network(body["Pool"], "Pool") if body.get("Pool") else None
+    pool = parse_pool(body["Pool"], "Pool") if body.get("Pool") else None
     sub_pool = parse_network(body["SubPool"], "SubPool") if body.get("SubPool") else None
     v6 = _bool(body, "V6")
     if pool is not None and (pool.version == 6) != v6:

@@ -250,10 +250,14 @@ def test_stop_start_rm_and_plugin_restart(d: Docker, outside: OutsideHost, plugi
     assert "18260" not in firewall_dump()
     docker("start", c)
     assert tcp_from(outside, outside.host_ip, 18260) == outside.ip
-    # The data plane does not need the plugin; a restart keeps every mapping.
+    # The data plane does not need the plugin: with it stopped, containers still talk to each
+    # other, to the outside and through published ports. A restart keeps every mapping.
+    neighbour = d.run(net)
     plugin.stop()
     try:
         assert tcp_from(outside, outside.host_ip, 18260) == outside.ip
+        assert tcp_from_container(d, neighbour, d.ip(c, net), 80) == d.ip(neighbour, net)
+        assert tcp_from_container(d, neighbour, outside.ip, outside.port) == outside.host_ip
     finally:
         plugin.start()
     plugin.kill9_and_start()
@@ -261,6 +265,7 @@ def test_stop_start_rm_and_plugin_restart(d: Docker, outside: OutsideHost, plugi
     assert [r["host"] for r in published_for(c)] == ["0.0.0.0:18260"]
     d.rm_container(c)
     assert "18260" not in firewall_dump()
+    d.rm_container(neighbour)
     d.rm_network(net)
     assert "18260" not in firewall_dump()
 

@@ -676,3 +676,18 @@ def test_encode_reply() -> None:
     assert data.count(b"\n") == 1
     assert json.loads(data) == {"Err": "x", "n": [1]}
     assert p.encode_reply({}) == b"{}\n"
+
+
+@pytest.mark.parametrize(
+    "pool", ["0.0.0.0/0", "10.0.0.0/7", "10.0.0.0/31", "10.0.0.1/32", "::/0", "fd00::/127"]
+)
+def test_pools_too_large_or_too_small_are_refused(pool: str) -> None:
+    with pytest.raises(InvalidRequest, match="not usable for a network"):
+        p.parse_request_pool({"Pool": pool, "V6": ":" in pool})
+    with pytest.raises(InvalidRequest, match="not usable for a network"):
+        p.parse_create_network(
+            {
+                "NetworkID": "ab" * 32,
+                "IPv4Data" if ":" not in pool else "IPv6Data": [{"Pool": pool}],
+            }
+        )

@@ -1,0 +1,57 @@
+"""Hostile input against the running plugin itself: every reply is JSON with a clear Err, the
+process stays up, its memory stays bounded, and rejected requests change no state."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.e2e.conftest import SOCKET
+from tests.fuzzing import RAW_BODIES, ROUTES, check_reply, post_raw
+from tests.hostenv import run
+
+REQUESTS = 1500
+
+
+def rss_kib() -> int:
+    pid = Path("/run/pydriver.pid").read_text().strip()
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def state() -> str:
+    code = (
+        "from pydriver.store import read_state; from pathlib import Path; import json;"
+        "n, e = read_state(Path('/var/lib/pydriver'));"
+        "print(json.dumps([[x.to_dict() for x in n], [x.to_dict() for x in e]], sort_keys=True))"
+    )
+    return run([sys.executable, "-c", code]).stdout
+
+
+def test_fuzz_the_live_plugin(environment: None) -> None:
+    before_state = state()
+    pid_before = Path("/run/pydriver.pid").read_text()
+    warm = rss_kib()
+    statuses: list[int] = []
+
+    @settings(
+        max_examples=REQUESTS, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
+    @given(method=st.sampled_from(ROUTES), body=RAW_BODIES)
+    def fuzz(method: str, body: bytes) -> None:
+        status, reply = post_raw(SOCKET, method, body)
+        check_reply(status, reply)
+        statuses.append(status)
+
+    fuzz()
+    assert len(statuses) >= REQUESTS // 2
+    grown = rss_kib() - warm
+    assert grown < 20 * 1024, f"RSS grew by {grown} KiB over {len(statuses)} requests"
+    assert Path("/run/pydriver.pid").read_text() == pid_before  # never restarted
+    assert state() == before_state, "fuzzing changed pybridge's state"
+    assert post_raw(SOCKET, "Plugin.Activate", b"")[0] == 200
