@@ -399,7 +399,15 @@ class NetworkDriver:
                 network_id=network.id,
                 host_veth=host_veth_name(req.endpoint_id),
                 container_veth=container_veth_name(req.endpoint_id),
-                mac_address=req.mac_address or endpoint_mac(req.endpoint_id),
+                mac_address=req.mac_address
+                or endpoint_mac(
+                    req.endpoint_id,
+                    req.address.ip
+                    if req.address
+                    else req.address_v6.ip
+                    if req.address_v6
+                    else None,
+                ),
                 mac_generated=req.mac_address is None,
                 address=req.address,
                 address_v6=req.address_v6,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 
+from .model import IPAddress
+
 BRIDGE_PREFIX = "pyb-"
 HOST_VETH_PREFIX = "pyv"
 CONTAINER_VETH_PREFIX = "pyc"
@@ -40,9 +42,16 @@ def _mac_from(seed: str) -> str:
     return ":".join(f"{b:02x}" for b in octets)
 
 
-def endpoint_mac(endpoint_id: str) -> str:
-    """The MAC given to a container interface when Docker supplies none."""
-    return _mac_from("endpoint:" + endpoint_id)
+def endpoint_mac(endpoint_id: str, address: IPAddress | None = None) -> str:
+    """The MAC given to a container interface when Docker supplies none: 02:50 followed by the
+    last four bytes of its address (as Docker's bridge used to do with 02:42). A container that
+    restarts with the same address then comes back with the same MAC, so nobody's ARP or
+    neighbour cache points at a MAC that no longer exists. Without an address, one derived
+    from the endpoint id."""
+    if address is None:
+        return _mac_from("endpoint:" + endpoint_id)
+    tail = int(address).to_bytes(16 if address.version == 6 else 4, "big")[-4:]
+    return ":".join(f"{b:02x}" for b in (0x02, 0x50, *tail))
 
 
 def bridge_mac(network_id: str) -> str:

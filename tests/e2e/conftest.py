@@ -9,6 +9,7 @@ import json
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -230,6 +231,18 @@ def assert_nothing_left_behind() -> None:
     if not remaining:
         assert not [n for n in names if n.startswith(("pyv", "pyc"))], names
         assert "PYBRIDGE" not in firewall_dump(), "pybridge rules left behind"
+    # Every pybridge IPAM pool belongs to a network Docker still has.
+    used = set()
+    for network in docker("network", "ls", "-q").split():
+        info = json.loads(docker("network", "inspect", network))[0]
+        if info["IPAM"]["Driver"] == "pybridge":
+            used |= {c["Subnet"] for c in info["IPAM"]["Config"] or []}
+    code = (
+        "import sqlite3, json; db = sqlite3.connect('file:/var/lib/pydriver/state.db?mode=ro',"
+        " uri=True); print(json.dumps([r[0] for r in db.execute('SELECT id FROM pools')]))"
+    )
+    pools = set(json.loads(run([sys.executable, "-c", code]).stdout))
+    assert pools <= used, f"IPAM pools left behind: {sorted(pools - used)}"
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,9 +33,15 @@ def tcp_from_host(ip: str, port: int, timeout: float = 3.0) -> str:
         return ""
 
 
-def tcp_from(outside: OutsideHost, ip: str, port: int) -> str:
-    out = outside.exec("busybox", "nc", "-w", "3", ip, str(port), check=False)
-    return out.strip()
+def tcp_from(outside: OutsideHost, ip: str, port: int, expect: str | None = None) -> str:
+    """Connect from the outside host. With ``expect``, retry for a few seconds until that
+    answer comes (a just-started container may not listen yet)."""
+    deadline = time.monotonic() + (5 if expect is not None else 0)
+    while True:
+        out = outside.exec("busybox", "nc", "-w", "3", ip, str(port), check=False).strip()
+        if expect is None or out == expect or time.monotonic() > deadline:
+            return out
+        time.sleep(0.2)
 
 
 def udp_from(outside: OutsideHost, ip: str, port: int) -> str:
@@ -88,7 +95,7 @@ def test_tcp_reachable_from_everywhere(d: Docker, outside: OutsideHost) -> None:
     web_ip = d.ip(web, net)
     gateway = gateway_of(d, web)
     # From another host: the container sees the real client address.
-    assert tcp_from(outside, outside.host_ip, 18200) == outside.ip
+    assert tcp_from(outside, outside.host_ip, 18200, outside.ip) == outside.ip
     # From the host itself, through loopback and through its own addresses.
     assert tcp_from_host("127.0.0.1", 18200) == gateway
     assert tcp_from_host(outside.host_ip, 18200) == outside.host_ip
@@ -119,7 +126,7 @@ def test_unpublished_ports_are_not_reachable(d: Docker, outside: OutsideHost) ->
     outside.exec("ip", "route", "add", "10.213.51.0/24", "via", outside.host_ip)
     try:
         assert tcp_from(outside, d.ip(c, net), 81) == ""
-        assert tcp_from(outside, outside.host_ip, 18201) == outside.ip
+        assert tcp_from(outside, outside.host_ip, 18201, outside.ip) == outside.ip
     finally:
         outside.exec("ip", "route", "del", "10.213.51.0/24", check=False)
 
@@ -130,7 +137,7 @@ def test_udp_and_ranges(d: Docker, outside: OutsideHost) -> None:
     assert udp_from(outside, outside.host_ip, 18210) == outside.ip
     ranged = d.run(net, "-p", "18220-18222:90-92", command=("pbtest-echo", "tcp", "90", "91", "92"))
     for port in (18220, 18221, 18222):
-        assert tcp_from(outside, outside.host_ip, port) == outside.ip
+        assert tcp_from(outside, outside.host_ip, port, outside.ip) == outside.ip
     hosts = sorted(str(r["host"]) for r in published_for(ranged))
     assert hosts == ["0.0.0.0:18220", "0.0.0.0:18221", "0.0.0.0:18222"]
     assert [r["proto"] for r in published_for(udp)] == ["udp"]
@@ -146,9 +153,9 @@ def test_one_host_address_v4_and_v6(d: Docker, outside: OutsideHost) -> None:
         f"[{outside.host_ip6}]:18231:80",
         command=ECHO_TCP,
     )
-    assert tcp_from(outside, outside.host_ip, 18230) == outside.ip
+    assert tcp_from(outside, outside.host_ip, 18230, outside.ip) == outside.ip
     assert tcp_from_host("127.0.0.1", 18230) == ""  # only that address
-    assert tcp_from(outside, outside.host_ip6, 18231) == outside.ip6
+    assert tcp_from(outside, outside.host_ip6, 18231, outside.ip6) == outside.ip6
     assert tcp_from(outside, outside.host_ip, 18231) == ""
     assert sorted(str(r["host"]) for r in published_for(c)) == [
         "198.51.100.1:18230",
@@ -156,8 +163,8 @@ def test_one_host_address_v4_and_v6(d: Docker, outside: OutsideHost) -> None:
     ]
     # A wildcard binding on a dual-stack network publishes on both families.
     both = d.run(net, "-p", "18232:80", command=ECHO_TCP)
-    assert tcp_from(outside, outside.host_ip, 18232) == outside.ip
-    assert tcp_from(outside, outside.host_ip6, 18232) == outside.ip6
+    assert tcp_from(outside, outside.host_ip, 18232, outside.ip) == outside.ip
+    assert tcp_from(outside, outside.host_ip6, 18232, outside.ip6) == outside.ip6
     assert len(published_for(both)) == 2
 
 
@@ -171,7 +178,7 @@ def test_ephemeral_ports(d: Docker, outside: OutsideHost) -> None:
     host_ports = [int(str(r["host"]).rsplit(":", 1)[1]) for r in rows]
     assert len(set(host_ports)) == 2 and all(low <= p <= high for p in host_ports)
     for port in host_ports:
-        assert tcp_from(outside, outside.host_ip, port) == outside.ip
+        assert tcp_from(outside, outside.host_ip, port, outside.ip) == outside.ip
     # The ports are held: a host process cannot take them.
     with pytest.raises(OSError):
         s = socket.socket()
@@ -185,7 +192,7 @@ def test_host_binding_ipv4_option(d: Docker, outside: OutsideHost) -> None:
     net = d.network("-o", f"com.docker.network.bridge.host_binding_ipv4={outside.host_ip}")
     c = d.run(net, "-p", "18240:80", command=ECHO_TCP)
     assert [r["host"] for r in published_for(c)] == [f"{outside.host_ip}:18240"]
-    assert tcp_from(outside, outside.host_ip, 18240) == outside.ip
+    assert tcp_from(outside, outside.host_ip, 18240, outside.ip) == outside.ip
     assert tcp_from_host("127.0.0.1", 18240) == ""
 
 
@@ -243,25 +250,25 @@ def test_taken_ports_fail_docker_run_by_name(d: Docker) -> None:
 def test_stop_start_rm_and_plugin_restart(d: Docker, outside: OutsideHost, plugin: Plugin) -> None:
     net = d.network()
     c = d.run(net, "-p", "18260:80", command=ECHO_TCP)
-    assert tcp_from(outside, outside.host_ip, 18260) == outside.ip
+    assert tcp_from(outside, outside.host_ip, 18260, outside.ip) == outside.ip
     docker("stop", "-t", "0", c)
     assert published_for(c) == []
     assert tcp_from(outside, outside.host_ip, 18260) == ""
     assert "18260" not in firewall_dump()
     docker("start", c)
-    assert tcp_from(outside, outside.host_ip, 18260) == outside.ip
+    assert tcp_from(outside, outside.host_ip, 18260, outside.ip) == outside.ip
     # The data plane does not need the plugin: with it stopped, containers still talk to each
     # other, to the outside and through published ports. A restart keeps every mapping.
     neighbour = d.run(net)
     plugin.stop()
     try:
-        assert tcp_from(outside, outside.host_ip, 18260) == outside.ip
+        assert tcp_from(outside, outside.host_ip, 18260, outside.ip) == outside.ip
         assert tcp_from_container(d, neighbour, d.ip(c, net), 80) == d.ip(neighbour, net)
         assert tcp_from_container(d, neighbour, outside.ip, outside.port) == outside.host_ip
     finally:
         plugin.start()
     plugin.kill9_and_start()
-    assert tcp_from(outside, outside.host_ip, 18260) == outside.ip
+    assert tcp_from(outside, outside.host_ip, 18260, outside.ip) == outside.ip
     assert [r["host"] for r in published_for(c)] == ["0.0.0.0:18260"]
     d.rm_container(c)
     assert "18260" not in firewall_dump()

@@ -111,15 +111,18 @@ def test_dockerd_restarted_while_plugin_down(
     ]
     plugin.stop()
     try:
-        pid = int(Path("/var/run/docker.pid").read_text())
+        pid = int(run([str(DOCKERD), "pid"]).stdout)
         os.kill(pid, 9)
         assert wait_for(lambda: not Path(f"/proc/{pid}").exists(), timeout=20)
         run([str(DOCKERD), "start"], timeout=180)
     finally:
         plugin.start()
     # Within a few collector scans, the endpoint of the dead container is gone, with its port.
-    assert wait_for(lambda: old_endpoint not in state_endpoints(), timeout=60, interval=1)
-    assert "18320" not in firewall_dump()
+    assert wait_for(
+        lambda: old_endpoint not in state_endpoints() and "18320" not in firewall_dump(),
+        timeout=60,
+        interval=1,
+    )
     assert not any(old_endpoint[:12] in name for name in link_names())
     assert metric('pydriver_repairs_total{kind="stale_endpoint"}') >= 1
     docker("start", c)

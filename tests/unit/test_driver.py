@@ -261,7 +261,7 @@ async def test_concurrent_endpoints_on_two_networks(env: Env) -> None:
         create_endpoint(env.driver, NET_A, EP_1),
         create_endpoint(env.driver, NET_B, EP_2, address="10.51.0.2/24"),
     )
-    assert list(macs) == [endpoint_mac(EP_1), endpoint_mac(EP_2)]
+    assert list(macs) == ["02:50:0a:32:00:02", "02:50:0a:33:00:02"]  # from the addresses
     assert env.kernel.links_by_name[host_veth_name(EP_1)].master == BR_A
     assert env.kernel.links_by_name[host_veth_name(EP_2)].master == BR_B
 
@@ -301,7 +301,7 @@ async def test_delete_unknown_network(env: Env) -> None:
 async def test_create_endpoint(env: Env) -> None:
     await create_network(env.driver, NET_A)
     mac = await create_endpoint(env.driver, NET_A, EP_1, ports=True)
-    assert mac == endpoint_mac(EP_1)
+    assert mac == endpoint_mac(EP_1, ipaddress.ip_address("10.50.0.2")) == "02:50:0a:32:00:02"
     host, peer = host_veth_name(EP_1), container_veth_name(EP_1)
     assert env.kernel.links_by_name[host].kind == "veth"
     assert env.kernel.links_by_name[host].master == BR_A
@@ -530,7 +530,7 @@ async def test_endpoint_oper_info_never_raises(env: Env) -> None:
     assert info == {
         "bridge": BR_A,
         "veth_host": host_veth_name(EP_1),
-        "mac_address": endpoint_mac(EP_1),
+        "mac_address": endpoint_mac(EP_1, ipaddress.ip_address("10.50.0.2")),
         "address": "10.50.0.2/24",
     }
     assert env.driver.endpoint_oper_info(ref(NET_B, EP_1)) == {}
@@ -727,7 +727,9 @@ async def test_reconcile_recreates_a_missing_bridge(env: Env) -> None:
     veth = rebooted.links_by_name[host_veth_name(EP_1)]
     assert veth.master == BR_A
     assert veth.up is True
-    assert rebooted.links_by_name[container_veth_name(EP_1)].mac == endpoint_mac(EP_1)
+    assert rebooted.links_by_name[container_veth_name(EP_1)].mac == endpoint_mac(
+        EP_1, ipaddress.ip_address("10.50.0.2")
+    )
     assert env.firewall.last == [firewall_view(driver.networks[NET_A])]
     assert env.sysctl.forwarding > forwarding
     assert set(driver.endpoints) == {EP_1, EP_2}

@@ -73,3 +73,11 @@ def test_macs_are_locally_administered_unicast_and_deterministic() -> None:
 def test_mac_is_not_all_zero_or_broadcast() -> None:
     for identifier in IDS:
         assert n.endpoint_mac(identifier) not in ("00:00:00:00:00:00", "ff:ff:ff:ff:ff:ff")
+
+
+def test_endpoint_mac_follows_the_address() -> None:
+    import ipaddress
+
+    assert n.endpoint_mac("ab" * 32, ipaddress.ip_address("172.18.0.2")) == "02:50:ac:12:00:02"
+    assert n.endpoint_mac("cd" * 32, ipaddress.ip_address("172.18.0.2")) == "02:50:ac:12:00:02"
+    assert n.endpoint_mac("ab" * 32, ipaddress.ip_address("fd00::1:2")) == "02:50:00:01:00:02"
