@@ -18,11 +18,14 @@ from pathlib import Path
 from aiohttp import web
 
 from . import __version__
+from .doctor import doctor as run_doctor
+from .doctor import format_status, status_data
 from .driver import NetworkDriver
 from .errors import DriverError
 from .firewall import Firewall, detect_backend
 from .hostports import HostPorts
 from .ipamdriver import IpamDriver
+from .logs import setup_logging
 from .metrics import Metrics
 from .netlink import Netlink
 from .ports import DEFAULT_EPHEMERAL_RANGE
@@ -68,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="log level (env PYDRIVER_LOG_LEVEL; default info)",
     )
     serve.add_argument(
+        "--log-format",
+        default=_env("PYDRIVER_LOG_FORMAT", "text"),
+        choices=["text", "json"],
+        help="text lines, or JSON lines for log collectors (env PYDRIVER_LOG_FORMAT)",
+    )
+    serve.add_argument(
         "--firewall-backend",
         default=_env("PYDRIVER_FIREWALL_BACKEND", "auto"),
         choices=["auto", "nft", "legacy"],
@@ -107,7 +116,53 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not ask the docker CLI for container and network names",
     )
+    status = sub.add_parser("status", help="networks, endpoints and ports pybridge manages")
+    status.add_argument(
+        "--state-dir",
+        default=_env("PYDRIVER_STATE_DIR", DEFAULT_STATE_DIR),
+        help=f"state directory (env PYDRIVER_STATE_DIR; default {DEFAULT_STATE_DIR})",
+    )
+    status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    status.add_argument(
+        "--no-names",
+        action="store_true",
+        help="do not ask the docker CLI for container and network names",
+    )
+    doctor = sub.add_parser(
+        "doctor", help="check the host and pybridge; exit status 0 only when healthy"
+    )
+    doctor.add_argument(
+        "--socket",
+        default=_env("PYDRIVER_SOCKET", DEFAULT_SOCKET),
+        help=f"pybridge's socket (env PYDRIVER_SOCKET; default {DEFAULT_SOCKET})",
+    )
+    doctor.add_argument(
+        "--state-dir",
+        default=_env("PYDRIVER_STATE_DIR", DEFAULT_STATE_DIR),
+        help=f"state directory (env PYDRIVER_STATE_DIR; default {DEFAULT_STATE_DIR})",
+    )
+    doctor.add_argument(
+        "--firewall-backend",
+        default=_env("PYDRIVER_FIREWALL_BACKEND", "auto"),
+        choices=["auto", "nft", "legacy"],
+        help="the backend pybridge was told to use",
+    )
+    doctor.add_argument("--json", action="store_true", help="print JSON for scripts")
     return parser
+
+
+def status_command(args: argparse.Namespace) -> int:
+    networks, endpoints = read_state(Path(args.state_dir))
+    names = Names({}, {}) if args.no_names else docker_names()
+    data = status_data(networks, endpoints, names)
+    print(json.dumps(data, indent=2) if args.json else format_status(data))
+    return 0
+
+
+def doctor_command(args: argparse.Namespace) -> int:
+    report = run_doctor(args.socket, Path(args.state_dir), args.firewall_backend)
+    print(report.json() if args.json else report.text())
+    return 0 if report.healthy else 1
 
 
 def ports_command(args: argparse.Namespace) -> int:
@@ -130,14 +185,6 @@ def ephemeral_range() -> tuple[int, int]:
         return low, high
     except (OSError, ValueError):
         return DEFAULT_EPHEMERAL_RANGE
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def socket_in_use(path: str) -> bool:
@@ -264,7 +311,7 @@ async def start_metrics(
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        setup_logging(args.log_level)
+        setup_logging(args.log_level, args.log_format)
         try:
             return asyncio.run(serve(args))
         except DriverError as err:
@@ -273,6 +320,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "ports":
             return ports_command(args)
+        if args.command == "status":
+            return status_command(args)
+        if args.command == "doctor":
+            return doctor_command(args)
     except DriverError as err:
         print(f"pydriver: {err}", file=sys.stderr)
         return 1

@@ -43,6 +43,20 @@ def _ids(body: Mapping[str, Any]) -> str:
     return " ".join(parts)
 
 
+def _id_fields(body: Mapping[str, Any]) -> dict[str, str]:
+    fields = {}
+    for key, name in (
+        ("NetworkID", "network"),
+        ("EndpointID", "endpoint"),
+        ("PoolID", "pool"),
+        ("Address", "address"),
+    ):
+        value = body.get(key)
+        if isinstance(value, str) and value:
+            fields[name] = value[:64]
+    return fields
+
+
 class Api:
     """Maps every route to the driver call behind it."""
 
@@ -210,7 +224,19 @@ def make_app(api: Api, metrics: Metrics | None = None) -> web.Application:
             )
         finally:
             elapsed = time.perf_counter() - started
-            log.info("%s %s -> %s (%.1f ms)", method, _ids(body), outcome, elapsed * 1000)
+            log.info(
+                "%s %s -> %s (%.1f ms)",
+                method,
+                _ids(body),
+                outcome,
+                elapsed * 1000,
+                extra={
+                    "method": method,
+                    "outcome": outcome,
+                    "duration_ms": round(elapsed * 1000, 2),
+                    **_id_fields(body),
+                },
+            )
             if metrics is not None and handler is not None:
                 metrics.observe_request(method, kind, elapsed)
 

@@ -15,13 +15,15 @@ case "$VERSION" in
     20.10)
         LOG="${DOCKERD_LOG:-/var/log/dockerd.log}"
         PIDFILE="/var/run/docker.pid"
-        DOCKERD=(dockerd)
+        DOCKERD=(/usr/sbin/dockerd)
+        EXTRA_PATH=""
         ;;
     26)
         LOG="${DOCKERD_LOG:-/var/log/dockerd26.log}"
         PIDFILE="/run/docker26.pid"
         DOCKERD=("$D26/root/usr/sbin/dockerd" --data-root /var/lib/docker26
                  --exec-root /run/docker26 --pidfile "$PIDFILE")
+        EXTRA_PATH="$D26/root/usr/sbin:"  # its own docker-proxy
         ;;
     *) echo "DOCKERD_VERSION must be 20.10 or 26" >&2; exit 2 ;;
 esac
@@ -58,7 +60,7 @@ start() {
         fetch
         # A dockerd that was killed leaves its pid file behind, and then refuses to start.
         running_pid >/dev/null || rm -f "$PIDFILE"
-        PATH="$D26/root/usr/sbin:$PATH" setsid "${DOCKERD[@]}" >>"$LOG" 2>&1 </dev/null &
+        PATH="$EXTRA_PATH$PATH" setsid "${DOCKERD[@]}" >>"$LOG" 2>&1 </dev/null &
     fi
     for _ in $(seq 1 240); do
         answers && return 0

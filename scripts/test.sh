@@ -11,10 +11,11 @@ VENV="${PYDRIVER_VENV:-$ROOT/.venv}"
 cd "$ROOT"
 
 "$ROOT/scripts/install.sh"
-# busybox and a C compiler for the test image; the plugin picks up code changes on restart.
+# busybox and a C compiler for the test image, docker-compose for the compose example.
 need=()
 command -v busybox >/dev/null || need+=(busybox-static)
 command -v gcc >/dev/null || need+=(gcc libc6-dev)
+command -v docker-compose >/dev/null || need+=(docker-compose)
 if [ "${#need[@]}" -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >/dev/null
 fi

@@ -212,3 +212,23 @@ def test_sigterm_finishes_requests_in_flight_and_keeps_the_data_plane(
     links = run(["ip", "netns", "exec", netns, "ip", "-o", "link", "show"]).stdout
     assert "pyb-" + network_id[:11] in links  # the data plane stays up
     assert plugin.consistent() == []
+
+
+def test_json_logs(netns: str, tmp_path: Path) -> None:
+    from tests.privileged.serving import Plugin
+
+    plugin = Plugin(netns, tmp_path)
+    plugin.start(PYDRIVER_LOG_FORMAT="json")
+    try:
+        network_id = secrets.token_hex(32)
+        assert plugin.post("NetworkDriver.DeleteNetwork", {"NetworkID": network_id})[0] == 200
+        assert plugin.post("NetworkDriver.Join", {"NetworkID": "nope"})[0] == 500
+    finally:
+        plugin.stop()
+    entries = [json.loads(line) for line in plugin.log.read_text().splitlines() if line]
+    requests = [e for e in entries if e["logger"] == "pydriver.requests"]
+    delete = next(e for e in requests if e["method"] == "NetworkDriver.DeleteNetwork")
+    assert delete["network"] == network_id and delete["outcome"] == "ok"
+    assert isinstance(delete["duration_ms"], float) and delete["level"] == "info"
+    join = next(e for e in requests if e["method"] == "NetworkDriver.Join")
+    assert join["outcome"].startswith("error(invalid)")

@@ -1,0 +1,397 @@
+"""`pydriver status` and `pydriver doctor`: what pybridge has made, and whether the host is in a
+state where it works. Read-only: safe to run while pybridge serves."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .driver import firewall_view
+from .errors import DriverError
+from .firewall import BACKENDS, Backend, detect_backend, tool
+from .model import Endpoint, Family, Mapping, Network
+from .naming import is_pybridge_bridge, is_pybridge_veth
+from .netlink import Netlink
+from .process import run
+from .report import Names, port_rows
+from .rules import drift
+from .store import DB_NAME, SCHEMA_VERSION, read_state
+from .sysctl import Sysctl
+
+# -- status -------------------------------------------------------------------------------------
+
+
+def status_data(networks: list[Network], endpoints: list[Endpoint], names: Names) -> dict[str, Any]:
+    return {
+        "networks": [
+            {
+                "id": n.id,
+                "name": names.networks.get(n.id),
+                "bridge": n.bridge,
+                "bridge_owned": n.bridge_owned,
+                "state": n.state,
+                "subnets": [
+                    {"subnet": str(s.pool), "gateway": str(s.gateway.ip) if s.gateway else None}
+                    for s in n.subnets
+                ],
+                "internal": n.internal,
+                "options": n.raw_options,
+            }
+            for n in networks
+        ],
+        "endpoints": [
+            {
+                "id": e.id,
+                "network_id": e.network_id,
+                "container": names.containers.get(e.id),
+                "addresses": [str(a) for a in (e.address, e.address_v6) if a is not None],
+                "mac_address": e.mac_address,
+                "veth": e.host_veth,
+                "sandbox": e.sandbox_key,
+                "state": e.state,
+            }
+            for e in endpoints
+        ],
+        "ports": port_rows(networks, endpoints, names),
+    }
+
+
+def format_status(data: dict[str, Any]) -> str:
+    def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        return [
+            "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip()
+            for row in [header, *rows]
+        ]
+
+    out = [f"networks: {len(data['networks'])}"]
+    if data["networks"]:
+        out += table(
+            ("NETWORK", "NAME", "BRIDGE", "SUBNETS", "OPTIONS"),
+            [
+                (
+                    n["id"][:12],
+                    n["name"] or "-",
+                    n["bridge"] + ("" if n["bridge_owned"] else " (yours)"),
+                    ", ".join(
+                        s["subnet"] + (f" gw {s['gateway']}" if s["gateway"] else "")
+                        for s in n["subnets"]
+                    ),
+                    ", ".join(
+                        ([] if not n["internal"] else ["internal"])
+                        + [f"{k}={v}" for k, v in sorted(n["options"].items())]
+                    )
+                    or "-",
+                )
+                for n in data["networks"]
+            ],
+        )
+    out += ["", f"endpoints: {len(data['endpoints'])}"]
+    if data["endpoints"]:
+        out += table(
+            ("ENDPOINT", "CONTAINER", "NETWORK", "ADDRESSES", "MAC", "VETH"),
+            [
+                (
+                    e["id"][:12],
+                    e["container"] or "-",
+                    e["network_id"][:12],
+                    ", ".join(e["addresses"]) or "-",
+                    e["mac_address"],
+                    e["veth"],
+                )
+                for e in data["endpoints"]
+            ],
+        )
+    out += ["", f"published ports: {len(data['ports'])}"]
+    if data["ports"]:
+        out += table(
+            ("CONTAINER", "PROTO", "HOST", "", "CONTAINER PORT"),
+            [
+                (r["container"] or r["endpoint_id"][:12], r["proto"], r["host"], "->", r["target"])
+                for r in data["ports"]
+            ],
+        )
+    return "\n".join(out)
+
+
+# -- doctor -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Finding:
+    ok: bool
+    what: str
+    fix: str = ""
+
+
+@dataclass
+class Report:
+    findings: list[Finding] = field(default_factory=list)
+
+    def ok(self, what: str) -> None:
+        self.findings.append(Finding(True, what))
+
+    def problem(self, what: str, fix: str) -> None:
+        self.findings.append(Finding(False, what, fix))
+
+    @property
+    def healthy(self) -> bool:
+        return all(f.ok for f in self.findings)
+
+    def text(self) -> str:
+        lines = []
+        for f in self.findings:
+            lines.append(("ok       " if f.ok else "PROBLEM  ") + f.what)
+            if f.fix:
+                lines.append("         fix: " + f.fix)
+        problems = sum(1 for f in self.findings if not f.ok)
+        lines.append("healthy" if not problems else f"{problems} problem(s) found")
+        return "\n".join(lines)
+
+    def json(self) -> str:
+        return json.dumps(
+            {
+                "healthy": self.healthy,
+                "findings": [{"ok": f.ok, "what": f.what, "fix": f.fix} for f in self.findings],
+            },
+            indent=2,
+        )
+
+
+def _check_database(state_dir: Path, report: Report) -> bool:
+    path = state_dir / DB_NAME
+    if not path.exists():
+        report.problem(
+            f"no state database at {path}",
+            "start pybridge (scripts/install.sh), or pass the right --state-dir",
+        )
+        return False
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            integrity = db.execute("PRAGMA integrity_check").fetchone()[0]
+            version = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        finally:
+            db.close()
+    except sqlite3.Error as err:
+        report.problem(
+            f"the state database {path} cannot be read: {err}",
+            "restore it from a backup; without it pybridge has forgotten its networks",
+        )
+        return False
+    if integrity != "ok":
+        report.problem(
+            f"the state database {path} is damaged: {integrity}", "restore it from a backup"
+        )
+        return False
+    if version is None or int(version[0]) > SCHEMA_VERSION:
+        report.problem(
+            f"the state database {path} has an unknown schema",
+            "use the pybridge version that wrote it",
+        )
+        return False
+    report.ok(f"state database {path} is intact")
+    return True
+
+
+def _check_socket(path: str, report: Report) -> None:
+    probe = socket.socket(socket.AF_UNIX)
+    probe.settimeout(5)
+    try:
+        probe.connect(path)
+        probe.sendall(
+            b"POST /Plugin.Activate HTTP/1.1\r\nHost: plugin\r\nContent-Length: 0\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        answer = b""
+        while chunk := probe.recv(4096):
+            answer += chunk
+    except OSError as err:
+        report.problem(
+            f"pybridge does not answer on {path} ({err.strerror or err})",
+            "start it: scripts/pybridge-service.sh start (or check its log)",
+        )
+        return
+    finally:
+        probe.close()
+    if b" 200 " in answer.split(b"\r\n", 1)[0] and b"NetworkDriver" in answer:
+        report.ok(f"pybridge answers on {path}")
+    else:
+        report.problem(
+            f"something answers on {path}, but not as pybridge", "check what serves that socket"
+        )
+
+
+async def _docker_backend() -> Backend | None:
+    """The iptables flavour holding Docker's chains, if any."""
+    for backend in BACKENDS:
+        if backend == "legacy" and "filter" not in _legacy_tables():
+            continue
+        result = await run([tool(backend, 4, "save"), "-t", "filter"])
+        if result.returncode == 0 and ":DOCKER-USER" in result.stdout:
+            return backend
+    return None
+
+
+def _legacy_tables() -> list[str]:
+    try:
+        return Path("/proc/net/ip_tables_names").read_text().split()
+    except OSError:
+        return []
+
+
+def _views(networks: list[Network], endpoints: list[Endpoint]) -> list[Any]:
+    mappings: dict[str, list[Mapping]] = {}
+    for e in endpoints:
+        mappings.setdefault(e.network_id, []).extend(e.mappings)
+    return [firewall_view(n, mappings.get(n.id, ())) for n in networks if n.state != "deleting"]
+
+
+async def diagnose(socket_path: str, state_dir: Path, backend_setting: str) -> Report:
+    report = Report()
+    networks: list[Network] = []
+    endpoints: list[Endpoint] = []
+    if _check_database(state_dir, report):
+        networks, endpoints = read_state(state_dir)
+    _check_socket(socket_path, report)
+    sysctl = Sysctl()
+
+    # Forwarding.
+    if networks:
+        if await sysctl.read("net.ipv4.ip_forward") == "1":
+            report.ok("IPv4 forwarding is on")
+        else:
+            report.problem(
+                "IPv4 forwarding is off: containers cannot reach anything outside",
+                "sysctl -w net.ipv4.ip_forward=1 (pybridge sets it when it starts)",
+            )
+        if any(n.subnets_v6 for n in networks):
+            if await sysctl.read("net.ipv6.conf.all.forwarding") == "1":
+                report.ok("IPv6 forwarding is on")
+            else:
+                report.problem(
+                    "IPv6 forwarding is off: IPv6 containers cannot reach outside",
+                    "sysctl -w net.ipv6.conf.all.forwarding=1",
+                )
+
+    # Backends and rules.
+    try:
+        ours = await detect_backend(backend_setting)
+    except DriverError as err:
+        report.problem(str(err), "install iptables")
+        return report
+    docker = await _docker_backend()
+    holding = []
+    for backend in BACKENDS:
+        if backend == "legacy" and "filter" not in _legacy_tables():
+            continue
+        text = (await run([tool(backend, 4, "save")])).stdout
+        if "PYBRIDGE-" in text:
+            holding.append(backend)
+    if docker is not None and ours != docker:
+        report.problem(
+            f"Docker's rules are in iptables-{docker} but pybridge's are in iptables-{ours}: "
+            "packets never see pybridge's accepts",
+            f"run pybridge with --firewall-backend={docker} (or auto) and restart it",
+        )
+    elif docker is not None:
+        report.ok(f"Docker and pybridge both use iptables-{docker}")
+    else:
+        report.ok(f"Docker's chains were not found; pybridge uses iptables-{ours}")
+    for stale in holding:
+        if stale != ours:
+            report.problem(
+                f"pybridge chains are also in iptables-{stale}, which pybridge does not use",
+                f"remove them: iptables-{stale}-save | grep PYBRIDGE, then -F and -X each chain "
+                "(or restart pybridge once with that backend and remove its networks)",
+            )
+    backend = ours
+    forward_policy = ""
+    views = _views(networks, endpoints)
+    for family in (4, 6):
+        save = (await run([tool(backend, family, "save")])).stdout
+        family_typed: Family = 4 if family == 4 else 6
+        problems = drift(views, family_typed, save)
+        if problems:
+            for p in problems:
+                report.problem(
+                    f"IPv{family} firewall: {p}",
+                    "pybridge restores its rules within seconds while it runs; if this stays, "
+                    "restart it (scripts/pybridge-service.sh restart)",
+                )
+        elif networks:
+            report.ok(f"IPv{family} firewall: pybridge's chains and jumps are all in place")
+        if family == 4:
+            for line in save.splitlines():
+                if line.startswith(":FORWARD "):
+                    forward_policy = line.split()[1]
+    nf_call = await sysctl.read("net.bridge.bridge-nf-call-iptables")
+    if forward_policy == "DROP":
+        detail = (
+            "br_netfilter is on, so even traffic within one bridge"
+            if nf_call == "1"
+            else ("traffic between networks")
+        )
+        report.ok(f"FORWARD policy is DROP ({detail} needs pybridge's accept rules)")
+
+    # Kernel objects and state.
+    netlink = Netlink()
+    await netlink.open()
+    try:
+        links = {link.name: link for link in await netlink.links()}
+        routes = await netlink.routes()
+    finally:
+        await netlink.close()
+    bridges = {n.bridge for n in networks}
+    for n in networks:
+        if n.state != "ready":
+            report.problem(
+                f"network {n.id[:12]} is half {n.state}",
+                "restart pybridge: it finishes or undoes it",
+            )
+        if n.bridge not in links:
+            report.problem(
+                f"network {n.id[:12]} has no bridge {n.bridge}", "restart pybridge: it recreates it"
+            )
+    veths = {e.host_veth for e in endpoints} | {e.container_veth for e in endpoints}
+    for e in endpoints:
+        if e.sandbox_key and e.host_veth not in links:
+            report.problem(
+                f"endpoint {e.id[:12]} has lost its veth {e.host_veth} (its container is gone)",
+                "pybridge removes it by itself within a minute while it runs",
+            )
+    for name, link in sorted(links.items()):
+        if (link.kind == "bridge" and is_pybridge_bridge(name) and name not in bridges) or (
+            link.kind == "veth" and is_pybridge_veth(name) and name not in veths
+        ):
+            report.problem(
+                f"{name} looks like pybridge's but no state refers to it",
+                f"ip link del {name} (pybridge removes it when it starts)",
+            )
+    if networks and not [f for f in report.findings if "no bridge" in f.what]:
+        report.ok(f"{len(networks)} network(s) and {len(endpoints)} endpoint(s) match the kernel")
+    for n in networks:
+        for s in n.subnets:
+            for route in routes:
+                dest = route.destination
+                if (
+                    route.device not in bridges
+                    and dest.prefixlen
+                    and dest.version == s.pool.version
+                    and dest.overlaps(s.pool)
+                ):
+                    report.problem(
+                        f"subnet {s.pool} of network {n.id[:12]} overlaps the host route "
+                        f"{dest} on {route.device or '?'}",
+                        "traffic for one of them goes the wrong way; move one of them",
+                    )
+    return report
+
+
+def doctor(socket_path: str, state_dir: Path, backend_setting: str) -> Report:
+    return asyncio.run(diagnose(socket_path, state_dir, backend_setting))
