@@ -228,7 +228,7 @@ async def serve(args: argparse.Namespace) -> int:
         store,
         netlink,
         firewall,
-        Sysctl(),
+        Sysctl(Path(_env("PYDRIVER_SYSCTL_ROOT", "/proc/sys"))),
         host_ports=host_ports,
         ephemeral_range=ephemeral_range(),
     )

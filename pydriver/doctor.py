@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import sqlite3
 from dataclasses import dataclass, field
@@ -259,7 +260,7 @@ async def diagnose(socket_path: str, state_dir: Path, backend_setting: str) -> R
     if _check_database(state_dir, report):
         networks, endpoints = read_state(state_dir)
     _check_socket(socket_path, report)
-    sysctl = Sysctl()
+    sysctl = Sysctl(Path(os.environ.get("PYDRIVER_SYSCTL_ROOT") or "/proc/sys"))
 
     # Forwarding.
     if networks:

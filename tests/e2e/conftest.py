@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import os
 import secrets
 import shutil
 import subprocess
@@ -32,8 +33,38 @@ from tests.hostenv import (
 ECHO_SOURCE = Path(__file__).parent / "image" / "pbtest-echo.c"
 IMAGE = "pybridge-test/busybox:" + hashlib.sha256(ECHO_SOURCE.read_bytes()).hexdigest()[:12]
 SERVICE = ROOT / "scripts" / "pybridge-service.sh"
-SOCKET = "/run/docker/plugins/pybridge.sock"
-DRIVER = "pybridge"
+# PYBRIDGE_MODE=service (default): the host service; =managed: the managed plugin
+# PYBRIDGE_PLUGIN (default pybridge:latest), driven by its full name.
+MODE = os.environ.get("PYBRIDGE_MODE", "service")
+PLUGIN_NAME = os.environ.get("PYBRIDGE_PLUGIN", "pybridge:latest")
+DRIVER = PLUGIN_NAME if MODE == "managed" else "pybridge"
+MANAGED_ENTRYPOINT = "/opt/pydriver/bin/pydriver"
+
+
+def _socket() -> str:
+    if MODE != "managed":
+        return "/run/docker/plugins/pybridge.sock"
+    plugin_id = run(["docker", "plugin", "inspect", "-f", "{{.Id}}", PLUGIN_NAME]).stdout.strip()
+    return f"/run/docker/plugins/{plugin_id}/pybridge.sock"
+
+
+SOCKET = _socket()
+
+
+def plugin_pid() -> int:
+    """The pid of the running pybridge (the host service's, or the managed plugin's)."""
+    if MODE != "managed":
+        return int(Path("/run/pydriver.pid").read_text())
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if MANAGED_ENTRYPOINT.encode() in cmdline and b"serve" in cmdline:
+            return int(entry.name)
+    raise AssertionError("the managed plugin's process is not running")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -54,20 +85,55 @@ def docker_fails(*args: str, timeout: float = 120) -> str:
 
 
 class Plugin:
-    """The pybridge host service the tests run against."""
+    """The pybridge the tests run against: the host service, or the managed plugin (which
+    dockerd starts and stops: `docker plugin disable -f` / `enable`)."""
 
     def restart(self) -> None:
-        run([str(SERVICE), "restart"])
+        self.stop()
+        self.start()
 
     def kill9_and_start(self) -> None:
-        run([str(SERVICE), "kill"])
-        run([str(SERVICE), "start"])
+        if MODE != "managed":
+            run([str(SERVICE), "kill"])
+            run([str(SERVICE), "start"])
+            return
+        old = plugin_pid()
+        os.kill(old, 9)
+        # dockerd notices the plugin died and starts it again.
+        assert wait_for(lambda: _other_pid(old) and _answers(), timeout=60), "not restarted"
 
     def stop(self) -> None:
-        run([str(SERVICE), "stop"])
+        if MODE == "managed":
+            run(["docker", "plugin", "disable", "-f", PLUGIN_NAME], timeout=60)
+        else:
+            run([str(SERVICE), "stop"])
 
     def start(self) -> None:
-        run([str(SERVICE), "start"])
+        if MODE == "managed":
+            run(["docker", "plugin", "enable", PLUGIN_NAME], timeout=60)
+            assert wait_for(_answers, timeout=30)
+        else:
+            run([str(SERVICE), "start"])
+
+
+def _other_pid(old: int) -> bool:
+    try:
+        return plugin_pid() != old
+    except AssertionError:
+        return False
+
+
+def _answers() -> bool:
+    import socket as sockets
+
+    probe = sockets.socket(sockets.AF_UNIX)
+    try:
+        probe.connect(SOCKET)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 class Docker:
@@ -235,7 +301,7 @@ def assert_nothing_left_behind() -> None:
     used = set()
     for network in docker("network", "ls", "-q").split():
         info = json.loads(docker("network", "inspect", network))[0]
-        if info["IPAM"]["Driver"] == "pybridge":
+        if info["IPAM"]["Driver"] == DRIVER:
             used |= {c["Subnet"] for c in info["IPAM"]["Config"] or []}
     code = (
         "import sqlite3, json; db = sqlite3.connect('file:/var/lib/pydriver/state.db?mode=ro',"

@@ -10,6 +10,7 @@ import re
 import pytest
 
 from tests.e2e.conftest import (
+    DRIVER,
     IMAGE,
     Docker,
     default_routes,
@@ -20,7 +21,7 @@ from tests.e2e.conftest import (
 )
 from tests.hostenv import link_names, run
 
-IPAMS = {"docker-ipam": [], "pybridge-ipam": ["--ipam-driver", "pybridge"]}
+IPAMS = {"docker-ipam": [], "pybridge-ipam": ["--ipam-driver", DRIVER]}
 
 
 @pytest.fixture(params=list(IPAMS))
@@ -88,15 +89,15 @@ def test_full_subnet_fails_clearly_and_recovers(d: Docker, ipam: list[str]) -> N
 
 def test_overlapping_subnets_are_refused(d: Docker) -> None:
     subnet = free_subnet(43)
-    d.network("--ipam-driver", "pybridge", "--subnet", subnet)
+    d.network("--ipam-driver", DRIVER, "--subnet", subnet)
     # pybridge's IPAM knows its pool ...
     err = docker_fails(
         "network",
         "create",
         "-d",
-        "pybridge",
+        DRIVER,
         "--ipam-driver",
-        "pybridge",
+        DRIVER,
         "--subnet",
         "10.213.43.128/25",
         d.name("bad"),
@@ -104,7 +105,7 @@ def test_overlapping_subnets_are_refused(d: Docker) -> None:
     assert "overlaps the pool 10.213.43.0/24" in err
     # ... and the driver refuses overlaps even when the other IPAM never saw that pool.
     err = docker_fails(
-        "network", "create", "-d", "pybridge", "--subnet", "10.213.43.0/25", d.name("bad")
+        "network", "create", "-d", DRIVER, "--subnet", "10.213.43.0/25", d.name("bad")
     )
     assert "overlaps subnet 10.213.43.0/24 of pybridge network" in err
 
@@ -141,9 +142,7 @@ def test_mac_address_is_honoured(d: Docker) -> None:
 
 def test_connect_and_disconnect_running_containers(d: Docker) -> None:
     net_a = d.network("--subnet", free_subnet(44), name=d.prefix + "-a")
-    net_b = d.network(
-        "--ipam-driver", "pybridge", "--subnet", free_subnet(45), name=d.prefix + "-b"
-    )
+    net_b = d.network("--ipam-driver", DRIVER, "--subnet", free_subnet(45), name=d.prefix + "-b")
     net_c = d.network("--subnet", free_subnet(46), name=d.prefix + "-c")
     c = d.run(net_b)
     peer_a, peer_c = d.run(net_a), d.run(net_c)

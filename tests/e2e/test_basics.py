@@ -7,7 +7,7 @@ import json
 import re
 import subprocess
 
-from tests.e2e.conftest import Docker, Plugin, default_routes, docker, free_subnet, ping
+from tests.e2e.conftest import DRIVER, Docker, Plugin, default_routes, docker, free_subnet, ping
 from tests.hostenv import OutsideHost, all_addresses, firewall_dump, link_names, routes
 
 
@@ -59,7 +59,7 @@ def test_network_inspect_shows_ipam_config(d: Docker) -> None:
         "printer=10.213.11.130",
     )
     info = d.network_info(net)
-    assert info["Driver"] == "pybridge"
+    assert info["Driver"] == DRIVER
     config = info["IPAM"]["Config"][0]  # type: ignore[index]
     assert config["Subnet"] == subnet
     assert config["Gateway"] == "10.213.11.1"
@@ -73,7 +73,7 @@ def test_network_inspect_shows_ipam_config(d: Docker) -> None:
 
 def test_auto_subnet_with_docker_ipam_and_pybridge_ipam(d: Docker) -> None:
     before = {str(r.get("dst")) for r in routes()}
-    for ipam in ([], ["--ipam-driver", "pybridge"]):
+    for ipam in ([], ["--ipam-driver", DRIVER]):
         net = d.network(*ipam)
         config = d.network_info(net)["IPAM"]["Config"][0]  # type: ignore[index]
         subnet = ipaddress.ip_network(config["Subnet"])
@@ -85,8 +85,8 @@ def test_auto_subnet_with_docker_ipam_and_pybridge_ipam(d: Docker) -> None:
         gateway = default_routes(d, c)[0].split()[2]
         ping(d, c, gateway)
     # Two automatic pybridge-IPAM networks never share a subnet.
-    n1 = d.network("--ipam-driver", "pybridge")
-    n2 = d.network("--ipam-driver", "pybridge")
+    n1 = d.network("--ipam-driver", DRIVER)
+    n2 = d.network("--ipam-driver", DRIVER)
     s1 = d.network_info(n1)["IPAM"]["Config"][0]["Subnet"]  # type: ignore[index]
     s2 = d.network_info(n2)["IPAM"]["Config"][0]["Subnet"]  # type: ignore[index]
     assert not ipaddress.ip_network(s1).overlaps(ipaddress.ip_network(s2))
@@ -94,9 +94,9 @@ def test_auto_subnet_with_docker_ipam_and_pybridge_ipam(d: Docker) -> None:
 
 def test_pybridge_ipam_with_pybridge_driver(d: Docker) -> None:
     subnet = free_subnet(12)
-    net = d.network("--ipam-driver", "pybridge", "--subnet", subnet)
+    net = d.network("--ipam-driver", DRIVER, "--subnet", subnet)
     info = d.network_info(net)
-    assert info["IPAM"]["Driver"] == "pybridge"  # type: ignore[index]
+    assert info["IPAM"]["Driver"] == DRIVER  # type: ignore[index]
     a = d.run(net)
     b = d.run(net, "--ip", "10.213.12.77")
     assert d.ip(a, net) == "10.213.12.2"  # gateway took .1
@@ -107,24 +107,24 @@ def test_pybridge_ipam_with_pybridge_driver(d: Docker) -> None:
 
 def test_pybridge_ipam_with_builtin_bridge_driver(d: Docker) -> None:
     subnet = free_subnet(13)
-    net = d.network("--ipam-driver", "pybridge", "--subnet", subnet, driver="bridge")
+    net = d.network("--ipam-driver", DRIVER, "--subnet", subnet, driver="bridge")
     info = d.network_info(net)
     assert info["Driver"] == "bridge"
-    assert info["IPAM"]["Driver"] == "pybridge"  # type: ignore[index]
+    assert info["IPAM"]["Driver"] == DRIVER  # type: ignore[index]
     a = d.run(net)
     b = d.run(net)
     ips = {d.ip(a, net), d.ip(b, net)}
     assert ips == {"10.213.13.2", "10.213.13.3"}
     ping(d, a, b)
     # An automatic pool works for the built-in driver too.
-    auto = d.network("--ipam-driver", "pybridge", driver="bridge")
+    auto = d.network("--ipam-driver", DRIVER, driver="bridge")
     c = d.run(auto)
     config = d.network_info(auto)["IPAM"]["Config"][0]  # type: ignore[index]
     assert ipaddress.ip_address(d.ip(c, auto)) in ipaddress.ip_network(config["Subnet"])
 
 
 def test_container_restart_keeps_connectivity(d: Docker) -> None:
-    net = d.network("--ipam-driver", "pybridge")
+    net = d.network("--ipam-driver", DRIVER)
     a = d.run(net)
     b = d.run(net)
     docker("restart", "-t", "0", b)
@@ -140,7 +140,7 @@ def _addresses_in(d: Docker, net: str, containers: list[str]) -> list[str]:
 
 
 def test_plugin_restart_with_running_containers(d: Docker, plugin: Plugin) -> None:
-    nets = [d.network(), d.network("--ipam-driver", "pybridge")]
+    nets = [d.network(), d.network("--ipam-driver", DRIVER)]
     running = {net: [d.run(net), d.run(net)] for net in nets}
     before = {net: _addresses_in(d, net, cs) for net, cs in running.items()}
     net0_first = running[nets[0]][0]
@@ -211,7 +211,7 @@ def test_no_pybridge_rules_or_links_once_every_network_is_gone(d: Docker) -> Non
     assert "PYBRIDGE-FORWARD" in firewall_dump()
     d.cleanup()
     # Networks someone else made with pybridge may exist; everything else must be gone.
-    remaining = docker("network", "ls", "--filter", "driver=pybridge", "-q", "--no-trunc").split()
+    remaining = docker("network", "ls", "--filter", f"driver={DRIVER}", "-q", "--no-trunc").split()
     expected_bridges = {"pyb-" + network_id[:11] for network_id in remaining}
     leftover = {n for n in link_names() if re.match(r"^pyb-", n)} - expected_bridges
     assert leftover == set(), leftover

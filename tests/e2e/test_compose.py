@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.conftest import IMAGE, docker, wait_for
+from tests.e2e.conftest import DRIVER, IMAGE, docker, wait_for
 from tests.hostenv import ROOT, OutsideHost, firewall_dump, link_names
 
 COMPOSE_FILE = ROOT / "examples" / "compose.yml"
@@ -16,7 +16,7 @@ PROJECT = "pbtcompose"
 
 
 def compose(*args: str, check: bool = True) -> str:
-    env = dict(os.environ, IMAGE=IMAGE)
+    env = dict(os.environ, IMAGE=IMAGE, PYBRIDGE_DRIVER=DRIVER)
     done = subprocess.run(
         ["docker-compose", "-p", PROJECT, "-f", str(COMPOSE_FILE), *args],
         capture_output=True,
@@ -42,7 +42,7 @@ def project(environment: None) -> Iterator[None]:
 def test_compose_services_by_name_and_published_port(project: None, outside: OutsideHost) -> None:
     network = f"{PROJECT}_app"
     info = docker("network", "inspect", "-f", "{{.Driver}} {{.IPAM.Driver}}", network)
-    assert info == "pybridge pybridge"
+    assert info == f"{DRIVER} {DRIVER}"
     client_ip = compose("exec", "-T", "client", "hostname", "-i").split()[0]
     # By name, through Docker's embedded DNS.
     assert compose("exec", "-T", "client", "nc", "-w", "3", "web", "80") == client_ip

@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from tests.e2e.conftest import SOCKET, Docker, docker_fails
+from tests.e2e.conftest import DRIVER, SOCKET, Docker, docker_fails
 from tests.hostenv import OutsideHost
 
 HEX = "ab" * 32
@@ -119,28 +119,26 @@ def test_empty_bodies_are_accepted(environment: None) -> None:
 
 
 def test_cli_shows_the_sentence(d: Docker, outside: OutsideHost) -> None:
-    err = docker_fails(
-        "network", "create", "-d", "pybridge", "-o", "com.example.nope=1", d.name("bad")
-    )
+    err = docker_fails("network", "create", "-d", DRIVER, "-o", "com.example.nope=1", d.name("bad"))
     assert "pybridge does not support the network option com.example.nope" in err
     assert "com.docker.network.bridge.name" in err  # lists what is supported
     err = docker_fails(
         "network",
         "create",
         "-d",
-        "pybridge",
+        DRIVER,
         "-o",
         "com.docker.network.driver.mtu=huge",
         d.name("bad"),
     )
     assert "com.docker.network.driver.mtu 'huge' is not valid" in err
     # A subnet the host already routes elsewhere is refused, naming the route.
-    for ipam in ([], ["--ipam-driver", "pybridge"]):
+    for ipam in ([], ["--ipam-driver", DRIVER]):
         err = docker_fails(
             "network",
             "create",
             "-d",
-            "pybridge",
+            DRIVER,
             *ipam,
             "--subnet",
             "198.51.100.0/25",

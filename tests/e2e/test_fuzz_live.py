@@ -10,7 +10,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.e2e.conftest import SOCKET
+from tests.e2e.conftest import SOCKET, plugin_pid
 from tests.fuzzing import RAW_BODIES, ROUTES, check_reply, post_raw
 from tests.hostenv import run
 
@@ -18,7 +18,7 @@ REQUESTS = 1500
 
 
 def rss_kib() -> int:
-    pid = Path("/run/pydriver.pid").read_text().strip()
+    pid = plugin_pid()
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
@@ -44,7 +44,7 @@ def pools() -> set[str]:
 
 def test_fuzz_the_live_plugin(environment: None) -> None:
     before_state, before_pools = state(), pools()
-    pid_before = Path("/run/pydriver.pid").read_text()
+    pid_before = plugin_pid()
     warm = rss_kib()
     statuses: list[int] = []
 
@@ -61,7 +61,7 @@ def test_fuzz_the_live_plugin(environment: None) -> None:
     assert len(statuses) >= REQUESTS // 2
     grown = rss_kib() - warm
     assert grown < 20 * 1024, f"RSS grew by {grown} KiB over {len(statuses)} requests"
-    assert Path("/run/pydriver.pid").read_text() == pid_before  # never restarted
+    assert plugin_pid() == pid_before  # never restarted
     # Some fuzzed requests are valid: an empty RequestPool asks for an automatic pool. Give
     # those back, as Docker would; nothing else may have changed.
     for pool_id in pools() - before_pools:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tests.e2e.conftest import (
+    DRIVER,
     Docker,
     cannot_ping,
     default_routes,
@@ -14,7 +15,7 @@ from tests.hostenv import OutsideHost, firewall_dump
 
 
 def test_two_pybridge_networks_cannot_reach_each_other(d: Docker) -> None:
-    n1, n2 = d.network(), d.network("--ipam-driver", "pybridge")
+    n1, n2 = d.network(), d.network("--ipam-driver", DRIVER)
     a, b = d.run(n1), d.run(n2)
     cannot_ping(d, a, d.ip(b, n2))
     cannot_ping(d, b, d.ip(a, n1))
@@ -58,7 +59,7 @@ def test_dual_stack(d: Docker, outside: OutsideHost) -> None:
 
 
 def test_dual_stack_with_pybridge_ipam_automatic_v6(d: Docker) -> None:
-    net = d.network("--ipam-driver", "pybridge", "--ipv6")
+    net = d.network("--ipam-driver", DRIVER, "--ipv6")
     configs = d.network_info(net)["IPAM"]["Config"]  # type: ignore[index]
     v6 = [c for c in configs if ":" in c["Subnet"]]
     assert v6 and v6[0]["Subnet"].startswith("fd") and v6[0]["Subnet"].endswith("::/64")

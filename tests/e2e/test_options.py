@@ -7,7 +7,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.e2e.conftest import Docker, cannot_ping, default_routes, docker, free_subnet, ping
+from tests.e2e.conftest import (
+    DRIVER,
+    Docker,
+    cannot_ping,
+    default_routes,
+    docker,
+    free_subnet,
+    ping,
+)
 from tests.hostenv import OutsideHost, link_names, run
 
 
@@ -113,7 +121,7 @@ def test_invalid_option_values_are_refused(d: Docker) -> None:
         ("com.docker.network.container_iface_prefix=9x", "container_iface_prefix '9x'"),
     ]:
         result = run(
-            ["docker", "network", "create", "-d", "pybridge", "-o", option, d.name("bad")],
+            ["docker", "network", "create", "-d", DRIVER, "-o", option, d.name("bad")],
             check=False,
         )
         assert result.returncode != 0

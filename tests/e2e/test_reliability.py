@@ -14,7 +14,17 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.e2e.conftest import IMAGE, SOCKET, Docker, Plugin, docker, ping, wait_for
+from tests.e2e.conftest import (
+    DRIVER,
+    IMAGE,
+    SOCKET,
+    Docker,
+    Plugin,
+    docker,
+    ping,
+    plugin_pid,
+    wait_for,
+)
 from tests.hostenv import ROOT, OutsideHost, firewall_dump, link_names, run
 
 DOCKERD = ROOT / "scripts" / "dockerd-service.sh"
@@ -139,8 +149,8 @@ def test_parallel_runs_and_networks(d: Docker) -> None:
         # (Two allocators each choosing automatically at the same moment cannot see each
         # other's choice before a bridge exists; see the README.)
         i, name = i_name
-        ipam = ["--ipam-driver", "pybridge"] if i % 2 else ["--subnet", f"10.213.{100 + i}.0/24"]
-        return docker("network", "create", "-d", "pybridge", *ipam, name, timeout=180)
+        ipam = ["--ipam-driver", DRIVER] if i % 2 else ["--subnet", f"10.213.{100 + i}.0/24"]
+        return docker("network", "create", "-d", DRIVER, *ipam, name, timeout=180)
 
     with concurrent.futures.ThreadPoolExecutor(10) as pool:
         list(pool.map(create, enumerate(names)))
@@ -178,7 +188,7 @@ def test_least_privilege(environment: None) -> None:
     mode = stat.S_IMODE(os.stat(SOCKET).st_mode)
     assert mode == 0o600
     assert os.stat(SOCKET).st_uid == 0
-    pid = int(Path("/run/pydriver.pid").read_text())
+    pid = plugin_pid()
     targets = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
     assert not any("docker.sock" in t for t in targets), targets
     # No process is ever started through a shell.

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Build pybridge's managed plugin from this checkout and create it in Docker:
+#     plugin/build.sh [NAME[:TAG]]        (default pybridge:latest)
+# PYBRIDGE_PLUGIN_BASE picks the rootfs base image (default python:3.11-slim-bookworm; without
+# a registry, plugin/base-image.sh builds a local one). --enable enables it afterwards.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ENABLE=0
+NAME="pybridge:latest"
+for arg in "$@"; do
+    case "$arg" in
+        --enable) ENABLE=1 ;;
+        *) NAME="$arg" ;;
+    esac
+done
+[[ "$NAME" == *:* ]] || NAME="$NAME:latest"
+BASE="${PYBRIDGE_PLUGIN_BASE:-python:3.11-slim-bookworm}"
+BUILD="$ROOT/plugin/build"
+ROOTFS_IMAGE="pybridge-plugin-rootfs:build"
+
+say() { printf '[plugin] %s\n' "$*"; }
+
+say "building the root filesystem on $BASE"
+DOCKER_BUILDKIT=0 docker build -q --build-arg "BASE=$BASE" -t "$ROOTFS_IMAGE" \
+    -f "$ROOT/plugin/Dockerfile" "$ROOT" >/dev/null
+rm -rf "$BUILD"
+mkdir -p "$BUILD/rootfs"
+container="$(docker create "$ROOTFS_IMAGE" true)"
+docker export "$container" | tar -C "$BUILD/rootfs" -x
+docker rm "$container" >/dev/null
+cp "$ROOT/config.json" "$BUILD/config.json"
+
+# What the mounts in config.json need on the host.
+mkdir -p /var/lib/pydriver
+[ -e /run/xtables.lock ] || touch /run/xtables.lock
+
+say "creating plugin $NAME"
+docker plugin create "$NAME" "$BUILD" >/dev/null
+rm -rf "$BUILD"
+if [ "$ENABLE" = 1 ]; then
+    docker plugin enable "$NAME" >/dev/null
+    say "enabled: docker network create -d $NAME mynet"
+fi
