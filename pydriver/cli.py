@@ -20,6 +20,7 @@ from aiohttp import web
 from . import __version__
 from .doctor import doctor as run_doctor
 from .doctor import format_status, status_data
+from .doctor import prune as run_prune
 from .driver import NetworkDriver
 from .errors import DriverError
 from .firewall import Firewall, detect_backend
@@ -148,6 +149,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="the backend pybridge was told to use",
     )
     doctor.add_argument("--json", action="store_true", help="print JSON for scripts")
+    doctor.add_argument(
+        "--no-docker",
+        action="store_true",
+        help="do not ask the docker CLI which networks exist",
+    )
+    prune = sub.add_parser(
+        "prune", help="remove networks Docker no longer knows (removed while pybridge was away)"
+    )
+    prune.add_argument(
+        "--socket",
+        default=_env("PYDRIVER_SOCKET", DEFAULT_SOCKET),
+        help=f"pybridge's socket (env PYDRIVER_SOCKET; default {DEFAULT_SOCKET})",
+    )
+    prune.add_argument(
+        "--state-dir",
+        default=_env("PYDRIVER_STATE_DIR", DEFAULT_STATE_DIR),
+        help=f"state directory (env PYDRIVER_STATE_DIR; default {DEFAULT_STATE_DIR})",
+    )
+    prune.add_argument("--dry-run", action="store_true", help="only list them")
     return parser
 
 
@@ -160,9 +180,21 @@ def status_command(args: argparse.Namespace) -> int:
 
 
 def doctor_command(args: argparse.Namespace) -> int:
-    report = run_doctor(args.socket, Path(args.state_dir), args.firewall_backend)
+    report = run_doctor(
+        args.socket, Path(args.state_dir), args.firewall_backend, not args.no_docker
+    )
     print(report.json() if args.json else report.text())
     return 0 if report.healthy else 1
+
+
+def prune_command(args: argparse.Namespace) -> int:
+    removed = run_prune(args.socket, Path(args.state_dir), args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for line in removed:
+        print(f"{verb} network {line}")
+    if not removed:
+        print("nothing to remove: Docker knows every network pybridge has")
+    return 0
 
 
 def ports_command(args: argparse.Namespace) -> int:
@@ -311,7 +343,7 @@ async def start_metrics(
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        setup_logging(args.log_level, args.log_format)
+        setup_logging(args.log_level, args.log_format, _env("PYDRIVER_LOG_STREAM", "stderr"))
         try:
             return asyncio.run(serve(args))
         except DriverError as err:
@@ -324,6 +356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return status_command(args)
         if args.command == "doctor":
             return doctor_command(args)
+        if args.command == "prune":
+            return prune_command(args)
     except DriverError as err:
         print(f"pydriver: {err}", file=sys.stderr)
         return 1

@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import sqlite3
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -253,7 +254,25 @@ def _views(networks: list[Network], endpoints: list[Endpoint]) -> list[Any]:
     return [firewall_view(n, mappings.get(n.id, ())) for n in networks if n.state != "deleting"]
 
 
-async def diagnose(socket_path: str, state_dir: Path, backend_setting: str) -> Report:
+def docker_network_ids() -> set[str] | None:
+    """Network ids dockerd knows (through the docker CLI), or None if it cannot be asked.
+    Only these operator commands ask; the plugin itself never calls Docker."""
+    try:
+        done = subprocess.run(
+            ["docker", "network", "ls", "-q", "--no-trunc"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return set(done.stdout.split())
+
+
+async def diagnose(
+    socket_path: str, state_dir: Path, backend_setting: str, ask_docker: bool = True
+) -> Report:
     report = Report()
     networks: list[Network] = []
     endpoints: list[Endpoint] = []
@@ -374,6 +393,15 @@ async def diagnose(socket_path: str, state_dir: Path, backend_setting: str) -> R
                 f"{name} looks like pybridge's but no state refers to it",
                 f"ip link del {name} (pybridge removes it when it starts)",
             )
+    known = docker_network_ids() if ask_docker else None
+    if known is not None:
+        for n in networks:
+            if n.id not in known:
+                report.problem(
+                    f"network {n.id[:12]} (bridge {n.bridge}) is in pybridge's state but Docker "
+                    "does not know it (removed while pybridge was not there)",
+                    "pydriver prune (removes such networks from pybridge)",
+                )
     if networks and not [f for f in report.findings if "no bridge" in f.what]:
         report.ok(f"{len(networks)} network(s) and {len(endpoints)} endpoint(s) match the kernel")
     for n in networks:
@@ -394,5 +422,53 @@ async def diagnose(socket_path: str, state_dir: Path, backend_setting: str) -> R
     return report
 
 
-def doctor(socket_path: str, state_dir: Path, backend_setting: str) -> Report:
-    return asyncio.run(diagnose(socket_path, state_dir, backend_setting))
+def doctor(
+    socket_path: str, state_dir: Path, backend_setting: str, ask_docker: bool = True
+) -> Report:
+    return asyncio.run(diagnose(socket_path, state_dir, backend_setting, ask_docker))
+
+
+def post(socket_path: str, method: str, body: dict[str, Any]) -> tuple[int, Any]:
+    payload = json.dumps(body).encode()
+    conn = socket.socket(socket.AF_UNIX)
+    conn.settimeout(60)
+    try:
+        conn.connect(socket_path)
+        conn.sendall(
+            f"POST /{method} HTTP/1.1\r\nHost: plugin\r\nContent-Length: {len(payload)}\r\n"
+            "Connection: close\r\n\r\n".encode()
+            + payload
+        )
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+    finally:
+        conn.close()
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(rest)
+
+
+def prune(socket_path: str, state_dir: Path, dry_run: bool) -> list[str]:
+    """Remove (through the running pybridge) networks Docker no longer knows."""
+    known = docker_network_ids()
+    if known is None:
+        raise DriverError("cannot ask Docker which networks exist (is the docker CLI working?)")
+    networks, endpoints = read_state(state_dir)
+    removed = []
+    for network in networks:
+        if network.id in known:
+            continue
+        removed.append(f"{network.id[:12]} (bridge {network.bridge})")
+        if dry_run:
+            continue
+        for endpoint in endpoints:
+            if endpoint.network_id == network.id:
+                post(
+                    socket_path,
+                    "NetworkDriver.DeleteEndpoint",
+                    {"NetworkID": network.id, "EndpointID": endpoint.id},
+                )
+        status, reply = post(socket_path, "NetworkDriver.DeleteNetwork", {"NetworkID": network.id})
+        if status != 200:
+            raise DriverError(f"pybridge refused to remove {network.id[:12]}: {reply}")
+    return removed

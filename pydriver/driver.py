@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -110,20 +109,6 @@ class JoinResult:
     gateway: Any
     gateway_v6: Any
     internal: bool
-
-
-def _sandbox_gone(path: str) -> bool:
-    """True when Docker's exec root (the directory holding netns/<id>) is visible but the
-    sandbox is not a live network namespace: missing, or an empty file left behind (a live one
-    is an nsfs bind mount, on another device than its directory). Inside a managed plugin the
-    host's exec root may not be mounted at all: then nothing can be told from the path."""
-    exec_root = os.path.dirname(os.path.dirname(path))
-    if not exec_root or not os.path.isdir(exec_root):
-        return False
-    try:
-        return os.stat(path).st_dev == os.stat(os.path.dirname(path)).st_dev
-    except OSError:
-        return True
 
 
 def short(identifier: str) -> str:
@@ -641,7 +626,10 @@ class NetworkDriver:
                 for mapping in reserved:
                     self.host_ports.release(mapping)
                 holder = await self.port_holder(binding.proto, port)
-                last_error = Conflict(f"{err} by {holder or 'another program on the host'}")
+                who = holder or (
+                    f"another program on the host (`ss -ltunp 'sport = :{port}'` names it)"
+                )
+                last_error = Conflict(f"{err} by {who}")
                 if single:
                     raise last_error from None
                 continue
@@ -702,18 +690,20 @@ class NetworkDriver:
     ) -> tuple[set[str], list[Endpoint]]:
         """Remove endpoints whose container is gone without Docker telling pybridge (a dockerd
         crash, or a restart while pybridge was down). Never asks Docker: a joined endpoint is
-        gone when its host veth vanished or its sandbox (the SandboxKey netns) is no longer a
-        live namespace; an endpoint never joined long after it was made is gone too. Only
+        gone when its host veth vanished; an endpoint never joined long after it was made is
+        gone too. Only
         what two scans in a row (``suspects`` from the last one) agree on is removed. Returns
         the new suspects and the removed endpoints."""
         found: set[str] = set()
-        joined = [e for e in self.endpoints.values() if e.state == "ready" and e.sandbox_key]
-        sandboxes = [e.sandbox_key or "" for e in joined]
-        gone = await asyncio.to_thread(lambda: [_sandbox_gone(path) for path in sandboxes])
-        for endpoint, sandbox_gone in zip(joined, gone, strict=True):
+        for endpoint in list(self.endpoints.values()):
             # A joined endpoint whose host-side veth is gone lost its container: the pair dies
-            # with the container's network namespace.
-            if sandbox_gone or not await self.kernel.exists(endpoint.host_veth):
+            # with the container's network namespace. (Docker's netns files are no evidence:
+            # dockerd leaves empty ones behind, and a managed plugin cannot see them at all.)
+            if (
+                endpoint.state == "ready"
+                and endpoint.sandbox_key
+                and not await self.kernel.exists(endpoint.host_veth)
+            ):
                 found.add(endpoint.id)
         for endpoint in self.endpoints.values():
             never_joined = endpoint.state == "ready" and not endpoint.sandbox_key

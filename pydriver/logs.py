@@ -30,8 +30,10 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, separators=(",", ":"))
 
 
-def setup_logging(level: str, fmt: str = "text") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+def setup_logging(level: str, fmt: str = "text", stream: str = "stderr") -> None:
+    # dockerd logs a managed plugin's stderr at level "error" whatever it says; its stdout at
+    # "info", so config.json sends the plugin's log to stdout.
+    handler = logging.StreamHandler(sys.stdout if stream == "stdout" else sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Run the whole test suite: lint, types, unit tests, privileged kernel tests and end-to-end
-# tests against a real dockerd -- Debian's 20.10, then (end-to-end tests again) Debian
-# trixie's 26.1, one daemon at a time. Sets up everything it needs first (install.sh).
-# Must run as root. Arguments go to pytest and limit the run to the first daemon
-# (e.g. scripts/test.sh tests/unit, or -k ports).
+# tests against a real dockerd 20.10 (Debian bookworm) with pybridge as a host service; then
+# the end-to-end tests again against the managed plugin built from this checkout, and again
+# against dockerd 26.1 (Debian trixie), one daemon at a time. Sets up everything it needs
+# first (install.sh). Must run as root. Arguments go to pytest and limit the run to the first
+# pass (e.g. scripts/test.sh tests/unit, or -k ports). PYBRIDGE_TEST_PHASES picks the later
+# passes (default "managed docker26").
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,7 +29,31 @@ echo "[test] mypy";  "$VENV/bin/mypy"
 echo "[test] pytest against dockerd $(docker version --format '{{.Server.Version}}')"
 "$VENV/bin/pytest" "$@"
 
-if [ "$#" -eq 0 ] && [ "${PYDRIVER_SECOND_DAEMON:-26}" = 26 ]; then
+[ "$#" -eq 0 ] || exit 0
+PHASES="${PYBRIDGE_TEST_PHASES:-managed docker26}"
+
+if [[ " $PHASES " == *" managed "* ]]; then
+    # The same end-to-end suite against the managed plugin built from this checkout (one
+    # pybridge per host: the host service stops meanwhile). Covers disable/enable and upgrade.
+    echo "[test] managed plugin"
+    "$ROOT/scripts/pybridge-service.sh" stop
+    managed_cleanup() {
+        docker plugin disable -f pybridge:latest >/dev/null 2>&1 || true
+        docker plugin rm -f pybridge:latest >/dev/null 2>&1 || true
+        "$ROOT/scripts/pybridge-service.sh" start || true
+    }
+    trap managed_cleanup EXIT
+    export PYTHON="$VENV/bin/python"
+    PYBRIDGE_PLUGIN_BASE="$("$ROOT/plugin/base-image.sh")"
+    export PYBRIDGE_PLUGIN_BASE
+    "$ROOT/plugin/install.sh" pybridge:latest PYDRIVER_METRICS_ADDRESS=127.0.0.1:9327
+    echo "[test] pytest tests/e2e against the managed plugin on dockerd $(docker version --format '{{.Server.Version}}')"
+    PYBRIDGE_MODE=managed "$VENV/bin/pytest" tests/e2e
+    managed_cleanup
+    trap - EXIT
+fi
+
+if [[ " $PHASES " == *" docker26 "* ]]; then
     # The same end-to-end suite against dockerd 26.1; dockerd 20.10 comes back afterwards.
     "$ROOT/scripts/dockerd-service.sh" stop
     restore() {
@@ -39,4 +65,6 @@ if [ "$#" -eq 0 ] && [ "${PYDRIVER_SECOND_DAEMON:-26}" = 26 ]; then
     "$ROOT/scripts/pybridge-service.sh" restart
     echo "[test] pytest tests/e2e against dockerd $(docker version --format '{{.Server.Version}}')"
     DOCKERD_VERSION=26 "$VENV/bin/pytest" tests/e2e
+    restore
+    trap - EXIT
 fi

@@ -41,14 +41,12 @@ DRIVER = PLUGIN_NAME if MODE == "managed" else "pybridge"
 MANAGED_ENTRYPOINT = "/opt/pydriver/bin/pydriver"
 
 
-def _socket() -> str:
+def plugin_socket() -> str:
+    """The plugin's socket (a managed plugin's path changes with each install)."""
     if MODE != "managed":
         return "/run/docker/plugins/pybridge.sock"
     plugin_id = run(["docker", "plugin", "inspect", "-f", "{{.Id}}", PLUGIN_NAME]).stdout.strip()
     return f"/run/docker/plugins/{plugin_id}/pybridge.sock"
-
-
-SOCKET = _socket()
 
 
 def plugin_pid() -> int:
@@ -65,6 +63,10 @@ def plugin_pid() -> int:
         if MANAGED_ENTRYPOINT.encode() in cmdline and b"serve" in cmdline:
             return int(entry.name)
     raise AssertionError("the managed plugin's process is not running")
+
+
+# The managed plugin's own life cycle tests need the managed plugin.
+collect_ignore = [] if MODE == "managed" else ["test_managed.py"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -128,7 +130,7 @@ def _answers() -> bool:
 
     probe = sockets.socket(sockets.AF_UNIX)
     try:
-        probe.connect(SOCKET)
+        probe.connect(plugin_socket())
         return True
     except OSError:
         return False
@@ -274,8 +276,8 @@ def environment() -> Iterator[None]:
     require_root()
     if run(["docker", "info"], check=False).returncode != 0:
         raise AssertionError("no dockerd answers: run scripts/install.sh (scripts/test.sh does)")
-    if not Path(SOCKET).is_socket():
-        raise AssertionError(f"pybridge is not serving {SOCKET}: run scripts/install.sh")
+    if not Path(plugin_socket()).is_socket():
+        raise AssertionError(f"pybridge is not serving {plugin_socket()}: run scripts/install.sh")
     build_image()
     with leak_guard():
         yield

@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from tests.e2e.conftest import DRIVER, SOCKET, Docker, docker_fails
+from tests.e2e.conftest import DRIVER, Docker, docker_fails, plugin_socket
 from tests.hostenv import OutsideHost
 
 HEX = "ab" * 32
@@ -28,7 +28,7 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 
 
 def call(method: str, body: bytes) -> tuple[int, dict[str, object]]:
-    conn = UnixHTTPConnection(SOCKET)
+    conn = UnixHTTPConnection(plugin_socket())
     try:
         # Like dockerd: POST, no Content-Type, the Accept header of the plugin protocol.
         conn.request(

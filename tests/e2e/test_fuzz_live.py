@@ -10,7 +10,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.e2e.conftest import SOCKET, plugin_pid
+from tests.e2e.conftest import plugin_pid, plugin_socket
 from tests.fuzzing import RAW_BODIES, ROUTES, check_reply, post_raw
 from tests.hostenv import run
 
@@ -43,6 +43,7 @@ def pools() -> set[str]:
 
 
 def test_fuzz_the_live_plugin(environment: None) -> None:
+    sock = plugin_socket()
     before_state, before_pools = state(), pools()
     pid_before = plugin_pid()
     warm = rss_kib()
@@ -53,7 +54,7 @@ def test_fuzz_the_live_plugin(environment: None) -> None:
     )
     @given(method=st.sampled_from(ROUTES), body=RAW_BODIES)
     def fuzz(method: str, body: bytes) -> None:
-        status, reply = post_raw(SOCKET, method, body)
+        status, reply = post_raw(sock, method, body)
         check_reply(status, reply)
         statuses.append(status)
 
@@ -66,9 +67,9 @@ def test_fuzz_the_live_plugin(environment: None) -> None:
     # those back, as Docker would; nothing else may have changed.
     for pool_id in pools() - before_pools:
         status, _ = post_raw(
-            SOCKET, "IpamDriver.ReleasePool", json.dumps({"PoolID": pool_id}).encode()
+            sock, "IpamDriver.ReleasePool", json.dumps({"PoolID": pool_id}).encode()
         )
         assert status == 200
     assert pools() == before_pools
     assert state() == before_state, "fuzzing changed pybridge's state"
-    assert post_raw(SOCKET, "Plugin.Activate", b"")[0] == 200
+    assert post_raw(sock, "Plugin.Activate", b"")[0] == 200

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import IMAGE, Docker, Plugin, default_routes, docker, free_subnet
+from tests.e2e.conftest import IMAGE, MODE, Docker, Plugin, default_routes, docker, free_subnet
 from tests.hostenv import OutsideHost, firewall_dump, run
 
 PYDRIVER = [sys.executable, "-m", "pydriver.cli"]
@@ -243,8 +243,15 @@ def test_taken_ports_fail_docker_run_by_name(d: Docker) -> None:
             check=False,
         )
         assert result.returncode != 0
-        assert "host port 0.0.0.0:18251/tcp is already in use by python" in result.stderr
-        assert f"pid {pid}" in result.stderr, result.stderr
+        if MODE == "managed":
+            # A managed plugin lives in its own pid namespace and cannot see host processes.
+            assert (
+                "host port 0.0.0.0:18251/tcp is already in use by another program on the "
+                "host (`ss -ltunp 'sport = :18251'` names it)" in result.stderr
+            ), result.stderr
+        else:
+            assert "host port 0.0.0.0:18251/tcp is already in use by python" in result.stderr
+            assert f"pid {pid}" in result.stderr, result.stderr
 
 
 def test_stop_start_rm_and_plugin_restart(d: Docker, outside: OutsideHost, plugin: Plugin) -> None:

@@ -17,12 +17,12 @@ from pathlib import Path
 from tests.e2e.conftest import (
     DRIVER,
     IMAGE,
-    SOCKET,
     Docker,
     Plugin,
     docker,
     ping,
     plugin_pid,
+    plugin_socket,
     wait_for,
 )
 from tests.hostenv import ROOT, OutsideHost, firewall_dump, link_names, run
@@ -185,9 +185,9 @@ def test_parallel_runs_and_networks(d: Docker) -> None:
 
 
 def test_least_privilege(environment: None) -> None:
-    mode = stat.S_IMODE(os.stat(SOCKET).st_mode)
+    mode = stat.S_IMODE(os.stat(plugin_socket()).st_mode)
     assert mode == 0o600
-    assert os.stat(SOCKET).st_uid == 0
+    assert os.stat(plugin_socket()).st_uid == 0
     pid = plugin_pid()
     targets = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
     assert not any("docker.sock" in t for t in targets), targets

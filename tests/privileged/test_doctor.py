@@ -70,7 +70,11 @@ def served(tmp_path: Path) -> Iterator[Plugin]:
             plugin.stop()
 
 
-def doctor(plugin: Plugin, *extra: str, state: Path | None = None) -> tuple[int, dict[str, Any]]:
+def doctor(
+    plugin: Plugin, *extra: str, state: Path | None = None, ask_docker: bool = False
+) -> tuple[int, dict[str, Any]]:
+    # The networks made here straight on the socket are unknown to Docker by design, so the
+    # Docker cross-check is off unless a test is about it.
     result = run(
         [
             "ip",
@@ -86,6 +90,7 @@ def doctor(plugin: Plugin, *extra: str, state: Path | None = None) -> tuple[int,
             "--state-dir",
             str(state or plugin.state),
             "--json",
+            *([] if ask_docker else ["--no-docker"]),
             *extra,
         ],
         check=False,
@@ -219,3 +224,34 @@ def test_status(served: Plugin) -> None:
         ]
     ).stdout
     assert BRIDGE in text and "10.213.80.2/24" in text and "pyv" + ENDPOINT[:12] in text
+
+
+def test_networks_docker_does_not_know_are_found_and_pruned(served: Plugin) -> None:
+    if run(["docker", "info"], check=False).returncode != 0:
+        raise AssertionError("this test asks dockerd which networks exist: start dockerd")
+    code, report = doctor(served, ask_docker=True)
+    assert code == 1
+    assert any(
+        f"network {NETWORK[:12]} (bridge {BRIDGE}) is in pybridge's state but Docker "
+        "does not know it" in p
+        for p in problems(report)
+    ), problems(report)
+    prune = [
+        "ip",
+        "netns",
+        "exec",
+        served.ns,
+        sys.executable,
+        "-m",
+        "pydriver.cli",
+        "prune",
+        "--socket",
+        str(served.sock),
+        "--state-dir",
+        str(served.state),
+    ]
+    assert f"would remove network {NETWORK[:12]}" in run([*prune, "--dry-run"]).stdout
+    assert f"removed network {NETWORK[:12]}" in run(prune).stdout
+    assert BRIDGE not in run(["ip", "netns", "exec", served.ns, "ip", "-o", "link"]).stdout
+    code, report = doctor(served, ask_docker=True)
+    assert (code, problems(report)) == (0, [])

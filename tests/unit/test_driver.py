@@ -823,23 +823,19 @@ async def _joined(env: Env, endpoint_id: str, sandbox: str, address: str) -> Non
 
 async def test_collector_needs_two_scans_and_spares_live_endpoints(env: Env, tmp_path) -> None:
     await create_network(env.driver, NET_A)
-    exec_root = tmp_path / "docker"
-    (exec_root / "netns").mkdir(parents=True)
-    (exec_root / "netns" / "dead").write_text("")  # an empty file dockerd left behind
-    await _joined(env, EP_1, str(exec_root / "netns" / "dead"), "10.50.0.2/24")
-    # A sandbox whose exec root is not visible (inside a managed plugin): cannot tell.
-    await _joined(env, EP_2, "/nonexistent-root/netns/abc", "10.50.0.3/24")
+    # Docker's netns files prove nothing: dockerd leaves empty ones behind, and a managed
+    # plugin cannot see them at all. Only the veth counts.
+    await _joined(env, EP_1, str(tmp_path / "netns" / "missing"), "10.50.0.2/24")
+    await _joined(env, EP_2, "/var/run/docker/netns/abc", "10.50.0.3/24")
+    suspects, removed = await env.driver.collect_garbage(set(), now=0)
+    assert suspects == set() and removed == []
+    # Its veth vanished with the container's namespace: gone, after two scans in a row.
+    await env.kernel.delete_link(host_veth_name(EP_1))
     suspects, removed = await env.driver.collect_garbage(set(), now=0)
     assert suspects == {EP_1} and removed == []
     suspects, removed = await env.driver.collect_garbage(suspects, now=0)
     assert [e.id for e in removed] == [EP_1] and suspects == set()
     assert set(env.driver.endpoints) == {EP_2}
-    assert host_veth_name(EP_1) not in env.kernel.names()
-    # Once its veth vanishes (its netns died), the other one goes too.
-    await env.kernel.delete_link(host_veth_name(EP_2))
-    suspects, _ = await env.driver.collect_garbage(set(), now=0)
-    _, removed = await env.driver.collect_garbage(suspects, now=0)
-    assert [e.id for e in removed] == [EP_2]
 
 
 async def test_collector_removes_endpoints_never_joined(env: Env) -> None:
@@ -866,6 +862,7 @@ async def test_upkeep_collect_releases_the_ipam_address(env: Env, tmp_path) -> N
     )
     await create_network(env.driver, NET_A)
     await _joined(env, EP_1, str(tmp_path / "netns" / "gone"), str(address))
+    await env.kernel.delete_link(host_veth_name(EP_1))
     upkeep = Upkeep(env.driver, env.ipam, Metrics(), Intervals())
     await upkeep.collect()
     await upkeep.collect()
