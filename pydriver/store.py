@@ -1,9 +1,17 @@
 """State on disk: the only module that touches the state directory.
 
-SQLite in WAL mode with ``synchronous=FULL``: a change is on disk before pybridge replies to
-Docker, so a ``kill -9`` (or a power cut) never loses an acknowledged network, endpoint, pool
-or address. Each public method is one transaction. All calls run on one worker thread, so the
-event loop never waits on the disk.
+SQLite in WAL mode. Every change is committed before pybridge acts on it and before it replies
+to Docker. Two strengths, by what a change is about:
+
+* durable (fsync, ``synchronous=FULL``): networks, pools, gateway/aux/static addresses and
+  every release -- what must survive a power cut, because dockerd keeps its networks;
+* committed to the WAL without an fsync (``synchronous=NORMAL``): endpoints and addresses
+  handed out dynamically to containers. That survives a ``kill -9`` of pybridge (the write is
+  in the kernel's page cache); a power cut takes those containers down with it, and whatever
+  was lost was about them. It saves an fsync or two per container start.
+
+Each public method is one transaction. All calls run on one worker thread, so the event loop
+never waits on the disk.
 """
 
 from __future__ import annotations
@@ -100,8 +108,12 @@ class SyncStore:
     def close(self) -> None:
         self.db.close()
 
-    def _tx(self, statements: Iterable[tuple[str, tuple[Any, ...]]]) -> None:
+    def _tx(
+        self, statements: Iterable[tuple[str, tuple[Any, ...]]], *, durable: bool = True
+    ) -> None:
         cur = self.db.cursor()
+        if not durable:
+            cur.execute("PRAGMA synchronous=NORMAL")
         try:
             cur.execute("BEGIN IMMEDIATE")
             for sql, params in statements:
@@ -111,6 +123,9 @@ class SyncStore:
             if self.db.in_transaction:
                 cur.execute("ROLLBACK")
             raise
+        finally:
+            if not durable:
+                cur.execute("PRAGMA synchronous=FULL")
 
     # -- meta ----------------------------------------------------------------------------------
 
@@ -156,11 +171,12 @@ class SyncStore:
                     "INSERT OR REPLACE INTO endpoints (id, network_id, data) VALUES (?, ?, ?)",
                     (endpoint.id, endpoint.network_id, json.dumps(endpoint.to_dict())),
                 )
-            ]
+            ],
+            durable=False,
         )
 
     def delete_endpoint(self, endpoint_id: str) -> None:
-        self._tx([("DELETE FROM endpoints WHERE id=?", (endpoint_id,))])
+        self._tx([("DELETE FROM endpoints WHERE id=?", (endpoint_id,))], durable=False)
 
     # -- IPAM ----------------------------------------------------------------------------------
 
@@ -209,21 +225,18 @@ class SyncStore:
                     (pool_id, address, kind),
                 ),
                 ("UPDATE pools SET data=? WHERE id=?", (json.dumps(pool_data), pool_id)),
-            ]
+            ],
+            durable=kind != "dynamic",
         )
 
     def acknowledge(self, pool_id: str, address: str | None) -> None:
         """The answer reached Docker. Needs no fsync: it only has to survive a kill -9, and the
         write to the WAL does (a power cut takes the containers down anyway)."""
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        try:
-            if address is None:
-                self._tx([("UPDATE pools SET pending=0 WHERE id=?", (pool_id,))])
-            else:
-                sql = "UPDATE addresses SET pending=0 WHERE pool_id=? AND address=?"
-                self._tx([(sql, (pool_id, address))])
-        finally:
-            self.db.execute("PRAGMA synchronous=FULL")
+        if address is None:
+            self._tx([("UPDATE pools SET pending=0 WHERE id=?", (pool_id,))], durable=False)
+        else:
+            sql = "UPDATE addresses SET pending=0 WHERE pool_id=? AND address=?"
+            self._tx([(sql, (pool_id, address))], durable=False)
 
     def remove_address(self, pool_id: str, address: str) -> None:
         self._tx([("DELETE FROM addresses WHERE pool_id=? AND address=?", (pool_id, address))])

@@ -24,7 +24,7 @@ fi
 "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[test]"
 "$ROOT/scripts/pybridge-service.sh" restart
 
-echo "[test] ruff";  "$VENV/bin/ruff" check pydriver tests
+echo "[test] ruff";  "$VENV/bin/ruff" check pydriver tests bench
 echo "[test] mypy";  "$VENV/bin/mypy"
 echo "[test] pytest against dockerd $(docker version --format '{{.Server.Version}}')"
 "$VENV/bin/pytest" "$@"

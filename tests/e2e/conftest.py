@@ -3,15 +3,11 @@ a busybox image built locally, the leak guard and an outside test host."""
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import json
 import os
 import secrets
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,9 +25,9 @@ from tests.hostenv import (
     routes,
     run,
 )
+from tests.image import IMAGE as IMAGE
+from tests.image import build_image
 
-ECHO_SOURCE = Path(__file__).parent / "image" / "pbtest-echo.c"
-IMAGE = "pybridge-test/busybox:" + hashlib.sha256(ECHO_SOURCE.read_bytes()).hexdigest()[:12]
 SERVICE = ROOT / "scripts" / "pybridge-service.sh"
 # PYBRIDGE_MODE=service (default): the host service; =managed: the managed plugin
 # PYBRIDGE_PLUGIN (default pybridge:latest), driven by its full name.
@@ -237,38 +233,6 @@ def free_subnet(third: int) -> str:
         if subnet.overlaps(ipaddress.ip_network(dst, strict=False)):
             raise AssertionError(f"test subnet {subnet} overlaps host route {dst}")
     return str(subnet)
-
-
-def build_image() -> None:
-    """busybox (Debian's busybox-static) plus pbtest-echo, imported as IMAGE. The tag carries
-    a hash of what goes in, so a changed helper means a new image."""
-    if run(["docker", "image", "inspect", IMAGE], check=False).returncode == 0:
-        return
-    busybox = shutil.which("busybox")
-    assert busybox, "busybox is needed for the test image (apt-get install busybox-static)"
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        for sub in ("bin", "etc", "tmp", "www"):
-            (root / sub).mkdir()
-        shutil.copy(busybox, root / "bin" / "busybox")
-        applets = run([busybox, "--list"]).stdout.split()
-        for applet in applets:
-            if applet != "busybox":
-                (root / "bin" / applet).symlink_to("busybox")
-        run(["gcc", "-static", "-O2", "-o", str(root / "bin" / "pbtest-echo"), str(ECHO_SOURCE)])
-        (root / "www" / "index.html").write_text("hello from pybridge\n")
-        (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
-        (root / "etc" / "group").write_text("root:x:0:\n")
-        tar_proc = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
-        imported = subprocess.run(
-            ["docker", "import", "-c", 'CMD ["sh"]', "-", IMAGE],
-            stdin=tar_proc.stdout,
-            capture_output=True,
-            timeout=120,
-            check=False,
-        )
-        tar_proc.wait()
-        assert imported.returncode == 0, imported.stderr
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,516 @@
+"""pybridge against Docker's built-in bridge, side by side in one run.
+
+Docker-level scenarios run interleaved (pybridge, bridge, bridge, pybridge, ...) so both see
+the same machine; medians over the repetitions and the ratio pybridge/bridge are reported.
+Plugin-level figures (latency per protocol call, firewall apply, memory, start-up) come from a
+separate pybridge instance in a throwaway network namespace, driven straight on its socket with
+real kernel objects. Results go to docs/benchmarks.md (see --help).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import ipaddress
+import json
+import os
+import platform
+import re
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.hostenv import leak_guard, run  # noqa: E402
+from tests.image import IMAGE, build_image  # noqa: E402
+from tests.privileged.serving import Plugin, netns  # noqa: E402
+
+DRIVERS = ("pybridge", "bridge")
+
+
+def docker(*args: str, timeout: float = 300) -> str:
+    return run(["docker", *args], timeout=timeout).stdout.strip()
+
+
+def seconds(fn: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+@dataclass
+class Row:
+    name: str
+    unit: str
+    pybridge: list[float] = field(default_factory=list)
+    bridge: list[float] = field(default_factory=list)
+    target: str = ""
+    higher_is_better: bool = False
+
+    def median(self, driver: str) -> float:
+        values = self.pybridge if driver == "pybridge" else self.bridge
+        return statistics.median(values) if values else float("nan")
+
+    @property
+    def ratio(self) -> float:
+        return self.median("pybridge") / self.median("bridge")
+
+
+@dataclass
+class Single:
+    name: str
+    value: str
+    target: str = ""
+    met: bool | None = None
+
+
+# -- Docker-level scenarios ---------------------------------------------------------------------
+
+
+class Scenarios:
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.networks: dict[str, str] = {}
+        self.n = 0
+
+    def name(self) -> str:
+        self.n += 1
+        return f"{self.prefix}{self.n}"
+
+    def setup(self) -> None:
+        for driver in DRIVERS:
+            name = self.name()
+            docker("network", "create", "-d", driver, name)
+            self.networks[driver] = name
+
+    def cleanup(self) -> None:
+        leftovers = docker("ps", "-aq", "--filter", f"name={self.prefix}").split()
+        if leftovers:
+            docker("rm", "-f", *leftovers)
+        for name in self.networks.values():
+            subprocess.run(["docker", "network", "rm", name], capture_output=True, check=False)
+
+    def network_create_rm(self, driver: str) -> float:
+        name = self.name()
+        return seconds(
+            lambda: (docker("network", "create", "-d", driver, name), docker("network", "rm", name))
+        )
+
+    def run_rm(self, driver: str, ports: bool) -> float:
+        publish = ["-p", "18451:80", "-p", "18452:81"] if ports else []
+        net = self.networks[driver]
+        return seconds(lambda: docker("run", "--rm", "--network", net, *publish, IMAGE, "true"))
+
+    def parallel(self, driver: str, count: int = 30) -> float:
+        net = self.networks[driver]
+        names = [self.name() for _ in range(count)]
+
+        def start(name: str) -> str:
+            return docker("run", "-d", "--name", name, "--network", net, IMAGE, "sleep", "300")
+
+        with concurrent.futures.ThreadPoolExecutor(count) as pool:
+            elapsed = seconds(lambda: list(pool.map(start, names)))
+        docker("rm", "-f", *names)
+        return elapsed
+
+    def datapath(self, driver: str) -> tuple[float, float]:
+        """(MB/s of one TCP stream, average ping RTT in ms) between two containers."""
+        net = self.networks[driver]
+        server, client = self.name(), self.name()
+        docker("run", "-d", "--name", server, "--network", net, IMAGE, "sleep", "300")
+        docker("run", "-d", "--name", client, "--network", net, IMAGE, "sleep", "300")
+        try:
+            template = f'{{{{(index .NetworkSettings.Networks "{net}").IPAddress}}}}'
+            ip = docker("inspect", "-f", template, server)
+            docker("exec", "-d", server, "sh", "-c", "nc -l -p 5000 > /dev/null")
+            time.sleep(0.3)
+            out = run(
+                [
+                    "docker",
+                    "exec",
+                    client,
+                    "sh",
+                    "-c",
+                    f"dd if=/dev/zero bs=65536 count=16384 2>&1 | nc {ip} 5000",
+                ],
+                timeout=120,
+            )
+            rate = _dd_rate(out.stdout + out.stderr)
+            ping = docker("exec", client, "ping", "-c", "30", "-i", "0.05", ip)
+            rtt = float(re.search(r"= [\d.]+/([\d.]+)/", ping).group(1))  # type: ignore[union-attr]
+            return rate, rtt
+        finally:
+            docker("rm", "-f", server, client)
+
+
+def _dd_rate(text: str) -> float:
+    """MB/s from busybox dd's summary ("... copied, 1.23 seconds, 873.0MB/s")."""
+    match = re.search(r"(\d+) bytes .* copied, ([\d.]+) seconds", text)
+    if not match:
+        raise RuntimeError(f"no dd summary in: {text!r}")
+    return int(match.group(1)) / float(match.group(2)) / 1e6
+
+
+def docker_level(reps: int) -> list[Row]:
+    rows = {
+        "create": Row("`docker network create` + `rm`", "s", target="≤ 0.70"),
+        "run": Row("`docker run --rm` (no ports)", "s", target="≤ 1.03"),
+        "run_ports": Row("`docker run --rm` with 2 published ports", "s", target="≤ 0.95"),
+        "parallel": Row("30 containers started in parallel", "s", target="≤ 1.05"),
+        "tcp": Row(
+            "one TCP stream between two containers", "MB/s", target="≥ 0.97", higher_is_better=True
+        ),
+        "ping": Row("ping RTT between two containers", "ms", target=""),
+    }
+    scenarios = Scenarios("pbb" + secrets.token_hex(2) + "-")
+    scenarios.setup()
+    try:
+        for driver in DRIVERS:  # warm up: images, plugin activation, caches
+            scenarios.run_rm(driver, ports=False)
+        for rep in range(reps):
+            order = DRIVERS if rep % 2 == 0 else DRIVERS[::-1]
+            for driver in order:
+                getattr(rows["create"], driver).append(scenarios.network_create_rm(driver))
+                getattr(rows["run"], driver).append(scenarios.run_rm(driver, False))
+                getattr(rows["run_ports"], driver).append(scenarios.run_rm(driver, True))
+            print(f"  round {rep + 1}/{reps} done", file=sys.stderr)
+        for rep in range(max(2, reps // 2)):
+            order = DRIVERS if rep % 2 == 0 else DRIVERS[::-1]
+            for driver in order:
+                getattr(rows["parallel"], driver).append(scenarios.parallel(driver))
+                rate, rtt = scenarios.datapath(driver)
+                getattr(rows["tcp"], driver).append(rate)
+                getattr(rows["ping"], driver).append(rtt)
+    finally:
+        scenarios.cleanup()
+    return list(rows.values())
+
+
+# -- plugin-level figures -----------------------------------------------------------------------
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def call(plugin: Plugin, method: str, body: dict[str, Any]) -> tuple[float, Any]:
+    started = time.perf_counter()
+    status, reply = plugin.post(method, body)
+    elapsed = time.perf_counter() - started
+    if status != 200:
+        raise RuntimeError(f"{method}: {reply}")
+    return elapsed, reply
+
+
+def rss_mib(plugin: Plugin) -> float:
+    # `ip netns exec` execs python in place, so the pid is pybridge's.
+    assert plugin.proc is not None
+    for line in Path(f"/proc/{plugin.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+METHODS = [
+    "IpamDriver.RequestAddress",
+    "NetworkDriver.CreateEndpoint",
+    "NetworkDriver.Join",
+    "NetworkDriver.ProgramExternalConnectivity",
+    "NetworkDriver.EndpointOperInfo",
+    "NetworkDriver.RevokeExternalConnectivity",
+    "NetworkDriver.Leave",
+    "NetworkDriver.DeleteEndpoint",
+    "IpamDriver.ReleaseAddress",
+]
+
+
+def plugin_level(cycles: int) -> tuple[list[str], list[Single]]:
+    """Latency per call with 1, 100 and 1000 endpoints present; memory; firewall; start-up."""
+    table = ["| endpoints present | call | p50 (ms) | p99 (ms) |", "|---|---|---|---|"]
+    singles: list[Single] = []
+    with tempfile.TemporaryDirectory() as tmp, netns() as ns, netns() as sandbox:
+        plugin = Plugin(ns, Path(tmp))
+        plugin.start(PYDRIVER_HEAL_INTERVAL="0", PYDRIVER_GC_INTERVAL="0")
+        try:
+            pool = call(
+                plugin,
+                "IpamDriver.RequestPool",
+                {"Pool": "10.220.0.0/16", "V6": False, "AddressSpace": "x"},
+            )[1]["PoolID"]
+            gateway = call(
+                plugin,
+                "IpamDriver.RequestAddress",
+                {
+                    "PoolID": pool,
+                    "Options": {"RequestAddressType": "com.docker.network.gateway"},
+                },
+            )[1]["Address"]
+            network = secrets.token_hex(32)
+            call(
+                plugin,
+                "NetworkDriver.CreateNetwork",
+                {
+                    "NetworkID": network,
+                    "Options": {"com.docker.network.generic": {}},
+                    "IPv4Data": [{"Pool": "10.220.0.0/16", "Gateway": gateway}],
+                },
+            )
+            present = 0
+            per_endpoint_cost: dict[int, float] = {}
+            for target in (1, 100, 1000):
+                started = time.perf_counter()
+                while present < target:
+                    address = call(plugin, "IpamDriver.RequestAddress", {"PoolID": pool})[1]
+                    call(
+                        plugin,
+                        "NetworkDriver.CreateEndpoint",
+                        {
+                            "NetworkID": network,
+                            "EndpointID": secrets.token_hex(32),
+                            "Interface": {"Address": address["Address"]},
+                        },
+                    )
+                    present += 1
+                latencies = {m: [] for m in METHODS}  # type: dict[str, list[float]]
+                for _ in range(cycles):
+                    _lifecycle(plugin, pool, network, f"/run/netns/{sandbox}", latencies)
+                per_endpoint_cost[target] = sum(statistics.median(v) for v in latencies.values())
+                for method in METHODS:
+                    values = latencies[method]
+                    table.append(
+                        f"| {target} | `{method}` | {percentile(values, 50) * 1000:.2f} | "
+                        f"{percentile(values, 99) * 1000:.2f} |"
+                    )
+                worst = max(percentile(v, 99) for v in latencies.values()) * 1000
+                singles.append(
+                    Single(
+                        f"worst p99 of a protocol call, {target} endpoints present",
+                        f"{worst:.2f} ms",
+                        "≤ 5 ms",
+                        worst <= 5,
+                    )
+                )
+                del started
+            growth = per_endpoint_cost[1000] / per_endpoint_cost[1]
+            singles.append(
+                Single(
+                    "cost of one more container's calls, 1000 vs 1 endpoints present",
+                    f"{growth:.2f} times ({per_endpoint_cost[1] * 1000:.1f} → "
+                    f"{per_endpoint_cost[1000] * 1000:.1f} ms)",
+                    "does not grow",
+                    growth < 1.5,
+                )
+            )
+            rss = rss_mib(plugin)
+            singles.append(
+                Single("pybridge RSS with 1000 endpoints", f"{rss:.1f} MiB", "≤ 60 MiB", rss <= 60)
+            )
+        finally:
+            plugin.stop()
+    singles += firewall_apply_times()
+    singles += startup_time()
+    return table, singles
+
+
+def _lifecycle(
+    plugin: Plugin, pool: str, network: str, sandbox: str, latencies: dict[str, list[float]]
+) -> None:
+    endpoint = secrets.token_hex(32)
+    ref = {"NetworkID": network, "EndpointID": endpoint}
+    ports = {
+        "com.docker.network.portmap": [
+            {"Proto": 6, "Port": 80, "HostPort": 18461, "HostPortEnd": 18461},
+            {"Proto": 6, "Port": 81, "HostPort": 18462, "HostPortEnd": 18462},
+        ]
+    }
+    t, reply = call(plugin, "IpamDriver.RequestAddress", {"PoolID": pool})
+    latencies["IpamDriver.RequestAddress"].append(t)
+    address = reply["Address"]
+    steps: list[tuple[str, dict[str, Any]]] = [
+        ("NetworkDriver.CreateEndpoint", {**ref, "Interface": {"Address": address}}),
+        ("NetworkDriver.Join", {**ref, "SandboxKey": sandbox}),
+        ("NetworkDriver.ProgramExternalConnectivity", {**ref, "Options": ports}),
+        ("NetworkDriver.EndpointOperInfo", ref),
+        ("NetworkDriver.RevokeExternalConnectivity", ref),
+        ("NetworkDriver.Leave", ref),
+        ("NetworkDriver.DeleteEndpoint", ref),
+        ("IpamDriver.ReleaseAddress", {"PoolID": pool, "Address": address.split("/")[0]}),
+    ]
+    for method, body in steps:
+        latencies[method].append(call(plugin, method, body)[0])
+
+
+def firewall_apply_times() -> list[Single]:
+    """One batch per family: time to write the rules of 1 and of 100 networks."""
+    import asyncio
+
+    from pydriver.firewall import Firewall
+    from pydriver.rules import NetworkRules
+
+    out = []
+    with netns() as ns:
+        for count in (1, 100):
+            views = [
+                NetworkRules(f"pyb-{i:011d}", (ipaddress.ip_network(f"10.221.{i}.0/24"),))
+                for i in range(count)
+            ]
+            firewall = Firewall("nft", netns=ns)
+            started = time.perf_counter()
+            asyncio.run(firewall.apply(views, force=True))
+            elapsed = time.perf_counter() - started
+            out.append(
+                Single(
+                    f"firewall apply, {count} network(s), both families", f"{elapsed * 1000:.0f} ms"
+                )
+            )
+    return out
+
+
+def startup_time() -> list[Single]:
+    """Restart with 100 networks and 1000 endpoints in state: time until the socket serves."""
+    with tempfile.TemporaryDirectory() as tmp, netns() as ns:
+        plugin = Plugin(ns, Path(tmp))
+        plugin.start(PYDRIVER_HEAL_INTERVAL="0", PYDRIVER_GC_INTERVAL="0")
+        try:
+            for i in range(100):
+                network = secrets.token_hex(32)
+                call(
+                    plugin,
+                    "NetworkDriver.CreateNetwork",
+                    {
+                        "NetworkID": network,
+                        "Options": {"com.docker.network.generic": {}},
+                        "IPv4Data": [{"Pool": f"10.222.{i}.0/24", "Gateway": f"10.222.{i}.1/24"}],
+                    },
+                )
+                for j in range(10):
+                    call(
+                        plugin,
+                        "NetworkDriver.CreateEndpoint",
+                        {
+                            "NetworkID": network,
+                            "EndpointID": secrets.token_hex(32),
+                            "Interface": {"Address": f"10.222.{i}.{j + 2}/24"},
+                        },
+                    )
+            plugin.stop()
+            elapsed = seconds(
+                lambda: plugin.start(PYDRIVER_HEAL_INTERVAL="0", PYDRIVER_GC_INTERVAL="0")
+            )
+        finally:
+            plugin.stop()
+    return [
+        Single(
+            "start-up (reconcile, then socket served), 100 networks / 1000 endpoints",
+            f"{elapsed:.2f} s",
+            "≤ 3 s",
+            elapsed <= 3,
+        )
+    ]
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    cpus = os.cpu_count()
+    docker_version = docker("version", "--format", "{{.Server.Version}}")
+    return (
+        f"{cpus} CPUs, Linux {platform.release()}, dockerd {docker_version}, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def render(rows: list[Row], micro: list[str], singles: list[Single], reps: int) -> str:
+    out = [
+        "# Benchmarks: pybridge against Docker's built-in bridge",
+        "",
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()}.",
+        "Reproduce: `sudo scripts/bench.sh` (writes this file). Absolute times on these",
+        "shared machines are noise; the ratios, measured in the same run, are the result.",
+        "",
+        f"## Docker commands (medians of {reps} interleaved rounds; parallel starts and data "
+        "path: fewer)",
+        "",
+        "| scenario | pybridge | bridge | ratio pybridge/bridge | target | met |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        ratio = row.ratio
+        met = ""
+        if row.target:
+            limit = float(row.target.split()[-1])
+            ok = ratio >= limit if row.higher_is_better else ratio <= limit
+            met = "yes" if ok else "**no**"
+        out.append(
+            f"| {row.name} | {row.median('pybridge'):.3f} {row.unit} | "
+            f"{row.median('bridge'):.3f} {row.unit} | {ratio:.2f} | {row.target} | {met} |"
+        )
+    out += [
+        "",
+        "## pybridge itself",
+        "",
+        "A pybridge instance in a throwaway network namespace, driven on its socket; real",
+        "veths, bridge and iptables-nft rules. Each call's latency is measured by the client",
+        "(HTTP included), over container lifecycles (address, endpoint, join, two published",
+        "ports, revoke, leave, delete, release) on top of the endpoints already present.",
+        "",
+        "| figure | value | target | met |",
+        "|---|---|---|---|",
+    ]
+    for single in singles:
+        met = "" if single.met is None else ("yes" if single.met else "**no**")
+        out.append(f"| {single.name} | {single.value} | {single.target} | {met} |")
+    out += ["", "### Latency per protocol call", "", *micro, ""]
+    return "\n".join(out)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--reps", type=int, default=7, help="interleaved rounds (default 7)")
+    parser.add_argument(
+        "--cycles",
+        type=int,
+        default=100,
+        help="container lifecycles per endpoint count (default 100)",
+    )
+    parser.add_argument("--output", default=str(ROOT / "docs" / "benchmarks.md"))
+    parser.add_argument("--json", help="also write the raw figures here")
+    args = parser.parse_args()
+    build_image()
+    with leak_guard():
+        print("[bench] docker commands", file=sys.stderr)
+        rows = docker_level(args.reps)
+        print("[bench] pybridge itself", file=sys.stderr)
+        micro, singles = plugin_level(args.cycles)
+    text = render(rows, micro, singles, args.reps)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(text + "\n")
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "rows": [
+                        {"name": r.name, "pybridge": r.pybridge, "bridge": r.bridge} for r in rows
+                    ],
+                    "singles": [s.__dict__ for s in singles],
+                },
+                indent=2,
+            )
+        )
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
