@@ -48,23 +48,45 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name) or default
 
 
+def _socket_arg(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument(
+        "--socket",
+        default=_env("PYDRIVER_SOCKET", DEFAULT_SOCKET),
+        help=f"{help_text} (env PYDRIVER_SOCKET; default {DEFAULT_SOCKET})",
+    )
+
+
+def _state_dir_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--state-dir",
+        default=_env("PYDRIVER_STATE_DIR", DEFAULT_STATE_DIR),
+        help=f"state directory (env PYDRIVER_STATE_DIR; default {DEFAULT_STATE_DIR})",
+    )
+
+
+def _backend_arg(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument(
+        "--firewall-backend",
+        default=_env("PYDRIVER_FIREWALL_BACKEND", "auto"),
+        choices=["auto", "nft", "legacy"],
+        help=f"{help_text} (env PYDRIVER_FIREWALL_BACKEND; default auto = the one Docker uses)",
+    )
+
+
+def _flag(parser: argparse.ArgumentParser, name: str, help_text: str) -> None:
+    parser.add_argument(name, action="store_true", help=help_text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pydriver", description="pybridge: a Docker network driver and IPAM driver."
     )
     parser.add_argument("--version", action="version", version=f"pydriver {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
     serve = sub.add_parser("serve", help="run the plugin in the foreground")
-    serve.add_argument(
-        "--socket",
-        default=_env("PYDRIVER_SOCKET", DEFAULT_SOCKET),
-        help=f"Unix socket to listen on (env PYDRIVER_SOCKET; default {DEFAULT_SOCKET})",
-    )
-    serve.add_argument(
-        "--state-dir",
-        default=_env("PYDRIVER_STATE_DIR", DEFAULT_STATE_DIR),
-        help=f"state directory (env PYDRIVER_STATE_DIR; default {DEFAULT_STATE_DIR})",
-    )
+    _socket_arg(serve, "Unix socket to listen on")
+    _state_dir_arg(serve)
     serve.add_argument(
         "--log-level",
         default=_env("PYDRIVER_LOG_LEVEL", "info"),
@@ -77,13 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["text", "json"],
         help="text lines, or JSON lines for log collectors (env PYDRIVER_LOG_FORMAT)",
     )
-    serve.add_argument(
-        "--firewall-backend",
-        default=_env("PYDRIVER_FIREWALL_BACKEND", "auto"),
-        choices=["auto", "nft", "legacy"],
-        help="iptables flavour to write rules with (env PYDRIVER_FIREWALL_BACKEND; "
-        "default auto = the one Docker uses)",
-    )
+    _backend_arg(serve, "iptables flavour to write rules with")
     serve.add_argument(
         "--metrics-address",
         default=_env("PYDRIVER_METRICS_ADDRESS", ""),
@@ -103,71 +119,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between scans for endpoints of vanished containers; 0 turns it off "
         "(default 10)",
     )
+
+    names_help = "do not ask the docker CLI for container and network names"
     ports = sub.add_parser(
         "ports", help="list the ports pybridge publishes (docker ps cannot show them)"
     )
-    ports.add_argument(
-        "--state-dir",
-        default=_env("PYDRIVER_STATE_DIR", DEFAULT_STATE_DIR),
-        help=f"state directory (env PYDRIVER_STATE_DIR; default {DEFAULT_STATE_DIR})",
-    )
-    ports.add_argument("--json", action="store_true", help="print JSON for scripts")
-    ports.add_argument(
-        "--no-names",
-        action="store_true",
-        help="do not ask the docker CLI for container and network names",
-    )
+    _state_dir_arg(ports)
+    _flag(ports, "--json", "print JSON for scripts")
+    _flag(ports, "--no-names", names_help)
+
     status = sub.add_parser("status", help="networks, endpoints and ports pybridge manages")
-    status.add_argument(
-        "--state-dir",
-        default=_env("PYDRIVER_STATE_DIR", DEFAULT_STATE_DIR),
-        help=f"state directory (env PYDRIVER_STATE_DIR; default {DEFAULT_STATE_DIR})",
-    )
-    status.add_argument("--json", action="store_true", help="print JSON for scripts")
-    status.add_argument(
-        "--no-names",
-        action="store_true",
-        help="do not ask the docker CLI for container and network names",
-    )
+    _state_dir_arg(status)
+    _flag(status, "--json", "print JSON for scripts")
+    _flag(status, "--no-names", names_help)
+
     doctor = sub.add_parser(
         "doctor", help="check the host and pybridge; exit status 0 only when healthy"
     )
-    doctor.add_argument(
-        "--socket",
-        default=_env("PYDRIVER_SOCKET", DEFAULT_SOCKET),
-        help=f"pybridge's socket (env PYDRIVER_SOCKET; default {DEFAULT_SOCKET})",
-    )
-    doctor.add_argument(
-        "--state-dir",
-        default=_env("PYDRIVER_STATE_DIR", DEFAULT_STATE_DIR),
-        help=f"state directory (env PYDRIVER_STATE_DIR; default {DEFAULT_STATE_DIR})",
-    )
-    doctor.add_argument(
-        "--firewall-backend",
-        default=_env("PYDRIVER_FIREWALL_BACKEND", "auto"),
-        choices=["auto", "nft", "legacy"],
-        help="the backend pybridge was told to use",
-    )
-    doctor.add_argument("--json", action="store_true", help="print JSON for scripts")
-    doctor.add_argument(
-        "--no-docker",
-        action="store_true",
-        help="do not ask the docker CLI which networks exist",
-    )
+    _socket_arg(doctor, "pybridge's socket")
+    _state_dir_arg(doctor)
+    _backend_arg(doctor, "the backend pybridge was told to use")
+    _flag(doctor, "--json", "print JSON for scripts")
+    _flag(doctor, "--no-docker", "do not ask the docker CLI which networks exist")
+
     prune = sub.add_parser(
         "prune", help="remove networks Docker no longer knows (removed while pybridge was away)"
     )
-    prune.add_argument(
-        "--socket",
-        default=_env("PYDRIVER_SOCKET", DEFAULT_SOCKET),
-        help=f"pybridge's socket (env PYDRIVER_SOCKET; default {DEFAULT_SOCKET})",
-    )
-    prune.add_argument(
-        "--state-dir",
-        default=_env("PYDRIVER_STATE_DIR", DEFAULT_STATE_DIR),
-        help=f"state directory (env PYDRIVER_STATE_DIR; default {DEFAULT_STATE_DIR})",
-    )
-    prune.add_argument("--dry-run", action="store_true", help="only list them")
+    _socket_arg(prune, "pybridge's socket")
+    _state_dir_arg(prune)
+    _flag(prune, "--dry-run", "only list them")
     return parser
 
 
