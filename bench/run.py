@@ -131,20 +131,14 @@ class Scenarios:
         try:
             template = f'{{{{(index .NetworkSettings.Networks "{net}").IPAddress}}}}'
             ip = docker("inspect", "-f", template, server)
-            docker("exec", "-d", server, "sh", "-c", "nc -l -p 5000 > /dev/null")
-            time.sleep(0.3)
-            out = run(
-                [
-                    "docker",
-                    "exec",
-                    client,
-                    "sh",
-                    "-c",
-                    f"dd if=/dev/zero bs=65536 count=16384 2>&1 | nc {ip} 5000",
-                ],
-                timeout=120,
-            )
-            rate = _dd_rate(out.stdout + out.stderr)
+            docker("exec", "-d", server, "pbtest-echo", "sink", "5000")
+            deadline = time.monotonic() + 10
+            while ":5000 " not in docker("exec", server, "netstat", "-ltn"):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the stream receiver did not start")
+                time.sleep(0.1)
+            out = docker("exec", client, "pbtest-echo", "send", ip, "5000", str(STREAM_MB))
+            rate = float(out.split()[2])
             ping = docker("exec", client, "ping", "-c", "30", "-i", "0.05", ip)
             rtt = float(re.search(r"= [\d.]+/([\d.]+)/", ping).group(1))  # type: ignore[union-attr]
             return rate, rtt
@@ -152,12 +146,7 @@ class Scenarios:
             docker("rm", "-f", server, client)
 
 
-def _dd_rate(text: str) -> float:
-    """MB/s from busybox dd's summary ("... copied, 1.23 seconds, 873.0MB/s")."""
-    match = re.search(r"(\d+) bytes .* copied, ([\d.]+) seconds", text)
-    if not match:
-        raise RuntimeError(f"no dd summary in: {text!r}")
-    return int(match.group(1)) / float(match.group(2)) / 1e6
+STREAM_MB = 2000  # one TCP stream of 2 GB (pbtest-echo send/sink: busybox nc cannot stream)
 
 
 def docker_level(reps: int) -> list[Row]:

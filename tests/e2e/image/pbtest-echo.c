@@ -1,6 +1,9 @@
 /* pbtest-echo: answers every TCP connection or UDP datagram with the address it came from.
- * Built statically into the test image (busybox has no UDP server and cannot show peers).
- * usage: pbtest-echo tcp|udp PORT [PORT...]   (one process per port, IPv4 and IPv6) */
+ * Built statically into the test image (busybox has no UDP server and cannot show peers, and
+ * its nc cannot stream in bulk).
+ * usage: pbtest-echo tcp|udp PORT [PORT...]   (one process per port, IPv4 and IPv6)
+ *        pbtest-echo sink PORT                (accept TCP connections, discard what comes)
+ *        pbtest-echo send IP PORT MEGABYTES   (stream zeros; prints seconds and MB/s) */
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <stdio.h>
@@ -8,6 +11,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 static void peer_text(struct sockaddr_in6 *peer, char *out, size_t len) {
@@ -47,7 +51,54 @@ static void serve(int udp, int port) {
     }
 }
 
+static void sink(int port) {
+    int s = socket(AF_INET6, SOCK_STREAM, 0), off = 0, on = 1;
+    setsockopt(s, IPPROTO_IPV6, IPV6_V6ONLY, &off, sizeof off);
+    setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &on, sizeof on);
+    struct sockaddr_in6 addr = {0};
+    addr.sin6_family = AF_INET6;
+    addr.sin6_port = htons(port);
+    if (bind(s, (struct sockaddr *)&addr, sizeof addr) < 0 || listen(s, 8) < 0) {
+        perror("sink"); exit(1);
+    }
+    static char buf[1 << 16];
+    for (;;) {
+        int c = accept(s, NULL, NULL);
+        if (c < 0) continue;
+        while (read(c, buf, sizeof buf) > 0) {}
+        close(c);
+    }
+}
+
+static int send_zeros(const char *ip, int port, long megabytes) {
+    struct sockaddr_in addr = {0};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(port);
+    if (inet_pton(AF_INET, ip, &addr.sin_addr) != 1) { fprintf(stderr, "bad ip\n"); return 2; }
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    if (connect(s, (struct sockaddr *)&addr, sizeof addr) < 0) { perror("connect"); return 1; }
+    static char buf[1 << 16];
+    long total = megabytes * 1000000L, sent = 0;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    while (sent < total) {
+        long chunk = total - sent < (long)sizeof buf ? total - sent : (long)sizeof buf;
+        ssize_t n = write(s, buf, chunk);
+        if (n <= 0) { perror("write"); return 1; }
+        sent += n;
+    }
+    shutdown(s, SHUT_WR);
+    while (read(s, buf, sizeof buf) > 0) {}
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double secs = (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9;
+    printf("%.6f seconds %.1f MB/s\n", secs, sent / secs / 1e6);
+    return 0;
+}
+
 int main(int argc, char **argv) {
+    if (argc == 3 && strcmp(argv[1], "sink") == 0) sink(atoi(argv[2]));
+    if (argc == 5 && strcmp(argv[1], "send") == 0)
+        return send_zeros(argv[2], atoi(argv[3]), atol(argv[4]));
     if (argc < 3) { fprintf(stderr, "usage: %s tcp|udp PORT...\n", argv[0]); return 2; }
     int udp = strcmp(argv[1], "udp") == 0;
     for (int i = 3; i < argc; i++)
