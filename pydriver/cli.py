@@ -279,6 +279,7 @@ async def serve(args: argparse.Namespace) -> int:
     # Stop accepting first, let in-flight requests finish, then drop the socket file.
     await upkeep.stop()
     await runner.cleanup()
+    await driver.close()  # background writes and removals still under way
     if metrics_runner is not None:
         await metrics_runner.cleanup()
     with contextlib.suppress(FileNotFoundError):

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from . import faults
 from .errors import Conflict, DriverError, InvalidRequest, NotFound
+from .fwsync import FirewallWriter
 from .hostports import HostPorts, PortInUse, port_holder
 from .ipam import HostRoute, describe_route
 from .locks import KeyedLock
@@ -77,7 +78,9 @@ class Kernel(Protocol):
     async def ensure_address(self, name: str, address: IPInterface) -> None: ...
     async def link_addresses(self, name: str) -> list[IPInterface]: ...
     async def remove_address(self, name: str, address: IPInterface) -> None: ...
-    async def ensure_veth(self, host: str, peer: str, peer_mac: str, mtu: int | None) -> bool: ...
+    async def ensure_veth(
+        self, host: str, peer: str, peer_mac: str, mtu: int | None, master: str | None = None
+    ) -> bool: ...
     async def delete_link(self, name: str) -> bool: ...
     async def set_hairpin(self, name: str) -> None: ...
 
@@ -148,7 +151,10 @@ class NetworkDriver:
         host_ports: HostPortsPort | None = None,
         port_holder: PortHolder = port_holder,
         ephemeral_range: tuple[int, int] = DEFAULT_EPHEMERAL_RANGE,
+        eager: bool = False,
     ) -> None:
+        # eager: do at once what is otherwise left to the background (tests over fakes).
+        self.eager = eager
         self.store = store
         self.kernel = kernel
         self.firewall = firewall
@@ -160,6 +166,8 @@ class NetworkDriver:
         self.networks: dict[str, Network] = {}
         self.endpoints: dict[str, Endpoint] = {}
         self._locks = KeyedLock()
+        self.firewall_writer = FirewallWriter(self.firewall.apply, self.firewall_views)
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -197,7 +205,43 @@ class NetworkDriver:
         ]
 
     async def _apply_firewall(self, *, force: bool = False) -> None:
-        await self.firewall.apply(self.firewall_views(), force=force)
+        """Write the rules and wait for them (network changes: containers rely on them)."""
+        await self.firewall_writer.write(force=force)
+
+    async def _update_firewall_soon(self) -> None:
+        """Ask for the rules to be written without waiting (published ports go live a few
+        milliseconds after the answer; conflicts were already checked)."""
+        if self.eager:
+            await self.firewall_writer.write()
+        else:
+            self.firewall_writer.request()
+
+    async def _in_background(self, job: Awaitable[None], what: str) -> None:
+        async def run() -> None:
+            try:
+                await job
+            except DriverError as err:  # leftovers are removed at the next start
+                log.warning("%s: %s", what, err)
+
+        if self.eager:
+            await run()
+            return
+        task = asyncio.create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _wait_background(self) -> None:
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    async def settle(self) -> None:
+        """Wait for background work: firewall writes and veth removals (tests, shutdown)."""
+        await self._wait_background()
+        await self.firewall_writer.settle()
+
+    async def close(self) -> None:
+        await self.settle()
+        await self.firewall_writer.stop()
 
     # -- networks ------------------------------------------------------------------------------
 
@@ -357,6 +401,8 @@ class NetworkDriver:
             if network is None:
                 log.info("network %s was already deleted", short(ref.network_id))
                 return
+            # Veths of endpoints Docker deleted moments ago may still be going: let them go.
+            await self._wait_background()
             leftovers = self._endpoints_of(network.id)
             if leftovers:
                 log.warning(
@@ -440,27 +486,34 @@ class NetworkDriver:
         self, network: Network, endpoint: Endpoint, *, fresh: bool
     ) -> None:
         mtu = network.options.mtu
-        created = await self.kernel.ensure_veth(
-            endpoint.host_veth, endpoint.container_veth, endpoint.mac_address, mtu
-        )
+        names = (endpoint.host_veth, endpoint.container_veth, endpoint.mac_address, mtu)
+        created = await self.kernel.ensure_veth(*names, master=network.bridge)
         if fresh and not created:
             # A leftover from an interrupted attempt: start clean so both ends are ours.
             await self.kernel.delete_link(endpoint.host_veth)
             await self.kernel.delete_link(endpoint.container_veth)
-            await self.kernel.ensure_veth(
-                endpoint.host_veth, endpoint.container_veth, endpoint.mac_address, mtu
-            )
-        await self.kernel.set_link(endpoint.host_veth, master=network.bridge, up=True, mtu=mtu)
+            created = await self.kernel.ensure_veth(*names, master=network.bridge)
+        if not created:
+            await self.kernel.set_link(endpoint.host_veth, master=network.bridge, up=True, mtu=mtu)
         if not network.internal:
             await self.kernel.set_hairpin(endpoint.host_veth)
 
-    async def _remove_endpoint(self, endpoint: Endpoint) -> None:
+    async def _remove_endpoint(self, endpoint: Endpoint, *, wait: bool = True) -> None:
         # Forget first: if we crash after this, reconcile removes the veth as an orphan.
         await self.store.delete_endpoint(endpoint.id)
         self.endpoints.pop(endpoint.id, None)
         await faults.point("endpoint.delete.forgotten")
         for mapping in endpoint.mappings:
             self.host_ports.release(mapping)
+        if wait:
+            await self._delete_veths(endpoint)
+        else:
+            # The kernel takes tens of milliseconds to delete a veth; nobody needs to wait.
+            await self._in_background(
+                self._delete_veths(endpoint), f"removing the veth of {short(endpoint.id)}"
+            )
+
+    async def _delete_veths(self, endpoint: Endpoint) -> None:
         # Deleting the host end removes the pair wherever the other end is.
         await self.kernel.delete_link(endpoint.host_veth)
         await self.kernel.delete_link(endpoint.container_veth)
@@ -471,9 +524,9 @@ class NetworkDriver:
             if endpoint is None:
                 log.info("endpoint %s was already deleted", short(ref.endpoint_id))
                 return
-            await self._remove_endpoint(endpoint)
+            await self._remove_endpoint(endpoint, wait=False)
             if endpoint.mappings:  # after a dockerd restart Docker may skip the Revoke
-                await self._apply_firewall()
+                await self._update_firewall_soon()
 
     def endpoint_oper_info(self, ref: EndpointRef) -> dict[str, Any]:
         # Docker calls this often and must never see it fail.
@@ -501,12 +554,11 @@ class NetworkDriver:
                     f"endpoint {short(req.endpoint_id)} is not known to pybridge on network "
                     f"{short(req.network_id)}"
                 )
-            if await self.kernel.get_link(endpoint.container_veth) is None:
+            if not await self.kernel.exists(endpoint.container_veth):
                 # Docker moved it away earlier (a replayed Join) or it vanished: recreate.
                 await self.kernel.delete_link(endpoint.host_veth)
                 await self._ensure_endpoint_datapath(network, endpoint, fresh=True)
-            else:
-                await self._ensure_endpoint_datapath(network, endpoint, fresh=False)
+            # (Otherwise CreateEndpoint made the pair moments ago, on the bridge and up.)
             joined = endpoint.with_changes(
                 sandbox_key=req.sandbox_key or None,
                 port_bindings=req.ports.bindings if req.ports.present else endpoint.port_bindings,
@@ -581,13 +633,8 @@ class NetworkDriver:
             await self.store.put_endpoint(published)
             self.endpoints[endpoint.id] = published
             await faults.point("ports.publish.recorded")
-            try:
-                await self._apply_firewall()
-                await faults.point("ports.publish.firewall")
-            except BaseException:
-                await self.store.put_endpoint(endpoint)
-                self.endpoints[endpoint.id] = endpoint
-                raise
+            await self._update_firewall_soon()
+            await faults.point("ports.publish.firewall")
         except BaseException:
             for mapping in chosen:
                 self.host_ports.release(mapping)
@@ -662,7 +709,7 @@ class NetworkDriver:
                 await faults.point("ports.revoke.recorded")
                 for mapping in endpoint.mappings:
                     self.host_ports.release(mapping)
-                await self._apply_firewall()
+                await self._update_firewall_soon()
             log.info("endpoint %s no longer publishes ports", short(endpoint.id))
 
     # -- background upkeep ------------------------------------------------------------------
@@ -725,7 +772,7 @@ class NetworkDriver:
                 )
                 await self._remove_endpoint(seen)
                 if seen.mappings:
-                    await self._apply_firewall()
+                    await self._update_firewall_soon()
                 removed.append(seen)
         return found - {e.id for e in removed}, removed
 

@@ -117,24 +117,27 @@ class Firewall:
         return result.stdout
 
     async def apply(self, networks: Sequence[NetworkRules], *, force: bool = False) -> None:
+        """Write the rules of both families (at the same time: they are independent)."""
         async with self._lock:
-            for family in self.families:
-                wanted = render_chain_rules(networks, family) if networks else {}
-                if not force and self._applied.get(family) == wanted:
-                    continue
-                current = await self.save(family)
-                text = render_restore(networks, family, current)
-                if not text:
-                    self._applied[family] = wanted
-                    continue
-                restore = tool(self.backend, family, "restore")
-                argv = [*self._prefix, restore, "-w", "5", "--noflush"]
-                result = await run(argv, stdin=text)
-                if result.returncode != 0:
-                    self._applied.pop(family, None)
-                    log.error("%s failed on input:\n%s", restore, text)
-                    raise HostError(f"{restore} refused pybridge's rules: {result.stderr.strip()}")
-                self._applied[family] = wanted
+            await asyncio.gather(*(self._apply(networks, f, force) for f in self.families))
+
+    async def _apply(self, networks: Sequence[NetworkRules], family: Family, force: bool) -> None:
+        wanted = render_chain_rules(networks, family) if networks else {}
+        if not force and self._applied.get(family) == wanted:
+            return
+        current = await self.save(family)
+        text = render_restore(networks, family, current)
+        if not text:
+            self._applied[family] = wanted
+            return
+        restore = tool(self.backend, family, "restore")
+        argv = [*self._prefix, restore, "-w", "5", "--noflush"]
+        result = await run(argv, stdin=text)
+        if result.returncode != 0:
+            self._applied.pop(family, None)
+            log.error("%s failed on input:\n%s", restore, text)
+            raise HostError(f"{restore} refused pybridge's rules: {result.stderr.strip()}")
+        self._applied[family] = wanted
 
     async def drift(self, networks: Sequence[NetworkRules]) -> list[str]:
         """What differs from the wanted rules, per family ([] when all is in place)."""

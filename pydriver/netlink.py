@@ -265,12 +265,20 @@ class _NetlinkCore:
 
     # -- veths ---------------------------------------------------------------------------------
 
-    async def ensure_veth(self, host: str, peer: str, peer_mac: str, mtu: int | None) -> bool:
-        """Create a veth pair unless the host end exists. Returns True if created now."""
+    async def ensure_veth(
+        self, host: str, peer: str, peer_mac: str, mtu: int | None, master: str | None = None
+    ) -> bool:
+        """Create a veth pair unless the host end exists (with ``master``: the host end
+        already on that bridge and up, in the same request). Returns True if created now."""
         if await self.exists(host):
             return False
         peer_spec: dict[str, Any] = {"ifname": peer, "address": peer_mac}
         kwargs: dict[str, Any] = {"ifname": host, "kind": "veth", "peer": peer_spec}
+        if master is not None:
+            master_index = await self.index(master)
+            if master_index is None:
+                raise HostError(f"bridge {master} does not exist")
+            kwargs.update(master=master_index, state="up")
         if mtu:
             kwargs["mtu"] = mtu
             peer_spec["mtu"] = mtu
@@ -380,8 +388,10 @@ class Netlink:
     async def set_hairpin(self, name: str) -> None:
         await self._call(self._core.set_hairpin(name))
 
-    async def ensure_veth(self, host: str, peer: str, peer_mac: str, mtu: int | None) -> bool:
-        return await self._call(self._core.ensure_veth(host, peer, peer_mac, mtu))
+    async def ensure_veth(
+        self, host: str, peer: str, peer_mac: str, mtu: int | None, master: str | None = None
+    ) -> bool:
+        return await self._call(self._core.ensure_veth(host, peer, peer_mac, mtu, master))
 
     async def delete_link(self, name: str) -> bool:
         return await self._call(self._core.delete_link(name))

@@ -57,4 +57,4 @@ def test_compose_services_by_name_and_published_port(project: None, outside: Out
     network_id = docker("network", "inspect", "-f", "{{.Id}}", network)
     compose("down")
     assert "pyb-" + network_id[:11] not in link_names()
-    assert "18800" not in firewall_dump()
+    assert wait_for(lambda: "18800" not in firewall_dump(), timeout=5)

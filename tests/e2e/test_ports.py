@@ -16,7 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import IMAGE, MODE, Docker, Plugin, default_routes, docker, free_subnet
+from tests.e2e.conftest import (
+    IMAGE,
+    MODE,
+    Docker,
+    Plugin,
+    default_routes,
+    docker,
+    free_subnet,
+    wait_for,
+)
 from tests.hostenv import OutsideHost, firewall_dump, run
 
 PYDRIVER = [sys.executable, "-m", "pydriver.cli"]
@@ -261,7 +270,7 @@ def test_stop_start_rm_and_plugin_restart(d: Docker, outside: OutsideHost, plugi
     docker("stop", "-t", "0", c)
     assert published_for(c) == []
     assert tcp_from(outside, outside.host_ip, 18260) == ""
-    assert "18260" not in firewall_dump()
+    assert wait_for(lambda: "18260" not in firewall_dump(), timeout=5)
     docker("start", c)
     assert tcp_from(outside, outside.host_ip, 18260, outside.ip) == outside.ip
     # The data plane does not need the plugin: with it stopped, containers still talk to each
@@ -278,10 +287,10 @@ def test_stop_start_rm_and_plugin_restart(d: Docker, outside: OutsideHost, plugi
     assert tcp_from(outside, outside.host_ip, 18260, outside.ip) == outside.ip
     assert [r["host"] for r in published_for(c)] == ["0.0.0.0:18260"]
     d.rm_container(c)
-    assert "18260" not in firewall_dump()
+    assert wait_for(lambda: "18260" not in firewall_dump(), timeout=5)
     d.rm_container(neighbour)
     d.rm_network(net)
-    assert "18260" not in firewall_dump()
+    assert wait_for(lambda: "18260" not in firewall_dump(), timeout=5)
 
 
 def test_pydriver_ports_table(d: Docker) -> None:

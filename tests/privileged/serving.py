@@ -91,10 +91,16 @@ class Plugin:
     def post(self, method: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
         return post(self.sock, method, body)
 
-    def consistent(self) -> list[str]:
+    def consistent(self, settle: float = 3.0) -> list[str]:
         """Everything wrong between pybridge's state and the namespace's kernel objects and
-        firewall ([] when they agree)."""
-        return check_consistent(self.ns, self.state)
+        firewall ([] when they agree). Rules for published ports and veth removals happen
+        just after the answer, so this waits up to ``settle`` seconds for them."""
+        deadline = time.monotonic() + settle
+        while True:
+            problems = check_consistent(self.ns, self.state)
+            if not problems or time.monotonic() > deadline:
+                return problems
+            time.sleep(0.05)
 
 
 def _connects(sock: Path) -> bool:

@@ -42,6 +42,7 @@ class Env:
             self.sysctl,
             host_ports=self.host_ports,
             port_holder=self.host_ports.holder,
+            eager=True,
         )
         self.ipam = IpamDriver(self.store, self.kernel.routes)
         await self.driver.load()
@@ -63,7 +64,13 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     store = Store(state_dir)
     host_ports = FakeHostPorts()
     driver = NetworkDriver(
-        store, kernel, firewall, sysctl, host_ports=host_ports, port_holder=host_ports.holder
+        store,
+        kernel,
+        firewall,
+        sysctl,
+        host_ports=host_ports,
+        port_holder=host_ports.holder,
+        eager=True,
     )
     ipam = IpamDriver(store, kernel.routes)
     await driver.load()

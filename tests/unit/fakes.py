@@ -182,13 +182,19 @@ class FakeKernel:
         if address in addresses:
             addresses.remove(address)
 
-    async def ensure_veth(self, host: str, peer: str, peer_mac: str, mtu: int | None) -> bool:
+    async def ensure_veth(
+        self, host: str, peer: str, peer_mac: str, mtu: int | None, master: str | None = None
+    ) -> bool:
         self._enter("ensure_veth", host)
         if host in self.links_by_name:
             return False
         if peer in self.links_by_name:
             return False  # the kernel answers EEXIST; netlink.py reports "not created"
-        self.add_link(host, "veth", peer=peer, mtu=mtu or 1500)
+        if master is not None and master not in self.links_by_name:
+            raise HostError(f"bridge {master} does not exist")
+        link = self.add_link(host, "veth", peer=peer, mtu=mtu or 1500)
+        if master is not None:
+            link.master, link.up = master, True
         self.add_link(peer, "veth", peer=host, mac=peer_mac, mtu=mtu or 1500)
         return True
 

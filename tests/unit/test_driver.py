@@ -365,7 +365,7 @@ async def test_endpoint_id_reused_on_another_network(env: Env) -> None:
 
 async def test_create_endpoint_failure_leaves_nothing(env: Env) -> None:
     await create_network(env.driver, NET_A)
-    env.kernel.fail["set_link"] = HostError("injected set_link failure")
+    env.kernel.fail["set_hairpin"] = HostError("injected set_hairpin failure")
     with pytest.raises(HostError, match="injected"):
         await create_endpoint(env.driver, NET_A, EP_1)
     assert host_veth_name(EP_1) not in env.kernel.names()

@@ -1,0 +1,92 @@
+"""One writer for the firewall: changes ask for a write, one task makes it.
+
+Requests bump a generation; the writer renders the state as it is when it runs, so many
+requests in a burst (thirty containers starting at once) become one write. A caller that must
+not go on before its rules are in place (creating or removing a network) waits for its
+generation; one that need not (publishing ports: they go live a few milliseconds after the
+answer) does not. A failed write is reported to whoever waits for it, and logged; the
+self-healing check (upkeep.py) finds rules that are not in place and asks again."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+from .errors import DriverError
+from .rules import NetworkRules
+
+log = logging.getLogger(__name__)
+
+
+class FirewallWriter:
+    def __init__(
+        self,
+        apply: Callable[..., Awaitable[None]],
+        views: Callable[[], Sequence[NetworkRules]],
+    ) -> None:
+        self._apply = apply
+        self._views = views
+        self._wanted = 0
+        self._done = 0  # every generation up to this one is written
+        self._force = False
+        self._failed: tuple[int, DriverError] | None = None
+        self._wake = asyncio.Event()
+        self._changed = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+
+    def request(self, *, force: bool = False) -> int:
+        """Ask for the current state to be written; returns the generation to wait for."""
+        self._wanted += 1
+        self._force = self._force or force
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="pydriver-firewall-writer")
+        self._wake.set()
+        return self._wanted
+
+    async def wait(self, generation: int) -> None:
+        """Return once ``generation`` is written; raise the error if its write failed."""
+        async with self._changed:
+            while True:
+                if self._failed is not None and self._failed[0] >= generation:
+                    raise self._failed[1]
+                if self._done >= generation:
+                    return
+                await self._changed.wait()
+
+    async def write(self, *, force: bool = False) -> None:
+        await self.wait(self.request(force=force))
+
+    async def settle(self) -> None:
+        """Wait until everything asked for so far is written (or has failed)."""
+        generation = self._wanted
+        async with self._changed:
+            while self._done < generation and not (
+                self._failed is not None and self._failed[0] >= generation
+            ):
+                await self._changed.wait()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            generation, force = self._wanted, self._force
+            self._force = False
+            try:
+                await self._apply(self._views(), force=force)
+            except DriverError as err:
+                log.warning("firewall: could not write pybridge's rules: %s", err)
+                async with self._changed:
+                    self._failed = (generation, err)
+                    self._changed.notify_all()
+                continue
+            async with self._changed:
+                self._done = max(self._done, generation)
+                if self._failed is not None and self._failed[0] <= generation:
+                    self._failed = None
+                self._changed.notify_all()

@@ -1,0 +1,93 @@
+"""What the driver leaves to the background in production: the firewall writer (coalescing,
+errors reported to whoever waits) and veth removal."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from pydriver import protocol as p
+from pydriver.driver import NetworkDriver
+from pydriver.errors import HostError
+from pydriver.fwsync import FirewallWriter
+from pydriver.naming import host_veth_name
+from pydriver.rules import NetworkRules
+
+from .conftest import Env
+from .fakes import create_endpoint_body, create_network_body, hexid, join_body
+
+NET, EP = hexid("bg-net"), hexid("bg-ep")
+
+
+class SlowFirewall:
+    def __init__(self) -> None:
+        self.writes: list[int] = []
+        self.fail: HostError | None = None
+
+    async def apply(self, networks: Sequence[NetworkRules], *, force: bool = False) -> None:
+        await asyncio.sleep(0.01)
+        if self.fail is not None:
+            raise self.fail
+        self.writes.append(len(networks))
+
+
+async def test_writer_coalesces_a_burst_into_few_writes() -> None:
+    firewall = SlowFirewall()
+    state = {"n": 0}
+    writer = FirewallWriter(
+        firewall.apply, lambda: [NetworkRules(f"b{i}") for i in range(state["n"])]
+    )
+    generations = []
+    for n in range(1, 31):
+        state["n"] = n
+        generations.append(writer.request())
+    await writer.wait(generations[-1])
+    assert firewall.writes[-1] == 30  # the last write saw the final state
+    assert len(firewall.writes) <= 3
+    await writer.stop()
+
+
+async def test_writer_reports_failures_to_whoever_waits() -> None:
+    firewall = SlowFirewall()
+    writer = FirewallWriter(firewall.apply, list)
+    firewall.fail = HostError("iptables-restore refused")
+    with pytest.raises(HostError, match="refused"):
+        await writer.write()
+    firewall.fail = None
+    await writer.write()  # the next write succeeds and clears the failure
+    assert firewall.writes == [0]
+    await writer.stop()
+
+
+async def test_production_mode_answers_before_background_work(env: Env) -> None:
+    driver = NetworkDriver(
+        env.store,
+        env.kernel,
+        env.firewall,
+        env.sysctl,
+        host_ports=env.host_ports,
+        port_holder=env.host_ports.holder,
+    )
+    await driver.load()
+    await driver.create_network(p.parse_create_network(create_network_body(NET)))
+    await driver.create_endpoint(p.parse_create_endpoint(create_endpoint_body(NET, EP)))
+    await driver.join(p.parse_join(join_body(NET, EP)))
+    body = {
+        "NetworkID": NET,
+        "EndpointID": EP,
+        "Options": {
+            "com.docker.network.portmap": [
+                {"Proto": 6, "Port": 80, "HostPort": 18080, "HostPortEnd": 18080}
+            ]
+        },
+    }
+    await driver.program_external_connectivity(p.parse_program_external(body))
+    await driver.settle()
+    assert [m.host_port for m in env.firewall.last[0].mappings] == [18080]
+    await driver.delete_endpoint(p.parse_endpoint_ref({"NetworkID": NET, "EndpointID": EP}))
+    await driver.settle()
+    assert host_veth_name(EP) not in env.kernel.names()
+    assert env.firewall.last[0].mappings == ()
+    await driver.close()
