@@ -420,6 +420,9 @@ def machine() -> str:
     )
 
 
+NOTES_MARKER = "<!-- notes: written by hand, kept by bench/run.py -->"
+
+
 def render(rows: list[Row], micro: list[str], singles: list[Single], reps: int) -> str:
     out = [
         "# Benchmarks: pybridge against Docker's built-in bridge",
@@ -483,8 +486,12 @@ def main() -> int:
         print("[bench] pybridge itself", file=sys.stderr)
         micro, singles = plugin_level(args.cycles)
     text = render(rows, micro, singles, args.reps)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(text + "\n")
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # The hand-written notes (what was changed, what limits a figure) outlive a new run.
+    previous = output.read_text() if output.exists() else ""
+    notes = previous[previous.find(NOTES_MARKER) :] if NOTES_MARKER in previous else ""
+    output.write_text(text + "\n" + ("\n" + notes if notes else ""))
     if args.json:
         Path(args.json).write_text(
             json.dumps(

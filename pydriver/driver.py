@@ -79,7 +79,14 @@ class Kernel(Protocol):
     async def link_addresses(self, name: str) -> list[IPInterface]: ...
     async def remove_address(self, name: str, address: IPInterface) -> None: ...
     async def ensure_veth(
-        self, host: str, peer: str, peer_mac: str, mtu: int | None, master: str | None = None
+        self,
+        host: str,
+        peer: str,
+        peer_mac: str,
+        mtu: int | None,
+        master: str | None = None,
+        *,
+        hairpin: bool = False,
     ) -> bool: ...
     async def delete_link(self, name: str) -> bool: ...
     async def set_hairpin(self, name: str) -> None: ...
@@ -361,26 +368,40 @@ class NetworkDriver:
 
         ``best_effort`` (rollback of a failed create) carries on past failing steps and always
         drops the record, so the same request can be retried; the next firewall apply or
-        start-up removes whatever a failed step left."""
+        start-up removes whatever a failed step left.
+
+        Otherwise a bridge named by pybridge only loses its addresses (and so its routes)
+        before the record goes, and is deleted, like its rules, just after the answer: the
+        kernel needs 30-70 ms to delete a bridge and 15-40 ms to commit rule deletions, and
+        nothing needs to wait for either. A crash in between leaves an unrecorded pyb-* bridge,
+        which start-up removes, and rules that start-up rewrites."""
         deleting = network.with_changes(state="deleting")
         await self.store.put_network(deleting)
         self.networks[network.id] = deleting
         await faults.point("network.delete.recorded")
+        later = (
+            not best_effort
+            and not self.eager
+            and network.bridge_owned
+            and is_pybridge_bridge(network.bridge)
+        )
 
         async def remove_bridge() -> None:
-            if network.bridge_owned:
+            if network.bridge_owned and not later:
                 await self.kernel.delete_link(network.bridge)
                 return
+            # A bridge deleted later loses its addresses, and with them its routes, now.
             for subnet in network.subnets:
                 gateway = subnet.gateway
                 if gateway is not None and gateway not in network.foreign_addresses:
                     await self.kernel.remove_address(network.bridge, gateway)
 
         steps: list[Callable[[], Awaitable[None]]] = [
-            functools.partial(self._remove_endpoint, e) for e in self._endpoints_of(network.id)
+            functools.partial(self._remove_endpoint, e, wait=not later)
+            for e in self._endpoints_of(network.id)
         ]
         steps += [
-            self._apply_firewall,
+            self._update_firewall_soon if later else self._apply_firewall,
             functools.partial(faults.point, "network.delete.firewall"),
             remove_bridge,
             functools.partial(faults.point, "network.delete.bridge"),
@@ -394,6 +415,13 @@ class NetworkDriver:
                 log.warning("while removing network %s: %s", short(network.id), err)
         await self.store.delete_network(network.id)
         self.networks.pop(network.id, None)
+        if later:
+            await self._in_background(
+                self._delete_bridge(network.bridge), f"removing bridge {network.bridge}"
+            )
+
+    async def _delete_bridge(self, name: str) -> None:
+        await self.kernel.delete_link(name)
 
     async def delete_network(self, ref: NetworkRef) -> None:
         async with self._locks.hold(NETWORKS_LOCK), self._locks.hold(ref.network_id):
@@ -401,8 +429,6 @@ class NetworkDriver:
             if network is None:
                 log.info("network %s was already deleted", short(ref.network_id))
                 return
-            # Veths of endpoints Docker deleted moments ago may still be going: let them go.
-            await self._wait_background()
             leftovers = self._endpoints_of(network.id)
             if leftovers:
                 log.warning(
@@ -487,16 +513,18 @@ class NetworkDriver:
     ) -> None:
         mtu = network.options.mtu
         names = (endpoint.host_veth, endpoint.container_veth, endpoint.mac_address, mtu)
-        created = await self.kernel.ensure_veth(*names, master=network.bridge)
+        hairpin = not network.internal
+        # Created, enslaved, up and in hairpin mode in one trip to the netlink thread.
+        created = await self.kernel.ensure_veth(*names, master=network.bridge, hairpin=hairpin)
         if fresh and not created:
             # A leftover from an interrupted attempt: start clean so both ends are ours.
             await self.kernel.delete_link(endpoint.host_veth)
             await self.kernel.delete_link(endpoint.container_veth)
-            created = await self.kernel.ensure_veth(*names, master=network.bridge)
+            created = await self.kernel.ensure_veth(*names, master=network.bridge, hairpin=hairpin)
         if not created:
             await self.kernel.set_link(endpoint.host_veth, master=network.bridge, up=True, mtu=mtu)
-        if not network.internal:
-            await self.kernel.set_hairpin(endpoint.host_veth)
+            if hairpin:
+                await self.kernel.set_hairpin(endpoint.host_veth)
 
     async def _remove_endpoint(self, endpoint: Endpoint, *, wait: bool = True) -> None:
         # Forget first: if we crash after this, reconcile removes the veth as an orphan.
@@ -812,17 +840,21 @@ class NetworkDriver:
                         f"remove endpoint {short(endpoint.id)}",
                         functools.partial(self._remove_endpoint, endpoint),
                     )
+            # One dump of every interface, rather than one query per bridge and veth.
+            links = {link.name: link for link in await self.kernel.links()}
             for network in list(self.networks.values()):
                 await attempt(
                     f"restore network {short(network.id)}",
-                    functools.partial(self._restore_network, network, repairs),
+                    functools.partial(self._restore_network, network, links, repairs),
                 )
             for endpoint in list(self.endpoints.values()):
                 await attempt(
                     f"restore endpoint {short(endpoint.id)}",
-                    functools.partial(self._restore_endpoint, endpoint, repairs),
+                    functools.partial(self._restore_endpoint, endpoint, links, repairs),
                 )
-            await attempt("remove leftovers", functools.partial(self._remove_orphans, repairs))
+            await attempt(
+                "remove leftovers", functools.partial(self._remove_orphans, links, repairs)
+            )
             await attempt("apply the firewall", self._apply_firewall)
             for network in self.networks.values():
                 await attempt(
@@ -832,8 +864,10 @@ class NetworkDriver:
             log.warning("reconcile: %s", repair)
         return repairs
 
-    async def _restore_network(self, network: Network, repairs: list[str]) -> None:
-        if await self.kernel.get_link(network.bridge) is None:
+    async def _restore_network(
+        self, network: Network, links: dict[str, Link], repairs: list[str]
+    ) -> None:
+        if network.bridge not in links:
             repairs.append(f"recreated bridge {network.bridge}")
             if not network.bridge_owned:
                 # The user's bridge is gone; the one we create now is ours to delete later.
@@ -842,7 +876,9 @@ class NetworkDriver:
                 self.networks[network.id] = network
         await self._ensure_network_datapath(network)
 
-    async def _restore_endpoint(self, endpoint: Endpoint, repairs: list[str]) -> None:
+    async def _restore_endpoint(
+        self, endpoint: Endpoint, links: dict[str, Link], repairs: list[str]
+    ) -> None:
         network = self.networks[endpoint.network_id]
         for mapping in endpoint.mappings:
             try:
@@ -851,8 +887,13 @@ class NetworkDriver:
                 # The DNAT rule stays (the container keeps its port); say who took it.
                 holder = await self.port_holder(mapping.proto, mapping.host_port)
                 repairs.append(f"{err} by {holder or 'another program'} while pybridge was down")
-        if await self.kernel.get_link(endpoint.host_veth) is not None:
-            await self.kernel.set_link(endpoint.host_veth, master=network.bridge, up=True)
+        veth = links.get(endpoint.host_veth)
+        if veth is not None:
+            # Most veths are as they were: only touch those off their bridge or down. (A
+            # bridge missing from the dump was recreated just now: its veths need attaching.)
+            bridge = links.get(network.bridge)
+            if not veth.up or bridge is None or veth.master != bridge.index:
+                await self.kernel.set_link(endpoint.host_veth, master=network.bridge, up=True)
         elif endpoint.sandbox_key is None:
             repairs.append(f"recreated veth {endpoint.host_veth}")
             await self._ensure_endpoint_datapath(network, endpoint, fresh=False)
@@ -863,12 +904,12 @@ class NetworkDriver:
                 endpoint.host_veth,
             )
 
-    async def _remove_orphans(self, repairs: list[str]) -> None:
+    async def _remove_orphans(self, links: dict[str, Link], repairs: list[str]) -> None:
         bridges = {n.bridge for n in self.networks.values()}
         veths = {e.host_veth for e in self.endpoints.values()} | {
             e.container_veth for e in self.endpoints.values()
         }
-        for link in await self.kernel.links():
+        for link in links.values():
             if link.kind == "bridge" and is_pybridge_bridge(link.name) and link.name not in bridges:
                 await self.kernel.delete_link(link.name)
                 repairs.append(f"removed leftover bridge {link.name}")

@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import os
 import socket
+import struct
 import threading
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -58,6 +59,78 @@ def _link(msg: Any) -> Link:
         up=bool(msg["flags"] & 1),
         mac=msg.get_attr("IFLA_ADDRESS") or "",
     )
+
+
+# A link dump parsed by hand: pyroute2 decodes every attribute of every message (about a
+# millisecond per link), which made start-up with a few thousand interfaces take seconds.
+# Only the header and the handful of attributes a Link needs are read here.
+_NLMSG = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
+_IFINFO = struct.Struct("=BxHiII")  # family, type, index, flags, change
+_RTA = struct.Struct("=HH")  # length, type
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_RTM_NEWLINK, _RTM_GETLINK = 16, 18
+_NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
+_IFLA_ADDRESS, _IFLA_IFNAME, _IFLA_MTU, _IFLA_MASTER = 1, 3, 4, 10
+_IFLA_LINKINFO, _IFLA_INFO_KIND, _IFLA_EXT_MASK = 18, 1, 29
+_RTEXT_FILTER_SKIP_STATS = 1 << 3
+
+
+def _attributes(data: bytes, start: int, end: int) -> dict[int, bytes]:
+    found: dict[int, bytes] = {}
+    while start + 4 <= end:
+        length, kind = _RTA.unpack_from(data, start)
+        if length < 4:
+            break
+        found[kind & 0x3FFF] = data[start + 4 : start + length]  # without NLA_F_NESTED etc.
+        start += (length + 3) & ~3
+    return found
+
+
+def _parse_link(data: bytes, start: int, end: int) -> Link:
+    _, _, index, flags, _ = _IFINFO.unpack_from(data, start)
+    attrs = _attributes(data, start + _IFINFO.size, end)
+    info = attrs.get(_IFLA_LINKINFO)
+    kind_raw = _attributes(info, 0, len(info)).get(_IFLA_INFO_KIND) if info else None
+    master = attrs.get(_IFLA_MASTER)
+    mtu = attrs.get(_IFLA_MTU)
+    return Link(
+        index=index,
+        name=attrs.get(_IFLA_IFNAME, b"").split(b"\0", 1)[0].decode(),
+        kind=kind_raw.split(b"\0", 1)[0].decode() if kind_raw else None,
+        master=(struct.unpack("=I", master)[0] or None) if master else None,
+        mtu=struct.unpack("=I", mtu)[0] if mtu else 0,
+        up=bool(flags & 1),
+        mac=":".join(f"{b:02x}" for b in attrs.get(_IFLA_ADDRESS, b"")),
+    )
+
+
+def dump_links() -> list[Link]:
+    """Every interface of this process's network namespace (blocking; a few ms per thousand)."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        sock.settimeout(10)
+        sock.bind((0, 0))
+        ext_mask = _RTA.pack(8, _IFLA_EXT_MASK) + struct.pack("=I", _RTEXT_FILTER_SKIP_STATS)
+        body = _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + ext_mask
+        header = _NLMSG.pack(
+            _NLMSG.size + len(body), _RTM_GETLINK, _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0
+        )
+        sock.send(header + body)
+        links: list[Link] = []
+        while True:
+            data = sock.recv(1 << 16)
+            offset = 0
+            while offset + _NLMSG.size <= len(data):
+                length, kind, _, _, _ = _NLMSG.unpack_from(data, offset)
+                if length < _NLMSG.size:
+                    raise HostError("could not list interfaces: malformed netlink answer")
+                if kind == _NLMSG_DONE:
+                    return links
+                if kind == _NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", data, offset + _NLMSG.size)[0]
+                    raise HostError(f"could not list interfaces: {os.strerror(code)}")
+                if kind == _RTM_NEWLINK:
+                    links.append(_parse_link(data, offset + _NLMSG.size, offset + length))
+                offset += (length + 3) & ~3
 
 
 def _describe(err: NetlinkError) -> str:
@@ -133,6 +206,8 @@ class _NetlinkCore:
         return _link(msgs[0])
 
     async def links(self) -> list[Link]:
+        if self._netns is None:  # our own namespace: the fast dump (blocks this thread only)
+            return dump_links()
         async with self._lock:
             return [_link(msg) async for msg in await self.ipr.link("dump")]
 
@@ -266,10 +341,18 @@ class _NetlinkCore:
     # -- veths ---------------------------------------------------------------------------------
 
     async def ensure_veth(
-        self, host: str, peer: str, peer_mac: str, mtu: int | None, master: str | None = None
+        self,
+        host: str,
+        peer: str,
+        peer_mac: str,
+        mtu: int | None,
+        master: str | None = None,
+        *,
+        hairpin: bool = False,
     ) -> bool:
         """Create a veth pair unless the host end exists (with ``master``: the host end
-        already on that bridge and up, in the same request). Returns True if created now."""
+        already on that bridge and up, in the same request; with ``hairpin``, then in hairpin
+        mode). Returns True if created now."""
         if await self.exists(host):
             return False
         peer_spec: dict[str, Any] = {"ifname": peer, "address": peer_mac}
@@ -291,6 +374,8 @@ class _NetlinkCore:
                         f"could not create veth pair {host}/{peer}: {_describe(err)}"
                     ) from None
                 return False
+        if hairpin:
+            await self.set_hairpin(host)
         return True
 
     async def delete_link(self, name: str) -> bool:
@@ -308,6 +393,32 @@ class _NetlinkCore:
         return True
 
 
+class _Lane:
+    """One netlink socket (a _NetlinkCore) on its own thread and event loop."""
+
+    def __init__(self, netns: str | None, name: str) -> None:
+        self.core = _NetlinkCore(netns)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=name, daemon=True)
+
+    async def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return await asyncio.wrap_future(future)
+
+    async def open(self) -> None:
+        if not self._thread.is_alive():
+            self._thread.start()
+        await self.call(self.core.open())
+
+    async def close(self) -> None:
+        if not self._thread.is_alive():
+            return
+        await self.call(self.core.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        await asyncio.to_thread(self._thread.join, 5)
+        self._loop.close()
+
+
 class Netlink:
     """The kernel adapter used by the driver.
 
@@ -316,32 +427,28 @@ class Netlink:
     dockerd, runc or anyone else holds that lock; pyroute2's async socket only makes the
     *answer* asynchronous. So the AsyncIPRoute socket lives on a dedicated thread with its own
     event loop, and pybridge's event loop only awaits the results: it never waits for the
-    kernel."""
+    kernel.
+
+    Deleting an interface is slow (15-40 ms: the kernel waits for RCU grace periods, mostly
+    outside the rtnl lock), so deletions have a second socket and thread of their own: a veth
+    being removed in the background never delays the next container's CreateEndpoint."""
 
     def __init__(self, netns: str | None = None) -> None:
         self._netns = netns
-        self._core = _NetlinkCore(netns)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="pydriver-netlink", daemon=True
-        )
+        self._main = _Lane(netns, "pydriver-netlink")
+        self._removals = _Lane(netns, "pydriver-netlink-del")
+        self._core = self._main.core
 
     async def _call(self, coro: Coroutine[Any, Any, T]) -> T:
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        return await asyncio.wrap_future(future)
+        return await self._main.call(coro)
 
     async def open(self) -> None:
-        if not self._thread.is_alive():
-            self._thread.start()
-        await self._call(self._core.open())
+        await self._main.open()
+        await self._removals.open()
 
     async def close(self) -> None:
-        if not self._thread.is_alive():
-            return
-        await self._call(self._core.close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        await asyncio.to_thread(self._thread.join, 5)
-        self._loop.close()
+        await self._removals.close()
+        await self._main.close()
 
     async def index(self, name: str) -> int | None:
         if self._netns is None:  # a libc call: no need to leave this thread
@@ -389,9 +496,18 @@ class Netlink:
         await self._call(self._core.set_hairpin(name))
 
     async def ensure_veth(
-        self, host: str, peer: str, peer_mac: str, mtu: int | None, master: str | None = None
+        self,
+        host: str,
+        peer: str,
+        peer_mac: str,
+        mtu: int | None,
+        master: str | None = None,
+        *,
+        hairpin: bool = False,
     ) -> bool:
-        return await self._call(self._core.ensure_veth(host, peer, peer_mac, mtu, master))
+        return await self._call(
+            self._core.ensure_veth(host, peer, peer_mac, mtu, master, hairpin=hairpin)
+        )
 
     async def delete_link(self, name: str) -> bool:
-        return await self._call(self._core.delete_link(name))
+        return await self._removals.call(self._removals.core.delete_link(name))

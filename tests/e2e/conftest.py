@@ -257,10 +257,17 @@ def assert_nothing_left_behind() -> None:
     assert networks == [], f"test networks left behind: {networks}"
     remaining = docker("network", "ls", "--filter", "driver=pybridge", "-q", "--no-trunc").split()
     bridges = {"pyb-" + network_id[:11] for network_id in remaining}
-    names = link_names()
-    leftover = {n for n in names if n.startswith("pyb-")} - bridges
+
+    def leftover_bridges() -> set[str]:
+        return {n for n in link_names() if n.startswith("pyb-")} - bridges
+
+    # Bridges and rules go just after each DeleteNetwork answer (in the background).
+    wait_for(lambda: not leftover_bridges(), timeout=30)
+    leftover = leftover_bridges()
     assert leftover == set(), f"bridges left behind: {leftover}"
+    names = link_names()
     if not remaining:
+        wait_for(lambda: "PYBRIDGE" not in firewall_dump(), timeout=10)
         assert not [n for n in names if n.startswith(("pyv", "pyc"))], names
         assert "PYBRIDGE" not in firewall_dump(), "pybridge rules left behind"
     # Every pybridge IPAM pool belongs to a network Docker still has.

@@ -18,6 +18,7 @@ from tests.e2e.conftest import (
     docker_fails,
     free_subnet,
     ping,
+    wait_for,
 )
 from tests.hostenv import link_names, run
 
@@ -158,7 +159,7 @@ def test_connect_and_disconnect_running_containers(d: Docker) -> None:
     veth = "pyv" + endpoint["EndpointID"][:12]
     assert veth in link_names()
     docker("network", "disconnect", net_a, c)
-    assert veth not in link_names()
+    assert wait_for(lambda: veth not in link_names(), timeout=10)  # removed just after
     assert default_routes(d, c)[0].startswith("default via 10.213.45.1 ")
     ping(d, c, peer_c)
     ip_c = ipaddress.ip_address(d.ip(c, net_b))

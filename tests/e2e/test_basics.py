@@ -7,7 +7,16 @@ import json
 import re
 import subprocess
 
-from tests.e2e.conftest import DRIVER, Docker, Plugin, default_routes, docker, free_subnet, ping
+from tests.e2e.conftest import (
+    DRIVER,
+    Docker,
+    Plugin,
+    default_routes,
+    docker,
+    free_subnet,
+    ping,
+    wait_for,
+)
 from tests.hostenv import OutsideHost, all_addresses, firewall_dump, link_names, routes
 
 
@@ -193,12 +202,14 @@ def test_network_rm_leaves_nothing_behind(d: Docker, outside: OutsideHost) -> No
         d.rm_container(c)
     d.rm_network(net)
 
+    # Addresses and routes go before the answer; the bridge, veths and rules just after it.
+    assert not any(a.startswith("10.213.14.") for a in all_addresses())
+    assert not any(str(r.get("dst", "")).startswith("10.213.14.") for r in routes())
+    wait_for(lambda: bridge not in link_names() and bridge not in firewall_dump(), timeout=5)
     names = link_names()
     assert bridge not in names
     for eid in endpoint_ids:
         assert not any(eid[:12] in n for n in names), (eid, names)
-    assert not any(a.startswith("10.213.14.") for a in all_addresses())
-    assert not any(str(r.get("dst", "")).startswith("10.213.14.") for r in routes())
     rules = firewall_dump()
     assert bridge not in rules
     assert subnet not in rules
@@ -210,7 +221,9 @@ def test_no_pybridge_rules_or_links_once_every_network_is_gone(d: Docker) -> Non
     d.run(net)
     assert "PYBRIDGE-FORWARD" in firewall_dump()
     d.cleanup()
-    # Networks someone else made with pybridge may exist; everything else must be gone.
+    # Networks someone else made with pybridge may exist; everything else must be gone (bridges
+    # and rules go just after `docker network rm` answers).
+    wait_for(lambda: not re.search(r"pyb-|PYBRIDGE", " ".join(link_names()) + firewall_dump()), 5)
     remaining = docker("network", "ls", "--filter", f"driver={DRIVER}", "-q", "--no-trunc").split()
     expected_bridges = {"pyb-" + network_id[:11] for network_id in remaining}
     leftover = {n for n in link_names() if re.match(r"^pyb-", n)} - expected_bridges

@@ -56,5 +56,5 @@ def test_compose_services_by_name_and_published_port(project: None, outside: Out
     )
     network_id = docker("network", "inspect", "-f", "{{.Id}}", network)
     compose("down")
-    assert "pyb-" + network_id[:11] not in link_names()
+    assert wait_for(lambda: "pyb-" + network_id[:11] not in link_names(), timeout=10)
     assert wait_for(lambda: "18800" not in firewall_dump(), timeout=5)

@@ -68,6 +68,12 @@ def test_restart_with_many_networks_is_quick(plugin: Plugin) -> None:
             )
         for network_id in networks:
             call("NetworkDriver.DeleteNetwork", {"NetworkID": network_id})
-    assert not any(
-        n.startswith("pyb-") and n[4:] in {x[:11] for x in networks} for n in link_names()
+    # The bridges go just after each DeleteNetwork answer (in the background).
+    assert wait_for(
+        lambda: (
+            not any(
+                n.startswith("pyb-") and n[4:] in {x[:11] for x in networks} for n in link_names()
+            )
+        ),
+        timeout=30,
     )

@@ -4,8 +4,11 @@ firewall and links are never touched."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import json
 import secrets
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -238,6 +241,9 @@ async def test_driver_datapath_with_forward_drop(
                 p.parse_endpoint_ref({"NetworkID": network_id, "EndpointID": endpoint_id})
             )
         await driver.delete_network(p.parse_network_ref({"NetworkID": network_id}))
+        # The gateway address goes before the answer; veths, bridge and rules just after.
+        assert "10.213.42." not in in_ns(netns, "ip", "-o", "addr", "show")
+        await driver.settle()
         links = in_ns(netns, "ip", "-o", "link", "show")
         assert "pyb-" not in links and "pyv" not in links
         assert "PYBRIDGE" not in in_ns(netns, tool(backend, 4, "save"))
@@ -246,3 +252,22 @@ async def test_driver_datapath_with_forward_drop(
         store.close()
         for ns in [*containers, outside]:
             run(["ip", "netns", "del", ns], check=False)
+
+
+async def test_fast_link_dump_agrees_with_pyroute2(nl: Netlink, netns: str) -> None:
+    """The hand-parsed dump used at start-up in pybridge's own namespace reads the same links
+    as pyroute2 does."""
+    await nl.ensure_bridge("pyb-test", "02:00:00:00:00:aa", 1400)
+    await nl.set_link("pyb-test", up=True)
+    for i in range(20):
+        await nl.ensure_veth(f"pyvtest{i}", f"pyctest{i}", f"02:00:00:00:01:{i:02x}", 1400)
+        if i % 2:
+            await nl.set_link(f"pyvtest{i}", master="pyb-test", up=True)
+    script = (
+        "import dataclasses, json; from pydriver.netlink import dump_links; "
+        "print(json.dumps([dataclasses.asdict(link) for link in dump_links()]))"
+    )
+    fast = json.loads(in_ns(netns, sys.executable, "-c", script))
+    slow = [dataclasses.asdict(link) for link in await nl.links()]
+    assert len(slow) == 42  # lo, the bridge, 20 pairs
+    assert sorted(fast, key=lambda x: x["index"]) == sorted(slow, key=lambda x: x["index"])

@@ -183,7 +183,14 @@ class FakeKernel:
             addresses.remove(address)
 
     async def ensure_veth(
-        self, host: str, peer: str, peer_mac: str, mtu: int | None, master: str | None = None
+        self,
+        host: str,
+        peer: str,
+        peer_mac: str,
+        mtu: int | None,
+        master: str | None = None,
+        *,
+        hairpin: bool = False,
     ) -> bool:
         self._enter("ensure_veth", host)
         if host in self.links_by_name:
@@ -196,6 +203,8 @@ class FakeKernel:
         if master is not None:
             link.master, link.up = master, True
         self.add_link(peer, "veth", peer=host, mac=peer_mac, mtu=mtu or 1500)
+        if hairpin:
+            await self.set_hairpin(host)
         return True
 
     async def set_hairpin(self, name: str) -> None:

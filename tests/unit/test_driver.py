@@ -737,12 +737,13 @@ async def test_reconcile_recreates_a_missing_bridge(env: Env) -> None:
     assert await driver.reconcile() == []
 
 
-async def test_reconcile_reattaches_a_detached_veth(env: Env) -> None:
+@pytest.mark.parametrize(("master", "up"), [(None, False), (None, True), (BR_A, False)])
+async def test_reconcile_reattaches_a_detached_veth(env: Env, master: str | None, up: bool) -> None:
     await create_network(env.driver, NET_A)
     await create_endpoint(env.driver, NET_A, EP_1)
     link = env.kernel.links_by_name[host_veth_name(EP_1)]
-    link.master = None
-    link.up = False
+    link.master = master
+    link.up = up
     driver = await env.restart()
     await driver.reconcile()
     assert link.master == BR_A
