@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from . import faults
-from .errors import Conflict, DriverError, InvalidRequest, NotFound
+from .errors import BridgeFull, Conflict, DriverError, InvalidRequest, NotFound
 from .fwsync import FirewallWriter
 from .hostports import HostPorts, PortInUse, port_holder
 from .ipam import HostRoute, describe_route
@@ -40,7 +40,7 @@ from .naming import (
     is_pybridge_bridge,
     is_pybridge_veth,
 )
-from .netlink import Link
+from .netlink import MAX_BRIDGE_PORTS, Link
 from .options import parse_network_options
 from .ports import DEFAULT_EPHEMERAL_RANGE, PortRequest, find_conflict, plan
 from .protocol import (
@@ -514,13 +514,30 @@ class NetworkDriver:
         mtu = network.options.mtu
         names = (endpoint.host_veth, endpoint.container_veth, endpoint.mac_address, mtu)
         hairpin = not network.internal
-        # Created, enslaved, up and in hairpin mode in one trip to the netlink thread.
-        created = await self.kernel.ensure_veth(*names, master=network.bridge, hairpin=hairpin)
+
+        async def create() -> bool:
+            # Created, enslaved, up and in hairpin mode in one trip to the netlink thread.
+            try:
+                return await self.kernel.ensure_veth(*names, master=network.bridge, hairpin=hairpin)
+            except BridgeFull:
+                # Veths of removed containers leave the bridge in the background: a bridge
+                # near its limit may be full of those. Wait for them, then try again.
+                await self._wait_background()
+            try:
+                return await self.kernel.ensure_veth(*names, master=network.bridge, hairpin=hairpin)
+            except BridgeFull:
+                raise BridgeFull(
+                    f"network {short(network.id)} is full: its bridge {network.bridge} already "
+                    f"has {MAX_BRIDGE_PORTS} interfaces, the most a Linux bridge can hold; "
+                    "remove a container from it first"
+                ) from None
+
+        created = await create()
         if fresh and not created:
             # A leftover from an interrupted attempt: start clean so both ends are ours.
             await self.kernel.delete_link(endpoint.host_veth)
             await self.kernel.delete_link(endpoint.container_veth)
-            created = await self.kernel.ensure_veth(*names, master=network.bridge, hairpin=hairpin)
+            created = await create()
         if not created:
             await self.kernel.set_link(endpoint.host_veth, master=network.bridge, up=True, mtu=mtu)
             if hairpin:

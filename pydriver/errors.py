@@ -43,3 +43,7 @@ class HostError(DriverError):
     """The kernel or the firewall refused an operation."""
 
     kind = "host"
+
+
+class BridgeFull(HostError):
+    """The bridge has no free port: Linux bridges hold at most 1023 interfaces."""

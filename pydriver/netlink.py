@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from .errors import Conflict, HostError
+from .errors import BridgeFull, Conflict, HostError
 from .ipam import HostRoute
 from .model import IPInterface, IPNetwork
 
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 IFA_F_NODAD = 0x02
+MAX_BRIDGE_PORTS = 1023  # BR_MAX_PORTS - 1: port number 0 is never used
 MAIN_TABLE = 254
 _RT_UNICAST = 1
 
@@ -369,6 +370,11 @@ class _NetlinkCore:
             try:
                 await self.ipr.link("add", **kwargs)
             except NetlinkError as err:
+                if err.code == errno.EXFULL and master is not None:
+                    raise BridgeFull(
+                        f"bridge {master} has no free port: a Linux bridge holds at most "
+                        f"{MAX_BRIDGE_PORTS} interfaces"
+                    ) from None
                 if err.code != errno.EEXIST:
                     raise HostError(
                         f"could not create veth pair {host}/{peer}: {_describe(err)}"

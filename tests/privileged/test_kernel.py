@@ -16,9 +16,9 @@ import pytest
 
 from pydriver import protocol as p
 from pydriver.driver import NetworkDriver
-from pydriver.errors import Conflict
+from pydriver.errors import BridgeFull, Conflict
 from pydriver.firewall import Backend, Firewall, tool
-from pydriver.netlink import Netlink
+from pydriver.netlink import MAX_BRIDGE_PORTS, Netlink
 from pydriver.rules import NetworkRules, jumps_present, parse_save, pybridge_rules_in
 from pydriver.store import Store
 from tests.hostenv import require_root, run
@@ -271,3 +271,17 @@ async def test_fast_link_dump_agrees_with_pyroute2(nl: Netlink, netns: str) -> N
     slow = [dataclasses.asdict(link) for link in await nl.links()]
     assert len(slow) == 42  # lo, the bridge, 20 pairs
     assert sorted(fast, key=lambda x: x["index"]) == sorted(slow, key=lambda x: x["index"])
+
+
+async def test_a_full_bridge_is_reported_as_such(nl: Netlink, netns: str) -> None:
+    await nl.ensure_bridge("pyb-test", "02:00:00:00:00:aa", None)
+    batch = "".join(
+        f"link add pbt-f{i} master pyb-test type veth peer name pbt-g{i}\n"
+        for i in range(MAX_BRIDGE_PORTS)
+    )
+    run(["ip", "-n", netns, "-batch", "-"], input=batch)
+    with pytest.raises(BridgeFull, match="at most 1023 interfaces"):
+        await nl.ensure_veth("pyvtest", "pyctest", "02:00:00:00:01:01", None, master="pyb-test")
+    assert not await nl.exists("pyvtest")
+    await nl.delete_link("pbt-f0")
+    assert await nl.ensure_veth("pyvtest", "pyctest", "02:00:00:00:01:01", None, "pyb-test")

@@ -10,7 +10,14 @@ import pytest
 
 from pydriver import protocol as p
 from pydriver.driver import NetworkDriver, firewall_view, short
-from pydriver.errors import Conflict, HostError, InvalidRequest, NotFound, Unsupported
+from pydriver.errors import (
+    BridgeFull,
+    Conflict,
+    HostError,
+    InvalidRequest,
+    NotFound,
+    Unsupported,
+)
 from pydriver.ipam import HostRoute
 from pydriver.model import Endpoint, Network, NetworkOptions, Subnet
 from pydriver.naming import (
@@ -870,3 +877,36 @@ async def test_upkeep_collect_releases_the_ipam_address(env: Env, tmp_path) -> N
     assert EP_1 not in env.driver.endpoints
     assert int(address.ip) not in env.ipam.pools[pool_id].allocated
     assert upkeep.metrics.repairs["stale_endpoint"] == 1
+
+
+async def test_a_full_bridge_waits_for_background_removals_then_retries(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await create_network(env.driver, NET_A)
+    real = env.kernel.ensure_veth
+    refusals: list[str] = []
+
+    async def full_once(*args: Any, **kwargs: Any) -> bool:
+        if not refusals:
+            refusals.append(args[0])
+            raise BridgeFull("bridge is full")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(env.kernel, "ensure_veth", full_once)
+    await create_endpoint(env.driver, NET_A, EP_1)
+    assert refusals == [host_veth_name(EP_1)]
+    assert env.kernel.links_by_name[host_veth_name(EP_1)].master == BR_A
+
+
+async def test_a_full_bridge_is_refused_in_plain_words(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await create_network(env.driver, NET_A)
+
+    async def always_full(*args: Any, **kwargs: Any) -> bool:
+        raise BridgeFull("bridge is full")
+
+    monkeypatch.setattr(env.kernel, "ensure_veth", always_full)
+    with pytest.raises(BridgeFull, match=r"is full: its bridge .* has 1023 interfaces"):
+        await create_endpoint(env.driver, NET_A, EP_1)
+    assert EP_1 not in env.driver.endpoints
