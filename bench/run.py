@@ -225,7 +225,10 @@ METHODS = [
 
 def plugin_level(cycles: int) -> tuple[list[str], list[Single]]:
     """Latency per call with 1, 100 and 1000 endpoints present; memory; firewall; start-up."""
-    table = ["| endpoints present | call | p50 (ms) | p99 (ms) |", "|---|---|---|---|"]
+    table = [
+        "| endpoints present | containers | call | p50 (ms) | p99 (ms) |",
+        "|---|---|---|---|---|",
+    ]
     singles: list[Single] = []
     with tempfile.TemporaryDirectory() as tmp, netns() as ns, netns() as sandbox:
         plugin = Plugin(ns, Path(tmp))
@@ -270,25 +273,33 @@ def plugin_level(cycles: int) -> tuple[list[str], list[Single]]:
                         },
                     )
                     present += 1
-                latencies = {m: [] for m in METHODS}  # type: dict[str, list[float]]
-                for _ in range(cycles):
-                    _lifecycle(plugin, pool, network, f"/run/netns/{sandbox}", latencies)
-                per_endpoint_cost[target] = sum(statistics.median(v) for v in latencies.values())
-                for method in METHODS:
-                    values = latencies[method]
-                    table.append(
-                        f"| {target} | `{method}` | {percentile(values, 50) * 1000:.2f} | "
-                        f"{percentile(values, 99) * 1000:.2f} |"
+                for pacing, pause in PACINGS:
+                    latencies = {m: [] for m in METHODS}  # type: dict[str, list[float]]
+                    for _ in range(cycles):
+                        _lifecycle(plugin, pool, network, f"/run/netns/{sandbox}", latencies)
+                        time.sleep(pause)
+                    if not pause:
+                        per_endpoint_cost[target] = sum(
+                            statistics.median(v) for v in latencies.values()
+                        )
+                    for method in METHODS:
+                        values = latencies[method]
+                        table.append(
+                            f"| {target} | {pacing} | `{method}` | "
+                            f"{percentile(values, 50) * 1000:.2f} | "
+                            f"{percentile(values, 99) * 1000:.2f} |"
+                        )
+                    worst = max(percentile(v, 99) for v in latencies.values()) * 1000
+                    slowest = max(latencies, key=lambda m: percentile(latencies[m], 99))
+                    singles.append(
+                        Single(
+                            f"worst p99 of a protocol call, {target} endpoints present, "
+                            f"containers {pacing}",
+                            f"{worst:.2f} ms (`{slowest.split('.')[-1]}`)",
+                            "≤ 5 ms",
+                            worst <= 5,
+                        )
                     )
-                worst = max(percentile(v, 99) for v in latencies.values()) * 1000
-                singles.append(
-                    Single(
-                        f"worst p99 of a protocol call, {target} endpoints present",
-                        f"{worst:.2f} ms",
-                        "≤ 5 ms",
-                        worst <= 5,
-                    )
-                )
                 del started
             growth = per_endpoint_cost[1000] / per_endpoint_cost[1]
             singles.append(
@@ -309,6 +320,12 @@ def plugin_level(cycles: int) -> tuple[list[str], list[Single]]:
     singles += firewall_apply_times()
     singles += startup_time()
     return table, singles
+
+
+# Back to back, each container's first call (CreateEndpoint) overlaps the rule write that the
+# previous container's RevokeExternalConnectivity started; Docker itself spends well over
+# 100 ms per container start, so "paced" leaves that gap between lifecycles.
+PACINGS = (("back to back", 0.0), ("paced 100 ms apart", 0.1))
 
 
 def _lifecycle(
@@ -455,7 +472,8 @@ def render(rows: list[Row], micro: list[str], singles: list[Single], reps: int) 
         "A pybridge instance in a throwaway network namespace, driven on its socket; real",
         "veths, bridge and iptables-nft rules. Each call's latency is measured by the client",
         "(HTTP included), over container lifecycles (address, endpoint, join, two published",
-        "ports, revoke, leave, delete, release) on top of the endpoints already present.",
+        "ports, revoke, leave, delete, release) on top of the endpoints already present:",
+        "back to back, and paced 100 ms apart as Docker's own work between containers does.",
         "",
         "| figure | value | target | met |",
         "|---|---|---|---|",

@@ -241,6 +241,13 @@ class NetworkDriver:
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
 
+    async def _wait_for_a_background_job(self) -> bool:
+        """Wait until one background job ends; False if none was running."""
+        if not self._background:
+            return False
+        await asyncio.wait(list(self._background), return_when=asyncio.FIRST_COMPLETED)
+        return True
+
     async def settle(self) -> None:
         """Wait for background work: firewall writes and veth removals (tests, shutdown)."""
         await self._wait_background()
@@ -516,21 +523,22 @@ class NetworkDriver:
         hairpin = not network.internal
 
         async def create() -> bool:
-            # Created, enslaved, up and in hairpin mode in one trip to the netlink thread.
-            try:
-                return await self.kernel.ensure_veth(*names, master=network.bridge, hairpin=hairpin)
-            except BridgeFull:
-                # Veths of removed containers leave the bridge in the background: a bridge
-                # near its limit may be full of those. Wait for them, then try again.
-                await self._wait_background()
-            try:
-                return await self.kernel.ensure_veth(*names, master=network.bridge, hairpin=hairpin)
-            except BridgeFull:
-                raise BridgeFull(
-                    f"network {short(network.id)} is full: its bridge {network.bridge} already "
-                    f"has {MAX_BRIDGE_PORTS} interfaces, the most a Linux bridge can hold; "
-                    "remove a container from it first"
-                ) from None
+            while True:
+                # Created, enslaved, up and in hairpin mode in one trip to the netlink thread.
+                try:
+                    return await self.kernel.ensure_veth(
+                        *names, master=network.bridge, hairpin=hairpin
+                    )
+                except BridgeFull:
+                    # Veths of removed containers leave the bridge in the background, oldest
+                    # first: a bridge near its limit may be full of those. Each one that goes
+                    # frees a port.
+                    if not await self._wait_for_a_background_job():
+                        raise BridgeFull(
+                            f"network {short(network.id)} is full: its bridge "
+                            f"{network.bridge} already has {MAX_BRIDGE_PORTS} interfaces, the "
+                            "most a Linux bridge can hold; remove a container from it first"
+                        ) from None
 
         created = await create()
         if fresh and not created:

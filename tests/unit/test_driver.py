@@ -893,7 +893,12 @@ async def test_a_full_bridge_waits_for_background_removals_then_retries(
         return await real(*args, **kwargs)
 
     monkeypatch.setattr(env.kernel, "ensure_veth", full_once)
+    # A veth being removed in the background (the unit driver is otherwise eager).
+    removal = asyncio.create_task(asyncio.sleep(0.01))
+    env.driver._background.add(removal)
+    removal.add_done_callback(env.driver._background.discard)
     await create_endpoint(env.driver, NET_A, EP_1)
+    assert removal.done()
     assert refusals == [host_veth_name(EP_1)]
     assert env.kernel.links_by_name[host_veth_name(EP_1)].master == BR_A
 
