@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import ipaddress
 import json
 import os
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,12 +123,14 @@ class Scenarios:
         docker("rm", "-f", *names)
         return elapsed
 
-    def datapath(self, driver: str) -> tuple[float, float]:
-        """(MB/s of one TCP stream, average ping RTT in ms) between two containers."""
+    @contextlib.contextmanager
+    def stream_pair(self, driver: str) -> Iterator[tuple[str, str]]:
+        """Two containers on the driver's network, a TCP sink listening in the first one:
+        yields (client container, server address)."""
         net = self.networks[driver]
         server, client = self.name(), self.name()
-        docker("run", "-d", "--name", server, "--network", net, IMAGE, "sleep", "300")
-        docker("run", "-d", "--name", client, "--network", net, IMAGE, "sleep", "300")
+        docker("run", "-d", "--name", server, "--network", net, IMAGE, "sleep", "900")
+        docker("run", "-d", "--name", client, "--network", net, IMAGE, "sleep", "900")
         try:
             template = f'{{{{(index .NetworkSettings.Networks "{net}").IPAddress}}}}'
             ip = docker("inspect", "-f", template, server)
@@ -137,16 +140,27 @@ class Scenarios:
                 if time.monotonic() > deadline:
                     raise RuntimeError("the stream receiver did not start")
                 time.sleep(0.1)
-            out = docker("exec", client, "pbtest-echo", "send", ip, "5000", str(STREAM_MB))
-            rate = float(out.split()[2])
-            ping = docker("exec", client, "ping", "-c", "30", "-i", "0.05", ip)
-            rtt = float(re.search(r"= [\d.]+/([\d.]+)/", ping).group(1))  # type: ignore[union-attr]
-            return rate, rtt
+            yield client, ip
         finally:
             docker("rm", "-f", server, client)
 
 
-STREAM_MB = 2000  # one TCP stream of 2 GB (pbtest-echo send/sink: busybox nc cannot stream)
+def stream_mb_per_s(client: str, ip: str) -> float:
+    out = docker("exec", client, "pbtest-echo", "send", ip, "5000", str(STREAM_MB))
+    return float(out.split()[2])
+
+
+def ping_ms(client: str, ip: str) -> float:
+    out = docker("exec", client, "ping", "-c", "20", "-i", "0.05", ip)
+    return float(re.search(r"= [\d.]+/([\d.]+)/", out).group(1))  # type: ignore[union-attr]
+
+
+# One TCP stream of 1 GB at a time (pbtest-echo send/sink: busybox nc cannot stream). Single
+# streams on these shared machines vary by 10% or more, so each figure is the median of many,
+# the two drivers' streams interleaved on one pair of containers each.
+SETTLE_SECONDS = 0.5
+STREAM_MB = 1000
+STREAMS_PER_ROUND = 3
 
 
 def docker_level(reps: int) -> list[Row]:
@@ -168,17 +182,27 @@ def docker_level(reps: int) -> list[Row]:
         for rep in range(reps):
             order = DRIVERS if rep % 2 == 0 else DRIVERS[::-1]
             for driver in order:
+                # Each scenario starts on a quiet host: the work either driver leaves to just
+                # after an answer (pybridge: a removed bridge and its rules; Docker: its
+                # cleanups) is not charged to the next scenario.
                 getattr(rows["create"], driver).append(scenarios.network_create_rm(driver))
+                time.sleep(SETTLE_SECONDS)
                 getattr(rows["run"], driver).append(scenarios.run_rm(driver, False))
+                time.sleep(SETTLE_SECONDS)
                 getattr(rows["run_ports"], driver).append(scenarios.run_rm(driver, True))
+                time.sleep(SETTLE_SECONDS)
             print(f"  round {rep + 1}/{reps} done", file=sys.stderr)
         for rep in range(max(2, reps // 2)):
             order = DRIVERS if rep % 2 == 0 else DRIVERS[::-1]
             for driver in order:
                 getattr(rows["parallel"], driver).append(scenarios.parallel(driver))
-                rate, rtt = scenarios.datapath(driver)
-                getattr(rows["tcp"], driver).append(rate)
-                getattr(rows["ping"], driver).append(rtt)
+        with scenarios.stream_pair("pybridge") as ours, scenarios.stream_pair("bridge") as theirs:
+            pairs = {"pybridge": ours, "bridge": theirs}
+            for rep in range(reps * STREAMS_PER_ROUND):
+                order = DRIVERS if rep % 2 == 0 else DRIVERS[::-1]
+                for driver in order:
+                    getattr(rows["tcp"], driver).append(stream_mb_per_s(*pairs[driver]))
+                    getattr(rows["ping"], driver).append(ping_ms(*pairs[driver]))
     finally:
         scenarios.cleanup()
     return list(rows.values())
@@ -448,8 +472,8 @@ def render(rows: list[Row], micro: list[str], singles: list[Single], reps: int) 
         "Reproduce: `sudo scripts/bench.sh` (writes this file). Absolute times on these",
         "shared machines are noise; the ratios, measured in the same run, are the result.",
         "",
-        f"## Docker commands (medians of {reps} interleaved rounds; parallel starts and data "
-        "path: fewer)",
+        f"## Docker commands (medians of {reps} interleaved rounds; parallel starts: "
+        f"{max(2, reps // 2)})",
         "",
         "| scenario | pybridge | bridge | ratio pybridge/bridge | target | met |",
         "|---|---|---|---|---|---|",
