@@ -192,10 +192,11 @@ def docker_level(reps: int) -> list[Row]:
                 getattr(rows["run_ports"], driver).append(scenarios.run_rm(driver, True))
                 time.sleep(SETTLE_SECONDS)
             print(f"  round {rep + 1}/{reps} done", file=sys.stderr)
-        for rep in range(max(2, reps // 2)):
+        for rep in range(reps):
             order = DRIVERS if rep % 2 == 0 else DRIVERS[::-1]
             for driver in order:
                 getattr(rows["parallel"], driver).append(scenarios.parallel(driver))
+                time.sleep(SETTLE_SECONDS)
         with scenarios.stream_pair("pybridge") as ours, scenarios.stream_pair("bridge") as theirs:
             pairs = {"pybridge": ours, "bridge": theirs}
             for rep in range(reps * STREAMS_PER_ROUND):
@@ -472,8 +473,8 @@ def render(rows: list[Row], micro: list[str], singles: list[Single], reps: int) 
         "Reproduce: `sudo scripts/bench.sh` (writes this file). Absolute times on these",
         "shared machines are noise; the ratios, measured in the same run, are the result.",
         "",
-        f"## Docker commands (medians of {reps} interleaved rounds; parallel starts: "
-        f"{max(2, reps // 2)})",
+        f"## Docker commands (medians of {reps} interleaved rounds; TCP and ping: "
+        f"{reps * STREAMS_PER_ROUND})",
         "",
         "| scenario | pybridge | bridge | ratio pybridge/bridge | target | met |",
         "|---|---|---|---|---|---|",
