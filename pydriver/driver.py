@@ -865,20 +865,9 @@ class NetworkDriver:
                         f"remove endpoint {short(endpoint.id)}",
                         functools.partial(self._remove_endpoint, endpoint),
                     )
-            # One dump of every interface, rather than one query per bridge and veth.
-            links = {link.name: link for link in await self.kernel.links()}
-            for network in list(self.networks.values()):
-                await attempt(
-                    f"restore network {short(network.id)}",
-                    functools.partial(self._restore_network, network, links, repairs),
-                )
-            for endpoint in list(self.endpoints.values()):
-                await attempt(
-                    f"restore endpoint {short(endpoint.id)}",
-                    functools.partial(self._restore_endpoint, endpoint, links, repairs),
-                )
             await attempt(
-                "remove leftovers", functools.partial(self._remove_orphans, links, repairs)
+                "restore bridges and veths",
+                functools.partial(self._restore_links, attempt, repairs),
             )
             await attempt("apply the firewall", self._apply_firewall)
             for network in self.networks.values():
@@ -888,6 +877,25 @@ class NetworkDriver:
         for repair in repairs:
             log.warning("reconcile: %s", repair)
         return repairs
+
+    async def _restore_links(
+        self,
+        attempt: Callable[[str, Callable[[], Awaitable[None]]], Awaitable[None]],
+        repairs: list[str],
+    ) -> None:
+        # One dump of every interface, rather than one query per bridge and veth.
+        links = {link.name: link for link in await self.kernel.links()}
+        for network in list(self.networks.values()):
+            await attempt(
+                f"restore network {short(network.id)}",
+                functools.partial(self._restore_network, network, links, repairs),
+            )
+        for endpoint in list(self.endpoints.values()):
+            await attempt(
+                f"restore endpoint {short(endpoint.id)}",
+                functools.partial(self._restore_endpoint, endpoint, links, repairs),
+            )
+        await attempt("remove leftovers", functools.partial(self._remove_orphans, links, repairs))
 
     async def _restore_network(
         self, network: Network, links: dict[str, Link], repairs: list[str]

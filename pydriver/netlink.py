@@ -70,7 +70,7 @@ _IFINFO = struct.Struct("=BxHiII")  # family, type, index, flags, change
 _RTA = struct.Struct("=HH")  # length, type
 _NLMSG_ERROR, _NLMSG_DONE = 2, 3
 _RTM_NEWLINK, _RTM_GETLINK = 16, 18
-_NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
+_NLM_F_REQUEST, _NLM_F_DUMP, _NLM_F_DUMP_INTR = 0x1, 0x300, 0x10
 _IFLA_ADDRESS, _IFLA_IFNAME, _IFLA_MTU, _IFLA_MASTER = 1, 3, 4, 10
 _IFLA_LINKINFO, _IFLA_INFO_KIND, _IFLA_EXT_MASK = 18, 1, 29
 _RTEXT_FILTER_SKIP_STATS = 1 << 3
@@ -106,7 +106,21 @@ def _parse_link(data: bytes, start: int, end: int) -> Link:
 
 
 def dump_links() -> list[Link]:
-    """Every interface of this process's network namespace (blocking; a few ms per thousand)."""
+    """Every interface of this process's network namespace (blocking; a few ms per thousand).
+
+    A dump that interfaces came or went during is marked by the kernel and taken again: an
+    interface missing from it would look deleted."""
+    try:
+        for _ in range(4):
+            links, interrupted = _dump_links_once()
+            if not interrupted:
+                break
+        return links
+    except OSError as err:
+        raise HostError(f"could not list interfaces: {err}") from None
+
+
+def _dump_links_once() -> tuple[list[Link], bool]:
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
         sock.settimeout(10)
         sock.bind((0, 0))
@@ -117,15 +131,17 @@ def dump_links() -> list[Link]:
         )
         sock.send(header + body)
         links: list[Link] = []
+        interrupted = False
         while True:
             data = sock.recv(1 << 16)
             offset = 0
             while offset + _NLMSG.size <= len(data):
-                length, kind, _, _, _ = _NLMSG.unpack_from(data, offset)
+                length, kind, flags, _, _ = _NLMSG.unpack_from(data, offset)
                 if length < _NLMSG.size:
                     raise HostError("could not list interfaces: malformed netlink answer")
+                interrupted = interrupted or bool(flags & _NLM_F_DUMP_INTR)
                 if kind == _NLMSG_DONE:
-                    return links
+                    return links, interrupted
                 if kind == _NLMSG_ERROR:
                     code = -struct.unpack_from("=i", data, offset + _NLMSG.size)[0]
                     raise HostError(f"could not list interfaces: {os.strerror(code)}")

@@ -805,6 +805,15 @@ async def test_reconcile_carries_on_past_a_broken_network(env: Env) -> None:
     assert env.firewall.last_bridges() == {BR_A, BR_B}
 
 
+async def test_reconcile_serves_even_when_interfaces_cannot_be_listed(env: Env) -> None:
+    await create_network(env.driver, NET_A)
+    driver = await env.restart()
+    env.kernel.fail["links"] = HostError("netlink is broken")
+    repairs = await driver.reconcile()
+    assert repairs == ["could not restore bridges and veths: netlink is broken"]
+    assert env.firewall.last_bridges() == {BR_A}
+
+
 async def test_ipv6_network_turns_on_ipv6_forwarding(env: Env) -> None:
     await create_network(env.driver, NET_A)
     assert env.sysctl.forwarding_v6 == 0
