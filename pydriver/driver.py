@@ -175,6 +175,7 @@ class NetworkDriver:
         self._locks = KeyedLock()
         self.firewall_writer = FirewallWriter(self.firewall.apply, self.firewall_views)
         self._background: set[asyncio.Task[None]] = set()
+        self._leaving_bridges: set[str] = set()  # deleted in the background, not yet gone
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -269,6 +270,9 @@ class NetworkDriver:
                 log.info("network %s already exists; replay acknowledged", short(req.network_id))
                 return
             name = options.bridge_name or bridge_name(req.network_id)
+            # A removed network's bridge of that name may be going just now: let it go first.
+            while name in self._leaving_bridges and await self._wait_for_a_background_job():
+                pass
             for other in self.networks.values():
                 if other.id != req.network_id and other.bridge == name:
                     raise Conflict(
@@ -423,12 +427,16 @@ class NetworkDriver:
         await self.store.delete_network(network.id)
         self.networks.pop(network.id, None)
         if later:
+            self._leaving_bridges.add(network.bridge)
             await self._in_background(
                 self._delete_bridge(network.bridge), f"removing bridge {network.bridge}"
             )
 
     async def _delete_bridge(self, name: str) -> None:
-        await self.kernel.delete_link(name)
+        try:
+            await self.kernel.delete_link(name)
+        finally:
+            self._leaving_bridges.discard(name)
 
     async def delete_network(self, ref: NetworkRef) -> None:
         async with self._locks.hold(NETWORKS_LOCK), self._locks.hold(ref.network_id):

@@ -96,7 +96,7 @@ def _parse_link(data: bytes, start: int, end: int) -> Link:
     mtu = attrs.get(_IFLA_MTU)
     return Link(
         index=index,
-        name=attrs.get(_IFLA_IFNAME, b"").split(b"\0", 1)[0].decode(),
+        name=attrs.get(_IFLA_IFNAME, b"").split(b"\0", 1)[0].decode(errors="surrogateescape"),
         kind=kind_raw.split(b"\0", 1)[0].decode() if kind_raw else None,
         master=(struct.unpack("=I", master)[0] or None) if master else None,
         mtu=struct.unpack("=I", mtu)[0] if mtu else 0,
@@ -114,10 +114,10 @@ def dump_links() -> list[Link]:
         for _ in range(4):
             links, interrupted = _dump_links_once()
             if not interrupted:
-                break
-        return links
-    except OSError as err:
+                return links
+    except (OSError, ValueError, struct.error) as err:  # ValueError: UnicodeDecodeError too
         raise HostError(f"could not list interfaces: {err}") from None
+    raise HostError("could not list interfaces: they kept changing during four attempts")
 
 
 def _dump_links_once() -> tuple[list[Link], bool]:
@@ -137,14 +137,18 @@ def _dump_links_once() -> tuple[list[Link], bool]:
             offset = 0
             while offset + _NLMSG.size <= len(data):
                 length, kind, flags, _, _ = _NLMSG.unpack_from(data, offset)
-                if length < _NLMSG.size:
+                if length < _NLMSG.size or offset + length > len(data):
                     raise HostError("could not list interfaces: malformed netlink answer")
                 interrupted = interrupted or bool(flags & _NLM_F_DUMP_INTR)
-                if kind == _NLMSG_DONE:
-                    return links, interrupted
-                if kind == _NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", data, offset + _NLMSG.size)[0]
-                    raise HostError(f"could not list interfaces: {os.strerror(code)}")
+                if kind in (_NLMSG_DONE, _NLMSG_ERROR):
+                    # Both carry an error code (0 or minus errno); a failed dump ends with one.
+                    code = 0
+                    if length >= _NLMSG.size + 4:
+                        code = -struct.unpack_from("=i", data, offset + _NLMSG.size)[0]
+                    if code:
+                        raise HostError(f"could not list interfaces: {os.strerror(code)}")
+                    if kind == _NLMSG_DONE:
+                        return links, interrupted
                 if kind == _RTM_NEWLINK:
                     links.append(_parse_link(data, offset + _NLMSG.size, offset + length))
                 offset += (length + 3) & ~3
