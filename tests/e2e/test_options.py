@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +16,7 @@ from tests.e2e.conftest import (
     docker,
     free_subnet,
     ping,
+    wait_for,
 )
 from tests.hostenv import OutsideHost, link_names, run
 
@@ -56,6 +58,26 @@ def test_bridge_name_option(d: Docker) -> None:
     ping(d, a, b)
     d.cleanup()
     assert name not in link_names()
+
+
+def test_bridge_name_reused_at_once_after_network_rm(d: Docker) -> None:
+    """A removed network's bridge goes just after `docker network rm` answers; a new network
+    asking for the same name at once gets a bridge that stays. (Docker's own delays usually
+    hide the race; the unit test test_a_bridge_name_is_reused_only_once_the_old_bridge_is_gone
+    forces it.)"""
+    name = "pyb-pbt" + d.prefix[-4:]
+    net = d.network("-o", f"com.docker.network.bridge.name={name}")
+    for _ in range(3):
+        d.run(net)
+    d.cleanup()
+    again = d.network("-o", f"com.docker.network.bridge.name={name}", name=net)
+    a, b = d.run(again), d.run(again)
+    ping(d, a, b)
+    time.sleep(1)  # longer than any deferred removal takes
+    assert name in link_names()
+    ping(d, a, b)
+    d.cleanup()
+    assert wait_for(lambda: name not in link_names(), timeout=10)
 
 
 def test_user_bridge_is_used_and_kept(d: Docker) -> None:

@@ -924,3 +924,34 @@ async def test_a_full_bridge_is_refused_in_plain_words(
     with pytest.raises(BridgeFull, match=r"is full: its bridge .* has 1023 interfaces"):
         await create_endpoint(env.driver, NET_A, EP_1)
     assert EP_1 not in env.driver.endpoints
+
+
+async def test_a_bridge_name_is_reused_only_once_the_old_bridge_is_gone(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env.driver.eager = False  # bridges of removed networks go in the background, as in service
+    await create_network(env.driver, NET_A, generic={BRIDGE_NAME: "pyb-shared"})
+    release = asyncio.Event()
+    real_delete = env.kernel.delete_link
+
+    async def slow_delete(name: str) -> bool:
+        if name == "pyb-shared":
+            await release.wait()
+        return await real_delete(name)
+
+    monkeypatch.setattr(env.kernel, "delete_link", slow_delete)
+    await env.driver.delete_network(net_ref(NET_A))
+    assert "pyb-shared" in env.kernel.names()  # still going
+    creating = asyncio.create_task(
+        create_network(
+            env.driver, NET_B, "10.60.0.0/24", "10.60.0.1/24", generic={BRIDGE_NAME: "pyb-shared"}
+        )
+    )
+    await asyncio.sleep(0.05)
+    assert not creating.done()  # waits for the old bridge rather than adopt it
+    release.set()
+    await creating
+    await env.driver.settle()
+    assert "pyb-shared" in env.kernel.names()
+    assert env.driver.networks[NET_B].bridge_owned is True
+    await env.driver.close()
