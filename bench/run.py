@@ -226,6 +226,18 @@ def call(plugin: Plugin, method: str, body: dict[str, Any]) -> tuple[float, Any]
     return elapsed, reply
 
 
+def create_network(plugin: Plugin, pool: str, gateway: str) -> str:
+    """A pybridge network with one IPv4 subnet, as dockerd creates it; its id."""
+    network = secrets.token_hex(32)
+    body = {
+        "NetworkID": network,
+        "Options": {"com.docker.network.generic": {}},
+        "IPv4Data": [{"Pool": pool, "Gateway": gateway}],
+    }
+    call(plugin, "NetworkDriver.CreateNetwork", body)
+    return network
+
+
 def rss_mib(plugin: Plugin) -> float:
     # `ip netns exec` execs python in place, so the pid is pybridge's.
     assert plugin.proc is not None
@@ -272,16 +284,7 @@ def plugin_level(cycles: int) -> tuple[list[str], list[Single]]:
                     "Options": {"RequestAddressType": "com.docker.network.gateway"},
                 },
             )[1]["Address"]
-            network = secrets.token_hex(32)
-            call(
-                plugin,
-                "NetworkDriver.CreateNetwork",
-                {
-                    "NetworkID": network,
-                    "Options": {"com.docker.network.generic": {}},
-                    "IPv4Data": [{"Pool": "10.220.0.0/16", "Gateway": gateway}],
-                },
-            )
+            network = create_network(plugin, "10.220.0.0/16", gateway)
             present = 0
             per_endpoint_cost: dict[int, float] = {}
             for target in (1, 100, 1000):
@@ -414,16 +417,7 @@ def startup_time() -> list[Single]:
         plugin.start(PYDRIVER_HEAL_INTERVAL="0", PYDRIVER_GC_INTERVAL="0")
         try:
             for i in range(100):
-                network = secrets.token_hex(32)
-                call(
-                    plugin,
-                    "NetworkDriver.CreateNetwork",
-                    {
-                        "NetworkID": network,
-                        "Options": {"com.docker.network.generic": {}},
-                        "IPv4Data": [{"Pool": f"10.222.{i}.0/24", "Gateway": f"10.222.{i}.1/24"}],
-                    },
-                )
+                network = create_network(plugin, f"10.222.{i}.0/24", f"10.222.{i}.1/24")
                 for j in range(10):
                     call(
                         plugin,

@@ -202,25 +202,14 @@ def _check_database(state_dir: Path, report: Report) -> bool:
 
 
 def _check_socket(path: str, report: Report) -> None:
-    probe = socket.socket(socket.AF_UNIX)
-    probe.settimeout(5)
     try:
-        probe.connect(path)
-        probe.sendall(
-            b"POST /Plugin.Activate HTTP/1.1\r\nHost: plugin\r\nContent-Length: 0\r\n"
-            b"Connection: close\r\n\r\n"
-        )
-        answer = b""
-        while chunk := probe.recv(4096):
-            answer += chunk
+        answer = _exchange(path, "Plugin.Activate", b"", timeout=5)
     except OSError as err:
         report.problem(
             f"pybridge does not answer on {path} ({err.strerror or err})",
             "start it: scripts/pybridge-service.sh start (or check its log)",
         )
         return
-    finally:
-        probe.close()
     if b" 200 " in answer.split(b"\r\n", 1)[0] and b"NetworkDriver" in answer:
         report.ok(f"pybridge answers on {path}")
     else:
@@ -428,10 +417,10 @@ def doctor(
     return asyncio.run(diagnose(socket_path, state_dir, backend_setting, ask_docker))
 
 
-def post(socket_path: str, method: str, body: dict[str, Any]) -> tuple[int, Any]:
-    payload = json.dumps(body).encode()
+def _exchange(socket_path: str, method: str, payload: bytes, timeout: float) -> bytes:
+    """One POST to pybridge's socket, as dockerd sends it; the whole raw answer."""
     conn = socket.socket(socket.AF_UNIX)
-    conn.settimeout(60)
+    conn.settimeout(timeout)
     try:
         conn.connect(socket_path)
         conn.sendall(
@@ -442,8 +431,13 @@ def post(socket_path: str, method: str, body: dict[str, Any]) -> tuple[int, Any]
         data = b""
         while chunk := conn.recv(65536):
             data += chunk
+        return data
     finally:
         conn.close()
+
+
+def post(socket_path: str, method: str, body: dict[str, Any]) -> tuple[int, Any]:
+    data = _exchange(socket_path, method, json.dumps(body).encode(), timeout=60)
     head, _, rest = data.partition(b"\r\n\r\n")
     return int(head.split()[1]), json.loads(rest)
 

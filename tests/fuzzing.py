@@ -4,7 +4,6 @@ Unix socket, shared by the unit and the end-to-end fuzz tests."""
 from __future__ import annotations
 
 import json
-import socket
 from typing import Any
 
 from hypothesis import strategies as st
@@ -133,27 +132,6 @@ RAW_BODIES = st.one_of(
         ]
     ),
 )
-
-
-def post_raw(path: str, method: str, body: bytes, timeout: float = 30) -> tuple[int, Any]:
-    """POST like dockerd (no Content-Type) on a Unix socket; (status, decoded JSON)."""
-    sock = socket.socket(socket.AF_UNIX)
-    sock.settimeout(timeout)
-    try:
-        sock.connect(path)
-        sock.sendall(
-            f"POST /{method} HTTP/1.1\r\nHost: plugin.moby.localhost\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-            + body
-        )
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    finally:
-        sock.close()
-    head, _, payload = data.partition(b"\r\n\r\n")
-    status = int(head.split()[1])
-    return status, json.loads(payload)
 
 
 def check_reply(status: int, reply: Any) -> None:

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.e2e.conftest import plugin_pid, plugin_socket
-from tests.fuzzing import RAW_BODIES, ROUTES, check_reply, post_raw
-from tests.hostenv import run
+from tests.fuzzing import RAW_BODIES, ROUTES, check_reply
+from tests.hostenv import post_raw, run
 
 REQUESTS = 1500
 

@@ -8,8 +8,7 @@ import secrets
 import time
 
 from tests.e2e.conftest import Plugin, plugin_socket, wait_for
-from tests.fuzzing import post_raw
-from tests.hostenv import link_names
+from tests.hostenv import link_names, post_raw
 
 NETWORKS = 100
 ENDPOINTS_PER_NETWORK = 3

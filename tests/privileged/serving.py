@@ -17,7 +17,7 @@ from typing import Any
 from pydriver.driver import firewall_view
 from pydriver.rules import drift
 from pydriver.store import read_state
-from tests.hostenv import run
+from tests.hostenv import post_raw, run
 
 
 class PluginDied(Exception):
@@ -116,27 +116,10 @@ def _connects(sock: Path) -> bool:
 
 def post(sock: Path, method: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
     payload = b"" if body is None else (json.dumps(body) + "\n").encode()
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(30)
     try:
-        s.connect(str(sock))
-        s.sendall(
-            f"POST /{method} HTTP/1.1\r\nHost: plugin.moby.localhost\r\n"
-            f"Accept: application/vnd.docker.plugins.v1.2+json\r\n"
-            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
-            + payload
-        )
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
+        return post_raw(str(sock), method, payload)
     except OSError as err:
         raise PluginDied(str(err)) from None
-    finally:
-        s.close()
-    head, _, rest = data.partition(b"\r\n\r\n")
-    if not head:
-        raise PluginDied("no answer")
-    return int(head.split()[1]), json.loads(rest)
 
 
 def check_consistent(ns: str, state_dir: Path) -> list[str]:

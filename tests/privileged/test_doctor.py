@@ -183,24 +183,14 @@ def test_backend_mismatch(served: Plugin) -> None:
     ), problems(report)
 
 
+def status(served: Plugin, *flags: str) -> str:
+    """`pydriver status --no-names` in the plugin's namespace, as an operator runs it."""
+    argv = [sys.executable, "-m", "pydriver.cli", "status", "--state-dir", str(served.state)]
+    return run(["ip", "netns", "exec", served.ns, *argv, "--no-names", *flags]).stdout
+
+
 def test_status(served: Plugin) -> None:
-    result = run(
-        [
-            "ip",
-            "netns",
-            "exec",
-            served.ns,
-            sys.executable,
-            "-m",
-            "pydriver.cli",
-            "status",
-            "--state-dir",
-            str(served.state),
-            "--json",
-            "--no-names",
-        ]
-    )
-    data = json.loads(result.stdout)
+    data = json.loads(status(served, "--json"))
     assert [n["bridge"] for n in data["networks"]] == [BRIDGE]
     assert data["networks"][0]["subnets"] == [
         {"subnet": "10.213.80.0/24", "gateway": "10.213.80.1"}
@@ -208,21 +198,7 @@ def test_status(served: Plugin) -> None:
     [endpoint] = data["endpoints"]
     assert endpoint["addresses"] == ["10.213.80.2/24"]
     assert endpoint["mac_address"] == "02:50:0a:d5:50:02"
-    text = run(
-        [
-            "ip",
-            "netns",
-            "exec",
-            served.ns,
-            sys.executable,
-            "-m",
-            "pydriver.cli",
-            "status",
-            "--state-dir",
-            str(served.state),
-            "--no-names",
-        ]
-    ).stdout
+    text = status(served)
     assert BRIDGE in text and "10.213.80.2/24" in text and "pyv" + ENDPOINT[:12] in text
 
 

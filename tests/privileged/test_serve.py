@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.hostenv import require_root, run
+from tests.hostenv import post_raw, require_root, run
 
 pytestmark = pytest.mark.privileged
 
@@ -83,20 +83,7 @@ def _connects(sock: Path) -> bool:
 
 
 def post(sock: Path, method: str, body: bytes = b"") -> tuple[int, object]:
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(10)
-    s.connect(str(sock))
-    s.sendall(
-        f"POST /{method} HTTP/1.1\r\nHost: plugin.moby.localhost\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-        + body
-    )
-    data = b""
-    while chunk := s.recv(65536):
-        data += chunk
-    s.close()
-    head, _, payload = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), json.loads(payload)
+    return post_raw(str(sock), method, body, timeout=10)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -15,6 +15,25 @@ from pydriver.store import Store
 from .fakes import FakeFirewall, FakeHostPorts, FakeKernel, FakeSysctl
 
 
+def make_driver(
+    store: Store,
+    kernel: FakeKernel,
+    firewall: FakeFirewall,
+    sysctl: FakeSysctl,
+    host_ports: FakeHostPorts,
+    eager: bool,
+) -> NetworkDriver:
+    return NetworkDriver(
+        store,
+        kernel,
+        firewall,
+        sysctl,
+        host_ports=host_ports,
+        port_holder=host_ports.holder,
+        eager=eager,
+    )
+
+
 @dataclass
 class Env:
     state_dir: Path
@@ -27,22 +46,17 @@ class Env:
     host_ports: FakeHostPorts
     _closed: list[Store] = field(default_factory=list)
 
-    async def restart(self, kernel: FakeKernel | None = None) -> NetworkDriver:
+    async def restart(self, kernel: FakeKernel | None = None, eager: bool = True) -> NetworkDriver:
         """A daemon restart (or crash): a fresh Store, NetworkDriver and IpamDriver on the same
-        state directory, loaded but not reconciled. ``kernel`` replaces the host (a reboot)."""
+        state directory, loaded but not reconciled. ``kernel`` replaces the host (a reboot);
+        ``eager=False`` leaves work to the background, as the service does."""
         self.close()
         if kernel is not None:
             self.kernel = kernel
         self.store = Store(self.state_dir)
         self.host_ports = FakeHostPorts(busy=self.host_ports.busy)
-        self.driver = NetworkDriver(
-            self.store,
-            self.kernel,
-            self.firewall,
-            self.sysctl,
-            host_ports=self.host_ports,
-            port_holder=self.host_ports.holder,
-            eager=True,
+        self.driver = make_driver(
+            self.store, self.kernel, self.firewall, self.sysctl, self.host_ports, eager
         )
         self.ipam = IpamDriver(self.store, self.kernel.routes)
         await self.driver.load()
@@ -63,15 +77,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     sysctl = FakeSysctl()
     store = Store(state_dir)
     host_ports = FakeHostPorts()
-    driver = NetworkDriver(
-        store,
-        kernel,
-        firewall,
-        sysctl,
-        host_ports=host_ports,
-        port_holder=host_ports.holder,
-        eager=True,
-    )
+    driver = make_driver(store, kernel, firewall, sysctl, host_ports, eager=True)
     ipam = IpamDriver(store, kernel.routes)
     await driver.load()
     await ipam.load()

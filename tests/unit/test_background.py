@@ -9,7 +9,6 @@ from collections.abc import Sequence
 import pytest
 
 from pydriver import protocol as p
-from pydriver.driver import NetworkDriver
 from pydriver.errors import HostError
 from pydriver.fwsync import FirewallWriter
 from pydriver.naming import host_veth_name
@@ -62,15 +61,7 @@ async def test_writer_reports_failures_to_whoever_waits() -> None:
 
 
 async def test_production_mode_answers_before_background_work(env: Env) -> None:
-    driver = NetworkDriver(
-        env.store,
-        env.kernel,
-        env.firewall,
-        env.sysctl,
-        host_ports=env.host_ports,
-        port_holder=env.host_ports.holder,
-    )
-    await driver.load()
+    driver = await env.restart(eager=False)
     await driver.create_network(p.parse_create_network(create_network_body(NET)))
     await driver.create_endpoint(p.parse_create_endpoint(create_endpoint_body(NET, EP)))
     await driver.join(p.parse_join(join_body(NET, EP)))

@@ -929,7 +929,7 @@ async def test_a_full_bridge_is_refused_in_plain_words(
 async def test_a_bridge_name_is_reused_only_once_the_old_bridge_is_gone(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    env.driver.eager = False  # bridges of removed networks go in the background, as in service
+    await env.restart(eager=False)  # removed networks' bridges go in the background
     await create_network(env.driver, NET_A, generic={BRIDGE_NAME: "pyb-shared"})
     release = asyncio.Event()
     real_delete = env.kernel.delete_link

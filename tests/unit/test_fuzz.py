@@ -19,7 +19,8 @@ from pydriver.driver import NetworkDriver
 from pydriver.ipamdriver import IpamDriver
 from pydriver.server import Api, make_app
 from pydriver.store import Store, SyncStore
-from tests.fuzzing import BODIES, RAW_BODIES, ROUTES, check_reply, post_raw
+from tests.fuzzing import BODIES, RAW_BODIES, ROUTES, check_reply
+from tests.hostenv import post_raw
 
 from .fakes import FakeFirewall, FakeHostPorts, FakeKernel, FakeSysctl
 
