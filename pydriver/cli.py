@@ -28,6 +28,7 @@ from .hostports import HostPorts
 from .ipamdriver import IpamDriver
 from .logs import setup_logging
 from .metrics import Metrics
+from .model import IPAddress
 from .netlink import Netlink
 from .ports import DEFAULT_EPHEMERAL_RANGE
 from .report import Names, docker_names, format_table, port_rows
@@ -236,6 +237,10 @@ async def serve(args: argparse.Namespace) -> int:
     )
     firewall = Firewall(backend)
     host_ports = HostPorts()
+
+    async def release_addresses(addresses: Sequence[tuple[str, IPAddress]]) -> None:
+        await ipam.release_owned(addresses)
+
     driver = NetworkDriver(
         store,
         netlink,
@@ -243,8 +248,12 @@ async def serve(args: argparse.Namespace) -> int:
         Sysctl(Path(_env("PYDRIVER_SYSCTL_ROOT", "/proc/sys"))),
         host_ports=host_ports,
         ephemeral_range=ephemeral_range(),
+        release_addresses=release_addresses,
     )
-    ipam = IpamDriver(store, netlink.routes)
+    # Each sees the other through one narrow function: the IPAM driver reads which addresses
+    # the network driver's endpoints use; the network driver gives back addresses of
+    # endpoints whose containers are gone.
+    ipam = IpamDriver(store, netlink.routes, endpoint_addresses=driver.addresses_in_pool)
     await driver.load()
     await ipam.load()
     repairs = await driver.reconcile()

@@ -20,7 +20,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -28,9 +28,18 @@ from . import faults
 from .errors import BridgeFull, Conflict, DriverError, InvalidRequest, NotFound
 from .fwsync import FirewallWriter
 from .hostports import HostPorts, PortInUse, port_holder
-from .ipam import HostRoute, describe_route
+from .ipam import ADDRESS_SPACES, HostRoute, describe_route, pool_id_for
 from .locks import KeyedLock
-from .model import Endpoint, IPInterface, Mapping, Network, PortBinding, Subnet
+from .model import (
+    Endpoint,
+    IPAddress,
+    IPInterface,
+    IPNetwork,
+    Mapping,
+    Network,
+    PortBinding,
+    Subnet,
+)
 from .naming import (
     bridge_mac,
     bridge_name,
@@ -59,6 +68,9 @@ log = logging.getLogger(__name__)
 
 NETWORKS_LOCK = "networks"
 PORTS_LOCK = "host-ports"  # host ports are shared by all networks
+# MACs tried per endpoint: a bridge holds at most 1023 ports, so 64 draws of 40 hashed bits
+# all hitting a taken one does not happen.
+MAC_ATTEMPTS = 64
 
 
 class Kernel(Protocol):
@@ -103,6 +115,8 @@ class HostPortsPort(Protocol):
 
 
 PortHolder = Callable[[str, int], Awaitable[str | None]]
+# Gives (IPAM pool id, address) pairs back to pybridge's IPAM (IpamDriver.release_owned).
+AddressReleaser = Callable[[Sequence[tuple[str, IPAddress]]], Awaitable[None]]
 
 
 class SysctlPort(Protocol):
@@ -131,8 +145,23 @@ def _subnets(data: tuple[IPData, ...]) -> tuple[Subnet, ...]:
             pool=d.pool,
             gateway=d.gateway,
             aux_addresses=tuple(a.ip for a in d.aux_addresses.values()),
+            # Remembered so that pybridge releases an address of this network only in the
+            # pool it came from, and only when its own IPAM gave it.
+            ipam_pool=pool_id_for(d.pool) if d.address_space in ADDRESS_SPACES else None,
         )
         for d in data
+    )
+
+
+def _publishes_any(mappings: Iterable[Mapping], bindings: Iterable[PortBinding]) -> bool:
+    """Whether any of ``mappings`` uses a host port that ``bindings`` ask for (any address)."""
+    wanted = [
+        (b.proto, b.host_port, max(b.host_port, b.host_port_end)) for b in bindings if b.host_port
+    ]
+    return any(
+        m.proto == proto and low <= m.host_port <= high
+        for m in mappings
+        for proto, low, high in wanted
     )
 
 
@@ -159,9 +188,11 @@ class NetworkDriver:
         port_holder: PortHolder = port_holder,
         ephemeral_range: tuple[int, int] = DEFAULT_EPHEMERAL_RANGE,
         eager: bool = False,
+        release_addresses: AddressReleaser | None = None,
     ) -> None:
         # eager: do at once what is otherwise left to the background (tests over fakes).
         self.eager = eager
+        self.release_addresses = release_addresses
         self.store = store
         self.kernel = kernel
         self.firewall = firewall
@@ -203,6 +234,97 @@ class NetworkDriver:
         for endpoint in self.endpoints.values():
             found.setdefault(endpoint.network_id, []).extend(endpoint.mappings)
         return found
+
+    def addresses_in_pool(self, pool_id: str) -> set[IPAddress] | None:
+        """The addresses endpoints use in pybridge IPAM pool ``pool_id``, or None if no network
+        of this driver has a subnet from that pool. A read-only view for the IPAM driver."""
+        from_pool: dict[str, list[IPNetwork]] = {}  # network id -> its subnets from that pool
+        for network in self.networks.values():
+            for subnet in network.subnets:
+                if subnet.ipam_pool == pool_id:
+                    from_pool.setdefault(network.id, []).append(subnet.pool)
+        if not from_pool:
+            return None
+        used: set[IPAddress] = set()
+        for endpoint in self.endpoints.values():
+            subnets = from_pool.get(endpoint.network_id)
+            if not subnets:
+                continue
+            for address in (endpoint.address, endpoint.address_v6):
+                if address is not None and any(address.ip in pool for pool in subnets):
+                    used.add(address.ip)
+        return used
+
+    def _owned_addresses(self, endpoint: Endpoint) -> list[tuple[str, IPAddress]]:
+        """(pool id, address) of the endpoint's addresses that pybridge's IPAM gave."""
+        network = self.networks.get(endpoint.network_id)
+        if network is None:
+            return []
+        owned = []
+        for address in (endpoint.address, endpoint.address_v6):
+            if address is None:
+                continue
+            for subnet in network.subnets:
+                if subnet.ipam_pool is not None and address.ip in subnet.pool:
+                    owned.append((subnet.ipam_pool, address.ip))
+                    break
+        return owned
+
+    async def _container_gone(self, endpoint: Endpoint) -> bool:
+        """A joined endpoint whose host-side veth is gone lost its container: the pair dies
+        with the container's network namespace. (Docker's netns files are no evidence: dockerd
+        leaves empty ones behind, and a managed plugin cannot see them at all.) An endpoint
+        not yet joined is never gone by this test. Call it under the endpoint's network lock,
+        so no Join or Leave runs meanwhile."""
+        if endpoint.state != "ready" or not endpoint.sandbox_key:
+            return False
+        try:
+            return not await self.kernel.exists(endpoint.host_veth)
+        except DriverError as err:
+            log.warning("cannot check the veth of endpoint %s: %s", short(endpoint.id), err)
+            return False
+
+    async def _evict(self, endpoint: Endpoint, why: str) -> None:
+        """Remove an endpoint whose container is gone (``_container_gone``): its record, host
+        ports, published-port rules and the address pybridge's IPAM gave it.
+
+        Releasing that address is safe: Docker deletes an endpoint before it releases its
+        address, so an endpoint Docker deleted is not here, and one it failed to delete (it
+        could not reach pybridge) either had its release fail too, or gets it sent later,
+        which pybridge's IPAM ignores while another endpoint uses the address."""
+        log.warning(
+            "endpoint %s on network %s: its container is gone (%s); removing it",
+            short(endpoint.id),
+            short(endpoint.network_id),
+            why,
+        )
+        await self._remove_endpoint(endpoint)
+        if endpoint.mappings:
+            await self._update_firewall_soon()
+        await self._release_owned([endpoint])
+
+    async def _release_owned(self, endpoints: Sequence[Endpoint]) -> None:
+        """Give back the pybridge-IPAM addresses of removed endpoints whose containers are
+        gone (see ``_evict`` for why that is safe)."""
+        owned = [pair for endpoint in endpoints for pair in self._owned_addresses(endpoint)]
+        if owned and self.release_addresses is not None:
+            try:
+                await self.release_addresses(owned)
+            except DriverError as err:  # the addresses leak: safe, unlike a duplicate
+                log.warning("could not release the addresses of vanished containers: %s", err)
+
+    async def _evict_if_gone(self, endpoint_id: str, why: str) -> bool:
+        """Evict the endpoint if its container is gone, checked now under its network's lock.
+        Never evicts a live endpoint (veth present, or not joined)."""
+        seen = self.endpoints.get(endpoint_id)
+        if seen is None:
+            return False
+        async with self._locks.hold(seen.network_id):
+            current = self.endpoints.get(endpoint_id)
+            if current is None or not await self._container_gone(current):
+                return False
+            await self._evict(current, why)
+            return True
 
     def firewall_views(self) -> list[NetworkRules]:
         mappings = self._mappings_by_network()
@@ -466,20 +588,22 @@ class NetworkDriver:
                     f"endpoint {short(req.endpoint_id)} already exists on another network"
                 )
             self._check_endpoint_addresses(network, req)
+            if existing is not None and existing.state == "ready":
+                log.info("endpoint %s already exists; replay acknowledged", short(existing.id))
+                return (
+                    existing.mac_address
+                    if existing.mac_generated and req.mac_address is None
+                    else None
+                )
+            first = req.address or req.address_v6
+            address = first.ip if first is not None else None
+            await self._evict_gone_holders(network, req, address)
             endpoint = Endpoint(
                 id=req.endpoint_id,
                 network_id=network.id,
                 host_veth=host_veth_name(req.endpoint_id),
                 container_veth=container_veth_name(req.endpoint_id),
-                mac_address=req.mac_address
-                or endpoint_mac(
-                    req.endpoint_id,
-                    req.address.ip
-                    if req.address
-                    else req.address_v6.ip
-                    if req.address_v6
-                    else None,
-                ),
+                mac_address=req.mac_address or self._free_mac(network, req.endpoint_id, address),
                 mac_generated=req.mac_address is None,
                 address=req.address,
                 address_v6=req.address_v6,
@@ -488,13 +612,6 @@ class NetworkDriver:
                 state="creating",
                 created_at=time.time(),
             )
-            if existing is not None and existing.state == "ready":
-                log.info("endpoint %s already exists; replay acknowledged", short(endpoint.id))
-                return (
-                    existing.mac_address
-                    if existing.mac_generated and req.mac_address is None
-                    else None
-                )
             await self.store.put_endpoint(endpoint)
             self.endpoints[endpoint.id] = endpoint
             await faults.point("endpoint.create.recorded")
@@ -509,6 +626,52 @@ class NetworkDriver:
             self.endpoints[endpoint.id] = ready
             await faults.point("endpoint.create.ready")
         return ready.mac_address if ready.mac_generated else None
+
+    async def _evict_gone_holders(
+        self, network: Network, req: CreateEndpointRequest, address: IPAddress | None
+    ) -> None:
+        """Evict endpoints of this network whose containers are gone and that hold the new
+        endpoint's address or the MAC it derives from it (Docker's IPAM gives a restarted
+        container's address again once it forgot the dead endpoint). Runs under the network's
+        lock. A live holder stays; the address is then logged as used twice."""
+        addresses = {a.ip for a in (req.address, req.address_v6) if a is not None}
+        mac = req.mac_address or (endpoint_mac(req.endpoint_id, address) if address else None)
+        for other in self._endpoints_of(network.id):
+            if other.id == req.endpoint_id:
+                continue
+            shared = {a.ip for a in (other.address, other.address_v6) if a is not None}
+            if not (shared & addresses or (mac is not None and other.mac_address == mac)):
+                continue
+            if await self._container_gone(other):
+                why = f"its address or MAC is wanted by endpoint {short(req.endpoint_id)}"
+                await self._evict(other, why)
+            elif shared & addresses:
+                log.warning(
+                    "endpoint %s: address %s is also used by endpoint %s on network %s",
+                    short(req.endpoint_id),
+                    ", ".join(str(a) for a in sorted(shared & addresses, key=str)),
+                    short(other.id),
+                    short(network.id),
+                )
+
+    def _free_mac(self, network: Network, endpoint_id: str, address: IPAddress | None) -> str:
+        """The MAC derived from the address (or the endpoint id), or, if another endpoint of
+        the network (or the bridge) has it, the next of a fixed sequence: the same address
+        gets the same MAC whenever it is free, whatever restarts in between."""
+        taken = {e.mac_address for e in self._endpoints_of(network.id) if e.id != endpoint_id}
+        taken.add(bridge_mac(network.id))
+        for attempt in range(MAC_ATTEMPTS):
+            mac = endpoint_mac(endpoint_id, address, attempt)
+            if mac not in taken:
+                if attempt:
+                    log.info(
+                        "endpoint %s: MAC for %s taken; using %s",
+                        short(endpoint_id),
+                        address,
+                        mac,
+                    )
+                return mac
+        raise Conflict(f"no free MAC address for endpoint {short(endpoint_id)}")
 
     def _check_endpoint_addresses(self, network: Network, req: CreateEndpointRequest) -> None:
         for address, subnets in (
@@ -652,7 +815,39 @@ class NetworkDriver:
     async def program_external_connectivity(self, req: ProgramExternalRequest) -> None:
         """Publish the endpoint's ports. Docker does nothing for `-p` when a remote driver's
         endpoint is the gateway, so this is the whole of port publishing. May be called again
-        without a Revoke (Docker 29): the new bindings replace the old ones."""
+        without a Revoke (Docker 29): the new bindings replace the old ones.
+
+        A host port published for an endpoint whose container is gone (a container restarted
+        after a dockerd crash gets a new endpoint, and Docker never deleted the old one) is
+        taken back from it, and the publication tried again."""
+        try:
+            await self._program_external(req)
+        except Conflict:
+            if not await self._evict_dead_port_owners(req):
+                raise
+            await self._program_external(req)
+
+    async def _evict_dead_port_owners(self, req: ProgramExternalRequest) -> bool:
+        """Evict the endpoints publishing a host port ``req`` asks for whose containers are
+        gone; whether any was. Holds no lock while it looks, then each owner's own network
+        lock while it checks and removes (the caller's lock is not held, so two requests on
+        two networks never wait for each other's)."""
+        endpoint = self._endpoint_on(req.network_id, req.endpoint_id)
+        if endpoint is None:
+            return False
+        bindings = req.ports.bindings if req.ports.present else endpoint.port_bindings
+        owners = [
+            e.id
+            for e in self.endpoints.values()
+            if e.id != endpoint.id and _publishes_any(e.mappings, bindings)
+        ]
+        evicted = False
+        for owner in owners:
+            why = f"its host ports are wanted by endpoint {short(endpoint.id)}, veth gone"
+            evicted = await self._evict_if_gone(owner, why) or evicted
+        return evicted
+
+    async def _program_external(self, req: ProgramExternalRequest) -> None:
         async with self._locks.hold(req.network_id):
             network = self._network(req.network_id)
             endpoint = self._endpoint_on(req.network_id, req.endpoint_id)
@@ -798,20 +993,20 @@ class NetworkDriver:
     ) -> tuple[set[str], list[Endpoint]]:
         """Remove endpoints whose container is gone without Docker telling pybridge (a dockerd
         crash, or a restart while pybridge was down). Never asks Docker: a joined endpoint is
-        gone when its host veth vanished; an endpoint never joined long after it was made is
-        gone too. Only
-        what two scans in a row (``suspects`` from the last one) agree on is removed. Returns
-        the new suspects and the removed endpoints."""
+        gone when its host veth vanished (``_container_gone``); an endpoint never joined long
+        after it was made is gone too. Only what two scans in a row (``suspects`` from the
+        last one) agree on is removed. Returns the new suspects and the removed endpoints.
+
+        Addresses: Docker sends DeleteEndpoint, then ReleaseAddress, whenever it reaches
+        pybridge; an endpoint still here is one Docker never deleted. A joined one whose
+        container is gone gets its pybridge-IPAM address released (``_evict``: with Docker's
+        own IPAM, or pybridge's under another driver, nothing is released). One never joined
+        is only forgotten: it may be the leftover of a start that failed half-way, whose
+        address Docker still releases itself, so releasing it here could free it twice (a
+        leak is safe, a duplicate is not)."""
         found: set[str] = set()
         for endpoint in list(self.endpoints.values()):
-            # A joined endpoint whose host-side veth is gone lost its container: the pair dies
-            # with the container's network namespace. (Docker's netns files are no evidence:
-            # dockerd leaves empty ones behind, and a managed plugin cannot see them at all.)
-            if (
-                endpoint.state == "ready"
-                and endpoint.sandbox_key
-                and not await self.kernel.exists(endpoint.host_veth)
-            ):
+            if await self._container_gone(endpoint):
                 found.add(endpoint.id)
         for endpoint in self.endpoints.values():
             never_joined = endpoint.state == "ready" and not endpoint.sandbox_key
@@ -825,15 +1020,20 @@ class NetworkDriver:
             async with self._locks.hold(seen.network_id):
                 if self.endpoints.get(endpoint_id) != seen:
                     continue  # changed meanwhile (joined, say): leave it for the next scan
-                log.warning(
-                    "endpoint %s on network %s: its container is gone (sandbox %s); removing it",
-                    short(seen.id),
-                    short(seen.network_id),
-                    seen.sandbox_key or "never joined",
-                )
-                await self._remove_endpoint(seen)
-                if seen.mappings:
-                    await self._update_firewall_soon()
+                if seen.sandbox_key:
+                    if not await self._container_gone(seen):
+                        continue
+                    await self._evict(seen, f"sandbox {seen.sandbox_key}, veth gone")
+                else:
+                    log.warning(
+                        "endpoint %s on network %s: never joined, long after it was made; "
+                        "removing it",
+                        short(seen.id),
+                        short(seen.network_id),
+                    )
+                    await self._remove_endpoint(seen)
+                    if seen.mappings:
+                        await self._update_firewall_soon()
                 removed.append(seen)
         return found - {e.id for e in removed}, removed
 
@@ -898,6 +1098,13 @@ class NetworkDriver:
                 f"restore network {short(network.id)}",
                 functools.partial(self._restore_network, network, links, repairs),
             )
+        # Joined endpoints whose veth is gone: their containers are.
+        gone = [e for e in self.endpoints.values() if e.sandbox_key and e.host_veth not in links]
+        if gone:
+            await attempt(
+                "remove endpoints whose containers are gone",
+                functools.partial(self._remove_gone, gone, repairs),
+            )
         for endpoint in list(self.endpoints.values()):
             await attempt(
                 f"restore endpoint {short(endpoint.id)}",
@@ -917,10 +1124,27 @@ class NetworkDriver:
                 self.networks[network.id] = network
         await self._ensure_network_datapath(network)
 
+    async def _remove_gone(self, gone: Sequence[Endpoint], repairs: list[str]) -> None:
+        """Joined endpoints whose veth died with the container's namespace (a reboot, or the
+        container exited while pybridge was down). Docker starts a restarted container with a
+        new endpoint, and these would hold its host ports: they go now, before the socket is
+        bound, so no request can race this. Their host ports were never reserved in this
+        process, their veths are gone, and reconcile writes the firewall once afterwards; the
+        addresses pybridge's IPAM gave them go back in one transaction."""
+        for endpoint in gone:
+            await self.store.delete_endpoint(endpoint.id)
+            self.endpoints.pop(endpoint.id, None)
+            repairs.append(
+                f"removed endpoint {short(endpoint.id)}: its container is gone "
+                f"(veth {endpoint.host_veth} missing)"
+            )
+        await self._release_owned(gone)
+
     async def _restore_endpoint(
         self, endpoint: Endpoint, links: dict[str, Link], repairs: list[str]
     ) -> None:
         network = self.networks[endpoint.network_id]
+        veth = links.get(endpoint.host_veth)
         for mapping in endpoint.mappings:
             try:
                 self.host_ports.reserve(mapping)
@@ -928,22 +1152,15 @@ class NetworkDriver:
                 # The DNAT rule stays (the container keeps its port); say who took it.
                 holder = await self.port_holder(mapping.proto, mapping.host_port)
                 repairs.append(f"{err} by {holder or 'another program'} while pybridge was down")
-        veth = links.get(endpoint.host_veth)
         if veth is not None:
             # Most veths are as they were: only touch those off their bridge or down. (A
             # bridge missing from the dump was recreated just now: its veths need attaching.)
             bridge = links.get(network.bridge)
             if not veth.up or bridge is None or veth.master != bridge.index:
                 await self.kernel.set_link(endpoint.host_veth, master=network.bridge, up=True)
-        elif endpoint.sandbox_key is None:
+        else:  # not joined yet: Docker may still join it
             repairs.append(f"recreated veth {endpoint.host_veth}")
             await self._ensure_endpoint_datapath(network, endpoint, fresh=False)
-        else:
-            log.warning(
-                "endpoint %s lost its veth %s (its container is gone?)",
-                short(endpoint.id),
-                endpoint.host_veth,
-            )
 
     async def _remove_orphans(self, links: dict[str, Link], repairs: list[str]) -> None:
         bridges = {n.bridge for n in self.networks.values()}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from .errors import Conflict, Exhausted, InvalidRequest
 from .model import IPAddress, IPNetwork
@@ -21,6 +21,23 @@ DEFAULT_V4_POOLS: tuple[tuple[str, int], ...] = (
     ("192.168.0.0/16", 20),
 )
 V6_SUBNET_PREFIX = 64
+
+# The address spaces pybridge's IPAM announces (GetDefaultAddressSpaces). A network whose
+# IPv4Data/IPv6Data carry one of them got that subnet from pybridge's IPAM.
+LOCAL_ADDRESS_SPACE = "PybridgeLocal"
+GLOBAL_ADDRESS_SPACE = "PybridgeGlobal"
+ADDRESS_SPACES = (LOCAL_ADDRESS_SPACE, GLOBAL_ADDRESS_SPACE)
+
+# How long after an IPAM answer was recorded Docker may still send the same request again.
+# dockerd retries a plugin call only after a connection error, at about 0, 1, 3, 7 and 15 s
+# after its first attempt, and never once it has read a whole answer; the first attempt is
+# what was recorded, so 20 s covers every retry with room for a slow start.
+REPLAY_WINDOW = 20.0
+# When an unclaimed dynamic answer in a pool of a pybridge network may be given back (see
+# Pool.releasable).
+UNCLAIMED_RELEASE_AFTER = 60.0
+
+AnswerKind = Literal["gateway", "specific", "dynamic"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +56,42 @@ def describe_route(route: HostRoute) -> str:
     )
 
 
+@dataclass(frozen=True)
+class PendingAnswer:
+    """An IPAM answer recorded before it was sent and not (yet) known to have reached Docker,
+    with what identifies the request it answered."""
+
+    kind: AnswerKind  # gateway | specific (an address was asked for) | dynamic
+    # time.time() when recorded; None for rows of an older pybridge, which count as expired.
+    recorded_at: float | None = None
+    # Docker 29+ names the endpoint in a RequestAddress (its container's name); the only way
+    # to tell a retried dynamic request from another container's.
+    endpoint_name: str | None = None
+
+    def expired(self, now: float) -> bool:
+        # A clock that went backwards counts as expired too: a leak is safe, a duplicate not.
+        return self.recorded_at is None or not 0 <= now - self.recorded_at <= REPLAY_WINDOW
+
+    def answers(
+        self,
+        value: int,
+        requested: IPAddress | None,
+        *,
+        gateway: bool,
+        endpoint_name: str | None,
+    ) -> bool:
+        """Whether a request with this identity may be Docker's retry of the one answered."""
+        if gateway:
+            # A pool gets one gateway request (per network create); its retry is the next.
+            return self.kind == "gateway" and (requested is None or int(requested) == value)
+        if requested is not None:
+            return self.kind == "specific" and int(requested) == value
+        # Before Docker 29 nothing tells a retried dynamic request from a new container's, and
+        # Docker never retries once it has the answer: without a name, never replay.
+        named = bool(endpoint_name)
+        return self.kind == "dynamic" and named and self.endpoint_name == endpoint_name
+
+
 @dataclass
 class Pool:
     id: str
@@ -51,12 +104,18 @@ class Pool:
     cursor: int = 0
     # Chosen by pybridge (no --subnet was given).
     auto: bool = False
-    # Crash recovery: allocations whose answer never reached Docker before pybridge stopped
-    # (address -> "gateway" | "specific" | "dynamic"). Docker retries a request that died with
-    # the plugin, and the retry gets the same answer instead of a second allocation.
-    replayable: dict[int, str] = field(default_factory=dict)
-    # The pool itself was never acknowledged to Docker before pybridge stopped.
+    # Crash recovery: allocations whose answer was not known to have reached Docker when
+    # pybridge stopped. Docker resends a request that died with the plugin, and that retry
+    # (the same request, within REPLAY_WINDOW) gets the same answer instead of a second
+    # allocation. Nothing else may get it: Docker may hold the address already.
+    replayable: dict[int, PendingAnswer] = field(default_factory=dict)
+    # Past the window (or in use by a known endpoint): never replayed, still allocated.
+    # Dynamic ones no endpoint ever used may be released later (IpamDriver.release_unclaimed).
+    unclaimed: dict[int, PendingAnswer] = field(default_factory=dict)
+    # The pool itself was never acknowledged to Docker before pybridge stopped (and when it
+    # was recorded; None: an older pybridge's row, expired).
     replayable_pool: bool = False
+    pool_recorded_at: float | None = None
 
     @property
     def v6(self) -> bool:
@@ -77,8 +136,9 @@ class Pool:
         cls,
         data: dict[str, Any],
         allocated: Iterable[str] = (),
-        unacknowledged: dict[str, str] | None = None,
+        unacknowledged: dict[str, PendingAnswer] | None = None,
         pool_unacknowledged: bool = False,
+        pool_recorded_at: float | None = None,
     ) -> Pool:
         return cls(
             id=data["id"],
@@ -89,24 +149,72 @@ class Pool:
             cursor=int(data.get("cursor", 0)),
             auto=bool(data.get("auto", False)),
             replayable={
-                int(ipaddress.ip_address(a)): kind for a, kind in (unacknowledged or {}).items()
+                int(ipaddress.ip_address(a)): answer for a, answer in (unacknowledged or {}).items()
             },
             replayable_pool=pool_unacknowledged,
+            pool_recorded_at=pool_recorded_at,
         )
 
-    def claim_replay(self, requested: IPAddress | None, *, gateway: bool) -> IPAddress | None:
-        """The answer to a retried request, if this looks like one (see ``replayable``)."""
-        if not self.replayable:
-            return None
-        if requested is not None:
-            kind = self.replayable.get(int(requested))
-            if kind not in ("specific", "gateway"):
-                return None
-            del self.replayable[int(requested)]
-            return requested
-        wanted = "gateway" if gateway else "dynamic"
-        for value, kind in sorted(self.replayable.items()):
-            if kind == wanted:
+    def pool_replayable(self, now: float) -> bool:
+        """Whether a RequestPool now may be Docker's retry of the one that created this pool."""
+        if not self.replayable_pool or self.allocated:
+            return False
+        if self.pool_recorded_at is None or not 0 <= now - self.pool_recorded_at <= REPLAY_WINDOW:
+            self.replayable_pool = False
+            return False
+        return True
+
+    def expire_replays(self, now: float) -> list[tuple[IPAddress, PendingAnswer]]:
+        """Move answers past the retry window from ``replayable`` to ``unclaimed``; returns
+        them (each is returned once, so the caller logs it once)."""
+        expired = [(v, a) for v, a in self.replayable.items() if a.expired(now)]
+        for value, answer in expired:
+            del self.replayable[value]
+            self.unclaimed[value] = answer
+        return [(ipaddress.ip_address(v), a) for v, a in sorted(expired)]
+
+    def drop_replays(self, in_use: Iterable[IPAddress]) -> list[IPAddress]:
+        """Stop replaying (or releasing) answers that a known endpoint uses: Docker has them."""
+        dropped = []
+        for address in in_use:
+            value = int(address)
+            if self.replayable.pop(value, None) or self.unclaimed.pop(value, None):
+                dropped.append(address)
+        return dropped
+
+    def releasable(self, now: float, in_use: Iterable[IPAddress]) -> list[IPAddress]:
+        """Unclaimed dynamic answers that no endpoint took up within UNCLAIMED_RELEASE_AFTER.
+
+        Only for a pool that backs a pybridge network, with ``in_use`` the addresses of that
+        network's endpoints: dockerd sends CreateEndpoint to pybridge right after it gets a
+        dynamic address (the two calls are back to back), retrying it within its retry window
+        if pybridge is down, and releases the address itself if that fails. So an address no
+        endpoint uses long after the window either never reached Docker (it retried and got
+        another) or was given up by a Docker that could not tell pybridge: nobody holds it."""
+        used = {int(a) for a in in_use}
+        return [
+            ipaddress.ip_address(value)
+            for value, answer in sorted(self.unclaimed.items())
+            if answer.kind == "dynamic"
+            and answer.recorded_at is not None
+            and now - answer.recorded_at > UNCLAIMED_RELEASE_AFTER
+            and value not in used
+        ]
+
+    def claim_replay(
+        self,
+        requested: IPAddress | None,
+        *,
+        gateway: bool,
+        endpoint_name: str | None = None,
+        now: float,
+    ) -> IPAddress | None:
+        """The answer to Docker's retry of a request answered just before pybridge stopped, if
+        this request is one (same kind, same address or endpoint name, within the window)."""
+        for value, answer in sorted(self.replayable.items()):
+            if answer.expired(now):
+                continue
+            if answer.answers(value, requested, gateway=gateway, endpoint_name=endpoint_name):
                 del self.replayable[value]
                 return ipaddress.ip_address(value)
         return None
@@ -170,6 +278,7 @@ class Pool:
     def release(self, address: IPAddress) -> bool:
         """Release an address; returns False if it was not allocated (release is idempotent)."""
         self.replayable.pop(int(address), None)
+        self.unclaimed.pop(int(address), None)
         if int(address) in self.allocated:
             self.allocated.discard(int(address))
             return True

@@ -1,7 +1,9 @@
 """The IPAM driver: pools and addresses for `--ipam-driver pybridge`, with any network driver.
 
 Keeps the pools in memory, persists every change before replying, and reads host routes
-through an injected function (so this module stays free of netlink).
+through an injected function (so this module stays free of netlink). What pybridge's network
+driver knows about endpoints comes through an injected read-only view, too (this module never
+imports the driver).
 """
 
 from __future__ import annotations
@@ -9,12 +11,18 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Collection, Iterable
 
 from . import faults
 from .errors import Conflict, InvalidRequest, NotFound, Unsupported
 from .ipam import (
+    GLOBAL_ADDRESS_SPACE,
+    LOCAL_ADDRESS_SPACE,
+    REPLAY_WINDOW,
+    AnswerKind,
     HostRoute,
+    PendingAnswer,
     Pool,
     choose_subnet,
     default_v4_candidates,
@@ -35,30 +43,67 @@ from .store import Store
 
 log = logging.getLogger(__name__)
 
-LOCAL_ADDRESS_SPACE = "PybridgeLocal"
-GLOBAL_ADDRESS_SPACE = "PybridgeGlobal"
 ULA_META_KEY = "ula_prefix"
+
+__all__ = ["GLOBAL_ADDRESS_SPACE", "LOCAL_ADDRESS_SPACE", "IpamDriver"]
 
 RoutesProvider = Callable[[], Awaitable[list[HostRoute]]]
 Ack = Callable[[], Awaitable[None]]
+# The addresses that endpoints known to pybridge's network driver use in a pool, or None when
+# the pool backs no pybridge network (then pybridge cannot see who uses its addresses).
+EndpointAddresses = Callable[[str], Collection[IPAddress] | None]
+
+
+def _no_endpoints(pool_id: str) -> None:
+    return None
 
 
 class IpamDriver:
-    def __init__(self, store: Store, routes: RoutesProvider) -> None:
+    def __init__(
+        self,
+        store: Store,
+        routes: RoutesProvider,
+        endpoint_addresses: EndpointAddresses = _no_endpoints,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.store = store
         self._routes = routes
+        self._endpoint_addresses = endpoint_addresses
+        self._clock = clock
         self.pools: dict[str, Pool] = {}
         self.ula_prefix: ipaddress.IPv6Network | None = None
         self._lock = KeyedLock()
 
     async def load(self) -> None:
         self.pools = {pool.id: pool for pool in await self.store.load_pools()}
+        for pool in self.pools.values():
+            await self._settle_replays(pool)
         stored = await self.store.get_meta(ULA_META_KEY)
         if stored:
             self.ula_prefix = ipaddress.IPv6Network(stored)
         else:
             self.ula_prefix = make_ula_prefix(os.urandom(5))
             await self.store.set_meta(ULA_META_KEY, str(self.ula_prefix))
+
+    async def _settle_replays(self, pool: Pool) -> None:
+        """Drop answers waiting for Docker's retry that a known endpoint uses (Docker has them;
+        recorded as acknowledged), and set aside those past the retry window (still
+        allocated: a leak is safe, a duplicate is not)."""
+        if not pool.replayable and not pool.unclaimed:
+            return
+        for address in pool.drop_replays(self._endpoint_addresses(pool.id) or ()):
+            log.info("address %s in pool %s: Docker has it (an endpoint uses it)", address, pool.id)
+            await self.store.acknowledge(pool.id, str(address))
+        for address, answer in pool.expire_replays(self._clock()):
+            log.warning(
+                "address %s in pool %s: answered (%s) just before pybridge stopped and not "
+                "asked for again within %.0f s; it stays allocated, never handed out again "
+                "unless released",
+                address,
+                pool.id,
+                answer.kind,
+                REPLAY_WINDOW,
+            )
 
     def address_spaces(self) -> tuple[str, str]:
         return LOCAL_ADDRESS_SPACE, GLOBAL_ADDRESS_SPACE
@@ -95,7 +140,7 @@ class IpamDriver:
                 address_space=req.address_space,
                 auto=req.pool is None,
             )
-            await self.store.put_pool(pool)
+            await self.store.put_pool(pool, self._clock())
             self.pools[pool.id] = pool
             await faults.point("ipam.pool.recorded")
         log.info("pool %s allocated%s", pool.id, f" (range {req.sub_pool})" if req.sub_pool else "")
@@ -104,8 +149,9 @@ class IpamDriver:
     def _replayed_pool(self, req: RequestPoolRequest) -> Pool | None:
         """A pool allocated just before a crash, never confirmed to Docker, that this request
         asks for again (Docker retries requests that died with the plugin)."""
+        now = self._clock()
         for pool in self.pools.values():
-            if not pool.replayable_pool or pool.allocated:
+            if not pool.pool_replayable(now):
                 continue
             same_subnet = pool.subnet == req.pool if req.pool is not None else pool.auto
             if same_subnet and pool.v6 == req.v6 and pool.sub_range == req.sub_pool:
@@ -115,6 +161,9 @@ class IpamDriver:
 
     def _ack(self, pool_id: str, address: str | None) -> Ack:
         async def acknowledge() -> None:
+            # The answer is written to Docker's connection: a crash from here on leaves an
+            # answer Docker has but pybridge does not know it has (see Pool.replayable).
+            await faults.point("ipam.pool.sent" if address is None else "ipam.address.sent")
             await self.store.acknowledge(pool_id, address)
 
         return acknowledge
@@ -141,20 +190,28 @@ class IpamDriver:
                     f"address {req.address} is not an IPv{pool.subnet.version} address "
                     f"of {pool.subnet}"
                 )
-            replayed = pool.claim_replay(req.address, gateway=req.is_gateway)
+            if pool.replayable:
+                await self._settle_replays(pool)
+            replayed = pool.claim_replay(
+                req.address,
+                gateway=req.is_gateway,
+                endpoint_name=req.endpoint_name,
+                now=self._clock(),
+            )
             if replayed is not None:
                 log.info("address %s: a retry of a request answered before a restart", replayed)
                 address = replayed
             else:
                 before = pool.cursor
                 address = pool.allocate(req.address, gateway=req.is_gateway)
-                kind = (
+                kind: AnswerKind = (
                     "gateway"
                     if req.is_gateway
                     else ("specific" if req.address is not None else "dynamic")
                 )
+                pending = PendingAnswer(kind, self._clock(), req.endpoint_name)
                 try:
-                    await self.store.add_address(pool, str(address), kind)
+                    await self.store.add_address(pool, str(address), pending)
                 except BaseException:
                     pool.allocated.discard(int(address))
                     pool.cursor = before
@@ -169,16 +226,60 @@ class IpamDriver:
             if pool is None or int(req.address) not in pool.allocated:
                 log.info("address %s in pool %s was already released", req.address, req.pool_id)
                 return
+            if req.address in (self._endpoint_addresses(pool.id) or ()):
+                # Docker deletes an endpoint before it releases its address, so the holder is
+                # another endpoint: this is a late release for one pybridge already removed
+                # (a dead container's, see NetworkDriver.collect_garbage) whose address went
+                # to a new container since. Releasing it would hand it out twice.
+                log.warning(
+                    "address %s in pool %s: not released, a live endpoint uses it (a late "
+                    "release for a removed endpoint)",
+                    req.address,
+                    pool.id,
+                )
+                return
             await self.store.remove_address(pool.id, str(req.address))
             pool.release(req.address)
 
-    async def release_addresses(self, addresses: list[IPAddress]) -> None:
-        """Give back addresses of endpoints whose containers vanished without Docker releasing
-        them (found by the collector). Addresses not allocated are ignored."""
+    async def release_owned(self, addresses: Iterable[tuple[str, IPAddress]]) -> None:
+        """Give back (pool id, address) pairs of endpoints that pybridge's network driver
+        removed because their containers are gone, when Docker will not release them itself.
+        Only in that pool: another IPAM may use the same subnet. Pairs not allocated are
+        ignored."""
         async with self._lock.hold("pools"):
-            for address in addresses:
-                for pool in self.pools.values():
-                    if address in pool.subnet and int(address) in pool.allocated:
-                        await self.store.remove_address(pool.id, str(address))
-                        pool.release(address)
-                        log.info("released address %s of a vanished container", address)
+            owned = [
+                (pool, address)
+                for pool_id, address in addresses
+                if (pool := self.pools.get(pool_id)) is not None and int(address) in pool.allocated
+            ]
+            if not owned:
+                return
+            # One transaction (one fsync) for all: start-up may release hundreds at once.
+            await self.store.remove_addresses([(pool.id, str(address)) for pool, address in owned])
+            for pool, address in owned:
+                pool.release(address)
+                log.info("released address %s in pool %s of a vanished container", address, pool.id)
+
+    async def release_unclaimed(self) -> list[IPAddress]:
+        """Release dynamic answers that Docker never took up (see Pool.releasable), in pools
+        that back a pybridge network (elsewhere pybridge cannot see who uses an address)."""
+        released: list[IPAddress] = []
+        async with self._lock.hold("pools"):
+            for pool in list(self.pools.values()):
+                await self._settle_replays(pool)
+                if not pool.unclaimed:
+                    continue
+                in_use = self._endpoint_addresses(pool.id)
+                if in_use is None:
+                    continue
+                for address in pool.releasable(self._clock(), in_use):
+                    await self.store.remove_address(pool.id, str(address))
+                    pool.release(address)
+                    released.append(address)
+                    log.warning(
+                        "address %s in pool %s: answered just before pybridge stopped and "
+                        "never used by an endpoint; released",
+                        address,
+                        pool.id,
+                    )
+        return released

@@ -100,12 +100,17 @@ class Subnet:
     pool: IPNetwork
     gateway: IPInterface | None
     aux_addresses: tuple[IPAddress, ...] = ()
+    # The id of the pybridge IPAM pool this subnet came from; None when another IPAM (Docker's
+    # own, say) allocated it, or for records of an older pybridge: pybridge then never
+    # releases addresses of this subnet itself.
+    ipam_pool: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "pool": str(self.pool),
             "gateway": str(self.gateway) if self.gateway else None,
             "aux": [str(a) for a in self.aux_addresses],
+            "ipam_pool": self.ipam_pool,
         }
 
     @classmethod
@@ -114,6 +119,7 @@ class Subnet:
             pool=ipaddress.ip_network(data["pool"]),
             gateway=ipaddress.ip_interface(data["gateway"]) if data.get("gateway") else None,
             aux_addresses=tuple(ipaddress.ip_address(a) for a in data.get("aux", [])),
+            ipam_pool=data.get("ipam_pool") or None,
         )
 
 

@@ -42,16 +42,24 @@ def _mac_from(seed: str) -> str:
     return ":".join(f"{b:02x}" for b in octets)
 
 
-def endpoint_mac(endpoint_id: str, address: IPAddress | None = None) -> str:
-    """The MAC given to a container interface when Docker supplies none: 02:50 followed by the
-    last four bytes of its address (as Docker's bridge used to do with 02:42). A container that
-    restarts with the same address then comes back with the same MAC, so nobody's ARP or
-    neighbour cache points at a MAC that no longer exists. Without an address, one derived
-    from the endpoint id."""
+def endpoint_mac(endpoint_id: str, address: IPAddress | None = None, attempt: int = 0) -> str:
+    """The MAC given to a container interface when Docker supplies none, derived from its
+    address, so a container that restarts with the same address comes back with the same MAC
+    and nobody's ARP or neighbour cache points at a MAC that no longer exists:
+
+    * IPv4: 02:50 followed by the four bytes of the address (as Docker's bridge used to do
+      with 02:42), so two addresses never share one;
+    * IPv6: 02 and 40 bits of a hash of the whole address (its low bits alone would repeat
+      across prefixes, and in a /64 anything can differ above them);
+    * no address: a hash of the endpoint id.
+
+    ``attempt`` > 0 gives the next candidates of a fixed sequence, for when another endpoint
+    of the network already has the first (the driver checks)."""
     if address is None:
-        return _mac_from("endpoint:" + endpoint_id)
-    tail = int(address).to_bytes(16 if address.version == 6 else 4, "big")[-4:]
-    return ":".join(f"{b:02x}" for b in (0x02, 0x50, *tail))
+        return _mac_from("endpoint:" + endpoint_id + (f"#{attempt}" if attempt else ""))
+    if address.version == 4 and not attempt:
+        return ":".join(f"{b:02x}" for b in (0x02, 0x50, *address.packed))
+    return _mac_from(f"address:{address}" + (f"#{attempt}" if attempt else ""))
 
 
 def bridge_mac(network_id: str) -> str:

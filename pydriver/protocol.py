@@ -29,6 +29,8 @@ EXPOSED_PORTS = "com.docker.network.endpoint.exposedports"
 PORT_MAP = "com.docker.network.portmap"
 REQUEST_ADDRESS_TYPE = "RequestAddressType"
 GATEWAY_ADDRESS_TYPE = "com.docker.network.gateway"
+# Docker 29+ names the endpoint (the container's name) in RequestAddress options.
+ENDPOINT_NAME = "com.docker.network.endpoint.name"
 
 CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
 
@@ -132,6 +134,7 @@ class RequestAddressRequest:
     address: ipaddress.IPv4Address | ipaddress.IPv6Address | None
     is_gateway: bool
     options: dict[str, str]
+    endpoint_name: str | None = None  # Docker 29+
 
 
 @dataclass(frozen=True)
@@ -525,6 +528,7 @@ def parse_request_address(body: Mapping[str, Any]) -> RequestAddressRequest:
         address=address,
         is_gateway=options.get(REQUEST_ADDRESS_TYPE) == GATEWAY_ADDRESS_TYPE,
         options=options,
+        endpoint_name=options.get(ENDPOINT_NAME) or None,
     )
 
 

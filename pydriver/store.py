@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import HostError
-from .ipam import Pool
+from .ipam import AnswerKind, PendingAnswer, Pool
 from .model import Endpoint, Network
 
 T = TypeVar("T")
 
 DB_NAME = "state.db"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -41,20 +41,29 @@ CREATE TABLE IF NOT EXISTS endpoints (
     id TEXT PRIMARY KEY, network_id TEXT NOT NULL, data TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS endpoints_by_network ON endpoints (network_id);
 CREATE TABLE IF NOT EXISTS pools (
-    id TEXT PRIMARY KEY, data TEXT NOT NULL, pending INTEGER NOT NULL DEFAULT 0);
+    id TEXT PRIMARY KEY, data TEXT NOT NULL, pending INTEGER NOT NULL DEFAULT 0,
+    recorded_at REAL);
 CREATE TABLE IF NOT EXISTS addresses (
     pool_id TEXT NOT NULL, address TEXT NOT NULL,
     pending INTEGER NOT NULL DEFAULT 0, kind TEXT NOT NULL DEFAULT 'dynamic',
+    recorded_at REAL, endpoint_name TEXT,
     PRIMARY KEY (pool_id, address));
 """
 
 # "pending" marks an IPAM answer that was written before it was sent and not yet known to
-# have reached Docker; see ipam.Pool.replayable.
+# have reached Docker; with when it was recorded and what identifies the request (kind,
+# endpoint name), so only Docker's retry of that request gets it again: see
+# ipam.Pool.replayable. Rows from before version 3 have no time and count as expired.
 _MIGRATIONS = {
     2: [
         "ALTER TABLE pools ADD COLUMN pending INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE addresses ADD COLUMN pending INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE addresses ADD COLUMN kind TEXT NOT NULL DEFAULT 'dynamic'",
+    ],
+    3: [
+        "ALTER TABLE pools ADD COLUMN recorded_at REAL",
+        "ALTER TABLE addresses ADD COLUMN recorded_at REAL",
+        "ALTER TABLE addresses ADD COLUMN endpoint_name TEXT",
     ],
 }
 
@@ -183,27 +192,37 @@ class SyncStore:
     def load_pools(self) -> list[Pool]:
         """Pools with their addresses. Answers still pending come back as replayable."""
         pools = []
-        rows = self.db.execute("SELECT id, data, pending FROM pools ORDER BY id").fetchall()
-        for pool_id, data, pool_pending in rows:
+        rows = self.db.execute(
+            "SELECT id, data, pending, recorded_at FROM pools ORDER BY id"
+        ).fetchall()
+        for pool_id, data, pool_pending, pool_recorded_at in rows:
             addresses = self.db.execute(
-                "SELECT address, pending, kind FROM addresses WHERE pool_id=?", (pool_id,)
+                "SELECT address, pending, kind, recorded_at, endpoint_name FROM addresses "
+                "WHERE pool_id=?",
+                (pool_id,),
             ).fetchall()
             pools.append(
                 Pool.from_dict(
                     json.loads(data),
-                    [a for a, _, _ in addresses],
-                    {a: kind for a, pending, kind in addresses if pending},
+                    [row[0] for row in addresses],
+                    {
+                        a: PendingAnswer(_kind(kind), at, name)
+                        for a, pending, kind, at, name in addresses
+                        if pending
+                    },
                     bool(pool_pending),
+                    pool_recorded_at if pool_pending else None,
                 )
             )
         return pools
 
-    def put_pool_data(self, pool_id: str, pool_data: dict[str, Any]) -> None:
+    def put_pool_data(self, pool_id: str, pool_data: dict[str, Any], recorded_at: float) -> None:
         self._tx(
             [
                 (
-                    "INSERT OR REPLACE INTO pools (id, data, pending) VALUES (?, ?, 1)",
-                    (pool_id, json.dumps(pool_data)),
+                    "INSERT OR REPLACE INTO pools (id, data, pending, recorded_at) "
+                    "VALUES (?, ?, 1, ?)",
+                    (pool_id, json.dumps(pool_data), recorded_at),
                 )
             ]
         )
@@ -216,17 +235,21 @@ class SyncStore:
             ]
         )
 
-    def add_address(self, pool_id: str, pool_data: dict[str, Any], address: str, kind: str) -> None:
+    def add_address(
+        self, pool_id: str, pool_data: dict[str, Any], address: str, answer: PendingAnswer
+    ) -> None:
         # The pool row carries the allocation cursor, so both change in one transaction.
         self._tx(
             [
                 (
-                    "INSERT INTO addresses (pool_id, address, pending, kind) VALUES (?, ?, 1, ?)",
-                    (pool_id, address, kind),
+                    "INSERT INTO addresses "
+                    "(pool_id, address, pending, kind, recorded_at, endpoint_name) "
+                    "VALUES (?, ?, 1, ?, ?, ?)",
+                    (pool_id, address, answer.kind, answer.recorded_at, answer.endpoint_name),
                 ),
                 ("UPDATE pools SET data=? WHERE id=?", (json.dumps(pool_data), pool_id)),
             ],
-            durable=kind != "dynamic",
+            durable=answer.kind != "dynamic",
         )
 
     def acknowledge(self, pool_id: str, address: str | None) -> None:
@@ -241,9 +264,19 @@ class SyncStore:
     def remove_address(self, pool_id: str, address: str) -> None:
         self._tx([("DELETE FROM addresses WHERE pool_id=? AND address=?", (pool_id, address))])
 
+    def remove_addresses(self, addresses: Iterable[tuple[str, str]]) -> None:
+        sql = "DELETE FROM addresses WHERE pool_id=? AND address=?"
+        self._tx([(sql, (pool_id, address)) for pool_id, address in addresses])
+
     def check_integrity(self) -> str:
         row = self.db.execute("PRAGMA integrity_check").fetchone()
         return str(row[0]) if row else "no answer"
+
+
+def _kind(value: object) -> AnswerKind:
+    if value == "gateway":
+        return "gateway"
+    return "specific" if value == "specific" else "dynamic"
 
 
 def read_state(state_dir: Path) -> tuple[list[Network], list[Endpoint]]:
@@ -321,21 +354,24 @@ class Store:
     async def load_pools(self) -> list[Pool]:
         return await self.call(self._sync.load_pools)
 
-    async def put_pool(self, pool: Pool) -> None:
+    async def put_pool(self, pool: Pool, recorded_at: float) -> None:
         # Serialise on the caller's thread: the pool may change again once we yield.
-        await self.call(self._sync.put_pool_data, pool.id, pool.to_dict())
+        await self.call(self._sync.put_pool_data, pool.id, pool.to_dict(), recorded_at)
 
     async def delete_pool(self, pool_id: str) -> None:
         await self.call(self._sync.delete_pool, pool_id)
 
-    async def add_address(self, pool: Pool, address: str, kind: str) -> None:
-        await self.call(self._sync.add_address, pool.id, pool.to_dict(), address, kind)
+    async def add_address(self, pool: Pool, address: str, answer: PendingAnswer) -> None:
+        await self.call(self._sync.add_address, pool.id, pool.to_dict(), address, answer)
 
     async def acknowledge(self, pool_id: str, address: str | None = None) -> None:
         await self.call(self._sync.acknowledge, pool_id, address)
 
     async def remove_address(self, pool_id: str, address: str) -> None:
         await self.call(self._sync.remove_address, pool_id, address)
+
+    async def remove_addresses(self, addresses: list[tuple[str, str]]) -> None:
+        await self.call(self._sync.remove_addresses, addresses)
 
     async def check_integrity(self) -> str:
         return await self.call(self._sync.check_integrity)

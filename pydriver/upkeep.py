@@ -75,11 +75,11 @@ class Upkeep:
         self.metrics.count_repairs("firewall", len(problems))
 
     async def collect(self) -> None:
+        # The driver releases the IPAM addresses of what it removes (see collect_garbage).
         self._suspects, removed = await self.driver.collect_garbage(self._suspects, time.time())
-        for endpoint in removed:
-            addresses = [a.ip for a in (endpoint.address, endpoint.address_v6) if a is not None]
-            await self.ipam.release_addresses(addresses)
         self.metrics.count_repairs("stale_endpoint", len(removed))
+        released = await self.ipam.release_unclaimed()
+        self.metrics.count_repairs("unclaimed_address", len(released))
 
     async def _measure_lag(self) -> None:
         """How late a timer fires, minus the time the kernel kept this thread waiting for a

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,6 +10,7 @@ import pytest
 
 from pydriver.driver import NetworkDriver
 from pydriver.ipamdriver import IpamDriver
+from pydriver.model import IPAddress
 from pydriver.store import Store
 
 from .fakes import FakeFirewall, FakeHostPorts, FakeKernel, FakeSysctl
@@ -22,8 +23,13 @@ def make_driver(
     sysctl: FakeSysctl,
     host_ports: FakeHostPorts,
     eager: bool,
-) -> NetworkDriver:
-    return NetworkDriver(
+) -> tuple[NetworkDriver, IpamDriver]:
+    """Both drivers, wired to each other as cli.serve does."""
+
+    async def release_addresses(addresses: Sequence[tuple[str, IPAddress]]) -> None:
+        await ipam.release_owned(addresses)
+
+    driver = NetworkDriver(
         store,
         kernel,
         firewall,
@@ -31,7 +37,10 @@ def make_driver(
         host_ports=host_ports,
         port_holder=host_ports.holder,
         eager=eager,
+        release_addresses=release_addresses,
     )
+    ipam = IpamDriver(store, kernel.routes, endpoint_addresses=driver.addresses_in_pool)
+    return driver, ipam
 
 
 @dataclass
@@ -55,10 +64,9 @@ class Env:
             self.kernel = kernel
         self.store = Store(self.state_dir)
         self.host_ports = FakeHostPorts(busy=self.host_ports.busy)
-        self.driver = make_driver(
+        self.driver, self.ipam = make_driver(
             self.store, self.kernel, self.firewall, self.sysctl, self.host_ports, eager
         )
-        self.ipam = IpamDriver(self.store, self.kernel.routes)
         await self.driver.load()
         await self.ipam.load()
         return self.driver
@@ -77,8 +85,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     sysctl = FakeSysctl()
     store = Store(state_dir)
     host_ports = FakeHostPorts()
-    driver = make_driver(store, kernel, firewall, sysctl, host_ports, eager=True)
-    ipam = IpamDriver(store, kernel.routes)
+    driver, ipam = make_driver(store, kernel, firewall, sysctl, host_ports, eager=True)
     await driver.load()
     await ipam.load()
     environment = Env(state_dir, kernel, firewall, sysctl, store, driver, ipam, host_ports)

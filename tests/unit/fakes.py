@@ -312,7 +312,9 @@ def create_network_body(
     v6_subnet: str | None = None,
     v6_gateway: str | None = None,
     aux: dict[str, str] | None = None,
+    address_space: str = "LocalDefault",
 ) -> dict[str, Any]:
+    """``address_space``: "LocalDefault" is Docker's own IPAM, "PybridgeLocal" pybridge's."""
     options: dict[str, Any] = {
         ENABLE_IPV6: v6_subnet is not None,
         GENERIC_OPTIONS: dict(generic or {}),
@@ -321,7 +323,7 @@ def create_network_body(
         options[INTERNAL] = True
     v4: list[dict[str, Any]] = []
     if subnet is not None:
-        entry: dict[str, Any] = {"AddressSpace": "LocalDefault", "Pool": subnet}
+        entry: dict[str, Any] = {"AddressSpace": address_space, "Pool": subnet}
         if gateway is not None:
             entry["Gateway"] = gateway
         if aux:
@@ -329,7 +331,7 @@ def create_network_body(
         v4.append(entry)
     v6: list[dict[str, Any]] = []
     if v6_subnet is not None:
-        entry6: dict[str, Any] = {"AddressSpace": "LocalDefault", "Pool": v6_subnet}
+        entry6: dict[str, Any] = {"AddressSpace": address_space, "Pool": v6_subnet}
         if v6_gateway is not None:
             entry6["Gateway"] = v6_gateway
         v6.append(entry6)

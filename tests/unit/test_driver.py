@@ -18,7 +18,7 @@ from pydriver.errors import (
     NotFound,
     Unsupported,
 )
-from pydriver.ipam import HostRoute
+from pydriver.ipam import LOCAL_ADDRESS_SPACE, HostRoute
 from pydriver.model import Endpoint, Network, NetworkOptions, Subnet
 from pydriver.naming import (
     bridge_mac,
@@ -724,7 +724,9 @@ async def test_reconcile_recreates_a_missing_bridge(env: Env) -> None:
     repairs = await driver.reconcile()
     assert f"recreated bridge {BR_A}" in repairs
     assert f"recreated veth {host_veth_name(EP_1)}" in repairs
-    assert not any(host_veth_name(EP_2) in r for r in repairs)  # its container is gone
+    # EP_2's container is gone with the reboot: its endpoint goes, its veth is not recreated
+    assert any(r.startswith(f"removed endpoint {short(EP_2)}") for r in repairs)
+    assert host_veth_name(EP_2) not in rebooted.names()
     bridge = rebooted.links_by_name[BR_A]
     assert bridge.kind == "bridge"
     assert bridge.up is True
@@ -739,7 +741,7 @@ async def test_reconcile_recreates_a_missing_bridge(env: Env) -> None:
     )
     assert env.firewall.last == [firewall_view(driver.networks[NET_A])]
     assert env.sysctl.forwarding > forwarding
-    assert set(driver.endpoints) == {EP_1, EP_2}
+    assert set(driver.endpoints) == {EP_1}
     # a second reconcile finds nothing to do
     assert await driver.reconcile() == []
 
@@ -877,7 +879,7 @@ async def test_upkeep_collect_releases_the_ipam_address(env: Env, tmp_path) -> N
     address, _ = await env.ipam.request_address(
         p.parse_request_address({"PoolID": pool_id, "Address": ""})
     )
-    await create_network(env.driver, NET_A)
+    await create_network(env.driver, NET_A, address_space=LOCAL_ADDRESS_SPACE)
     await _joined(env, EP_1, str(tmp_path / "netns" / "gone"), str(address))
     await env.kernel.delete_link(host_veth_name(EP_1))
     upkeep = Upkeep(env.driver, env.ipam, Metrics(), Intervals())

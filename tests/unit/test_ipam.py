@@ -6,7 +6,7 @@ import asyncio
 import ipaddress
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,10 @@ from pydriver import protocol as p
 from pydriver.errors import Conflict, Exhausted, InvalidRequest, NotFound, Unsupported
 from pydriver.ipam import (
     DEFAULT_V4_POOLS,
+    REPLAY_WINDOW,
+    UNCLAIMED_RELEASE_AFTER,
     HostRoute,
+    PendingAnswer,
     Pool,
     choose_subnet,
     default_v4_candidates,
@@ -577,41 +580,287 @@ async def test_ula_prefix_is_stable_across_reloads(open_ipam: OpenIpam) -> None:
 
 
 # -- crash recovery: Docker retries a request that died with the plugin ----------------------
+#
+# An answer is recorded before it is sent and acknowledged once written; after a crash in
+# between, pybridge cannot tell whether Docker got it. Docker resends a request only after a
+# connection error, within ~15 s, and never once it has read the answer. So an unacknowledged
+# answer may go again only to that same request, in that window; otherwise it stays allocated.
+
+T0 = 1_700_000_000.0
 
 
-async def test_unacknowledged_pool_and_addresses_are_replayed_after_a_restart(
-    tmp_path: Path,
-) -> None:
-    async def no_routes() -> list[HostRoute]:
-        return []
+def pending_pool() -> Pool:
+    pl = pool("10.216.0.0/24")
+    for value, answer in (
+        ("10.216.0.1", PendingAnswer("gateway", T0)),
+        ("10.216.0.2", PendingAnswer("dynamic", T0, "web")),
+        ("10.216.0.3", PendingAnswer("dynamic", T0)),
+        ("10.216.0.77", PendingAnswer("specific", T0)),
+    ):
+        pl.allocated.add(int(ip(value)))
+        pl.replayable[int(ip(value))] = answer
+    return pl
 
-    store = Store(tmp_path / "s")
-    ipam = IpamDriver(store, no_routes)
-    await ipam.load()
+
+def test_replay_only_to_a_request_with_the_same_identity() -> None:
+    pl = pending_pool()
+    now = T0 + 5
+
+    def claim(requested: str = "", gateway: bool = False, name: str | None = None) -> Any:
+        wanted = ip(requested) if requested else None
+        return pl.claim_replay(wanted, gateway=gateway, endpoint_name=name, now=now)
+
+    # A dynamic request without a name (Docker before 29) is never a replay: it may be a new
+    # container's, while Docker holds the pending address.
+    assert claim() is None
+    assert claim(name="db") is None  # another container
+    assert claim(requested="10.216.0.3") is None  # a dynamic answer is no specific one
+    assert claim(requested="10.216.0.1") is None  # nor is the gateway
+    assert claim(requested="10.216.0.78") is None
+    assert claim(name="web") == ip("10.216.0.2")  # Docker 29's retry, by endpoint name
+    assert claim(name="web") is None  # once
+    assert claim(requested="10.216.0.77") == ip("10.216.0.77")
+    assert claim(requested="10.216.0.77", gateway=True) is None  # claimed already
+    assert claim(gateway=True) == ip("10.216.0.1")  # the pool's next gateway request
+    assert set(pl.replayable) == {int(ip("10.216.0.3"))}  # never replayed, still allocated
+    assert int(ip("10.216.0.3")) in pl.allocated
+
+
+def test_a_gateway_request_for_another_address_is_no_replay() -> None:
+    pl = pending_pool()
+    assert pl.claim_replay(ip("10.216.0.9"), gateway=True, now=T0) is None
+    assert pl.claim_replay(ip("10.216.0.1"), gateway=True, now=T0) == ip("10.216.0.1")
+
+
+@pytest.mark.parametrize(
+    "now", [T0 + REPLAY_WINDOW + 0.1, T0 + 3600, T0 - 5], ids=["after", "long-after", "clock-back"]
+)
+def test_replay_only_within_the_retry_window(now: float) -> None:
+    pl = pending_pool()
+    assert pl.claim_replay(None, gateway=False, endpoint_name="web", now=now) is None
+    assert pl.claim_replay(None, gateway=True, now=now) is None
+    assert pl.claim_replay(ip("10.216.0.77"), gateway=False, now=now) is None
+    # Expired: set aside once (for a single log line each), still allocated.
+    expired = pl.expire_replays(now)
+    assert {str(a) for a, _ in expired} == {"10.216.0.1", "10.216.0.2", "10.216.0.3", "10.216.0.77"}
+    assert pl.expire_replays(now) == []
+    assert pl.replayable == {} and len(pl.unclaimed) == 4
+    assert len(pl.allocated) == 4
+
+
+def test_answers_of_an_older_pybridge_have_no_time_and_are_expired() -> None:
+    assert PendingAnswer("gateway").expired(T0)
+    assert not PendingAnswer("gateway", T0).expired(T0 + REPLAY_WINDOW)
+    pl = pool("10.216.0.0/24")
+    pl.allocated.add(int(ip("10.216.0.1")))
+    pl.replayable[int(ip("10.216.0.1"))] = PendingAnswer("gateway")
+    assert pl.claim_replay(None, gateway=True, now=T0) is None
+
+
+def test_answers_a_known_endpoint_uses_are_dropped() -> None:
+    pl = pending_pool()
+    assert pl.drop_replays([ip("10.216.0.2"), ip("10.216.0.9")]) == [ip("10.216.0.2")]
+    assert pl.claim_replay(None, gateway=False, endpoint_name="web", now=T0) is None
+    assert int(ip("10.216.0.2")) in pl.allocated
+
+
+def test_only_unclaimed_dynamic_answers_no_endpoint_uses_are_releasable() -> None:
+    pl = pending_pool()
+    pl.replayable[int(ip("10.216.0.4"))] = PendingAnswer("dynamic")  # no time: never
+    pl.allocated.add(int(ip("10.216.0.4")))
+    late = T0 + UNCLAIMED_RELEASE_AFTER + 1
+    assert pl.releasable(late, []) == []  # still replayable: not looked at
+    pl.expire_replays(late)
+    assert pl.releasable(T0 + UNCLAIMED_RELEASE_AFTER - 1, []) == []  # not yet
+    assert pl.releasable(late, [ip("10.216.0.3")]) == [ip("10.216.0.2")]
+    assert pl.releasable(late, []) == [ip("10.216.0.2"), ip("10.216.0.3")]
+
+
+def test_a_pending_pool_is_replayed_only_within_the_window() -> None:
+    pl = pool("10.216.0.0/24")
+    pl.replayable_pool, pl.pool_recorded_at = True, T0
+    assert pl.pool_replayable(T0 + 1)
+    assert not pl.pool_replayable(T0 + REPLAY_WINDOW + 1)
+    assert not pl.pool_replayable(T0 + 1)  # and never again
+    old = pool("10.217.0.0/24")
+    old.replayable_pool = True  # an older pybridge's row: no time
+    assert not old.pool_replayable(T0)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Endpoints:
+    """The network driver's view for the IPAM driver: addresses per pool."""
+
+    def __init__(self) -> None:
+        self.by_pool: dict[str, set[Any]] = {}
+
+    def __call__(self, pool_id: str) -> set[Any] | None:
+        return self.by_pool.get(pool_id)
+
+
+async def no_routes() -> list[HostRoute]:
+    return []
+
+
+class Restartable:
+    def __init__(self, tmp_path: Path) -> None:
+        self.path = tmp_path / "s"
+        self.clock = Clock()
+        self.endpoints = Endpoints()
+        self.store: Store | None = None
+
+    async def open(self) -> IpamDriver:
+        self.close()
+        self.store = Store(self.path)
+        ipam = IpamDriver(self.store, no_routes, self.endpoints, self.clock)
+        await ipam.load()
+        return ipam
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Restartable]:
+    restartable = Restartable(tmp_path)
+    yield restartable
+    restartable.close()
+
+
+def named_req(pool_id: str, name: str) -> p.RequestAddressRequest:
+    return p.parse_request_address(
+        {"PoolID": pool_id, "Address": "", "Options": {p.ENDPOINT_NAME: name}}
+    )
+
+
+async def test_retries_after_a_restart_get_the_same_answers(daemon: Restartable) -> None:
+    ipam = await daemon.open()
     pool_id, _, ack = await ipam.request_pool(pool_req("10.216.0.0/24"))
     await ack()
-    gateway, ack = await ipam.request_address(addr_req(pool_id, gateway=True))
-    await ack()
-    # These three answers never reach Docker: pybridge dies before sending them.
-    await ipam.request_address(addr_req(pool_id))
+    # These answers never reach Docker: pybridge dies before sending them.
+    gateway, _ = await ipam.request_address(addr_req(pool_id, gateway=True))
+    await ipam.request_address(named_req(pool_id, "web"))
     await ipam.request_address(addr_req(pool_id, "10.216.0.77"))
     auto_id, auto_subnet, _ = await ipam.request_pool(pool_req())
-    store.close()
 
-    store = Store(tmp_path / "s")
-    ipam = IpamDriver(store, no_routes)
-    await ipam.load()
-    # Docker's retries get the same answers, not second allocations ...
-    assert (await ipam.request_address(addr_req(pool_id)))[0] == iface("10.216.0.2/24")
+    daemon.clock.now += 3  # Docker retries within seconds
+    ipam = await daemon.open()
+    assert (await ipam.request_address(addr_req(pool_id, gateway=True)))[0] == gateway
+    assert (await ipam.request_address(named_req(pool_id, "web")))[0] == iface("10.216.0.2/24")
     assert (await ipam.request_address(addr_req(pool_id, "10.216.0.77")))[0] == iface(
         "10.216.0.77/24"
     )
     again_id, again_subnet, _ = await ipam.request_pool(pool_req())
     assert (again_id, again_subnet) == (auto_id, auto_subnet)
-    # ... but what Docker did receive is never handed out twice.
+    # ... and nothing is handed out twice.
     with pytest.raises(Conflict):
         await ipam.request_address(addr_req(pool_id, str(gateway.ip)))
-    assert (await ipam.request_address(addr_req(pool_id)))[0] == iface("10.216.0.3/24")
+    assert (await ipam.request_address(named_req(pool_id, "web")))[0] == iface("10.216.0.3/24")
     with pytest.raises(Conflict):
         await ipam.request_address(addr_req(pool_id, "10.216.0.77"))
-    store.close()
+
+
+async def test_an_answer_docker_may_hold_goes_to_no_other_request(daemon: Restartable) -> None:
+    """The crash came after the answer was sent: Docker has it, does not retry, and the next
+    dynamic requests (another container's) must get other addresses."""
+    ipam = await daemon.open()
+    pool_id, _, ack = await ipam.request_pool(pool_req("10.216.0.0/24"))
+    await ack()
+    await request_address(ipam, addr_req(pool_id, gateway=True))
+    sent, _ = await ipam.request_address(addr_req(pool_id))  # never acknowledged
+    daemon.clock.now += 1
+    ipam = await daemon.open()
+    others = [
+        (await ipam.request_address(addr_req(pool_id)))[0],
+        (await ipam.request_address(named_req(pool_id, "db")))[0],
+    ]
+    assert sent not in others and len(set(others)) == 2
+    # After the window it is not released either: it stays allocated (a leak is safe).
+    daemon.clock.now += 3600
+    ipam = await daemon.open()
+    assert int(sent.ip) in ipam.pools[pool_id].allocated
+    assert (await ipam.request_address(addr_req(pool_id)))[0] != sent
+
+
+async def test_answers_in_use_by_an_endpoint_are_dropped_and_acknowledged(
+    daemon: Restartable,
+) -> None:
+    ipam = await daemon.open()
+    pool_id, _, ack = await ipam.request_pool(pool_req("10.216.0.0/24"))
+    await ack()
+    sent, _ = await ipam.request_address(named_req(pool_id, "web"))
+    daemon.endpoints.by_pool[pool_id] = {sent.ip}  # Docker went on: CreateEndpoint with it
+    ipam = await daemon.open()
+    assert ipam.pools[pool_id].replayable == {}
+    daemon.endpoints.by_pool.clear()
+    ipam = await daemon.open()  # recorded as acknowledged: not pending any more
+    assert ipam.pools[pool_id].replayable == {}
+    assert (await ipam.request_address(named_req(pool_id, "web")))[0] != sent
+
+
+async def test_an_endpoint_created_after_the_restart_stops_the_replay(daemon: Restartable) -> None:
+    ipam = await daemon.open()
+    pool_id, _, ack = await ipam.request_pool(pool_req("10.216.0.0/24"))
+    await ack()
+    sent, _ = await ipam.request_address(named_req(pool_id, "web"))
+    ipam = await daemon.open()
+    daemon.endpoints.by_pool[pool_id] = {sent.ip}
+    assert (await ipam.request_address(named_req(pool_id, "web")))[0] != sent
+
+
+async def test_unclaimed_dynamic_answers_are_released_only_in_pools_of_pybridge_networks(
+    daemon: Restartable,
+) -> None:
+    ipam = await daemon.open()
+    mine, _, ack = await ipam.request_pool(pool_req("10.216.0.0/24"))
+    await ack()
+    foreign, _, ack = await ipam.request_pool(pool_req("10.217.0.0/24"))
+    await ack()
+    lost, _ = await ipam.request_address(addr_req(mine))
+    used, _ = await ipam.request_address(addr_req(mine))
+    elsewhere, _ = await ipam.request_address(addr_req(foreign))
+    ipam = await daemon.open()
+    daemon.endpoints.by_pool[mine] = set()  # a pybridge network uses this pool
+    assert await ipam.release_unclaimed() == []  # within the window: nothing
+    daemon.clock.now += UNCLAIMED_RELEASE_AFTER + 1
+    daemon.endpoints.by_pool[mine] = {used.ip}
+    assert await ipam.release_unclaimed() == [lost.ip]
+    # The other pool backs no pybridge network: who uses its addresses is unknown.
+    assert int(elsewhere.ip) in ipam.pools[foreign].allocated
+    ipam = await daemon.open()
+    assert ipam.pools[mine].allocated == {int(used.ip)}
+
+
+async def test_a_late_release_never_frees_an_address_a_live_endpoint_uses(
+    daemon: Restartable,
+) -> None:
+    ipam = await daemon.open()
+    pool_id, _, ack = await ipam.request_pool(pool_req("10.216.0.0/24"))
+    await ack()
+    address = await request_address(ipam, addr_req(pool_id))
+    daemon.endpoints.by_pool[pool_id] = {address.ip}
+    await ipam.release_address(release_req(pool_id, str(address.ip)))
+    assert int(address.ip) in ipam.pools[pool_id].allocated
+    daemon.endpoints.by_pool[pool_id] = set()  # Docker deleted the endpoint first
+    await ipam.release_address(release_req(pool_id, str(address.ip)))
+    assert int(address.ip) not in ipam.pools[pool_id].allocated
+
+
+async def test_release_owned_releases_only_in_the_pool_named(daemon: Restartable) -> None:
+    ipam = await daemon.open()
+    pool_id, _, ack = await ipam.request_pool(pool_req("10.216.0.0/24"))
+    await ack()
+    address = await request_address(ipam, addr_req(pool_id))
+    await ipam.release_owned([("10.216.0.0/25", address.ip), ("nope", address.ip)])
+    assert int(address.ip) in ipam.pools[pool_id].allocated
+    await ipam.release_owned([(pool_id, address.ip)])
+    assert int(address.ip) not in ipam.pools[pool_id].allocated

@@ -80,4 +80,32 @@ def test_endpoint_mac_follows_the_address() -> None:
 
     assert n.endpoint_mac("ab" * 32, ipaddress.ip_address("172.18.0.2")) == "02:50:ac:12:00:02"
     assert n.endpoint_mac("cd" * 32, ipaddress.ip_address("172.18.0.2")) == "02:50:ac:12:00:02"
-    assert n.endpoint_mac("ab" * 32, ipaddress.ip_address("fd00::1:2")) == "02:50:00:01:00:02"
+    # IPv6: a hash of the whole address, the same for any endpoint id
+    v6 = n.endpoint_mac("ab" * 32, ipaddress.ip_address("fd00::1:2"))
+    assert v6 == n.endpoint_mac("cd" * 32, ipaddress.ip_address("fd00::1:2"))
+    assert MAC_RE.match(v6) and v6.startswith("02:")
+
+
+def test_ipv6_macs_use_the_whole_address() -> None:
+    import ipaddress
+
+    # Addresses that differ only above their low 32 bits (another /64, or the upper half of
+    # the interface id, as SLAAC-like or --ip6 addresses do) must not share a MAC.
+    addresses = [
+        ipaddress.ip_address(a)
+        for a in ("fd00:1::1:2", "fd00:2::1:2", "fd00:1::1:0:1:2", "fd00:1:0:0:8000::1:2")
+    ]
+    macs = [n.endpoint_mac("ab" * 32, a) for a in addresses]
+    assert len(set(macs)) == len(macs)
+    assert all(MAC_RE.match(m) and int(m[:2], 16) & 0x02 and not int(m[:2], 16) & 1 for m in macs)
+
+
+def test_mac_attempts_give_a_fixed_sequence_of_other_macs() -> None:
+    import ipaddress
+
+    for text in ("172.18.0.2", "fd00::1:2"):
+        address = ipaddress.ip_address(text)
+        sequence = [n.endpoint_mac("ab" * 32, address, attempt) for attempt in range(10)]
+        assert len(set(sequence)) == 10
+        assert sequence == [n.endpoint_mac("cd" * 32, address, a) for a in range(10)]
+    assert n.endpoint_mac("ab" * 32, None, 1) != n.endpoint_mac("ab" * 32, None)

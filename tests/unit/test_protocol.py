@@ -618,6 +618,16 @@ def test_request_address_with_prefix_and_v6() -> None:
     assert v6.address == ipaddress.ip_address("fd00::9")
 
 
+def test_request_address_endpoint_name_of_docker_29() -> None:
+    named = p.parse_request_address(
+        {"PoolID": "x", "Address": "", "Options": {"com.docker.network.endpoint.name": "web"}}
+    )
+    assert named.endpoint_name == "web"
+    assert p.parse_request_address({"PoolID": "x", "Options": None}).endpoint_name is None
+    empty = {"PoolID": "x", "Options": {"com.docker.network.endpoint.name": ""}}
+    assert p.parse_request_address(empty).endpoint_name is None
+
+
 # ---------------------------------------------------------------------------------------------
 # Replies
 # ---------------------------------------------------------------------------------------------

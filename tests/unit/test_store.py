@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pydriver.errors import HostError
-from pydriver.ipam import Pool
+from pydriver.ipam import PendingAnswer, Pool
 from pydriver.model import Endpoint, Network, NetworkOptions, PortBinding, Subnet
 from pydriver.store import DB_NAME, SCHEMA_VERSION, Store
 
@@ -84,19 +84,22 @@ async def test_pools_and_addresses(tmp_path: Path) -> None:
     store = Store(tmp_path / "state")
     try:
         pool = Pool(id="10.1.0.0/24", subnet=ipaddress.ip_network("10.1.0.0/24"))
-        await store.put_pool(pool)
+        await store.put_pool(pool, 1000.0)
         address = pool.allocate()
-        await store.add_address(pool, str(address), "dynamic")
-        # Not yet acknowledged: a restart sees both as answers Docker may retry.
+        answer = PendingAnswer("dynamic", 1000.5, "web")
+        await store.add_address(pool, str(address), answer)
+        # Not yet acknowledged: a restart sees both as answers Docker may retry, with when
+        # they were given and to what request.
         (loaded,) = await store.load_pools()
-        assert loaded.replayable == {int(address): "dynamic"} and loaded.replayable_pool
+        assert loaded.replayable == {int(address): answer}
+        assert loaded.replayable_pool and loaded.pool_recorded_at == 1000.0
         await store.acknowledge(pool.id)
         await store.acknowledge(pool.id, str(address))
         (loaded,) = await store.load_pools()
         assert loaded == pool
         with pytest.raises(HostError):
             # the primary key refuses a duplicate
-            await store.add_address(pool, str(address), "dynamic")
+            await store.add_address(pool, str(address), answer)
         await store.remove_address(pool.id, str(address))
         assert (await store.load_pools())[0].allocated == set()
         await store.delete_pool(pool.id)
@@ -128,3 +131,45 @@ def test_unusable_state_dir(tmp_path: Path) -> None:
     blocker.write_text("not a directory")
     with pytest.raises(HostError, match="cannot open the state database"):
         Store(blocker / "state")
+
+
+V2_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE networks (id TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE endpoints (id TEXT PRIMARY KEY, network_id TEXT NOT NULL, data TEXT NOT NULL);
+CREATE TABLE pools (id TEXT PRIMARY KEY, data TEXT NOT NULL, pending INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE addresses (
+    pool_id TEXT NOT NULL, address TEXT NOT NULL,
+    pending INTEGER NOT NULL DEFAULT 0, kind TEXT NOT NULL DEFAULT 'dynamic',
+    PRIMARY KEY (pool_id, address));
+INSERT INTO meta VALUES ('schema_version', '2');
+INSERT INTO pools VALUES ('10.1.0.0/24', '{"id": "10.1.0.0/24", "subnet": "10.1.0.0/24"}', 1);
+INSERT INTO addresses VALUES ('10.1.0.0/24', '10.1.0.1', 1, 'gateway');
+INSERT INTO addresses VALUES ('10.1.0.0/24', '10.1.0.2', 1, 'dynamic');
+INSERT INTO addresses VALUES ('10.1.0.0/24', '10.1.0.3', 0, 'dynamic');
+"""
+
+
+async def test_schema_2_is_migrated_and_its_pending_answers_count_as_expired(
+    tmp_path: Path,
+) -> None:
+    """Pending answers of a pybridge before schema 3 carry no time: nobody can say whether
+    Docker's retry window is over, so they are never replayed (they stay allocated)."""
+    (tmp_path / "state").mkdir()
+    db = sqlite3.connect(tmp_path / "state" / DB_NAME)
+    db.executescript(V2_SCHEMA)
+    db.close()
+    store = Store(tmp_path / "state")
+    try:
+        assert await store.get_meta("schema_version") == str(SCHEMA_VERSION) == "3"
+        (pool,) = await store.load_pools()
+        assert pool.replayable == {
+            int(ipaddress.ip_address("10.1.0.1")): PendingAnswer("gateway"),
+            int(ipaddress.ip_address("10.1.0.2")): PendingAnswer("dynamic"),
+        }
+        assert pool.replayable_pool and pool.pool_recorded_at is None
+        assert not pool.pool_replayable(0.0)
+        assert pool.claim_replay(None, gateway=True, now=0.0) is None
+        assert len(pool.allocated) == 3
+    finally:
+        store.close()
