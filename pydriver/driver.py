@@ -71,6 +71,11 @@ PORTS_LOCK = "host-ports"  # host ports are shared by all networks
 # MACs tried per endpoint: a bridge holds at most 1023 ports, so 64 draws of 40 hashed bits
 # all hitting a taken one does not happen.
 MAC_ATTEMPTS = 64
+# How long a host-port conflict with a joined endpoint whose veth is still there is looked at
+# again before it is reported: the kernel tears a dead container's namespace down (veths
+# last) asynchronously, so the old endpoint of a container dockerd is restarting right now
+# may show its veth for a moment.
+DYING_VETH_WAIT = 2.0
 
 
 class Kernel(Protocol):
@@ -193,6 +198,7 @@ class NetworkDriver:
         # eager: do at once what is otherwise left to the background (tests over fakes).
         self.eager = eager
         self.release_addresses = release_addresses
+        self.dying_veth_wait = DYING_VETH_WAIT
         self.store = store
         self.kernel = kernel
         self.firewall = firewall
@@ -841,11 +847,21 @@ class NetworkDriver:
             for e in self.endpoints.values()
             if e.id != endpoint.id and _publishes_any(e.mappings, bindings)
         ]
-        evicted = False
-        for owner in owners:
-            why = f"its host ports are wanted by endpoint {short(endpoint.id)}, veth gone"
-            evicted = await self._evict_if_gone(owner, why) or evicted
-        return evicted
+        why = f"its host ports are wanted by endpoint {short(endpoint.id)}, veth gone"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.dying_veth_wait
+        while True:
+            evicted = False
+            for owner in owners:
+                evicted = await self._evict_if_gone(owner, why) or evicted
+            if evicted:
+                return True
+            # Only joined owners can turn out gone (see DYING_VETH_WAIT); no lock is held
+            # while waiting.
+            owners = [o for o in owners if (e := self.endpoints.get(o)) and e.sandbox_key]
+            if not owners or loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.1)
 
     async def _program_external(self, req: ProgramExternalRequest) -> None:
         async with self._locks.hold(req.network_id):

@@ -14,6 +14,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from tests.e2e.conftest import (
     DRIVER,
     IMAGE,
@@ -38,6 +40,14 @@ def metric(name: str) -> float:
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"metric {name} not found")
+
+
+def repairs(kind: str) -> float:
+    """pydriver_repairs_total for ``kind`` (0 while nothing of that kind was repaired)."""
+    try:
+        return metric(f'pydriver_repairs_total{{kind="{kind}"}}')
+    except AssertionError:
+        return 0.0
 
 
 def histogram_over(name: str, bound: str) -> tuple[float, float]:
@@ -127,16 +137,52 @@ def test_dockerd_restarted_while_plugin_down(
         run([str(DOCKERD), "start"], timeout=180)
     finally:
         plugin.start()
-    # Within a few collector scans, the endpoint of the dead container is gone, with its port.
+    # At pybridge's start (its veth is gone by then) or within a few collector scans, the
+    # endpoint of the dead container is gone, with its port.
     assert wait_for(
         lambda: old_endpoint not in state_endpoints() and "18320" not in firewall_dump(),
         timeout=60,
         interval=1,
     )
     assert not any(old_endpoint[:12] in name for name in link_names())
-    assert metric('pydriver_repairs_total{kind="stale_endpoint"}') >= 1
+    assert repairs("stale_endpoint") + repairs("startup") >= 1
     docker("start", c)
     assert wait_for(lambda: tcp_from(outside, outside.host_ip, 18320) == outside.ip, timeout=15)
+
+
+@pytest.mark.parametrize("ipam", ["default", "pybridge"])
+def test_dockerd_killed_a_restarted_container_gets_its_port_back(
+    d: Docker, outside: OutsideHost, ipam: str
+) -> None:
+    """dockerd dies hard while pybridge keeps running. On its restart it restarts the
+    `--restart always` container with a new endpoint and (for a legacy plugin under Docker's
+    IPAM) never deletes the old one, which still publishes the host port: the new endpoint
+    must get it anyway, and no address may be handed out twice."""
+    net = d.network("--ipam-driver", ipam) if ipam == "pybridge" else d.network()
+    c = d.run(net, "--restart", "always", "-p", "18330:80", command=("pbtest-echo", "tcp", "80"))
+    other = d.run(net)
+
+    def endpoint_of(container: str) -> str:
+        info = json.loads(docker("inspect", container))[0]
+        return str(info["NetworkSettings"]["Networks"][net]["EndpointID"])
+
+    old_endpoint = endpoint_of(c)
+    pid = int(run([str(DOCKERD), "pid"]).stdout)
+    os.kill(pid, 9)
+    assert wait_for(lambda: not Path(f"/proc/{pid}").exists(), timeout=20)
+    run([str(DOCKERD), "start"], timeout=180)
+    assert wait_for(
+        lambda: docker("inspect", "-f", "{{.State.Running}}", c, check=False) == "true",
+        timeout=60,
+    ), docker("inspect", "-f", "{{.State.Error}}", c, check=False)
+    assert endpoint_of(c) != old_endpoint
+    assert wait_for(lambda: tcp_from(outside, outside.host_ip, 18330) == outside.ip, timeout=15)
+    assert old_endpoint not in state_endpoints()
+    # Containers started now get addresses nobody has.
+    docker("start", other)
+    fresh = d.run(net)
+    addresses = [d.ip(x, net) for x in (c, other, fresh)]
+    assert len(set(addresses)) == 3, addresses
 
 
 def test_parallel_runs_and_networks(d: Docker) -> None:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import secrets
 import signal
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pydriver.store import read_state
+from pydriver.store import DB_NAME, read_state
 from tests.hostenv import require_root, run
 from tests.privileged.serving import Plugin, PluginDied, netns
 
@@ -22,7 +23,9 @@ pytestmark = pytest.mark.privileged
 
 CRASH_POINTS = [
     "ipam.pool.recorded",
+    "ipam.pool.sent",
     "ipam.address.recorded",
+    "ipam.address.sent",
     "network.create.recorded",
     "network.create.bridge",
     "network.create.firewall",
@@ -210,5 +213,137 @@ def test_kill_9_without_retry_leaves_state_and_kernel_agreeing(point: str, tmp_p
             with pytest.raises(StopScenario):
                 lifecycle(DockerdGivingUp(plugin), f"/run/netns/{sandbox_ns}")
             assert plugin.consistent() == []
+        finally:
+            plugin.stop()
+
+
+# -- an IPAM answer Docker may hold is never handed out again ---------------------------------
+
+SUBNET = "10.213.71.0/24"
+ENDPOINT_NAME = "com.docker.network.endpoint.name"
+
+
+def allocated(plugin: Plugin) -> set[str]:
+    """Every address pybridge's IPAM has handed out, from its state database."""
+    db = sqlite3.connect(f"file:{plugin.state / DB_NAME}?mode=ro", uri=True)
+    try:
+        return {row[0] for row in db.execute("SELECT address FROM addresses")}
+    finally:
+        db.close()
+
+
+def ok(plugin: Plugin, method: str, body: dict[str, Any]) -> Any:
+    status, reply = plugin.post(method, body)
+    assert status == 200, (method, reply)
+    return reply
+
+
+def dynamic(plugin: Plugin, pool_id: str, name: str | None) -> str:
+    options = {ENDPOINT_NAME: name} if name else None
+    body = {"PoolID": pool_id, "Address": "", "Options": options}
+    return str(ok(plugin, "IpamDriver.RequestAddress", body)["Address"])
+
+
+def network_with_pool(plugin: Plugin, with_network: bool) -> tuple[str, str]:
+    """A pool and its gateway from pybridge's IPAM; with ``with_network`` a pybridge network on
+    it, otherwise the pool serves a network of another driver (pybridge sees no endpoints)."""
+    pool = ok(
+        plugin,
+        "IpamDriver.RequestPool",
+        {"AddressSpace": "PybridgeLocal", "Pool": SUBNET, "SubPool": "", "V6": False},
+    )
+    gateway = ok(
+        plugin,
+        "IpamDriver.RequestAddress",
+        {
+            "PoolID": pool["PoolID"],
+            "Address": "",
+            "Options": {"RequestAddressType": "com.docker.network.gateway"},
+        },
+    )["Address"]
+    nid = secrets.token_hex(32)
+    if with_network:
+        ok(
+            plugin,
+            "NetworkDriver.CreateNetwork",
+            {
+                "NetworkID": nid,
+                "Options": {"com.docker.network.generic": {}},
+                "IPv4Data": [
+                    {"AddressSpace": "PybridgeLocal", "Pool": pool["Pool"], "Gateway": gateway}
+                ],
+                "IPv6Data": [],
+            },
+        )
+    return pool["PoolID"], nid
+
+
+@pytest.mark.parametrize("docker29", [False, True], ids=["docker<29", "docker29"])
+@pytest.mark.parametrize("with_network", [True, False], ids=["pybridge-network", "other-driver"])
+def test_an_answer_sent_just_before_a_crash_goes_to_nobody_else(
+    with_network: bool, docker29: bool, tmp_path: Path
+) -> None:
+    """kill -9 after a dynamic RequestAddress answer was written, before its acknowledgement
+    was recorded. Docker has the address and does not retry (it got a whole answer); it goes
+    on with CreateEndpoint. Other containers' requests must never get that address."""
+    require_root()
+    with netns() as ns:
+        plugin = Plugin(ns, tmp_path)
+        plugin.start()
+        try:
+            pool_id, nid = network_with_pool(plugin, with_network)
+            plugin.stop()
+            plugin.start(PYDRIVER_CRASH_AT="ipam.address.sent")
+            held = dynamic(plugin, pool_id, "web" if docker29 else None)  # Docker has it
+            assert plugin.wait_dead() == -signal.SIGKILL
+            plugin.start()
+            # Another container starts before Docker's CreateEndpoint for "web" arrives ...
+            before = dynamic(plugin, pool_id, "db" if docker29 else None)
+            assert before != held
+            if with_network:
+                ok(
+                    plugin,
+                    "NetworkDriver.CreateEndpoint",
+                    {
+                        "NetworkID": nid,
+                        "EndpointID": secrets.token_hex(32),
+                        "Interface": {"Address": held, "AddressIPv6": "", "MacAddress": ""},
+                        "Options": {},
+                    },
+                )
+            # ... and after it (or, under another driver, with no endpoint ever seen).
+            after = dynamic(plugin, pool_id, "cache" if docker29 else None)
+            assert after not in (held, before)
+            # A restart in between changes nothing.
+            plugin.stop()
+            plugin.start()
+            again = dynamic(plugin, pool_id, "web2" if docker29 else None)
+            assert again not in (held, before, after)
+            assert {held.split("/")[0], before.split("/")[0]} <= allocated(plugin)
+            assert plugin.consistent() == []
+        finally:
+            plugin.stop()
+
+
+def test_docker29_retry_of_a_request_that_died_gets_the_same_answer(tmp_path: Path) -> None:
+    """kill -9 after the answer was recorded, before it was sent: Docker 29 retries the same
+    request (same endpoint name) and gets the same address, so nothing leaks."""
+    require_root()
+    with netns() as ns:
+        plugin = Plugin(ns, tmp_path)
+        plugin.start()
+        try:
+            pool_id, _ = network_with_pool(plugin, True)
+            plugin.stop()
+            plugin.start(PYDRIVER_CRASH_AT="ipam.address.recorded")
+            body = {"PoolID": pool_id, "Address": "", "Options": {ENDPOINT_NAME: "web"}}
+            with pytest.raises(PluginDied):
+                plugin.post("IpamDriver.RequestAddress", body)
+            assert plugin.wait_dead() == -signal.SIGKILL
+            plugin.start()
+            retried = ok(plugin, "IpamDriver.RequestAddress", body)["Address"]
+            assert retried == "10.213.71.2/24"
+            assert allocated(plugin) == {"10.213.71.1", "10.213.71.2"}
+            assert dynamic(plugin, pool_id, "db") == "10.213.71.3/24"
         finally:
             plugin.stop()

@@ -39,6 +39,9 @@ def make_driver(
         eager=eager,
         release_addresses=release_addresses,
     )
+    # A conflict with a live endpoint is looked at again for a moment (a dying container's
+    # veth); the fakes' veths do not die by themselves, so the tests do not wait long.
+    driver.dying_veth_wait = 0.05
     ipam = IpamDriver(store, kernel.routes, endpoint_addresses=driver.addresses_in_pool)
     return driver, ipam
 

@@ -5,6 +5,7 @@ came from. Also: MACs unique within a network."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from typing import Any
 
@@ -282,11 +283,32 @@ async def test_program_evicts_a_dead_owner_on_another_network(env: Env) -> None:
 
 
 async def test_program_never_evicts_a_live_owner(env: Env) -> None:
+    env.driver.dying_veth_wait = 0.3
     await network(env, pybridge_ipam=False)
     await start(env, EP1, "10.50.0.2/24", port=18100)
+    started = asyncio.get_running_loop().time()
     with pytest.raises(Conflict, match=r"already published by pybridge for endpoint"):
         await start(env, EP2, "10.50.0.3/24", port=18100)
+    assert asyncio.get_running_loop().time() - started >= 0.3  # looked again, then gave up
     assert published(env) == {EP1: [18100]}
+
+
+async def test_program_waits_briefly_for_a_veth_the_kernel_is_removing(env: Env) -> None:
+    """dockerd killed the old container just now: its namespace, and the veth with it, goes a
+    moment later."""
+    env.driver.dying_veth_wait = 2.0
+    await network(env, pybridge_ipam=False)
+    await start(env, EP1, "10.50.0.2/24", port=18100)
+    await start(env, EP2, "10.50.0.3/24")
+
+    async def namespace_teardown() -> None:
+        await asyncio.sleep(0.3)
+        await container_dies(env, EP1)
+
+    teardown = asyncio.create_task(namespace_teardown())
+    await program(env, EP2, 18100)
+    await teardown
+    assert published(env) == {EP2: [18100]}
 
 
 async def test_program_never_evicts_an_owner_not_joined(env: Env) -> None:
