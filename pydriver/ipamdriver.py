@@ -104,6 +104,10 @@ class IpamDriver:
                 answer.kind,
                 REPLAY_WINDOW,
             )
+            if answer.kind != "dynamic" or answer.recorded_at is None:
+                # Never released by pybridge (Pool.releasable): an ordinary allocation now.
+                del pool.unclaimed[int(address)]
+                await self.store.acknowledge(pool.id, str(address))
 
     def address_spaces(self) -> tuple[str, str]:
         return LOCAL_ADDRESS_SPACE, GLOBAL_ADDRESS_SPACE
@@ -244,14 +248,19 @@ class IpamDriver:
     async def release_owned(self, addresses: Iterable[tuple[str, IPAddress]]) -> None:
         """Give back (pool id, address) pairs of endpoints that pybridge's network driver
         removed because their containers are gone, when Docker will not release them itself.
-        Only in that pool: another IPAM may use the same subnet. Pairs not allocated are
-        ignored."""
+        Only in that pool: another IPAM may use the same subnet. Pairs not allocated, or that
+        a live endpoint uses too, are left alone."""
         async with self._lock.hold("pools"):
-            owned = [
-                (pool, address)
-                for pool_id, address in addresses
-                if (pool := self.pools.get(pool_id)) is not None and int(address) in pool.allocated
-            ]
+            in_use: dict[str, Collection[IPAddress]] = {}
+            owned = []
+            for pool_id, address in addresses:
+                pool = self.pools.get(pool_id)
+                if pool is None or int(address) not in pool.allocated:
+                    continue
+                if pool_id not in in_use:
+                    in_use[pool_id] = self._endpoint_addresses(pool_id) or ()
+                if address not in in_use[pool_id]:
+                    owned.append((pool, address))
             if not owned:
                 return
             # One transaction (one fsync) for all: start-up may release hundreds at once.

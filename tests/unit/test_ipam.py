@@ -791,6 +791,23 @@ async def test_an_answer_docker_may_hold_goes_to_no_other_request(daemon: Restar
     assert (await ipam.request_address(addr_req(pool_id)))[0] != sent
 
 
+async def test_expired_answers_pybridge_never_releases_become_plain_allocations(
+    daemon: Restartable,
+) -> None:
+    ipam = await daemon.open()
+    pool_id, _, ack = await ipam.request_pool(pool_req("10.216.0.0/24"))
+    await ack()
+    gateway, _ = await ipam.request_address(addr_req(pool_id, gateway=True))
+    dynamic, _ = await ipam.request_address(addr_req(pool_id))
+    daemon.clock.now += REPLAY_WINDOW + 1
+    ipam = await daemon.open()
+    assert set(ipam.pools[pool_id].unclaimed) == {int(dynamic.ip)}  # may be released later
+    daemon.clock.now = T0 + 1  # even were the clock to go back, the gateway is not pending
+    ipam = await daemon.open()
+    assert set(ipam.pools[pool_id].replayable) == {int(dynamic.ip)}
+    assert (await ipam.request_address(addr_req(pool_id, gateway=True)))[0] != gateway
+
+
 async def test_answers_in_use_by_an_endpoint_are_dropped_and_acknowledged(
     daemon: Restartable,
 ) -> None:
