@@ -22,7 +22,6 @@ from .ipam import (
     REPLAY_WINDOW,
     AnswerKind,
     HostRoute,
-    PendingAnswer,
     Pool,
     choose_subnet,
     default_v4_candidates,
@@ -213,9 +212,10 @@ class IpamDriver:
                     if req.is_gateway
                     else ("specific" if req.address is not None else "dynamic")
                 )
-                pending = PendingAnswer(kind, self._clock(), req.endpoint_name)
                 try:
-                    await self.store.add_address(pool, str(address), pending)
+                    await self.store.add_address(
+                        pool, str(address), kind, self._clock(), req.endpoint_name
+                    )
                 except BaseException:
                     pool.allocated.discard(int(address))
                     pool.cursor = before

@@ -20,6 +20,7 @@ import asyncio
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -354,14 +355,26 @@ class Store:
     async def load_pools(self) -> list[Pool]:
         return await self.call(self._sync.load_pools)
 
-    async def put_pool(self, pool: Pool, recorded_at: float) -> None:
+    async def put_pool(self, pool: Pool, recorded_at: float | None = None) -> None:
         # Serialise on the caller's thread: the pool may change again once we yield.
-        await self.call(self._sync.put_pool_data, pool.id, pool.to_dict(), recorded_at)
+        at = time.time() if recorded_at is None else recorded_at
+        await self.call(self._sync.put_pool_data, pool.id, pool.to_dict(), at)
 
     async def delete_pool(self, pool_id: str) -> None:
         await self.call(self._sync.delete_pool, pool_id)
 
-    async def add_address(self, pool: Pool, address: str, answer: PendingAnswer) -> None:
+    async def add_address(
+        self,
+        pool: Pool,
+        address: str,
+        kind: AnswerKind,
+        recorded_at: float | None = None,
+        endpoint_name: str | None = None,
+    ) -> None:
+        """Record an answer about to be sent (pending until acknowledged), with when (now,
+        unless given) and the endpoint name of the request."""
+        at = time.time() if recorded_at is None else recorded_at
+        answer = PendingAnswer(kind, at, endpoint_name)
         await self.call(self._sync.add_address, pool.id, pool.to_dict(), address, answer)
 
     async def acknowledge(self, pool_id: str, address: str | None = None) -> None:

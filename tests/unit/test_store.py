@@ -87,7 +87,7 @@ async def test_pools_and_addresses(tmp_path: Path) -> None:
         await store.put_pool(pool, 1000.0)
         address = pool.allocate()
         answer = PendingAnswer("dynamic", 1000.5, "web")
-        await store.add_address(pool, str(address), answer)
+        await store.add_address(pool, str(address), "dynamic", 1000.5, "web")
         # Not yet acknowledged: a restart sees both as answers Docker may retry, with when
         # they were given and to what request.
         (loaded,) = await store.load_pools()
@@ -99,7 +99,7 @@ async def test_pools_and_addresses(tmp_path: Path) -> None:
         assert loaded == pool
         with pytest.raises(HostError):
             # the primary key refuses a duplicate
-            await store.add_address(pool, str(address), answer)
+            await store.add_address(pool, str(address), "dynamic")
         await store.remove_address(pool.id, str(address))
         assert (await store.load_pools())[0].allocated == set()
         await store.delete_pool(pool.id)
