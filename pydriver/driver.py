@@ -145,6 +145,7 @@ def firewall_view(network: Network, mappings: Sequence[Mapping] = ()) -> Network
         icc=network.options.enable_icc,
         masquerade=network.options.enable_ip_masquerade,
         mappings=tuple(mappings),
+        gateways=tuple(s.gateway.ip for s in network.subnets if s.gateway is not None),
     )
 
 

@@ -108,10 +108,19 @@ async def test_firewall_apply_is_atomic_idempotent_and_cleans_up(
             "pyb-one",
             (ipaddress.ip_network("10.213.41.0/24"),),
             (ipaddress.ip_network("fd00:213:41::/64"),),
-        )
+        ),
+        # Every kind of rule an internal network adds (raw, DNAT RETURN) reads back the same.
+        NetworkRules(
+            "br-pbtinternal",
+            (ipaddress.ip_network("10.213.43.0/24"),),
+            (ipaddress.ip_network("fd00:213:43::/64"),),
+            internal=True,
+            gateways=(ipaddress.ip_address("10.213.43.1"), ipaddress.ip_address("fd00:213:43::1")),
+        ),
     ]
     for _ in range(3):
         await firewall.apply(nets)
+    assert await firewall.drift(nets) == []
     text = in_ns(netns, *save)
     assert jumps_present(text) == [
         "-A FORWARD -j PYBRIDGE-FORWARD",
@@ -119,6 +128,7 @@ async def test_firewall_apply_is_atomic_idempotent_and_cleans_up(
         "-A PREROUTING -m addrtype --dst-type LOCAL -j PYBRIDGE-DNAT",
         "-A OUTPUT -m addrtype --dst-type LOCAL -j PYBRIDGE-DNAT",
         "-A POSTROUTING -j PYBRIDGE-POSTROUTING",
+        "-A PREROUTING -j PYBRIDGE-PREROUTING",
     ]
     forward = [r for r in parse_save(text)["filter"][1] if r.startswith("-A FORWARD")]
     assert forward[:2] == ["-A FORWARD -j DOCKER-USER", "-A FORWARD -j PYBRIDGE-FORWARD"]

@@ -98,7 +98,11 @@ async def test_create_network(env: Env) -> None:
     assert link.mac == bridge_mac(NET_A)
     assert env.kernel.addresses[BR_A] == [iface("10.50.0.1/24")]
     assert env.firewall.last == [
-        NetworkRules(bridge=BR_A, subnets_v4=(ipaddress.ip_network("10.50.0.0/24"),))
+        NetworkRules(
+            bridge=BR_A,
+            subnets_v4=(ipaddress.ip_network("10.50.0.0/24"),),
+            gateways=(ipaddress.ip_address("10.50.0.1"),),
+        )
     ]
     assert env.sysctl.forwarding >= 1
     assert BR_A in env.sysctl.accept_ra_disabled
