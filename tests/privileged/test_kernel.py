@@ -22,6 +22,7 @@ from pydriver.netlink import MAX_BRIDGE_PORTS, Netlink
 from pydriver.rules import NetworkRules, jumps_present, parse_save, pybridge_rules_in
 from pydriver.store import Store
 from tests.hostenv import require_root, run
+from tests.privileged.netns_sysctl import NetnsSysctl
 
 pytestmark = pytest.mark.privileged
 
@@ -149,23 +150,6 @@ async def test_firewall_apply_is_atomic_idempotent_and_cleans_up(
     await firewall.apply([])  # nothing left to remove is fine
 
 
-class _Sysctl:
-    def __init__(self, netns: str) -> None:
-        self.netns = netns
-
-    async def ensure_ipv4_forwarding(self) -> None:
-        in_ns(self.netns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-
-    async def enable_route_localnet(self, ifname: str) -> None:
-        in_ns(self.netns, "sysctl", "-qw", f"net.ipv4.conf.{ifname}.route_localnet=1")
-
-    async def ensure_ipv6_forwarding(self) -> None:
-        in_ns(self.netns, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
-
-    async def disable_accept_ra(self, ifname: str) -> None:
-        return None
-
-
 def _hex() -> str:
     return secrets.token_hex(32)
 
@@ -184,7 +168,7 @@ async def test_driver_datapath_with_forward_drop(
     outside = _netns()
     store = Store(tmp_path)
     try:
-        driver = NetworkDriver(store, nl, Firewall(backend, netns=netns), _Sysctl(netns))
+        driver = NetworkDriver(store, nl, Firewall(backend, netns=netns), NetnsSysctl(netns))
         network_id = _hex()
         await driver.create_network(
             p.parse_create_network(
