@@ -398,9 +398,9 @@ class NetworkDriver:
         for route in routes:
             if route.device == name and route.destination.prefixlen == 0:
                 raise Conflict(
-                    f"bridge {name} carries the host's default route "
-                    f"({describe_route(route)}); pybridge does not take over the host's uplink: "
-                    "choose another bridge name"
+                    f"bridge {name} carries the host's default IPv{route.destination.version} "
+                    "route; pybridge does not take over the host's uplink: choose another "
+                    "bridge name"
                 )
         present = await self.kernel.link_addresses(name)
         for address in present:

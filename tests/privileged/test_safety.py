@@ -180,7 +180,7 @@ async def test_bridges_that_are_not_free_are_refused(tmp_path: Path) -> None:
         in_ns(host.ns, "ip", "link", "add", "pbt-uplink", "type", "bridge")
         in_ns(host.ns, "ip", "link", "set", "pbt-uplink", "up")
         in_ns(host.ns, "ip", "route", "add", "default", "dev", "pbt-uplink")
-        with pytest.raises(Conflict, match="pbt-uplink carries the host's default route"):
+        with pytest.raises(Conflict, match="pbt-uplink carries the host's default IPv4 route"):
             await host.network("10.213.68", options={BRIDGE_NAME: "pbt-uplink"})
         in_ns(host.ns, "ip", "link", "add", "pbt-lan", "type", "bridge")
         in_ns(host.ns, "ip", "addr", "add", "192.0.2.1/24", "dev", "pbt-lan")

@@ -276,11 +276,14 @@ async def test_a_bridge_with_addresses_outside_the_subnets_is_refused(env: Env) 
 
 async def test_the_bridge_of_the_default_route_is_refused(env: Env) -> None:
     env.kernel.add_link("br-up", "bridge", up=True)
-    for default in ("0.0.0.0/0", "::/0"):
+    for default, family in (("0.0.0.0/0", 4), ("::/0", 6)):
         env.kernel.extra_routes = [HostRoute(ipaddress.ip_network(default), "br-up")]
         with pytest.raises(Conflict) as info:
             await create_network(env.driver, NET_A, generic={BRIDGE_NAME: "br-up"})
-        assert str(info.value).startswith("bridge br-up carries the host's default route")
+        assert str(info.value) == (
+            f"bridge br-up carries the host's default IPv{family} route; pybridge does not take "
+            "over the host's uplink: choose another bridge name"
+        )
     assert await stored_networks(env) == {}
     assert env.kernel.addresses.get("br-up", []) == []
 
