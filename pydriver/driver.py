@@ -30,7 +30,17 @@ from .fwsync import FirewallWriter
 from .hostports import HostPorts, PortInUse, port_holder
 from .ipam import HostRoute, describe_route
 from .locks import KeyedLock
-from .model import Endpoint, IPInterface, Mapping, Network, PortBinding, Subnet
+from .model import (
+    BridgeSettings,
+    Endpoint,
+    InterfaceSetting,
+    IPInterface,
+    Mapping,
+    Network,
+    NetworkOptions,
+    PortBinding,
+    Subnet,
+)
 from .naming import (
     bridge_mac,
     bridge_name,
@@ -110,6 +120,10 @@ class SysctlPort(Protocol):
     async def ensure_ipv4_forwarding(self) -> None: ...
     async def ensure_ipv6_forwarding(self) -> None: ...
     async def disable_accept_ra(self, ifname: str) -> None: ...
+    async def interface_setting(self, ifname: str, setting: InterfaceSetting) -> str | None: ...
+    async def restore_interface_setting(
+        self, ifname: str, setting: InterfaceSetting, value: str
+    ) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -145,6 +159,7 @@ def firewall_view(network: Network, mappings: Sequence[Mapping] = ()) -> Network
         icc=network.options.enable_icc,
         masquerade=network.options.enable_ip_masquerade,
         mappings=tuple(mappings),
+        gateways=tuple(s.gateway.ip for s in network.subnets if s.gateway is not None),
     )
 
 
@@ -279,23 +294,24 @@ class NetworkDriver:
                         f"bridge name {name} is already used by pybridge network {short(other.id)}"
                     )
             subnets_v4, subnets_v6 = _subnets(req.ipv4_data), _subnets(req.ipv6_data)
-            await self._check_subnets(req.network_id, name, subnets_v4 + subnets_v6)
+            routes = await self.kernel.routes()
+            self._check_subnets(req.network_id, name, subnets_v4 + subnets_v6, routes)
             foreign: tuple[IPInterface, ...] = ()
-            if existing is not None:  # a crashed earlier attempt: keep its ownership record
+            previous = BridgeSettings()
+            if existing is not None:
+                # A crashed earlier attempt: keep its ownership record and the settings it
+                # found (the bridge now has pybridge's).
                 bridge_owned = existing.bridge_owned
                 foreign = existing.foreign_addresses
+                previous = existing.previous_settings
             else:
                 link = await self.kernel.get_link(name)
-                if link is not None and link.kind != "bridge":
-                    raise Conflict(f"interface {name} already exists and is not a bridge")
                 bridge_owned = link is None
                 if link is not None:
-                    present = set(await self.kernel.link_addresses(name))
-                    foreign = tuple(
-                        s.gateway
-                        for s in subnets_v4 + subnets_v6
-                        if s.gateway is not None and s.gateway in present
+                    foreign = await self._check_adoption(
+                        link, subnets_v4 + subnets_v6, routes, req.network_id
                     )
+                    previous = await self._settings_before(link, req.internal, options)
             network = Network(
                 id=req.network_id,
                 bridge=name,
@@ -308,6 +324,7 @@ class NetworkDriver:
                 raw_options=dict(req.generic_options),
                 state="creating",
                 foreign_addresses=foreign,
+                previous_settings=previous,
             )
             await self.store.put_network(network)
             self.networks[network.id] = network
@@ -328,11 +345,15 @@ class NetworkDriver:
             await faults.point("network.create.ready")
         log.info("network %s ready on bridge %s", short(network.id), name)
 
-    async def _check_subnets(
-        self, network_id: str, bridge: str, subnets: tuple[Subnet, ...]
+    def _check_subnets(
+        self,
+        network_id: str,
+        bridge: str,
+        subnets: tuple[Subnet, ...],
+        host_routes: Sequence[HostRoute],
     ) -> None:
         ours = {n.bridge for n in self.networks.values()}
-        routes = [r for r in await self.kernel.routes() if r.device not in ours | {bridge}]
+        routes = [r for r in host_routes if r.device not in ours | {bridge}]
         for subnet in subnets:
             for other in self.networks.values():
                 if other.id == network_id:
@@ -353,6 +374,81 @@ class NetworkDriver:
                     and dest.overlaps(subnet.pool)
                 ):
                     raise Conflict(f"subnet {subnet.pool} overlaps {describe_route(route)}")
+
+    async def _check_adoption(
+        self,
+        link: Link,
+        subnets: tuple[Subnet, ...],
+        routes: Sequence[HostRoute],
+        network_id: str,
+    ) -> tuple[IPInterface, ...]:
+        """Refuse to take over an existing interface that is not free for a network; returns
+        the gateway addresses that are already on it (they stay when the network goes)."""
+        name = link.name
+        if link.kind != "bridge":
+            raise Conflict(f"interface {name} already exists and is not a bridge")
+        if is_pybridge_bridge(name):
+            # pybridge deletes unknown pyb-* bridges at start-up: one it did not make for this
+            # network would be deleted as a leftover once the network is gone.
+            raise Conflict(
+                f"bridge {name} already exists and was not made by pybridge for network "
+                f"{short(network_id)}; names starting with pyb- are pybridge's own: remove it "
+                "or choose another name"
+            )
+        for route in routes:
+            if route.device == name and route.destination.prefixlen == 0:
+                raise Conflict(
+                    f"bridge {name} carries the host's default IPv{route.destination.version} "
+                    "route; pybridge does not take over the host's uplink: choose another "
+                    "bridge name"
+                )
+        present = await self.kernel.link_addresses(name)
+        for address in present:
+            if address.version == 6 and address.ip.is_link_local:
+                continue  # every IPv6 interface has one
+            if not any(address.ip in s.pool for s in subnets):
+                raise Conflict(
+                    f"bridge {name} has the address {address}, outside the network's subnets; "
+                    "pybridge adopts only a bridge with no addresses but the network's own: "
+                    "choose another bridge name or subnet"
+                )
+        return tuple(s.gateway for s in subnets if s.gateway is not None and s.gateway in present)
+
+    async def _settings_before(
+        self, link: Link, internal: bool, options: NetworkOptions
+    ) -> BridgeSettings:
+        """What pybridge is about to change on a bridge it did not create (see
+        _ensure_network_datapath), as it is now: only what will change is recorded."""
+        name = link.name
+        accept_ra = await self.sysctl.interface_setting(name, "accept_ra")
+        route_localnet = (
+            None if internal else await self.sysctl.interface_setting(name, "route_localnet")
+        )
+        return BridgeSettings(
+            route_localnet=route_localnet if route_localnet not in (None, "1") else None,
+            accept_ra=accept_ra if accept_ra not in (None, "0") else None,
+            mtu=link.mtu if options.mtu and link.mtu != options.mtu else None,
+            up=False if not link.up else None,
+        )
+
+    async def _restore_bridge_settings(self, network: Network) -> None:
+        """Put back what pybridge changed on a bridge it did not create (its addresses are
+        already gone)."""
+        saved = network.previous_settings
+        if saved == BridgeSettings() or not await self.kernel.exists(network.bridge):
+            return
+        if saved.route_localnet is not None:
+            await self.sysctl.restore_interface_setting(
+                network.bridge, "route_localnet", saved.route_localnet
+            )
+        if saved.accept_ra is not None:
+            await self.sysctl.restore_interface_setting(
+                network.bridge, "accept_ra", saved.accept_ra
+            )
+        if saved.mtu is not None:
+            await self.kernel.set_link(network.bridge, mtu=saved.mtu)
+        if saved.up is False:
+            await self.kernel.set_link(network.bridge, up=False)
 
     async def _ensure_network_datapath(self, network: Network) -> None:
         mtu = network.options.mtu
@@ -381,11 +477,12 @@ class NetworkDriver:
         drops the record, so the same request can be retried; the next firewall apply or
         start-up removes whatever a failed step left.
 
-        Otherwise a bridge named by pybridge only loses its addresses (and so its routes)
-        before the record goes, and is deleted, like its rules, just after the answer: the
-        kernel needs 30-70 ms to delete a bridge and 15-40 ms to commit rule deletions, and
-        nothing needs to wait for either. A crash in between leaves an unrecorded pyb-* bridge,
-        which start-up removes, and rules that start-up rewrites."""
+        Otherwise the rules go before the answer, and a bridge named by pybridge only loses its
+        addresses (and so its routes) before the record goes, and is deleted just after the
+        answer: the kernel needs 30-70 ms to delete a bridge, and nothing needs to wait for
+        that. A crash in between leaves an unrecorded pyb-* bridge, which start-up removes.
+        A bridge pybridge did not create keeps its other addresses and gets its settings back
+        (BridgeSettings)."""
         deleting = network.with_changes(state="deleting")
         await self.store.put_network(deleting)
         self.networks[network.id] = deleting
@@ -406,13 +503,18 @@ class NetworkDriver:
                 gateway = subnet.gateway
                 if gateway is not None and gateway not in network.foreign_addresses:
                     await self.kernel.remove_address(network.bridge, gateway)
+            if not network.bridge_owned:
+                await self._restore_bridge_settings(network)
 
         steps: list[Callable[[], Awaitable[None]]] = [
             functools.partial(self._remove_endpoint, e, wait=not later)
             for e in self._endpoints_of(network.id)
         ]
         steps += [
-            self._update_firewall_soon if later else self._apply_firewall,
+            # Waited for even when the bridge goes later: once Docker has its answer, it may
+            # give the subnet (or the bridge name) to another network at once, which stale
+            # rules (masquerade, isolation drops) would catch.
+            self._apply_firewall,
             functools.partial(faults.point, "network.delete.firewall"),
             remove_bridge,
             functools.partial(faults.point, "network.delete.bridge"),
@@ -908,13 +1010,29 @@ class NetworkDriver:
     async def _restore_network(
         self, network: Network, links: dict[str, Link], repairs: list[str]
     ) -> None:
-        if network.bridge not in links:
-            repairs.append(f"recreated bridge {network.bridge}")
-            if not network.bridge_owned:
-                # The user's bridge is gone; the one we create now is ours to delete later.
-                network = network.with_changes(bridge_owned=True, foreign_addresses=())
+        if network.bridge not in links and not network.bridge_owned:
+            # The bridge pybridge adopted is gone (removed by hand, or not yet made by the
+            # host's own network set-up after a reboot). The network's containers need one, so
+            # it is made again; but it stays the user's: pybridge never deletes it, which the
+            # host's own set-up may count on. Restoring its settings later means giving back
+            # what a new bridge has.
+            repairs.append(
+                f"recreated bridge {network.bridge}, which pybridge did not create: it stays "
+                "when the network is removed"
+            )
+            await self.kernel.ensure_bridge(network.bridge, bridge_mac(network.id), None)
+            link = await self.kernel.get_link(network.bridge)
+            if link is not None:
+                network = network.with_changes(
+                    foreign_addresses=(),
+                    previous_settings=await self._settings_before(
+                        link, network.internal, network.options
+                    ),
+                )
                 await self.store.put_network(network)
                 self.networks[network.id] = network
+        elif network.bridge not in links:
+            repairs.append(f"recreated bridge {network.bridge}")
         await self._ensure_network_datapath(network)
 
     async def _restore_endpoint(

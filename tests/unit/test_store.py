@@ -11,7 +11,14 @@ import pytest
 
 from pydriver.errors import HostError
 from pydriver.ipam import Pool
-from pydriver.model import Endpoint, Network, NetworkOptions, PortBinding, Subnet
+from pydriver.model import (
+    BridgeSettings,
+    Endpoint,
+    Network,
+    NetworkOptions,
+    PortBinding,
+    Subnet,
+)
 from pydriver.store import DB_NAME, SCHEMA_VERSION, Store
 
 from .fakes import hexid
@@ -46,6 +53,7 @@ def network() -> Network:
         enable_ipv6=True,
         raw_options={"mtu": "1400"},
         state="creating",
+        previous_settings=BridgeSettings(route_localnet="0", accept_ra="2", mtu=9000, up=False),
     )
 
 
@@ -78,6 +86,14 @@ async def test_round_trip_and_cascade(tmp_path: Path) -> None:
         assert await store.check_integrity() == "ok"
     finally:
         store.close()
+
+
+def test_a_network_record_from_before_previous_settings_loads() -> None:
+    data = network().to_dict()
+    del data["previous_settings"]
+    assert Network.from_dict(data) == network().with_changes(previous_settings=BridgeSettings())
+    data["previous_settings"] = {"accept_ra": "2"}
+    assert Network.from_dict(data).previous_settings == BridgeSettings(accept_ra="2")
 
 
 async def test_pools_and_addresses(tmp_path: Path) -> None:
