@@ -17,11 +17,11 @@ from .ipam import (
     HostRoute,
     Pool,
     choose_subnet,
+    choose_v6_subnet,
     default_v4_candidates,
     find_overlap,
     make_ula_prefix,
     pool_id_for,
-    v6_candidates,
 )
 from .locks import KeyedLock
 from .model import IPAddress, IPInterface, IPNetwork
@@ -85,7 +85,7 @@ class IpamDriver:
                 subnet = req.pool
             elif req.v6:
                 assert self.ula_prefix is not None
-                subnet = choose_subnet(v6_candidates(self.ula_prefix), taken, routes)
+                subnet = choose_v6_subnet(self.ula_prefix, taken, routes)
             else:
                 subnet = choose_subnet(default_v4_candidates(), taken, routes)
             pool = Pool(
