@@ -16,7 +16,6 @@ below, so its logic runs in unit tests with fakes. Rules it keeps:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
@@ -704,8 +703,10 @@ class NetworkDriver:
             for mapping in chosen:
                 self.host_ports.release(mapping)
             for old in endpoint.mappings:  # put the previous publication back as it was
-                with contextlib.suppress(DriverError):
+                try:
                     self.host_ports.reserve(old)
+                except DriverError as err:  # its rule stays; start-up tries again
+                    log.warning("endpoint %s: %s", short(endpoint.id), err)
             raise
         for mapping in chosen:
             log.info("endpoint %s publishes %s", short(endpoint.id), mapping.describe())
@@ -946,10 +947,12 @@ class NetworkDriver:
         for mapping in endpoint.mappings:
             try:
                 self.host_ports.reserve(mapping)
-            except DriverError as err:
+            except PortInUse as err:
                 # The DNAT rule stays (the container keeps its port); say who took it.
                 holder = await self.port_holder(mapping.proto, mapping.host_port)
                 repairs.append(f"{err} by {holder or 'another program'} while pybridge was down")
+            except DriverError as err:  # out of file descriptors, say: the rule stays too
+                repairs.append(str(err))
         veth = links.get(endpoint.host_veth)
         if veth is not None:
             # Most veths are as they were: only touch those off their bridge or down. (A
