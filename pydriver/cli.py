@@ -248,6 +248,14 @@ async def serve(args: argparse.Namespace) -> int:
         log.info("open file limit: %d (one per published port)", after)
     prepare_socket_path(args.socket)
     store = Store(Path(args.state_dir))
+    damage = await store.quick_check()
+    if damage != "ok":
+        log.error(
+            "the state database %s is damaged (%s); pybridge serves what it can still read: "
+            "stop it, restore the state directory from a backup and start it again",
+            store.path,
+            damage,
+        )
     netlink = Netlink()
     await netlink.open()
     backend = await detect_backend(args.firewall_backend)

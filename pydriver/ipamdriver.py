@@ -55,8 +55,14 @@ class IpamDriver:
         self.pools = {pool.id: pool for pool in await self.store.load_pools()}
         stored = await self.store.get_meta(ULA_META_KEY)
         if stored:
-            self.ula_prefix = ipaddress.IPv6Network(stored)
-        else:
+            try:
+                self.ula_prefix = ipaddress.IPv6Network(stored)
+            except ValueError as err:
+                # Set aside (doctor lists it) and choose another: pools already made keep
+                # their subnets, and new ones still overlap none of them.
+                await self.store.quarantine_meta(ULA_META_KEY, f"ValueError: {err}"[:300])
+                stored = None
+        if not stored:
             self.ula_prefix = make_ula_prefix(os.urandom(5))
             await self.store.set_meta(ULA_META_KEY, str(self.ula_prefix))
 
