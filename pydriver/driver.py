@@ -16,7 +16,6 @@ below, so its logic runs in unit tests with fakes. Rules it keeps:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
@@ -52,7 +51,7 @@ from .naming import (
 )
 from .netlink import MAX_BRIDGE_PORTS, Link
 from .options import parse_network_options
-from .ports import DEFAULT_EPHEMERAL_RANGE, PortRequest, find_conflict, plan
+from .ports import DEFAULT_EPHEMERAL_RANGE, PortIndex, PortRequest, plan
 from .protocol import (
     CreateEndpointRequest,
     CreateNetworkRequest,
@@ -784,14 +783,18 @@ class NetworkDriver:
             endpoint.address_v6.ip if endpoint.address_v6 else None,
             network.options.host_binding_ipv4,
         )
-        taken = [m for e in self.endpoints.values() if e.id != endpoint.id for m in e.mappings]
+        taken = PortIndex(
+            m for e in self.endpoints.values() if e.id != endpoint.id for m in e.mappings
+        )
         for old in endpoint.mappings:
             self.host_ports.release(old)
         chosen: list[Mapping] = []
         try:
             for request in requests:
-                mappings = await self._choose(request, taken + chosen, endpoint)
+                mappings = await self._choose(request, taken, endpoint)
                 chosen.extend(mappings)
+                for mapping in mappings:
+                    taken.add(mapping)
             published = endpoint.with_changes(port_bindings=bindings, mappings=tuple(chosen))
             await self.store.put_endpoint(published)
             self.endpoints[endpoint.id] = published
@@ -802,46 +805,52 @@ class NetworkDriver:
             for mapping in chosen:
                 self.host_ports.release(mapping)
             for old in endpoint.mappings:  # put the previous publication back as it was
-                with contextlib.suppress(DriverError):
+                try:
                     self.host_ports.reserve(old)
+                except DriverError as err:  # its rule stays; start-up tries again
+                    log.warning("endpoint %s: %s", short(endpoint.id), err)
             raise
         for mapping in chosen:
             log.info("endpoint %s publishes %s", short(endpoint.id), mapping.describe())
 
     async def _choose(
-        self, request: PortRequest, taken: list[Mapping], endpoint: Endpoint
+        self, request: PortRequest, taken: PortIndex, endpoint: Endpoint
     ) -> list[Mapping]:
-        """Pick a host port for one binding and reserve it on every address it covers."""
+        """Pick a host port for one binding and reserve it on every address it covers.
+
+        Runs under PORTS_LOCK and may try every port of a range (or of the ephemeral range),
+        so each try costs a lookup and a bind, nothing more: who holds a port (a search of
+        every endpoint, or `ss`, a process) is looked up once, for the final error only."""
         binding = request.binding
         single = not request.ephemeral and binding.host_port == binding.host_port_end
-        last_error: DriverError | None = None
-        for port in request.candidates(self.ephemeral_range, self._ephemeral_cursor):
+        # Why the last port tried could not be had: published by pybridge, or held by a
+        # host process.
+        last: Mapping | tuple[PortInUse, int] | None = None
+        for tried, port in enumerate(
+            request.candidates(self.ephemeral_range, self._ephemeral_cursor)
+        ):
+            if tried and tried % 256 == 0:
+                await asyncio.sleep(0)  # a long walk (a nearly full range) lets others run
             mappings = request.mappings(port)
-            clash = find_conflict(mappings, taken)
+            clash = taken.conflict(mappings)
             if clash is not None:
-                owner = self._owner_of(clash)
-                last_error = Conflict(
-                    f"host port {clash.host_text()}/{clash.proto} is already published by "
-                    f"pybridge for {owner}"
-                )
+                last = clash
                 if single:
-                    raise last_error
+                    break
                 continue
             reserved: list[Mapping] = []
             try:
                 for mapping in mappings:
                     self.host_ports.reserve(mapping)
                     reserved.append(mapping)
-            except PortInUse as err:
+            except BaseException as err:
                 for mapping in reserved:
                     self.host_ports.release(mapping)
-                holder = await self.port_holder(binding.proto, port)
-                who = holder or (
-                    f"another program on the host (`ss -ltunp 'sport = :{port}'` names it)"
-                )
-                last_error = Conflict(f"{err} by {who}")
+                if not isinstance(err, PortInUse):
+                    raise  # out of file descriptors, say: no other port would do better
+                last = (err, port)
                 if single:
-                    raise last_error from None
+                    break
                 continue
             if request.ephemeral:
                 self._ephemeral_cursor = port
@@ -849,10 +858,24 @@ class NetworkDriver:
         if request.ephemeral:
             low, high = self.ephemeral_range
             raise Conflict(f"no free host port is left in the ephemeral range {low}-{high}")
+        reason = await self._why_taken(binding.proto, last) if last is not None else None
+        if single and reason is not None:
+            raise reason
         raise Conflict(
             f"no free host port in {binding.host_port}-{binding.host_port_end}/{binding.proto} "
-            f"for container port {binding.port}" + (f" (last: {last_error})" if last_error else "")
+            f"for container port {binding.port}" + (f" (last: {reason})" if reason else "")
         )
+
+    async def _why_taken(self, proto: str, last: Mapping | tuple[PortInUse, int]) -> Conflict:
+        if isinstance(last, Mapping):
+            return Conflict(
+                f"host port {last.host_text()}/{last.proto} is already published by "
+                f"pybridge for {self._owner_of(last)}"
+            )
+        in_use, port = last
+        holder = await self.port_holder(proto, port)
+        who = holder or f"another program on the host (`ss -ltunp 'sport = :{port}'` names it)"
+        return Conflict(f"{in_use} by {who}")
 
     def _owner_of(self, mapping: Mapping) -> str:
         for endpoint in self.endpoints.values():
@@ -1042,10 +1065,12 @@ class NetworkDriver:
         for mapping in endpoint.mappings:
             try:
                 self.host_ports.reserve(mapping)
-            except DriverError as err:
+            except PortInUse as err:
                 # The DNAT rule stays (the container keeps its port); say who took it.
                 holder = await self.port_holder(mapping.proto, mapping.host_port)
                 repairs.append(f"{err} by {holder or 'another program'} while pybridge was down")
+            except DriverError as err:  # out of file descriptors, say: the rule stays too
+                repairs.append(str(err))
         veth = links.get(endpoint.host_veth)
         if veth is not None:
             # Most veths are as they were: only touch those off their bridge or down. (A
