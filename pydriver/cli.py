@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -221,10 +222,41 @@ def prepare_socket_path(path: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
 
 
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft limit on open files to the hard one; returns (before, after).
+
+    pybridge keeps a socket open per published port (so no host process can take it), and
+    `-p 20000-22999:20000-22999` on a dual-stack container is 6000 of them, where the usual
+    soft limit is 1024. The hard limit is the administrator's (LimitNOFILE=, `ulimit -Hn`).
+    Nothing in pybridge uses select(), which cannot watch descriptors above 1023."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft >= hard:
+        return soft, soft
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError):
+        return soft, soft
+    return soft, target
+
+
 async def serve(args: argparse.Namespace) -> int:
     os.umask(0o077)  # state files, the WAL and the socket: root only
+    before, after = raise_fd_limit()
+    if after != before:
+        log.info("open file limit raised from %d to %d (one per published port)", before, after)
+    else:
+        log.info("open file limit: %d (one per published port)", after)
     prepare_socket_path(args.socket)
     store = Store(Path(args.state_dir))
+    damage = await store.quick_check()
+    if damage != "ok":
+        log.error(
+            "the state database %s is damaged (%s); pybridge serves what it can still read: "
+            "stop it, restore the state directory from a backup and start it again",
+            store.path,
+            damage,
+        )
     netlink = Netlink()
     await netlink.open()
     backend = await detect_backend(args.firewall_backend)

@@ -16,13 +16,14 @@ from typing import Any
 from .driver import firewall_view
 from .errors import DriverError
 from .firewall import BACKENDS, Backend, detect_backend, tool
+from .logs import escape
 from .model import Endpoint, Family, Mapping, Network
 from .naming import is_pybridge_bridge, is_pybridge_veth
 from .netlink import Netlink
 from .process import run
 from .report import Names, port_rows
 from .rules import drift
-from .store import DB_NAME, SCHEMA_VERSION, read_state
+from .store import DB_NAME, ROW_KIND, SCHEMA_VERSION, SetAside, read_state, unreadable
 from .sysctl import Sysctl
 
 # -- status -------------------------------------------------------------------------------------
@@ -178,6 +179,7 @@ def _check_database(state_dir: Path, report: Report) -> bool:
         try:
             integrity = db.execute("PRAGMA integrity_check").fetchone()[0]
             version = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            set_aside = unreadable(db) if integrity == "ok" else []
         finally:
             db.close()
     except sqlite3.Error as err:
@@ -198,7 +200,36 @@ def _check_database(state_dir: Path, report: Report) -> bool:
         )
         return False
     report.ok(f"state database {path} is intact")
+    _report_set_aside(path, set_aside, report)
     return True
+
+
+def _report_set_aside(path: Path, rows: list[SetAside], report: Report) -> None:
+    """Rows pybridge could not decode: set aside (the quarantine table), or still in place."""
+    kept = [r for r in rows if r.time is not None]
+    waiting = [r for r in rows if r.time is None]
+
+    def listed(found: list[SetAside]) -> str:
+        text = "; ".join(
+            f"{ROW_KIND.get(r.source, r.source)} {r.key[:40]} ({r.error[:120]})" for r in found[:5]
+        )
+        # Keys and errors come from damaged rows: nothing in them may reach the terminal raw.
+        return escape(text) + (f"; and {len(found) - 5} more" if len(found) > 5 else "")
+
+    clear = f"sqlite3 {path} 'DELETE FROM quarantine'"  # noqa: S608 (a hint, not a query)
+    if kept:
+        report.problem(
+            f"{len(kept)} row(s) of pybridge's state could not be read and were set aside "
+            f"(pybridge serves without them): {listed(kept)}",
+            "a network set aside is unknown to pybridge: remove it in Docker (docker network "
+            "rm) and create it again, likewise a network using a pool set aside; the rows are "
+            f"in table quarantine of {path}; once dealt with, clear it: {clear}",
+        )
+    if waiting:
+        report.problem(
+            f"{len(waiting)} row(s) of pybridge's state cannot be read: {listed(waiting)}",
+            "restart pybridge: it sets them aside and serves the rest",
+        )
 
 
 def _check_socket(path: str, report: Report) -> None:

@@ -16,7 +16,6 @@ below, so its logic runs in unit tests with fakes. Rules it keeps:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
@@ -31,12 +30,15 @@ from .hostports import HostPorts, PortInUse, port_holder
 from .ipam import ADDRESS_SPACES, HostRoute, describe_route, pool_id_for
 from .locks import KeyedLock
 from .model import (
+    BridgeSettings,
     Endpoint,
+    InterfaceSetting,
     IPAddress,
     IPInterface,
     IPNetwork,
     Mapping,
     Network,
+    NetworkOptions,
     PortBinding,
     Subnet,
 )
@@ -51,7 +53,7 @@ from .naming import (
 )
 from .netlink import MAX_BRIDGE_PORTS, Link
 from .options import parse_network_options
-from .ports import DEFAULT_EPHEMERAL_RANGE, PortRequest, find_conflict, plan
+from .ports import DEFAULT_EPHEMERAL_RANGE, PortIndex, PortRequest, plan
 from .protocol import (
     CreateEndpointRequest,
     CreateNetworkRequest,
@@ -129,6 +131,10 @@ class SysctlPort(Protocol):
     async def ensure_ipv4_forwarding(self) -> None: ...
     async def ensure_ipv6_forwarding(self) -> None: ...
     async def disable_accept_ra(self, ifname: str) -> None: ...
+    async def interface_setting(self, ifname: str, setting: InterfaceSetting) -> str | None: ...
+    async def restore_interface_setting(
+        self, ifname: str, setting: InterfaceSetting, value: str
+    ) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -179,6 +185,7 @@ def firewall_view(network: Network, mappings: Sequence[Mapping] = ()) -> Network
         icc=network.options.enable_icc,
         masquerade=network.options.enable_ip_masquerade,
         mappings=tuple(mappings),
+        gateways=tuple(s.gateway.ip for s in network.subnets if s.gateway is not None),
     )
 
 
@@ -407,23 +414,24 @@ class NetworkDriver:
                         f"bridge name {name} is already used by pybridge network {short(other.id)}"
                     )
             subnets_v4, subnets_v6 = _subnets(req.ipv4_data), _subnets(req.ipv6_data)
-            await self._check_subnets(req.network_id, name, subnets_v4 + subnets_v6)
+            routes = await self.kernel.routes()
+            self._check_subnets(req.network_id, name, subnets_v4 + subnets_v6, routes)
             foreign: tuple[IPInterface, ...] = ()
-            if existing is not None:  # a crashed earlier attempt: keep its ownership record
+            previous = BridgeSettings()
+            if existing is not None:
+                # A crashed earlier attempt: keep its ownership record and the settings it
+                # found (the bridge now has pybridge's).
                 bridge_owned = existing.bridge_owned
                 foreign = existing.foreign_addresses
+                previous = existing.previous_settings
             else:
                 link = await self.kernel.get_link(name)
-                if link is not None and link.kind != "bridge":
-                    raise Conflict(f"interface {name} already exists and is not a bridge")
                 bridge_owned = link is None
                 if link is not None:
-                    present = set(await self.kernel.link_addresses(name))
-                    foreign = tuple(
-                        s.gateway
-                        for s in subnets_v4 + subnets_v6
-                        if s.gateway is not None and s.gateway in present
+                    foreign = await self._check_adoption(
+                        link, subnets_v4 + subnets_v6, routes, req.network_id
                     )
+                    previous = await self._settings_before(link, req.internal, options)
             network = Network(
                 id=req.network_id,
                 bridge=name,
@@ -436,6 +444,7 @@ class NetworkDriver:
                 raw_options=dict(req.generic_options),
                 state="creating",
                 foreign_addresses=foreign,
+                previous_settings=previous,
             )
             await self.store.put_network(network)
             self.networks[network.id] = network
@@ -456,11 +465,15 @@ class NetworkDriver:
             await faults.point("network.create.ready")
         log.info("network %s ready on bridge %s", short(network.id), name)
 
-    async def _check_subnets(
-        self, network_id: str, bridge: str, subnets: tuple[Subnet, ...]
+    def _check_subnets(
+        self,
+        network_id: str,
+        bridge: str,
+        subnets: tuple[Subnet, ...],
+        host_routes: Sequence[HostRoute],
     ) -> None:
         ours = {n.bridge for n in self.networks.values()}
-        routes = [r for r in await self.kernel.routes() if r.device not in ours | {bridge}]
+        routes = [r for r in host_routes if r.device not in ours | {bridge}]
         for subnet in subnets:
             for other in self.networks.values():
                 if other.id == network_id:
@@ -481,6 +494,81 @@ class NetworkDriver:
                     and dest.overlaps(subnet.pool)
                 ):
                     raise Conflict(f"subnet {subnet.pool} overlaps {describe_route(route)}")
+
+    async def _check_adoption(
+        self,
+        link: Link,
+        subnets: tuple[Subnet, ...],
+        routes: Sequence[HostRoute],
+        network_id: str,
+    ) -> tuple[IPInterface, ...]:
+        """Refuse to take over an existing interface that is not free for a network; returns
+        the gateway addresses that are already on it (they stay when the network goes)."""
+        name = link.name
+        if link.kind != "bridge":
+            raise Conflict(f"interface {name} already exists and is not a bridge")
+        if is_pybridge_bridge(name):
+            # pybridge deletes unknown pyb-* bridges at start-up: one it did not make for this
+            # network would be deleted as a leftover once the network is gone.
+            raise Conflict(
+                f"bridge {name} already exists and was not made by pybridge for network "
+                f"{short(network_id)}; names starting with pyb- are pybridge's own: remove it "
+                "or choose another name"
+            )
+        for route in routes:
+            if route.device == name and route.destination.prefixlen == 0:
+                raise Conflict(
+                    f"bridge {name} carries the host's default IPv{route.destination.version} "
+                    "route; pybridge does not take over the host's uplink: choose another "
+                    "bridge name"
+                )
+        present = await self.kernel.link_addresses(name)
+        for address in present:
+            if address.version == 6 and address.ip.is_link_local:
+                continue  # every IPv6 interface has one
+            if not any(address.ip in s.pool for s in subnets):
+                raise Conflict(
+                    f"bridge {name} has the address {address}, outside the network's subnets; "
+                    "pybridge adopts only a bridge with no addresses but the network's own: "
+                    "choose another bridge name or subnet"
+                )
+        return tuple(s.gateway for s in subnets if s.gateway is not None and s.gateway in present)
+
+    async def _settings_before(
+        self, link: Link, internal: bool, options: NetworkOptions
+    ) -> BridgeSettings:
+        """What pybridge is about to change on a bridge it did not create (see
+        _ensure_network_datapath), as it is now: only what will change is recorded."""
+        name = link.name
+        accept_ra = await self.sysctl.interface_setting(name, "accept_ra")
+        route_localnet = (
+            None if internal else await self.sysctl.interface_setting(name, "route_localnet")
+        )
+        return BridgeSettings(
+            route_localnet=route_localnet if route_localnet not in (None, "1") else None,
+            accept_ra=accept_ra if accept_ra not in (None, "0") else None,
+            mtu=link.mtu if options.mtu and link.mtu != options.mtu else None,
+            up=False if not link.up else None,
+        )
+
+    async def _restore_bridge_settings(self, network: Network) -> None:
+        """Put back what pybridge changed on a bridge it did not create (its addresses are
+        already gone)."""
+        saved = network.previous_settings
+        if saved == BridgeSettings() or not await self.kernel.exists(network.bridge):
+            return
+        if saved.route_localnet is not None:
+            await self.sysctl.restore_interface_setting(
+                network.bridge, "route_localnet", saved.route_localnet
+            )
+        if saved.accept_ra is not None:
+            await self.sysctl.restore_interface_setting(
+                network.bridge, "accept_ra", saved.accept_ra
+            )
+        if saved.mtu is not None:
+            await self.kernel.set_link(network.bridge, mtu=saved.mtu)
+        if saved.up is False:
+            await self.kernel.set_link(network.bridge, up=False)
 
     async def _ensure_network_datapath(self, network: Network) -> None:
         mtu = network.options.mtu
@@ -509,11 +597,12 @@ class NetworkDriver:
         drops the record, so the same request can be retried; the next firewall apply or
         start-up removes whatever a failed step left.
 
-        Otherwise a bridge named by pybridge only loses its addresses (and so its routes)
-        before the record goes, and is deleted, like its rules, just after the answer: the
-        kernel needs 30-70 ms to delete a bridge and 15-40 ms to commit rule deletions, and
-        nothing needs to wait for either. A crash in between leaves an unrecorded pyb-* bridge,
-        which start-up removes, and rules that start-up rewrites."""
+        Otherwise the rules go before the answer, and a bridge named by pybridge only loses its
+        addresses (and so its routes) before the record goes, and is deleted just after the
+        answer: the kernel needs 30-70 ms to delete a bridge, and nothing needs to wait for
+        that. A crash in between leaves an unrecorded pyb-* bridge, which start-up removes.
+        A bridge pybridge did not create keeps its other addresses and gets its settings back
+        (BridgeSettings)."""
         deleting = network.with_changes(state="deleting")
         await self.store.put_network(deleting)
         self.networks[network.id] = deleting
@@ -534,13 +623,18 @@ class NetworkDriver:
                 gateway = subnet.gateway
                 if gateway is not None and gateway not in network.foreign_addresses:
                     await self.kernel.remove_address(network.bridge, gateway)
+            if not network.bridge_owned:
+                await self._restore_bridge_settings(network)
 
         steps: list[Callable[[], Awaitable[None]]] = [
             functools.partial(self._remove_endpoint, e, wait=not later)
             for e in self._endpoints_of(network.id)
         ]
         steps += [
-            self._update_firewall_soon if later else self._apply_firewall,
+            # Waited for even when the bridge goes later: once Docker has its answer, it may
+            # give the subnet (or the bridge name) to another network at once, which stale
+            # rules (masquerade, isolation drops) would catch.
+            self._apply_firewall,
             functools.partial(faults.point, "network.delete.firewall"),
             remove_bridge,
             functools.partial(faults.point, "network.delete.bridge"),
@@ -893,14 +987,18 @@ class NetworkDriver:
             endpoint.address_v6.ip if endpoint.address_v6 else None,
             network.options.host_binding_ipv4,
         )
-        taken = [m for e in self.endpoints.values() if e.id != endpoint.id for m in e.mappings]
+        taken = PortIndex(
+            m for e in self.endpoints.values() if e.id != endpoint.id for m in e.mappings
+        )
         for old in endpoint.mappings:
             self.host_ports.release(old)
         chosen: list[Mapping] = []
         try:
             for request in requests:
-                mappings = await self._choose(request, taken + chosen, endpoint)
+                mappings = await self._choose(request, taken, endpoint)
                 chosen.extend(mappings)
+                for mapping in mappings:
+                    taken.add(mapping)
             published = endpoint.with_changes(port_bindings=bindings, mappings=tuple(chosen))
             await self.store.put_endpoint(published)
             self.endpoints[endpoint.id] = published
@@ -911,46 +1009,52 @@ class NetworkDriver:
             for mapping in chosen:
                 self.host_ports.release(mapping)
             for old in endpoint.mappings:  # put the previous publication back as it was
-                with contextlib.suppress(DriverError):
+                try:
                     self.host_ports.reserve(old)
+                except DriverError as err:  # its rule stays; start-up tries again
+                    log.warning("endpoint %s: %s", short(endpoint.id), err)
             raise
         for mapping in chosen:
             log.info("endpoint %s publishes %s", short(endpoint.id), mapping.describe())
 
     async def _choose(
-        self, request: PortRequest, taken: list[Mapping], endpoint: Endpoint
+        self, request: PortRequest, taken: PortIndex, endpoint: Endpoint
     ) -> list[Mapping]:
-        """Pick a host port for one binding and reserve it on every address it covers."""
+        """Pick a host port for one binding and reserve it on every address it covers.
+
+        Runs under PORTS_LOCK and may try every port of a range (or of the ephemeral range),
+        so each try costs a lookup and a bind, nothing more: who holds a port (a search of
+        every endpoint, or `ss`, a process) is looked up once, for the final error only."""
         binding = request.binding
         single = not request.ephemeral and binding.host_port == binding.host_port_end
-        last_error: DriverError | None = None
-        for port in request.candidates(self.ephemeral_range, self._ephemeral_cursor):
+        # Why the last port tried could not be had: published by pybridge, or held by a
+        # host process.
+        last: Mapping | tuple[PortInUse, int] | None = None
+        for tried, port in enumerate(
+            request.candidates(self.ephemeral_range, self._ephemeral_cursor)
+        ):
+            if tried and tried % 256 == 0:
+                await asyncio.sleep(0)  # a long walk (a nearly full range) lets others run
             mappings = request.mappings(port)
-            clash = find_conflict(mappings, taken)
+            clash = taken.conflict(mappings)
             if clash is not None:
-                owner = self._owner_of(clash)
-                last_error = Conflict(
-                    f"host port {clash.host_text()}/{clash.proto} is already published by "
-                    f"pybridge for {owner}"
-                )
+                last = clash
                 if single:
-                    raise last_error
+                    break
                 continue
             reserved: list[Mapping] = []
             try:
                 for mapping in mappings:
                     self.host_ports.reserve(mapping)
                     reserved.append(mapping)
-            except PortInUse as err:
+            except BaseException as err:
                 for mapping in reserved:
                     self.host_ports.release(mapping)
-                holder = await self.port_holder(binding.proto, port)
-                who = holder or (
-                    f"another program on the host (`ss -ltunp 'sport = :{port}'` names it)"
-                )
-                last_error = Conflict(f"{err} by {who}")
+                if not isinstance(err, PortInUse):
+                    raise  # out of file descriptors, say: no other port would do better
+                last = (err, port)
                 if single:
-                    raise last_error from None
+                    break
                 continue
             if request.ephemeral:
                 self._ephemeral_cursor = port
@@ -958,10 +1062,24 @@ class NetworkDriver:
         if request.ephemeral:
             low, high = self.ephemeral_range
             raise Conflict(f"no free host port is left in the ephemeral range {low}-{high}")
+        reason = await self._why_taken(binding.proto, last) if last is not None else None
+        if single and reason is not None:
+            raise reason
         raise Conflict(
             f"no free host port in {binding.host_port}-{binding.host_port_end}/{binding.proto} "
-            f"for container port {binding.port}" + (f" (last: {last_error})" if last_error else "")
+            f"for container port {binding.port}" + (f" (last: {reason})" if reason else "")
         )
+
+    async def _why_taken(self, proto: str, last: Mapping | tuple[PortInUse, int]) -> Conflict:
+        if isinstance(last, Mapping):
+            return Conflict(
+                f"host port {last.host_text()}/{last.proto} is already published by "
+                f"pybridge for {self._owner_of(last)}"
+            )
+        in_use, port = last
+        holder = await self.port_holder(proto, port)
+        who = holder or f"another program on the host (`ss -ltunp 'sport = :{port}'` names it)"
+        return Conflict(f"{in_use} by {who}")
 
     def _owner_of(self, mapping: Mapping) -> str:
         for endpoint in self.endpoints.values():
@@ -1131,13 +1249,29 @@ class NetworkDriver:
     async def _restore_network(
         self, network: Network, links: dict[str, Link], repairs: list[str]
     ) -> None:
-        if network.bridge not in links:
-            repairs.append(f"recreated bridge {network.bridge}")
-            if not network.bridge_owned:
-                # The user's bridge is gone; the one we create now is ours to delete later.
-                network = network.with_changes(bridge_owned=True, foreign_addresses=())
+        if network.bridge not in links and not network.bridge_owned:
+            # The bridge pybridge adopted is gone (removed by hand, or not yet made by the
+            # host's own network set-up after a reboot). The network's containers need one, so
+            # it is made again; but it stays the user's: pybridge never deletes it, which the
+            # host's own set-up may count on. Restoring its settings later means giving back
+            # what a new bridge has.
+            repairs.append(
+                f"recreated bridge {network.bridge}, which pybridge did not create: it stays "
+                "when the network is removed"
+            )
+            await self.kernel.ensure_bridge(network.bridge, bridge_mac(network.id), None)
+            link = await self.kernel.get_link(network.bridge)
+            if link is not None:
+                network = network.with_changes(
+                    foreign_addresses=(),
+                    previous_settings=await self._settings_before(
+                        link, network.internal, network.options
+                    ),
+                )
                 await self.store.put_network(network)
                 self.networks[network.id] = network
+        elif network.bridge not in links:
+            repairs.append(f"recreated bridge {network.bridge}")
         await self._ensure_network_datapath(network)
 
     async def _remove_gone(self, gone: Sequence[Endpoint], repairs: list[str]) -> None:
@@ -1164,10 +1298,12 @@ class NetworkDriver:
         for mapping in endpoint.mappings:
             try:
                 self.host_ports.reserve(mapping)
-            except DriverError as err:
+            except PortInUse as err:
                 # The DNAT rule stays (the container keeps its port); say who took it.
                 holder = await self.port_holder(mapping.proto, mapping.host_port)
                 repairs.append(f"{err} by {holder or 'another program'} while pybridge was down")
+            except DriverError as err:  # out of file descriptors, say: the rule stays too
+                repairs.append(str(err))
         if veth is not None:
             # Most veths are as they were: only touch those off their bridge or down. (A
             # bridge missing from the dump was recreated just now: its veths need attaching.)

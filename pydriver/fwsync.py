@@ -5,7 +5,12 @@ requests in a burst (thirty containers starting at once) become one write. A cal
 not go on before its rules are in place (creating or removing a network) waits for its
 generation; one that need not (publishing ports: they go live a few milliseconds after the
 answer) does not. A failed write is reported to whoever waits for it, and logged; the
-self-healing check (upkeep.py) finds rules that are not in place and asks again."""
+self-healing check (upkeep.py) finds rules that are not in place and asks again.
+
+The writer must outlive anything a write raises: if its task died, every later waiter would
+wait forever (and every network change with it). Unexpected errors are logged with their
+traceback and reported to the waiters as a plain sentence; stopping the writer fails the
+waiters that are left instead of abandoning them."""
 
 from __future__ import annotations
 
@@ -13,10 +18,14 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
-from .errors import DriverError
+from .errors import DriverError, HostError
 from .rules import NetworkRules
 
 log = logging.getLogger(__name__)
+
+
+class FirewallWriteFailed(HostError):
+    """A firewall write failed for a reason pybridge did not foresee (a bug, not the host)."""
 
 
 class FirewallWriter:
@@ -34,12 +43,13 @@ class FirewallWriter:
         self._wake = asyncio.Event()
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
+        self._stopped = False
 
     def request(self, *, force: bool = False) -> int:
         """Ask for the current state to be written; returns the generation to wait for."""
         self._wanted += 1
         self._force = self._force or force
-        if self._task is None or self._task.done():
+        if not self._stopped and (self._task is None or self._task.done()):
             self._task = asyncio.create_task(self._run(), name="pydriver-firewall-writer")
         self._wake.set()
         return self._wanted
@@ -52,6 +62,11 @@ class FirewallWriter:
                     raise self._failed[1]
                 if self._done >= generation:
                     return
+                if self._stopped:
+                    raise HostError(
+                        "pybridge is shutting down and stopped writing firewall rules before "
+                        "this change was written; it writes them when it starts again"
+                    )
                 await self._changed.wait()
 
     async def write(self, *, force: bool = False) -> None:
@@ -61,15 +76,21 @@ class FirewallWriter:
         """Wait until everything asked for so far is written (or has failed)."""
         generation = self._wanted
         async with self._changed:
-            while self._done < generation and not (
-                self._failed is not None and self._failed[0] >= generation
+            while (
+                self._done < generation
+                and not (self._failed is not None and self._failed[0] >= generation)
+                and not self._stopped
             ):
                 await self._changed.wait()
 
     async def stop(self) -> None:
+        """Stop writing. Whoever still waits gets an error rather than waiting forever."""
+        self._stopped = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        async with self._changed:
+            self._changed.notify_all()
 
     async def _run(self) -> None:
         while True:
@@ -79,8 +100,8 @@ class FirewallWriter:
             self._force = False
             try:
                 await self._apply(self._views(), force=force)
-            except DriverError as err:
-                log.warning("firewall: could not write pybridge's rules: %s", err)
+            except Exception as exc:
+                err = _as_driver_error(exc)
                 async with self._changed:
                     self._failed = (generation, err)
                     self._changed.notify_all()
@@ -90,3 +111,15 @@ class FirewallWriter:
                 if self._failed is not None and self._failed[0] <= generation:
                     self._failed = None
                 self._changed.notify_all()
+
+
+def _as_driver_error(exc: Exception) -> DriverError:
+    """Log a failed write and turn it into the error its waiters get."""
+    if isinstance(exc, DriverError):
+        log.warning("firewall: could not write pybridge's rules: %s", exc)
+        return exc
+    log.error("firewall: writing pybridge's rules failed unexpectedly", exc_info=exc)
+    return FirewallWriteFailed(
+        f"pybridge could not write its firewall rules because of an internal error "
+        f"({type(exc).__name__}); see the pybridge log"
+    )

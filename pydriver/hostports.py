@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import logging
 import re
+import resource
 import socket
 
 from .errors import Conflict, HostError
@@ -22,6 +23,14 @@ _SOCK_TYPES = {
 }
 Key = tuple[str, int, str, int]
 
+# socket() failing with these means the kernel has no such protocol (SCTP on most of our
+# hosts): nothing can hold the port, and the DNAT rule still works for whoever can speak it.
+# Any other failure (out of descriptors above all) means pybridge cannot hold a port it must
+# hold, and the request fails: a published port is never silently left unreserved.
+_UNSUPPORTED = frozenset(
+    {errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT, errno.ESOCKTNOSUPPORT, errno.EPFNOSUPPORT}
+)
+
 
 def _key(m: Mapping) -> Key:
     return (m.proto, m.family, str(m.host_ip or ""), m.host_port)
@@ -29,6 +38,33 @@ def _key(m: Mapping) -> Key:
 
 class PortInUse(Conflict):
     """The host port is held by something else."""
+
+
+class OutOfDescriptors(HostError):
+    """pybridge cannot open another socket: a file descriptor limit, or kernel memory."""
+
+
+def cannot_hold(m: Mapping, err: OSError) -> HostError:
+    """The error for a host port pybridge could not open a socket for."""
+    where = f"{m.host_text()}/{m.proto}"
+    if err.errno == errno.EMFILE:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return OutOfDescriptors(
+            f"cannot hold host port {where}: pybridge has run out of file descriptors (it "
+            f"keeps one open per published port and its limit, RLIMIT_NOFILE, is {soft}); "
+            "raise it with LimitNOFILE= in pybridge's systemd unit or `ulimit -Hn` where it "
+            "is started, then restart pybridge"
+        )
+    if err.errno == errno.ENFILE:
+        return OutOfDescriptors(
+            f"cannot hold host port {where}: the host has run out of file descriptors "
+            "(sysctl fs.file-max); raise fs.file-max or close files elsewhere"
+        )
+    if err.errno in (errno.ENOBUFS, errno.ENOMEM):
+        return OutOfDescriptors(
+            f"cannot hold host port {where}: the kernel has no memory left for another socket"
+        )
+    return HostError(f"cannot hold host port {where}: {err.strerror or err}")
 
 
 class HostPorts:
@@ -46,7 +82,8 @@ class HostPorts:
         try:
             sock = socket.socket(family, kind, proto_number)
         except OSError as err:
-            # e.g. a kernel without SCTP: the DNAT rule still works for whoever can speak it.
+            if err.errno not in _UNSUPPORTED:
+                raise cannot_hold(m, err) from None
             if m.proto not in self._unsupported:
                 log.warning("cannot reserve %s ports on this host (%s)", m.proto, err.strerror)
                 self._unsupported.add(m.proto)
@@ -65,7 +102,7 @@ class HostPorts:
                 raise Conflict(
                     f"cannot publish on {m.host_text()}: {m.host_ip} is not an address of this host"
                 ) from None
-            raise HostError(f"cannot reserve host port {m.host_text()}/{m.proto}: {err}") from None
+            raise cannot_hold(m, err) from None
         self._held[key] = sock
 
     def release(self, m: Mapping) -> None:

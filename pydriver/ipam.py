@@ -340,6 +340,42 @@ def choose_subnet(
     raise Exhausted("no free subnet is left in pybridge's default pools; give one with --subnet")
 
 
+def choose_v6_subnet(
+    ula_prefix: ipaddress.IPv6Network,
+    pools: Iterable[IPNetwork],
+    routes: Iterable[HostRoute],
+) -> ipaddress.IPv6Network:
+    """The first /64 of ``v6_candidates(ula_prefix)`` that overlaps no pool and no host route,
+    as ``choose_subnet`` would pick it, but found from the sorted ranges of /64s that pools
+    and routes cover: O(n log n) in their number, where testing up to 65,535 candidates
+    against each of them would stall the event loop for seconds on a host with many routes."""
+    base = int(ula_prefix.network_address)
+    top = int(ula_prefix.broadcast_address)
+    shift = 128 - V6_SUBNET_PREFIX
+    count = 1 << max(V6_SUBNET_PREFIX - ula_prefix.prefixlen, 0)
+    covered: list[tuple[int, int]] = []  # first and last /64 index a pool or route overlaps
+    others = [p for p in pools if p.version == 6]
+    # Default routes overlap everything; find_overlap ignores them too.
+    others += [
+        r.destination for r in routes if r.destination.version == 6 and r.destination.prefixlen
+    ]
+    for other in others:
+        low = max(int(other.network_address), base)
+        high = min(int(other.broadcast_address), top)
+        if low <= high:
+            covered.append(((low - base) >> shift, (high - base) >> shift))
+    index = 1  # v6_candidates skips the first /64
+    for low, high in sorted(covered):
+        if low > index:
+            break  # a gap: ``index`` is free
+        index = max(index, high + 1)
+    if index >= count:
+        raise Exhausted(
+            f"no free /64 is left in pybridge's IPv6 prefix {ula_prefix}; give one with --subnet"
+        )
+    return ipaddress.IPv6Network((base + (index << shift), V6_SUBNET_PREFIX))
+
+
 def make_ula_prefix(random_bytes: bytes) -> ipaddress.IPv6Network:
     """An RFC 4193 unique local /48 (fd00::/8 + 40 random bits)."""
     if len(random_bytes) < 5:

@@ -24,11 +24,11 @@ from .ipam import (
     HostRoute,
     Pool,
     choose_subnet,
+    choose_v6_subnet,
     default_v4_candidates,
     find_overlap,
     make_ula_prefix,
     pool_id_for,
-    v6_candidates,
 )
 from .locks import KeyedLock
 from .model import IPAddress, IPInterface, IPNetwork
@@ -79,8 +79,14 @@ class IpamDriver:
             await self._settle_replays(pool)
         stored = await self.store.get_meta(ULA_META_KEY)
         if stored:
-            self.ula_prefix = ipaddress.IPv6Network(stored)
-        else:
+            try:
+                self.ula_prefix = ipaddress.IPv6Network(stored)
+            except ValueError as err:
+                # Set aside (doctor lists it) and choose another: pools already made keep
+                # their subnets, and new ones still overlap none of them.
+                await self.store.quarantine_meta(ULA_META_KEY, f"ValueError: {err}"[:300])
+                stored = None
+        if not stored:
             self.ula_prefix = make_ula_prefix(os.urandom(5))
             await self.store.set_meta(ULA_META_KEY, str(self.ula_prefix))
 
@@ -133,7 +139,7 @@ class IpamDriver:
                 subnet = req.pool
             elif req.v6:
                 assert self.ula_prefix is not None
-                subnet = choose_subnet(v6_candidates(self.ula_prefix), taken, routes)
+                subnet = choose_v6_subnet(self.ula_prefix, taken, routes)
             else:
                 subnet = choose_subnet(default_v4_candidates(), taken, routes)
             pool = Pool(

@@ -12,6 +12,9 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Protocol = Literal["tcp", "udp", "sctp"]
 State = Literal["creating", "ready", "deleting"]
 Family = Literal[4, 6]
+# Per-interface sysctls pybridge sets on a bridge: net.ipv4.conf.B.route_localnet and
+# net.ipv6.conf.B.accept_ra.
+InterfaceSetting = Literal["route_localnet", "accept_ra"]
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,36 @@ class NetworkOptions:
 
 
 @dataclass(frozen=True)
+class BridgeSettings:
+    """What an adopted bridge had before pybridge changed it, put back when the network goes.
+    None: pybridge left that setting as it was (or never changes it), so nothing to restore."""
+
+    route_localnet: str | None = None
+    accept_ra: str | None = None
+    mtu: int | None = None
+    up: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "route_localnet": self.route_localnet,
+            "accept_ra": self.accept_ra,
+            "mtu": self.mtu,
+            "up": self.up,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BridgeSettings:
+        up = data.get("up")
+        mtu = data.get("mtu")
+        return cls(
+            route_localnet=data.get("route_localnet"),
+            accept_ra=data.get("accept_ra"),
+            mtu=int(mtu) if mtu is not None else None,
+            up=bool(up) if up is not None else None,
+        )
+
+
+@dataclass(frozen=True)
 class Network:
     id: str
     bridge: str
@@ -172,6 +205,8 @@ class Network:
     # Gateway addresses that were already on a user's bridge when pybridge adopted it: they
     # stay when the network is removed.
     foreign_addresses: tuple[IPInterface, ...] = ()
+    # Settings of a bridge pybridge did not create, as they were before (see BridgeSettings).
+    previous_settings: BridgeSettings = field(default_factory=BridgeSettings)
     # "creating" until Docker has been answered, "deleting" once removal has begun: after a
     # crash, reconcile rolls a half-created network back and finishes a half-deleted one.
     state: State = "ready"
@@ -210,6 +245,7 @@ class Network:
             "raw_options": self.raw_options,
             "state": self.state,
             "foreign_addresses": [str(a) for a in self.foreign_addresses],
+            "previous_settings": self.previous_settings.to_dict(),
         }
 
     @classmethod
@@ -228,6 +264,8 @@ class Network:
             foreign_addresses=tuple(
                 ipaddress.ip_interface(a) for a in data.get("foreign_addresses", [])
             ),
+            # Records written before pybridge restored anything have no such field.
+            previous_settings=BridgeSettings.from_dict(data.get("previous_settings") or {}),
         )
 
 

@@ -233,7 +233,8 @@ class _NetlinkCore:
             return [_link(msg) async for msg in await self.ipr.link("dump")]
 
     async def routes(self) -> list[HostRoute]:
-        """Unicast routes of the main table, both families, with their device names."""
+        """Unicast routes of the main table, both families, with their device names: default
+        routes (0.0.0.0/0, ::/0) included, a multipath route once per next hop."""
         names = {link.index: link.name for link in await self.links()} if self._netns else None
         raw: list[tuple[IPNetwork, int]] = []
         async with self._lock:
@@ -241,11 +242,10 @@ class _NetlinkCore:
                 async for msg in await self.ipr.route("dump", family=family):
                     if msg.get("table") != MAIN_TABLE or msg["type"] != _RT_UNICAST:
                         continue
-                    dst = msg.get("dst")
-                    if not dst:
-                        continue
+                    dst = msg.get("dst") or ("0.0.0.0" if family == 2 else "::")  # noqa: S104
                     net = ipaddress.ip_network(f"{dst}/{msg['dst_len']}", strict=False)
-                    raw.append((net, msg.get("oif") or 0))
+                    hops = [h.get("oif") or 0 for h in msg.get("multipath") or ()]
+                    raw += [(net, oif) for oif in hops or [msg.get("oif") or 0]]
         return [HostRoute(net, await self._name_of(oif, names)) for net, oif in raw]
 
     async def link_addresses(self, name: str) -> list[IPInterface]:

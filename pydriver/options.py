@@ -39,6 +39,9 @@ _PREFIX_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,9}$")
 
 MIN_MTU = 68
 MAX_MTU = 65535
+# Directories of /proc/sys/net/ipv{4,6}/conf/ that are not interfaces: a bridge of that name
+# would have pybridge change the settings of every interface on the host.
+RESERVED_BRIDGE_NAMES = ("all", "default")
 
 
 def _clip(text: str, limit: int = 60) -> str:
@@ -69,6 +72,11 @@ def parse_network_options(generic: dict[str, str]) -> NetworkOptions:
         raise InvalidRequest(
             f"{BRIDGE_NAME} {_clip(bridge_name)!r} is not a valid interface name; use 1 to 15 "
             "letters, digits, '_', '.' or '-'"
+        )
+    if bridge_name in RESERVED_BRIDGE_NAMES:
+        raise InvalidRequest(
+            f"{BRIDGE_NAME} {bridge_name!r} is not allowed: /proc/sys/net uses that name for the "
+            "settings of every interface; choose another name"
         )
 
     mtu = None

@@ -14,7 +14,15 @@ from dataclasses import dataclass
 from .errors import InvalidRequest
 from .model import IPAddress, Mapping, PortBinding
 
-__all__ = ["DEFAULT_EPHEMERAL_RANGE", "Mapping", "PortRequest", "find_conflict", "overlaps", "plan"]
+__all__ = [
+    "DEFAULT_EPHEMERAL_RANGE",
+    "Mapping",
+    "PortIndex",
+    "PortRequest",
+    "find_conflict",
+    "overlaps",
+    "plan",
+]
 DEFAULT_EPHEMERAL_RANGE = (32768, 60999)
 
 
@@ -103,10 +111,28 @@ def plan(
     return requests
 
 
+class PortIndex:
+    """Published mappings by protocol, family and host port: finding a clash costs the same
+    with thousands of ports published (`-p 20000-22999:20000-22999`) as with one, where a
+    scan of every published port for every new one would stall the event loop for seconds."""
+
+    def __init__(self, mappings: Iterable[Mapping] = ()) -> None:
+        self._by_port: dict[tuple[str, int, int], list[Mapping]] = {}
+        for mapping in mappings:
+            self.add(mapping)
+
+    def add(self, mapping: Mapping) -> None:
+        key = (mapping.proto, mapping.family, mapping.host_port)
+        self._by_port.setdefault(key, []).append(mapping)
+
+    def conflict(self, candidate: Iterable[Mapping]) -> Mapping | None:
+        """A published mapping that claims the same host port as one of ``candidate``."""
+        for mine in candidate:
+            for other in self._by_port.get((mine.proto, mine.family, mine.host_port), ()):
+                if overlaps(mine, other):
+                    return other
+        return None
+
+
 def find_conflict(candidate: Iterable[Mapping], taken: Iterable[Mapping]) -> Mapping | None:
-    taken_list = list(taken)
-    for mine in candidate:
-        for other in taken_list:
-            if overlaps(mine, other):
-                return other
-    return None
+    return PortIndex(taken).conflict(candidate)

@@ -7,7 +7,22 @@ chain atomically, so the kernel never sees a half-applied rule set. Only the jum
 built-in chains (FORWARD, POSTROUTING) are shared with others, so they are checked against the
 current ``iptables-save`` output and added or removed one by one (kube-proxy does the same).
 
-Two kinds of decisions, in two places, for every pybridge network with bridge B:
+Three kinds of decisions, in three places, for every pybridge network with bridge B:
+
+*What may reach the host itself* is decided in the raw table, before conntrack and NAT:
+
+    PYBRIDGE-PREROUTING (raw; jumped to from PREROUTING, first)
+        -d 127.0.0.0/8 ! -i lo -j DROP                                (IPv6: -d ::1/128)
+      internal networks, for each gateway address GW of B:
+        -d GW -i B -j RETURN                                          its own gateway
+        (IPv6: -d fe80::/10 -i B -p ipv6-icmp -j RETURN               neighbour discovery)
+        -i B -m addrtype --dst-type LOCAL -j DROP                     no other host address
+
+  route_localnet on the bridges (so the host's own 127.0.0.1:PORT reaches published ports)
+  would otherwise let a container that routes 127.0.0.1 to its gateway reach every service
+  the host binds to loopback (CVE-2020-8558), and a DNAT rule for 127.0.0.1 would answer a
+  LAN neighbour sending to 127.0.0.1 (moby#45610). Replies to the host's own connections
+  arrive addressed to the gateway (their de-masquerade comes after raw), so they pass.
 
 *Accepts* live in the filter table, whose FORWARD policy Docker sets to DROP (under nftables an
 accept is only final in the table that drops):
@@ -27,16 +42,20 @@ whenever it creates a network, above pybridge's jump, and those must not open a 
 Docker's bridges and pybridge's. A DROP is final wherever it happens.
 
     PYBRIDGE-ISOLATION (mangle; jumped to from FORWARD, first)
+        -i B -o B -j RETURN                          (every network) within one network: left
+                                                     to filter, even for a bridge named br-x
+        ! -i B -o B -j DROP ; -i B ! -o B -j DROP    (internal networks) nothing in or out,
+                                                     not even replies or published ports
         -m conntrack --ctstate RELATED,ESTABLISHED,DNAT -j RETURN     replies, published ports
         ! -i B -o B -j DROP                                           nothing new gets in
         -i B -o docker0 -j DROP ; -i B -o br-+ -j DROP                not into Docker's bridges
-        (internal networks: -i B ! -o B -j DROP instead of the last two)
 
-NAT, per network that is not internal:
+NAT:
 
     PYBRIDGE-DNAT (nat; from PREROUTING and OUTPUT for local destinations): published ports
+        -i B -j RETURN                                                (internal networks, first)
         [-d HOST_IP] -p PROTO -m PROTO --dport HOST_PORT -j DNAT --to-destination CIP:CPORT
-    PYBRIDGE-POSTROUTING (nat; from POSTROUTING)
+    PYBRIDGE-POSTROUTING (nat; from POSTROUTING), per network that is not internal:
         -s 127.0.0.0/8 -o B -j MASQUERADE                             127.0.0.1:PORT (IPv4)
         -s SUBNET -o B -m conntrack --ctstate DNAT -j MASQUERADE      hairpin
         -s SUBNET ! -o B -j MASQUERADE                                egress (unless disabled)
@@ -50,8 +69,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .model import Family, IPNetwork, Mapping
+from .model import Family, IPAddress, IPNetwork, Mapping
 
+RAW_CHAIN = "PYBRIDGE-PREROUTING"
 FORWARD_CHAIN = "PYBRIDGE-FORWARD"
 ISOLATION_CHAIN = "PYBRIDGE-ISOLATION"
 POSTROUTING_CHAIN = "PYBRIDGE-POSTROUTING"
@@ -62,6 +82,7 @@ OWN_CHAINS: dict[str, tuple[str, ...]] = {
     "filter": (FORWARD_CHAIN,),
     "mangle": (ISOLATION_CHAIN,),
     "nat": (DNAT_CHAIN, POSTROUTING_CHAIN),
+    "raw": (RAW_CHAIN,),
 }
 
 
@@ -93,10 +114,12 @@ JUMPS: tuple[Jump, ...] = (
     Jump("nat", "PREROUTING", DNAT_CHAIN, match="-m addrtype --dst-type LOCAL"),
     Jump("nat", "OUTPUT", DNAT_CHAIN, match="-m addrtype --dst-type LOCAL"),
     Jump("nat", "POSTROUTING", POSTROUTING_CHAIN),
+    Jump("raw", "PREROUTING", RAW_CHAIN),
 )
 
 # Docker's own bridges: docker0 and br-<12 hex> for user-defined bridge networks.
 DOCKER_BRIDGE_PATTERNS = ("docker0", "br-+")
+LOOPBACK: dict[Family, str] = {4: "127.0.0.0/8", 6: "::1/128"}
 
 
 @dataclass(frozen=True)
@@ -110,6 +133,9 @@ class NetworkRules:
     icc: bool = True
     masquerade: bool = True
     mappings: tuple[Mapping, ...] = ()
+    # The gateway addresses on the bridge (both families): all an internal network may reach
+    # of the host.
+    gateways: tuple[IPAddress, ...] = ()
 
     def subnets(self, family: Family) -> tuple[IPNetwork, ...]:
         return self.subnets_v4 if family == 4 else self.subnets_v6
@@ -132,20 +158,47 @@ def render_chain_rules(networks: Sequence[NetworkRules], family: Family) -> dict
     for net in networks:
         fwd.append(f"-A {FORWARD_CHAIN} -i {net.bridge} -j {'DROP' if net.internal else 'ACCEPT'}")
 
-    iso = [f"-A {ISOLATION_CHAIN} -m conntrack --ctstate RELATED,ESTABLISHED,DNAT -j RETURN"]
+    # Traffic within one network is left to filter (ICC), so no drop below can match a
+    # bridge that happens to be named like Docker's (br-x, docker0).
+    iso = [f"-A {ISOLATION_CHAIN} -i {n.bridge} -o {n.bridge} -j RETURN" for n in networks]
+    # Internal networks: nothing in or out, checked before replies and published ports are
+    # let through (an internal container must not reach another network through a DNAT).
+    # Written in iptables-save's own order (-i before -o), so saved rules compare equal.
     for net in networks:
-        b = net.bridge
-        # Written in iptables-save's own order (-i before -o), so saved rules compare equal.
-        iso.append(f"-A {ISOLATION_CHAIN} ! -i {b} -o {b} -j DROP")
         if net.internal:
-            iso.append(f"-A {ISOLATION_CHAIN} -i {b} ! -o {b} -j DROP")
-        else:
+            b = net.bridge
             iso += [
-                f"-A {ISOLATION_CHAIN} -i {b} -o {pattern} -j DROP"
-                for pattern in DOCKER_BRIDGE_PATTERNS
+                f"-A {ISOLATION_CHAIN} ! -i {b} -o {b} -j DROP",
+                f"-A {ISOLATION_CHAIN} -i {b} ! -o {b} -j DROP",
             ]
+    iso.append(f"-A {ISOLATION_CHAIN} -m conntrack --ctstate RELATED,ESTABLISHED,DNAT -j RETURN")
+    for net in networks:
+        if net.internal:
+            continue
+        b = net.bridge
+        iso.append(f"-A {ISOLATION_CHAIN} ! -i {b} -o {b} -j DROP")
+        iso += [f"-A {ISOLATION_CHAIN} -i {b} -o {p} -j DROP" for p in DOCKER_BRIDGE_PATTERNS]
 
-    dnat: list[str] = []
+    # Nothing addressed to loopback comes from anywhere but the host itself.
+    raw = [f"-A {RAW_CHAIN} -d {LOOPBACK[family]} ! -i lo -j DROP"]
+    for net in networks:
+        if not net.internal:
+            continue
+        b = net.bridge
+        # Only its own gateway addresses (and ICMPv6 to the bridge's link-local address, which
+        # neighbour discovery needs) of all the host's addresses. Both families whatever the
+        # network's subnets: a container can address the host over IPv6 link-local alone.
+        raw += [
+            f"-A {RAW_CHAIN} -d {gw}/{gw.max_prefixlen} -i {b} -j RETURN"
+            for gw in net.gateways
+            if gw.version == family
+        ]
+        if family == 6:
+            raw.append(f"-A {RAW_CHAIN} -d fe80::/10 -i {b} -p ipv6-icmp -j RETURN")
+        raw.append(f"-A {RAW_CHAIN} -i {b} -m addrtype --dst-type LOCAL -j DROP")
+
+    # No published port is reachable from an internal network, not even through its gateway.
+    dnat = [f"-A {DNAT_CHAIN} -i {n.bridge} -j RETURN" for n in networks if n.internal]
     post: list[str] = []
     for net in networks:
         if net.internal:
@@ -169,7 +222,7 @@ def render_chain_rules(networks: Sequence[NetworkRules], family: Family) -> dict
             )
             if net.masquerade:
                 post.append(f"-A {POSTROUTING_CHAIN} -s {subnet} ! -o {b} -j MASQUERADE")
-    return {"filter": fwd, "mangle": iso, "nat": dnat + post}
+    return {"filter": fwd, "mangle": iso, "nat": dnat + post, "raw": raw}
 
 
 def _dnat_rule(m: Mapping) -> str:

@@ -7,10 +7,12 @@ import logging
 from pathlib import Path
 
 from .errors import HostError
+from .model import InterfaceSetting
 
 log = logging.getLogger(__name__)
 
 PROC_SYS = Path("/proc/sys")
+_FAMILY_DIR: dict[InterfaceSetting, str] = {"route_localnet": "ipv4", "accept_ra": "ipv6"}
 
 
 def _read(path: Path) -> str | None:
@@ -53,13 +55,28 @@ class Sysctl:
         # router advertisements need accept_ra=2 on the uplink (forwarding disables RA there).
         await self.ensure("net.ipv6.conf.all.forwarding", "1")
 
+    def _interface_path(self, ifname: str, setting: InterfaceSetting) -> Path:
+        # Interface names may contain dots, so build the path by parts, not from a dotted key.
+        return self.root / "net" / _FAMILY_DIR[setting] / "conf" / ifname / setting
+
     async def enable_route_localnet(self, ifname: str) -> None:
-        path = self.root / "net" / "ipv4" / "conf" / ifname / "route_localnet"
+        path = self._interface_path(ifname, "route_localnet")
         if path.exists():
             await asyncio.to_thread(_ensure, path, "1")
 
     async def disable_accept_ra(self, ifname: str) -> None:
-        # Interface names may contain dots, so build the path by parts, not from a dotted key.
-        path = self.root / "net" / "ipv6" / "conf" / ifname / "accept_ra"
+        path = self._interface_path(ifname, "accept_ra")
         if path.exists():
             await asyncio.to_thread(_ensure, path, "0")
+
+    async def interface_setting(self, ifname: str, setting: InterfaceSetting) -> str | None:
+        """The current value, or None when the interface (or IPv6 on it) does not exist."""
+        return await asyncio.to_thread(_read, self._interface_path(ifname, setting))
+
+    async def restore_interface_setting(
+        self, ifname: str, setting: InterfaceSetting, value: str
+    ) -> None:
+        """Put a value back; nothing to do once the interface is gone."""
+        path = self._interface_path(ifname, setting)
+        if await asyncio.to_thread(path.exists) and await asyncio.to_thread(_ensure, path, value):
+            log.info("restored %s on %s to %s", setting, ifname, value)

@@ -2,15 +2,18 @@
 # Start, stop or restart dockerd: start | stop | restart | pid | fetch.
 #
 # DOCKERD_VERSION picks the daemon: "20.10" (default: Debian bookworm's docker.io, installed
-# by install.sh) or "26" (Debian trixie's docker.io 26.1, fetched into .cache/docker26 and run
-# with its own data root, exec root and pid file). Run only one dockerd at a time: both use
-# /run/docker/plugins, the same iptables chains and docker0.
+# by install.sh), "26" (Debian trixie's docker.io 26.1, fetched into .cache/docker26) or "28"
+# (Debian sid's docker.io 28.5 with sid's containerd 2.1 and bookworm's runc, fetched into
+# .cache/docker28); the fetched ones run with their own data root, exec root and pid file. Run
+# only one dockerd at a time: they all use /run/docker/plugins, the same iptables chains and
+# docker0.
 # Without systemd, only the dockerd whose pid is in its pid file is ever stopped.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VERSION="${DOCKERD_VERSION:-20.10}"
 D26="${DOCKERD26_DIR:-$ROOT/.cache/docker26}"
+D28="${DOCKERD28_DIR:-$ROOT/.cache/docker28}"
 case "$VERSION" in
     20.10)
         LOG="${DOCKERD_LOG:-/var/log/dockerd.log}"
@@ -25,24 +28,49 @@ case "$VERSION" in
                  --exec-root /run/docker26 --pidfile "$PIDFILE")
         EXTRA_PATH="$D26/root/usr/sbin:"  # its own docker-proxy
         ;;
-    *) echo "DOCKERD_VERSION must be 20.10 or 26" >&2; exit 2 ;;
+    28)
+        LOG="${DOCKERD_LOG:-/var/log/dockerd28.log}"
+        PIDFILE="/run/docker28.pid"
+        DOCKERD=("$D28/root/usr/sbin/dockerd" --data-root /var/lib/docker28
+                 --exec-root /run/docker28 --pidfile "$PIDFILE")
+        # Its own docker-proxy, containerd 2.1 and shim, docker-init; runc is bookworm's.
+        EXTRA_PATH="$D28/root/usr/sbin:$D28/root/usr/bin:"
+        ;;
+    *) echo "DOCKERD_VERSION must be 20.10, 26 or 28" >&2; exit 2 ;;
 esac
 
 answers() { docker info >/dev/null 2>&1; }
 systemd_managed() { [ "$VERSION" = 20.10 ] && [ -d /run/systemd/system ]; }
 
-fetch() {
-    [ "$VERSION" = 26 ] || return 0
-    [ -x "$D26/root/usr/sbin/dockerd" ] && return 0
-    echo "[dockerd] fetching docker.io 26.1 from Debian trixie into $D26"
-    mkdir -p "$D26/lists/partial" "$D26/cache/archives/partial"
-    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main" \
-        >"$D26/sources.list"
-    local apt=(-q -o "Dir::Etc::SourceList=$D26/sources.list" -o Dir::Etc::SourceParts=/dev/null
-               -o "Dir::State::Lists=$D26/lists" -o "Dir::Cache=$D26/cache")
+# Debian packages of another release, downloaded with a private apt configuration and unpacked
+# into DIR/root (nothing is installed): fetch_debs DIR SUITE PACKAGE...
+fetch_debs() {
+    local dir="$1" suite="$2"
+    shift 2
+    echo "[dockerd] fetching $* from Debian $suite into $dir"
+    mkdir -p "$dir/lists/partial" "$dir/cache/archives/partial" "$dir/debs"
+    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian $suite main" \
+        >"$dir/sources.list"
+    local apt=(-q -o "Dir::Etc::SourceList=$dir/sources.list" -o Dir::Etc::SourceParts=/dev/null
+               -o "Dir::State::Lists=$dir/lists" -o "Dir::Cache=$dir/cache")
     apt-get "${apt[@]}" update >/dev/null
-    (cd "$D26" && apt-get "${apt[@]}" download docker.io >/dev/null 2>&1)
-    dpkg -x "$D26"/docker.io_*.deb "$D26/root"
+    (cd "$dir/debs" && apt-get "${apt[@]}" download "$@" >/dev/null 2>&1)
+    local deb
+    for deb in "$dir"/debs/*.deb; do dpkg -x "$deb" "$dir/root"; done
+}
+
+fetch() {
+    case "$VERSION" in
+        26)
+            [ -x "$D26/root/usr/sbin/dockerd" ] || fetch_debs "$D26" trixie docker.io
+            ;;
+        28)
+            # sid's runc needs a newer glibc than bookworm's: dockerd 28 runs with bookworm's.
+            command -v runc >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q runc >/dev/null
+            [ -x "$D28/root/usr/sbin/dockerd" ] \
+                || fetch_debs "$D28" sid docker.io containerd tini-static docker-compose
+            ;;
+    esac
 }
 
 running_pid() {

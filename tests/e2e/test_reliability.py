@@ -83,6 +83,7 @@ def test_firewall_heals_itself_without_touching_other_rules(
             ("filter", ["FORWARD", "PYBRIDGE-FORWARD"]),
             ("mangle", ["FORWARD", "PYBRIDGE-ISOLATION"]),
             ("nat", ["PREROUTING", "OUTPUT", "PYBRIDGE-DNAT", "PYBRIDGE-POSTROUTING"]),
+            ("raw", ["PREROUTING", "PYBRIDGE-PREROUTING"]),
         ):
             for chain in chains:
                 run(["iptables", "-t", table, "-F", chain])
@@ -96,6 +97,8 @@ def test_firewall_heals_itself_without_touching_other_rules(
         assert d.exec(a, "nc", "-w", "3", outside.ip, str(outside.port)) == outside.host_ip
         restored = run(["iptables-save"]).stdout
         assert "-A PYBRIDGE-ISOLATION" in restored
+        assert "-A PREROUTING -j PYBRIDGE-PREROUTING" in restored
+        assert "-A PYBRIDGE-PREROUTING -d 127.0.0.0/8 ! -i lo -j DROP" in restored
         # Nobody else's rules were put back: that is their owner's business.
         assert "-A FORWARD -j DOCKER-USER" not in restored
     finally:

@@ -22,6 +22,7 @@ from pydriver.netlink import MAX_BRIDGE_PORTS, Netlink
 from pydriver.rules import NetworkRules, jumps_present, parse_save, pybridge_rules_in
 from pydriver.store import Store
 from tests.hostenv import require_root, run
+from tests.privileged.netns_sysctl import NetnsSysctl
 
 pytestmark = pytest.mark.privileged
 
@@ -108,10 +109,19 @@ async def test_firewall_apply_is_atomic_idempotent_and_cleans_up(
             "pyb-one",
             (ipaddress.ip_network("10.213.41.0/24"),),
             (ipaddress.ip_network("fd00:213:41::/64"),),
-        )
+        ),
+        # Every kind of rule an internal network adds (raw, DNAT RETURN) reads back the same.
+        NetworkRules(
+            "br-pbtinternal",
+            (ipaddress.ip_network("10.213.43.0/24"),),
+            (ipaddress.ip_network("fd00:213:43::/64"),),
+            internal=True,
+            gateways=(ipaddress.ip_address("10.213.43.1"), ipaddress.ip_address("fd00:213:43::1")),
+        ),
     ]
     for _ in range(3):
         await firewall.apply(nets)
+    assert await firewall.drift(nets) == []
     text = in_ns(netns, *save)
     assert jumps_present(text) == [
         "-A FORWARD -j PYBRIDGE-FORWARD",
@@ -119,6 +129,7 @@ async def test_firewall_apply_is_atomic_idempotent_and_cleans_up(
         "-A PREROUTING -m addrtype --dst-type LOCAL -j PYBRIDGE-DNAT",
         "-A OUTPUT -m addrtype --dst-type LOCAL -j PYBRIDGE-DNAT",
         "-A POSTROUTING -j PYBRIDGE-POSTROUTING",
+        "-A PREROUTING -j PYBRIDGE-PREROUTING",
     ]
     forward = [r for r in parse_save(text)["filter"][1] if r.startswith("-A FORWARD")]
     assert forward[:2] == ["-A FORWARD -j DOCKER-USER", "-A FORWARD -j PYBRIDGE-FORWARD"]
@@ -139,23 +150,6 @@ async def test_firewall_apply_is_atomic_idempotent_and_cleans_up(
     await firewall.apply([])  # nothing left to remove is fine
 
 
-class _Sysctl:
-    def __init__(self, netns: str) -> None:
-        self.netns = netns
-
-    async def ensure_ipv4_forwarding(self) -> None:
-        in_ns(self.netns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-
-    async def enable_route_localnet(self, ifname: str) -> None:
-        in_ns(self.netns, "sysctl", "-qw", f"net.ipv4.conf.{ifname}.route_localnet=1")
-
-    async def ensure_ipv6_forwarding(self) -> None:
-        in_ns(self.netns, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
-
-    async def disable_accept_ra(self, ifname: str) -> None:
-        return None
-
-
 def _hex() -> str:
     return secrets.token_hex(32)
 
@@ -174,7 +168,7 @@ async def test_driver_datapath_with_forward_drop(
     outside = _netns()
     store = Store(tmp_path)
     try:
-        driver = NetworkDriver(store, nl, Firewall(backend, netns=netns), _Sysctl(netns))
+        driver = NetworkDriver(store, nl, Firewall(backend, netns=netns), NetnsSysctl(netns))
         network_id = _hex()
         await driver.create_network(
             p.parse_create_network(

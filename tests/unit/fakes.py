@@ -12,7 +12,7 @@ from typing import Any
 from pydriver.errors import Conflict, DriverError, HostError
 from pydriver.hostports import PortInUse
 from pydriver.ipam import HostRoute
-from pydriver.model import IPInterface, Mapping
+from pydriver.model import InterfaceSetting, IPInterface, Mapping
 from pydriver.netlink import Link
 from pydriver.protocol import (
     ENABLE_IPV6,
@@ -258,12 +258,19 @@ class FakeFirewall:
         return {n.bridge for n in self.last}
 
 
+# What a new interface has (Debian's defaults).
+KERNEL_DEFAULTS: dict[InterfaceSetting, str] = {"route_localnet": "0", "accept_ra": "1"}
+
+
 @dataclass
 class FakeSysctl:
     forwarding: int = 0
     forwarding_v6: int = 0
     route_localnet: list[str] = field(default_factory=list)
     accept_ra_disabled: list[str] = field(default_factory=list)
+    # Per-interface values; an interface not listed has KERNEL_DEFAULTS.
+    values: dict[tuple[str, InterfaceSetting], str] = field(default_factory=dict)
+    restored: list[tuple[str, InterfaceSetting, str]] = field(default_factory=list)
 
     async def ensure_ipv4_forwarding(self) -> None:
         self.forwarding += 1
@@ -273,9 +280,23 @@ class FakeSysctl:
 
     async def enable_route_localnet(self, ifname: str) -> None:
         self.route_localnet.append(ifname)
+        self.values[(ifname, "route_localnet")] = "1"
 
     async def disable_accept_ra(self, ifname: str) -> None:
         self.accept_ra_disabled.append(ifname)
+        self.values[(ifname, "accept_ra")] = "0"
+
+    async def interface_setting(self, ifname: str, setting: InterfaceSetting) -> str | None:
+        return self.values.get((ifname, setting), KERNEL_DEFAULTS[setting])
+
+    async def restore_interface_setting(
+        self, ifname: str, setting: InterfaceSetting, value: str
+    ) -> None:
+        self.restored.append((ifname, setting, value))
+        self.values[(ifname, setting)] = value
+
+    def value(self, ifname: str, setting: InterfaceSetting) -> str:
+        return self.values.get((ifname, setting), KERNEL_DEFAULTS[setting])
 
 
 @dataclass

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import pytest
 
 from pydriver import protocol as p
-from pydriver.errors import HostError
+from pydriver.errors import DriverError, HostError
 from pydriver.fwsync import FirewallWriter
 from pydriver.naming import host_veth_name
 from pydriver.rules import NetworkRules
@@ -23,7 +23,7 @@ NET, EP = hexid("bg-net"), hexid("bg-ep")
 class SlowFirewall:
     def __init__(self) -> None:
         self.writes: list[int] = []
-        self.fail: HostError | None = None
+        self.fail: Exception | None = None
 
     async def apply(self, networks: Sequence[NetworkRules], *, force: bool = False) -> None:
         await asyncio.sleep(0.01)
@@ -58,6 +58,50 @@ async def test_writer_reports_failures_to_whoever_waits() -> None:
     await writer.write()  # the next write succeeds and clears the failure
     assert firewall.writes == [0]
     await writer.stop()
+
+
+async def test_writer_survives_an_unexpected_exception() -> None:
+    """A bug in a write (not a DriverError) must not kill the writer: the waiter gets a plain
+    sentence, and the next write goes through."""
+    firewall = SlowFirewall()
+    writer = FirewallWriter(firewall.apply, list)
+    firewall.fail = RuntimeError("boom\nTraceback: not for Docker")
+    with pytest.raises(DriverError) as caught:
+        await asyncio.wait_for(writer.write(), 2)
+    assert str(caught.value) == (
+        "pybridge could not write its firewall rules because of an internal error "
+        "(RuntimeError); see the pybridge log"
+    )
+    # Several waiters at once, all told; none left hanging.
+    results = await asyncio.wait_for(
+        asyncio.gather(*(writer.write() for _ in range(3)), return_exceptions=True), 2
+    )
+    assert all(isinstance(r, DriverError) for r in results)
+    firewall.fail = None
+    await asyncio.wait_for(writer.write(), 2)
+    assert firewall.writes == [0]
+    await asyncio.wait_for(writer.settle(), 2)
+    await writer.stop()
+
+
+async def test_stopping_the_writer_releases_its_waiters() -> None:
+    started = asyncio.Event()
+    never = asyncio.Event()
+
+    async def stuck(networks: Sequence[NetworkRules], *, force: bool = False) -> None:
+        started.set()
+        await never.wait()
+
+    writer = FirewallWriter(stuck, list)
+    waiter = asyncio.create_task(writer.write())
+    settled = asyncio.create_task(writer.settle())
+    await asyncio.wait_for(started.wait(), 2)
+    await asyncio.wait_for(writer.stop(), 2)
+    with pytest.raises(HostError, match="shutting down"):
+        await asyncio.wait_for(waiter, 2)
+    await asyncio.wait_for(settled, 2)
+    with pytest.raises(HostError, match="shutting down"):  # and nothing starts again
+        await asyncio.wait_for(writer.write(), 2)
 
 
 async def test_production_mode_answers_before_background_work(env: Env) -> None:

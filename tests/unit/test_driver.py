@@ -19,7 +19,7 @@ from pydriver.errors import (
     Unsupported,
 )
 from pydriver.ipam import LOCAL_ADDRESS_SPACE, HostRoute
-from pydriver.model import Endpoint, Network, NetworkOptions, Subnet
+from pydriver.model import BridgeSettings, Endpoint, Network, NetworkOptions, Subnet
 from pydriver.naming import (
     bridge_mac,
     bridge_name,
@@ -98,7 +98,11 @@ async def test_create_network(env: Env) -> None:
     assert link.mac == bridge_mac(NET_A)
     assert env.kernel.addresses[BR_A] == [iface("10.50.0.1/24")]
     assert env.firewall.last == [
-        NetworkRules(bridge=BR_A, subnets_v4=(ipaddress.ip_network("10.50.0.0/24"),))
+        NetworkRules(
+            bridge=BR_A,
+            subnets_v4=(ipaddress.ip_network("10.50.0.0/24"),),
+            gateways=(ipaddress.ip_address("10.50.0.1"),),
+        )
     ]
     assert env.sysctl.forwarding >= 1
     assert BR_A in env.sysctl.accept_ra_disabled
@@ -171,21 +175,131 @@ async def test_bridge_name_option(env: Env) -> None:
 
 async def test_existing_user_bridge_is_adopted_and_kept(env: Env) -> None:
     env.kernel.add_link("br-user", "bridge", up=True, mac="02:00:00:00:00:01")
-    env.kernel.addresses["br-user"] = [iface("192.168.77.1/24")]
+    # Addresses of its own within the subnet, and IPv6 link-local, are fine.
+    env.kernel.addresses["br-user"] = [iface("10.50.0.254/24"), iface("fe80::1/64")]
     await create_network(env.driver, NET_A, generic={BRIDGE_NAME: "br-user"})
     network = env.driver.networks[NET_A]
     assert network.bridge == "br-user"
     assert network.bridge_owned is False
     assert (await stored_networks(env))[NET_A].bridge_owned is False
-    assert env.kernel.addresses["br-user"] == [iface("192.168.77.1/24"), iface("10.50.0.1/24")]
+    assert env.kernel.addresses["br-user"] == [
+        iface("10.50.0.254/24"),
+        iface("fe80::1/64"),
+        iface("10.50.0.1/24"),
+    ]
 
     await env.driver.delete_network(net_ref(NET_A))
     assert "br-user" in env.kernel.names()
     assert env.kernel.links_by_name["br-user"].mac == "02:00:00:00:00:01"
-    assert env.kernel.addresses["br-user"] == [iface("192.168.77.1/24")]
+    assert env.kernel.addresses["br-user"] == [iface("10.50.0.254/24"), iface("fe80::1/64")]
     assert ("delete_link", "br-user") not in env.kernel.calls
     assert env.driver.networks == {}
     assert await stored_networks(env) == {}
+
+
+async def test_an_adopted_bridge_gets_its_settings_back(env: Env) -> None:
+    link = env.kernel.add_link("br-user", "bridge", up=False, mtu=9000)
+    env.sysctl.values[("br-user", "accept_ra")] = "2"
+    await create_network(env.driver, NET_A, generic={BRIDGE_NAME: "br-user", "mtu": "1400"})
+    stored = (await stored_networks(env))[NET_A]
+    assert stored.previous_settings == BridgeSettings(
+        route_localnet="0", accept_ra="2", mtu=9000, up=False
+    )
+    assert env.sysctl.value("br-user", "route_localnet") == "1"
+    assert env.sysctl.value("br-user", "accept_ra") == "0"
+    assert (link.mtu, link.up) == (1400, True)
+
+    await env.driver.delete_network(net_ref(NET_A))
+    assert env.sysctl.value("br-user", "route_localnet") == "0"
+    assert env.sysctl.value("br-user", "accept_ra") == "2"
+    assert (link.mtu, link.up) == (9000, False)
+    assert "br-user" in env.kernel.names()
+
+
+async def test_an_adopted_bridge_already_set_as_pybridge_wants_is_left_alone(env: Env) -> None:
+    env.kernel.add_link("br-user", "bridge", up=True)
+    env.sysctl.values[("br-user", "accept_ra")] = "0"
+    # An internal network never sets route_localnet, so it has nothing to restore.
+    await create_network(env.driver, NET_A, generic={BRIDGE_NAME: "br-user"}, internal=True)
+    assert env.driver.networks[NET_A].previous_settings == BridgeSettings()
+    assert env.sysctl.value("br-user", "route_localnet") == "0"
+    await env.driver.delete_network(net_ref(NET_A))
+    assert env.sysctl.restored == []
+
+
+async def test_a_replayed_create_keeps_the_settings_found_the_first_time(env: Env) -> None:
+    env.kernel.add_link("br-user", "bridge", up=True)
+    env.sysctl.values[("br-user", "accept_ra")] = "2"
+    await create_network(env.driver, NET_A, generic={BRIDGE_NAME: "br-user"})
+    # A crash before the answer: the record is "creating", the bridge has pybridge's settings.
+    network = env.driver.networks[NET_A].with_changes(state="creating")
+    await env.store.put_network(network)
+    driver = await env.restart()
+    await create_network(driver, NET_A, generic={BRIDGE_NAME: "br-user"})
+    assert driver.networks[NET_A].previous_settings.accept_ra == "2"
+    await driver.delete_network(net_ref(NET_A))
+    assert env.sysctl.value("br-user", "accept_ra") == "2"
+
+
+async def test_an_interrupted_delete_of_an_adopted_network_restores_its_bridge(env: Env) -> None:
+    env.kernel.add_link("br-user", "bridge", up=True)
+    env.sysctl.values[("br-user", "accept_ra")] = "2"
+    await create_network(env.driver, NET_A, generic={BRIDGE_NAME: "br-user"})
+    network = env.driver.networks[NET_A].with_changes(state="deleting")
+    await env.store.put_network(network)
+    driver = await env.restart()
+    await driver.reconcile()
+    assert driver.networks == {}
+    assert env.sysctl.value("br-user", "accept_ra") == "2"
+    assert env.sysctl.value("br-user", "route_localnet") == "0"
+    assert env.kernel.addresses["br-user"] == []
+    assert "br-user" in env.kernel.names()
+
+
+async def test_a_bridge_with_addresses_outside_the_subnets_is_refused(env: Env) -> None:
+    env.kernel.add_link("br-user", "bridge", up=True)
+    env.kernel.addresses["br-user"] = [iface("192.168.77.1/24")]
+    with pytest.raises(Conflict) as info:
+        await create_network(env.driver, NET_A, generic={BRIDGE_NAME: "br-user"})
+    assert str(info.value) == (
+        "bridge br-user has the address 192.168.77.1/24, outside the network's subnets; "
+        "pybridge adopts only a bridge with no addresses but the network's own: choose another "
+        "bridge name or subnet"
+    )
+    assert await stored_networks(env) == {}
+    assert env.sysctl.values == {}
+    # A global IPv6 address counts too.
+    env.kernel.addresses["br-user"] = [iface("2001:db8::1/64")]
+    with pytest.raises(Conflict, match="2001:db8::1/64"):
+        await create_network(env.driver, NET_A, generic={BRIDGE_NAME: "br-user"})
+
+
+async def test_the_bridge_of_the_default_route_is_refused(env: Env) -> None:
+    env.kernel.add_link("br-up", "bridge", up=True)
+    for default, family in (("0.0.0.0/0", 4), ("::/0", 6)):
+        env.kernel.extra_routes = [HostRoute(ipaddress.ip_network(default), "br-up")]
+        with pytest.raises(Conflict) as info:
+            await create_network(env.driver, NET_A, generic={BRIDGE_NAME: "br-up"})
+        assert str(info.value) == (
+            f"bridge br-up carries the host's default IPv{family} route; pybridge does not take "
+            "over the host's uplink: choose another bridge name"
+        )
+    assert await stored_networks(env) == {}
+    assert env.kernel.addresses.get("br-up", []) == []
+
+
+async def test_a_pyb_bridge_pybridge_did_not_make_is_refused(env: Env) -> None:
+    # Start-up deletes unknown pyb-* bridges, so adopting one would delete it later.
+    env.kernel.add_link("pyb-handmade", "bridge", up=True)
+    with pytest.raises(Conflict, match="names starting with pyb- are pybridge's own"):
+        await create_network(env.driver, NET_A, generic={BRIDGE_NAME: "pyb-handmade"})
+    assert "pyb-handmade" in env.kernel.names()
+
+
+async def test_lo_is_refused_as_a_bridge_name(env: Env) -> None:
+    env.kernel.add_link("lo", None)
+    with pytest.raises(Conflict, match="interface lo already exists and is not a bridge"):
+        await create_network(env.driver, NET_A, generic={BRIDGE_NAME: "lo"})
 
 
 async def test_bridge_name_of_a_non_bridge_interface(env: Env) -> None:
@@ -778,18 +892,33 @@ async def test_gateway_already_on_a_user_bridge_is_left_there(env: Env) -> None:
     assert env.kernel.addresses["br-user"] == [iface("10.50.0.1/24")]
 
 
-async def test_vanished_user_bridge_is_recreated_and_then_owned(env: Env) -> None:
+async def test_vanished_user_bridge_is_recreated_but_never_deleted(env: Env) -> None:
     env.kernel.add_link("br-user", "bridge", up=True)
+    env.kernel.addresses["br-user"] = [iface("10.50.0.1/24")]
+    env.sysctl.values[("br-user", "accept_ra")] = "2"
     await create_network(env.driver, NET_A, generic={BRIDGE_NAME: "br-user"})
-    await env.driver.delete_endpoint(ref(NET_A, EP_1))
     await env.kernel.delete_link("br-user")
+    env.sysctl.values.clear()  # the bridge went, and its settings with it
+    env.kernel.calls.clear()
     driver = await env.restart()
     repairs = await driver.reconcile()
-    assert "recreated bridge br-user" in repairs
-    assert driver.networks[NET_A].bridge_owned is True
-    assert (await stored_networks(env))[NET_A].bridge_owned is True
+    assert repairs == [
+        "recreated bridge br-user, which pybridge did not create: it stays when the network "
+        "is removed"
+    ]
+    assert env.kernel.addresses["br-user"] == [iface("10.50.0.1/24")]
+    network = driver.networks[NET_A]
+    assert network.bridge_owned is False
+    # What a new bridge has is what it gets back; the gateway is no longer the user's.
+    assert network.previous_settings == BridgeSettings(route_localnet="0", accept_ra="1", up=False)
+    assert network.foreign_addresses == ()
+    assert (await stored_networks(env))[NET_A] == network
     await driver.delete_network(net_ref(NET_A))
-    assert "br-user" not in env.kernel.names()
+    assert "br-user" in env.kernel.names()
+    assert ("delete_link", "br-user") not in env.kernel.calls
+    assert env.kernel.addresses["br-user"] == []
+    assert env.sysctl.value("br-user", "accept_ra") == "1"
+    assert env.kernel.links_by_name["br-user"].up is False
 
 
 async def test_reconcile_carries_on_past_a_broken_network(env: Env) -> None:
@@ -957,3 +1086,27 @@ async def test_a_bridge_name_is_reused_only_once_the_old_bridge_is_gone(
     assert "pyb-shared" in env.kernel.names()
     assert env.driver.networks[NET_B].bridge_owned is True
     await env.driver.close()
+
+
+async def test_delete_network_answers_once_its_rules_are_gone(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Docker may hand the subnet or the bridge name to another network as soon as `network
+    rm` answers: rules of the removed network (masquerade, isolation drops) must be gone by
+    then. Only the bridge, which has no address any more, may go just after."""
+    real_apply = env.firewall.apply
+
+    async def slow_apply(networks: Any, *, force: bool = False) -> None:
+        await asyncio.sleep(0.02)  # iptables-restore takes its time
+        await real_apply(networks, force=force)
+
+    monkeypatch.setattr(env.firewall, "apply", slow_apply)
+    await env.restart(eager=False)  # as the service runs
+    await create_network(env.driver, NET_A)
+    await create_network(env.driver, NET_B, "10.51.0.0/24", "10.51.0.1/24")
+    await create_endpoint(env.driver, NET_A, EP_1, ports=True)
+    await env.driver.delete_network(net_ref(NET_A))
+    assert env.firewall.last_bridges() == {BR_B}
+    assert env.kernel.addresses.get(BR_A, []) == []
+    await env.driver.close()
+    assert BR_A not in env.kernel.names()

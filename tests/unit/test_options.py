@@ -165,6 +165,17 @@ def test_invalid_bridge_names(name: str) -> None:
     assert o.BRIDGE_NAME in str(info.value)
 
 
+@pytest.mark.parametrize("name", ["all", "default"])
+def test_bridge_names_that_are_proc_sys_directories_are_refused(name: str) -> None:
+    # A bridge named "all" would have pybridge set route_localnet on every interface.
+    with pytest.raises(InvalidRequest) as info:
+        o.parse_network_options({o.BRIDGE_NAME: name})
+    assert str(info.value) == (
+        f"{o.BRIDGE_NAME} {name!r} is not allowed: /proc/sys/net uses that name for the settings "
+        "of every interface; choose another name"
+    )
+
+
 def test_bridge_name_with_trailing_newline_is_refused() -> None:
     # BUG (options.py _IFNAME_RE): `$` matches before a final "\n", so "br0\n" (and even a
     # 16-character "aaaaaaaaaaaaaaa\n") passes valid_interface_name and would be written into

@@ -3,18 +3,31 @@
 from __future__ import annotations
 
 import ipaddress
+import json
+import logging
 import sqlite3
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from pydriver.doctor import Report, _check_database
 from pydriver.errors import HostError
 from pydriver.ipam import PendingAnswer, Pool
-from pydriver.model import Endpoint, Network, NetworkOptions, PortBinding, Subnet
-from pydriver.store import DB_NAME, SCHEMA_VERSION, Store
+from pydriver.ipamdriver import ULA_META_KEY, IpamDriver
+from pydriver.model import (
+    BridgeSettings,
+    Endpoint,
+    Network,
+    NetworkOptions,
+    PortBinding,
+    Subnet,
+)
+from pydriver.store import DB_NAME, SCHEMA_VERSION, Store, SyncStore, read_state
 
-from .fakes import hexid
+from .fakes import FakeKernel, hexid
 
 NET = hexid("store-net")
 EP = hexid("store-ep")
@@ -46,6 +59,7 @@ def network() -> Network:
         enable_ipv6=True,
         raw_options={"mtu": "1400"},
         state="creating",
+        previous_settings=BridgeSettings(route_localnet="0", accept_ra="2", mtu=9000, up=False),
     )
 
 
@@ -78,6 +92,14 @@ async def test_round_trip_and_cascade(tmp_path: Path) -> None:
         assert await store.check_integrity() == "ok"
     finally:
         store.close()
+
+
+def test_a_network_record_from_before_previous_settings_loads() -> None:
+    data = network().to_dict()
+    del data["previous_settings"]
+    assert Network.from_dict(data) == network().with_changes(previous_settings=BridgeSettings())
+    data["previous_settings"] = {"accept_ra": "2"}
+    assert Network.from_dict(data).previous_settings == BridgeSettings(accept_ra="2")
 
 
 async def test_pools_and_addresses(tmp_path: Path) -> None:
@@ -173,3 +195,254 @@ async def test_schema_2_is_migrated_and_its_pending_answers_count_as_expired(
         assert len(pool.allocated) == 3
     finally:
         store.close()
+
+
+# -- rows that cannot be read, and databases from a newer pybridge -------------------------------
+
+OTHER_NET = hexid("store-net-2")
+OTHER_EP, BAD_EP = hexid("store-ep-2"), hexid("store-ep-bad")
+
+
+def corrupt(state_dir: Path, sql: str, *params: object) -> None:
+    db = sqlite3.connect(state_dir / DB_NAME)
+    with db:
+        db.execute(sql, params)
+    db.close()
+
+
+def quarantine(state_dir: Path) -> list[tuple[str, str, object, str]]:
+    db = sqlite3.connect(state_dir / DB_NAME)
+    try:
+        rows = db.execute("SELECT source, key, data, error FROM quarantine ORDER BY id").fetchall()
+    finally:
+        db.close()
+    return [(str(a), str(b), c, str(d)) for a, b, c, d in rows]
+
+
+async def fill(state_dir: Path) -> None:
+    """Two networks with an endpoint each, a third endpoint, and two pools with addresses."""
+    store = Store(state_dir)
+    try:
+        await store.put_network(network().with_changes(state="ready"))
+        await store.put_network(network().with_changes(id=OTHER_NET, bridge="other"))
+        await store.put_endpoint(endpoint())
+        await store.put_endpoint(endpoint().with_changes(id=OTHER_EP, network_id=OTHER_NET))
+        await store.put_endpoint(endpoint().with_changes(id=BAD_EP, network_id=OTHER_NET))
+        for subnet in ("10.1.0.0/24", "10.2.0.0/24"):
+            pool = Pool(id=subnet, subnet=ipaddress.ip_network(subnet))
+            await store.put_pool(pool)
+            await store.add_address(pool, str(pool.allocate()), "dynamic")
+    finally:
+        store.close()
+
+
+async def test_rows_that_cannot_be_read_are_set_aside_and_the_rest_served(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = tmp_path / "state"
+    await fill(state)
+    corrupt(state, "UPDATE networks SET data='{\"id\": broken' WHERE id=?", NET)
+    bad_bytes = b"\xff\xfe not utf-8 {"
+    corrupt(state, "UPDATE endpoints SET data=CAST(? AS BLOB) WHERE id=?", bad_bytes, BAD_EP)
+    corrupt(state, "UPDATE addresses SET address='10.2.0.999' WHERE pool_id='10.2.0.0/24'")
+    with caplog.at_level(logging.WARNING, logger="pydriver.store"):
+        store = Store(state)
+        try:
+            networks = await store.load_networks()
+            endpoints = await store.load_endpoints()
+            pools = await store.load_pools()
+        finally:
+            store.close()
+    # Served: the other network, its readable endpoint, the readable pool.
+    assert [n.id for n in networks] == [OTHER_NET]
+    assert [e.id for e in endpoints] == [OTHER_EP]
+    assert [p.id for p in pools] == ["10.1.0.0/24"]
+    # Set aside: the network and (with it) its endpoint, the unreadable endpoint byte for
+    # byte, the pool with an unreadable address and its addresses.
+    rows = quarantine(state)
+    assert [(source, key) for source, key, _, _ in rows] == [
+        ("networks", NET),
+        ("endpoints", EP),
+        ("endpoints", BAD_EP),
+        ("pools", "10.2.0.0/24"),
+        ("addresses", "10.2.0.0/24"),
+    ]
+    assert rows[0][2] == '{"id": broken' and "JSONDecodeError" in rows[0][3]
+    assert rows[1][3] == f"its network {NET} cannot be read"
+    assert rows[2][2] == bad_bytes and "UnicodeDecodeError" in rows[2][3]
+    assert "10.2.0.999" in rows[3][3] and rows[4][2] == "10.2.0.999"
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 5
+    assert all("set aside" in r.getMessage() for r in caplog.records)
+    # Nothing left that cannot be read; the next start serves the same and moves nothing.
+    store = Store(state)
+    try:
+        assert [n.id for n in await store.load_networks()] == [OTHER_NET]
+        assert [e.id for e in await store.load_endpoints()] == [OTHER_EP]
+        assert [p.id for p in await store.load_pools()] == ["10.1.0.0/24"]
+        assert await store.quick_check() == "ok"
+    finally:
+        store.close()
+    assert len(quarantine(state)) == 5
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        "[]",
+        "null",
+        json.dumps({"id": NET}),  # a field missing
+        json.dumps({"id": NET, "bridge": "b", "bridge_owned": True, "subnets_v4": [{"pool": "x"}]}),
+        json.dumps({**network().to_dict(), "id": OTHER_NET}),  # not its key
+    ],
+)
+async def test_any_undecodable_network_is_set_aside(tmp_path: Path, data: str) -> None:
+    state = tmp_path / "state"
+    await fill(state)
+    corrupt(state, "UPDATE networks SET data=? WHERE id=?", data, NET)
+    store = Store(state)
+    try:
+        assert [n.id for n in await store.load_networks()] == [OTHER_NET]
+    finally:
+        store.close()
+    assert [r[1] for r in quarantine(state)] == [NET, EP]
+
+
+async def test_read_only_readers_skip_what_cannot_be_read(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    await fill(state)
+    corrupt(state, "UPDATE networks SET data='{' WHERE id=?", NET)
+    corrupt(state, "UPDATE pools SET data='{' WHERE id='10.1.0.0/24'")
+    networks, endpoints = read_state(state)  # status, ports and doctor use this
+    assert [n.id for n in networks] == [OTHER_NET]
+    assert sorted(e.id for e in endpoints) == sorted([OTHER_EP, BAD_EP])
+    report = Report()
+    assert _check_database(state, report)
+    problems = [f for f in report.findings if not f.ok]
+    assert len(problems) == 1
+    assert problems[0].what.startswith("2 row(s) of pybridge's state cannot be read: network ")
+    assert "pool 10.1.0.0/24" in problems[0].what
+    assert problems[0].fix == "restart pybridge: it sets them aside and serves the rest"
+    # Once pybridge has started, doctor reports what it set aside.
+    store = Store(state)
+    try:
+        await store.load_networks()
+        await store.load_endpoints()
+        await store.load_pools()
+    finally:
+        store.close()
+    report = Report()
+    assert _check_database(state, report)
+    (problem,) = [f for f in report.findings if not f.ok]
+    assert problem.what.startswith("4 row(s) of pybridge's state could not be read and were set")
+    assert "network " + NET[:40] in problem.what and "address 10.1.0.0/24" in problem.what
+    assert "DELETE FROM quarantine" in problem.fix and "docker network rm" in problem.fix
+
+
+async def test_an_unreadable_ula_prefix_is_set_aside_and_replaced(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    store = Store(state)
+    try:
+        await store.set_meta(ULA_META_KEY, "fd00:zz::/48")
+        ipam = IpamDriver(store, FakeKernel().routes)
+        await ipam.load()
+        assert ipam.ula_prefix is not None and ipam.ula_prefix.prefixlen == 48
+        assert await store.get_meta(ULA_META_KEY) == str(ipam.ula_prefix)
+    finally:
+        store.close()
+    ((source, key, data, error),) = quarantine(state)
+    assert (source, key, data) == ("meta", ULA_META_KEY, "fd00:zz::/48")
+    assert error.startswith("ValueError: ")
+
+
+def snapshot(state_dir: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(state_dir.iterdir())}
+
+
+def test_newer_schema_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    Store(state).close()
+    corrupt(state, "UPDATE meta SET value=? WHERE key='schema_version'", str(SCHEMA_VERSION + 1))
+    # A newer schema need not have our tables: creating them would already be a write.
+    corrupt(state, "ALTER TABLE addresses RENAME TO leases")
+    before = snapshot(state)
+    assert list(before) == [DB_NAME]  # no -wal or -shm after a clean close
+    with pytest.raises(HostError) as err:
+        Store(state)
+    assert str(err.value) == (
+        f"the state database {state / DB_NAME} is from a newer pybridge (schema "
+        f"{SCHEMA_VERSION + 1}, this version knows {SCHEMA_VERSION}); run that version or a "
+        "newer one"
+    )
+    assert snapshot(state) == before  # byte for byte, and no file created
+
+
+def test_newer_schema_only_in_the_wal_is_refused(tmp_path: Path) -> None:
+    """A newer pybridge killed before a checkpoint: its migration is only in the -wal."""
+    state = tmp_path / "state"
+    Store(state).close()
+    newer = sqlite3.connect(state / DB_NAME, isolation_level=None)
+    try:
+        newer.execute("PRAGMA wal_autocheckpoint=0")
+        newer.execute(
+            "UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION + 1),)
+        )
+        assert (state / f"{DB_NAME}-wal").stat().st_size > 0
+        with pytest.raises(HostError, match="is from a newer pybridge"):
+            Store(state)
+    finally:
+        newer.close()
+
+
+def test_serve_refuses_a_newer_database_in_one_sentence(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    Store(state).close()
+    corrupt(state, "UPDATE meta SET value='99' WHERE key='schema_version'")
+    corrupt(state, "ALTER TABLE addresses RENAME TO leases")
+    before = snapshot(state)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pydriver.cli",
+            "serve",
+            "--socket",
+            str(tmp_path / "pb.sock"),
+            "--state-dir",
+            str(state),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and errors[0].endswith(
+        f"is from a newer pybridge (schema 99, this version knows {SCHEMA_VERSION}); run that "
+        "version or a newer one"
+    )
+    assert snapshot(state) == before
+
+
+def test_quick_check_names_damage(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    sync = SyncStore(state)
+    sync._tx(
+        [
+            ("INSERT INTO networks (id, data) VALUES (?, ?)", (hexid(str(i)), "x" * 3000))
+            for i in range(50)
+        ]
+    )
+    assert sync.quick_check() == "ok"
+    sync.close()
+    path = state / DB_NAME
+    raw = bytearray(path.read_bytes())
+    page = 4096
+    raw[5 * page : 5 * page + 64] = b"\xa5" * 64  # the header of a table page
+    path.write_bytes(bytes(raw))
+    sync = SyncStore(state)
+    try:
+        result = sync.quick_check()
+    finally:
+        sync.close()
+    assert result != "ok" and result

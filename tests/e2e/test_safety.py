@@ -1,0 +1,260 @@
+"""Safe by default (issue 12), through the docker CLI: what a hostile container (one with
+NET_ADMIN in its own namespace) or a LAN neighbour tries must fail, and what users rely on must
+keep working. tests/privileged/test_safety.py proves the same with namespaces alone."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tests.e2e.conftest import (
+    DRIVER,
+    MODE,
+    Docker,
+    cannot_ping,
+    free_subnet,
+    ping,
+    wait_for,
+)
+from tests.hostenv import OUTSIDE_NS_IF, OutsideHost, firewall_dump, link_names, run
+
+ECHO_TCP = ("pbtest-echo", "tcp", "80")
+# A hostile container: may change its own routes, and accepts replies from 127.0.0.1.
+HOSTILE = ("--cap-add", "NET_ADMIN", "--sysctl", "net.ipv4.conf.all.route_localnet=1")
+LOOPBACK_SERVICE = 18410  # a host service bound to 127.0.0.1 only (a database, say)
+HOST_SERVICE = 18411  # a host service on all the host's addresses
+METRICS = 9327  # the host service's metrics, on 127.0.0.1
+
+# Answers each TCP connection with the address it came from.
+_SERVER = r"""
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(16); print("ready", flush=True)
+while True:
+    c, peer = s.accept()
+    c.sendall((peer[0] + "\n").encode()); c.close()
+"""
+
+ROUTE_LOOPBACK_OUT = (
+    "ip rule add pref 10 lookup local && ip rule del pref 0 && "
+    "ip rule add pref 5 to 127.0.0.0/8 lookup 100 && "
+    "ip route add 127.0.0.0/8 via {gateway} dev {dev} table 100"
+)
+
+
+@contextmanager
+def host_server(address: str, port: int) -> Iterator[None]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SERVER, address, str(port)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def tcp(d: Docker, container: str, ip: str, port: int, request: str = "") -> str:
+    """What a TCP connection from ``container`` gets back ("" if nothing answers)."""
+    script = f"printf '{request}' | nc -w 2 {ip} {port}"
+    return d.exec(container, "sh", "-c", script, check=False).strip()
+
+
+def tcp_from_host(ip: str, port: int) -> str:
+    result = run(["busybox", "nc", "-w", "2", ip, str(port)], check=False)
+    return result.stdout.strip()
+
+
+def gateway(subnet: str) -> str:
+    return subnet.rsplit(".", 1)[0] + ".1"
+
+
+def test_a_container_cannot_reach_the_hosts_loopback(d: Docker) -> None:
+    """Item 1: route_localnet is on for pybridge's bridges (so the host's own 127.0.0.1:PORT
+    works), but a container that routes 127.0.0.0/8 to its gateway reaches nothing there."""
+    web_subnet = free_subnet(60)
+    web_net = d.network("--subnet", web_subnet)
+    d.run(web_net, "-p", "127.0.0.1:18400:80", command=ECHO_TCP)
+    assert wait_for(lambda: tcp_from_host("127.0.0.1", 18400) == gateway(web_subnet))
+
+    subnet = free_subnet(61)
+    net = d.network("--subnet", subnet)
+    attacker = d.run(net, *HOSTILE)
+    d.exec(attacker, "sh", "-c", ROUTE_LOOPBACK_OUT.format(gateway=gateway(subnet), dev="eth0"))
+    with host_server("127.0.0.1", LOOPBACK_SERVICE):
+        assert tcp_from_host("127.0.0.1", LOOPBACK_SERVICE) == "127.0.0.1"
+        assert tcp(d, attacker, "127.0.0.1", LOOPBACK_SERVICE) == ""
+    assert tcp(d, attacker, "127.0.0.1", 18400) == ""
+    if MODE == "service":  # pybridge's own metrics listen on 127.0.0.1:9327
+        request = r"GET /metrics HTTP/1.0\r\n\r\n"
+        host_answer = run(
+            ["sh", "-c", f"printf '{request}' | busybox nc -w 2 127.0.0.1 {METRICS}"], check=False
+        ).stdout
+        assert "pydriver_" in host_answer
+        assert tcp(d, attacker, "127.0.0.1", METRICS, request) == ""
+    # Still there for the host; published on 127.0.0.1 only, so not through a host address.
+    assert tcp_from_host("127.0.0.1", 18400) == gateway(web_subnet)
+    assert tcp(d, attacker, gateway(subnet), 18400) == ""
+
+
+@contextmanager
+def loopback_routed_to_host(outside: OutsideHost) -> Iterator[None]:
+    """The LAN neighbour sends 127.0.0.0/8 to the host (and accepts replies from it)."""
+    steps = ROUTE_LOOPBACK_OUT.format(gateway=outside.host_ip, dev=OUTSIDE_NS_IF)
+    try:
+        outside.exec("sh", "-c", steps)
+        outside.exec("sysctl", "-qw", "net.ipv4.conf.all.route_localnet=1")
+        yield
+    finally:
+        outside.exec("ip", "rule", "add", "pref", "0", "lookup", "local", check=False)
+        outside.exec("ip", "rule", "del", "pref", "10", check=False)
+        outside.exec("ip", "rule", "del", "pref", "5", check=False)
+        outside.exec("ip", "route", "flush", "table", "100", check=False)
+        outside.exec("sysctl", "-qw", "net.ipv4.conf.all.route_localnet=0", check=False)
+
+
+def test_a_port_published_on_127_answers_the_host_alone(d: Docker, outside: OutsideHost) -> None:
+    """Item 2 (moby#45610): a LAN neighbour sending to 127.0.0.1:PORT through the host's
+    interface is not answered; nor is a container of another network."""
+    subnet = free_subnet(62)
+    net = d.network("--subnet", subnet)
+    d.run(net, "-p", "127.0.0.1:18401:80", "-p", "18402:80", command=ECHO_TCP)
+    assert wait_for(lambda: tcp_from_host("127.0.0.1", 18401) == gateway(subnet))
+    with loopback_routed_to_host(outside):
+        out = outside.exec("busybox", "nc", "-w", "2", "127.0.0.1", "18401", check=False)
+        assert out.strip() == ""
+        # The port published on every address answers it as before.
+        out = outside.exec("busybox", "nc", "-w", "2", outside.host_ip, "18402", check=False)
+        assert out.strip() == outside.ip
+    other_subnet = free_subnet(63)
+    attacker = d.run(d.network("--subnet", other_subnet), *HOSTILE)
+    d.exec(
+        attacker, "sh", "-c", ROUTE_LOOPBACK_OUT.format(gateway=gateway(other_subnet), dev="eth0")
+    )
+    assert tcp(d, attacker, "127.0.0.1", 18401) == ""
+
+
+def test_an_internal_network_reaches_its_own_and_nothing_else(
+    d: Docker, outside: OutsideHost
+) -> None:
+    """Item 3: a container of an internal network, even one that adds a default route of its
+    own, reaches its peers and its own gateway address, and nothing else: not another network's
+    published port (through its gateway or a host address), not the host's other addresses."""
+    web_subnet = free_subnet(64)
+    web_net = d.network("--subnet", web_subnet)
+    d.run(web_net, "-p", "18403:80", command=ECHO_TCP)
+    assert wait_for(lambda: tcp_from_host(outside.host_ip, 18403) == outside.host_ip)
+    subnet = free_subnet(65)
+    net = d.network("--internal", "--subnet", subnet)
+    peer = d.run(net, command=ECHO_TCP)
+    hostile = d.run(net, *HOSTILE)
+    me = d.ip(hostile, net)
+    assert wait_for(lambda: tcp(d, hostile, d.ip(peer, net), 80) == me)
+    ping(d, hostile, gateway(subnet))
+    d.exec(hostile, "ip", "route", "add", "default", "via", gateway(subnet))
+    with host_server("0.0.0.0", HOST_SERVICE):
+        assert tcp(d, hostile, gateway(subnet), HOST_SERVICE) == me
+        for address in (outside.host_ip, gateway(web_subnet)):
+            assert tcp(d, hostile, address, HOST_SERVICE) == "", address
+    for address in (gateway(subnet), outside.host_ip, gateway(web_subnet)):
+        assert tcp(d, hostile, address, 18403) == "", address
+    cannot_ping(d, hostile, outside.ip)
+
+
+def test_a_bridge_named_like_dockers_connects_its_own_containers(d: Docker) -> None:
+    """Item 4: a pybridge network whose bridge is named br-... is not caught by the drops that
+    keep pybridge's networks out of Docker's bridges, and stays isolated from the others."""
+    name = "br-pbt" + d.prefix[-4:]
+    net = d.network("-o", f"com.docker.network.bridge.name={name}")
+    a, b = d.run(net), d.run(net)
+    ping(d, a, d.ip(b, net))
+    ping(d, a, b)
+    other_net = d.network()
+    other = d.run(other_net)
+    cannot_ping(d, other, d.ip(a, net))
+    cannot_ping(d, a, d.ip(other, other_net))
+
+
+def _link(name: str) -> dict[str, object]:
+    return dict(json.loads(run(["ip", "-j", "link", "show", "dev", name]).stdout)[0])
+
+
+def test_an_adopted_bridge_is_left_as_it_was_found(d: Docker) -> None:
+    """Item 4: settings pybridge sets on a bridge it did not create come back when the network
+    goes; the bridge and its own addresses stay."""
+    name = "pbt-ub" + d.prefix[-4:]
+    run(["ip", "link", "add", name, "mtu", "9000", "type", "bridge"])
+    accept_ra = Path(f"/proc/sys/net/ipv6/conf/{name}/accept_ra")
+    route_localnet = Path(f"/proc/sys/net/ipv4/conf/{name}/route_localnet")
+    try:
+        accept_ra.write_text("2\n")
+        net = d.network(
+            "--subnet",
+            free_subnet(66),
+            "-o",
+            f"com.docker.network.bridge.name={name}",
+            "-o",
+            "com.docker.network.driver.mtu=1400",
+        )
+        a, b = d.run(net), d.run(net)
+        ping(d, a, b)
+        assert (accept_ra.read_text().strip(), route_localnet.read_text().strip()) == ("0", "1")
+        d.cleanup()
+        assert name in link_names()
+        assert (accept_ra.read_text().strip(), route_localnet.read_text().strip()) == ("2", "0")
+        link = _link(name)
+        assert link["mtu"] == 9000
+        assert "UP" not in link["flags"]  # type: ignore[operator]
+        assert "10.213.66.1" not in run(["ip", "-o", "addr", "show", "dev", name]).stdout
+    finally:
+        run(["ip", "link", "del", name], check=False)
+
+
+def test_bridges_that_cannot_be_used_are_refused(d: Docker) -> None:
+    """Item 4: names that are /proc/sys directories, and bridges with addresses of their own
+    outside the network's subnets, are refused in one sentence."""
+    for reserved in ("all", "default"):
+        result = run(
+            [
+                *("docker", "network", "create", "-d", DRIVER),
+                *("-o", f"com.docker.network.bridge.name={reserved}", d.name("bad")),
+            ],
+            check=False,
+        )
+        assert result.returncode != 0
+        assert f"'{reserved}' is not allowed" in result.stderr, result.stderr
+    name = "pbt-lan" + d.prefix[-4:]
+    run(["ip", "link", "add", name, "type", "bridge"])
+    try:
+        run(["ip", "addr", "add", "192.0.2.1/24", "dev", name])
+        result = run(
+            [
+                *("docker", "network", "create", "-d", DRIVER, "--subnet", free_subnet(66)),
+                *("-o", f"com.docker.network.bridge.name={name}", d.name("bad")),
+            ],
+            check=False,
+        )
+        assert result.returncode != 0
+        assert "has the address 192.0.2.1/24, outside the network's subnets" in result.stderr
+        assert "192.0.2.1/24" in run(["ip", "-o", "addr", "show", "dev", name]).stdout
+    finally:
+        run(["ip", "link", "del", name], check=False)
+
+
+def test_network_rm_answers_once_its_rules_are_gone(d: Docker) -> None:
+    """Item 5: once `docker network rm` returns, no rule of that network is left to catch a
+    network that takes its subnet next (the bridge itself may trail)."""
+    subnet = free_subnet(66)
+    net = d.network("--subnet", subnet)
+    d.run(net, "-p", "18404:80", command=ECHO_TCP)
+    bridge = "pyb-" + str(d.network_info(net)["Id"])[:11]
+    assert bridge in firewall_dump()
+    d.cleanup()
+    dump = firewall_dump()
+    assert bridge not in dump and subnet not in dump
+    assert wait_for(lambda: bridge not in link_names(), timeout=10)
