@@ -16,6 +16,7 @@ below, so its logic runs in unit tests with fakes. Rules it keeps:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -68,6 +69,9 @@ from .store import Store
 
 log = logging.getLogger(__name__)
 
+# IP protocol numbers of the published-port protocols whose flows outlive a revoke.
+DATAGRAM_PROTOCOLS = {"udp": 17, "sctp": 132}
+
 NETWORKS_LOCK = "networks"
 PORTS_LOCK = "host-ports"  # host ports are shared by all networks
 # MACs tried per endpoint: a bridge holds at most 1023 ports, so 64 draws of 40 hashed bits
@@ -108,6 +112,9 @@ class Kernel(Protocol):
         hairpin: bool = False,
     ) -> bool: ...
     async def delete_link(self, name: str) -> bool: ...
+    async def forget_flows(
+        self, address: IPAddress, proto: int | None = None, port: int | None = None
+    ) -> int: ...
     async def set_hairpin(self, name: str) -> None: ...
 
 
@@ -829,6 +836,9 @@ class NetworkDriver:
         await faults.point("endpoint.delete.forgotten")
         for mapping in endpoint.mappings:
             self.host_ports.release(mapping)
+        # Before the answer, so before Docker can release the address and give it to another
+        # container that would inherit the flows (and their reply-state accept).
+        await self._forget_flows(endpoint)
         if wait:
             await self._delete_veths(endpoint)
         else:
@@ -836,6 +846,15 @@ class NetworkDriver:
             await self._in_background(
                 self._delete_veths(endpoint), f"removing the veth of {short(endpoint.id)}"
             )
+
+    async def _forget_flows(self, endpoint: Endpoint) -> None:
+        for address in (endpoint.address, endpoint.address_v6):
+            if address is None:
+                continue
+            try:
+                await self.kernel.forget_flows(address.ip)
+            except DriverError as err:  # they time out on their own eventually
+                log.warning("endpoint %s: %s", short(endpoint.id), err)
 
     async def _delete_veths(self, endpoint: Endpoint) -> None:
         # Deleting the host end removes the pair wherever the other end is.
@@ -1099,7 +1118,20 @@ class NetworkDriver:
                 await faults.point("ports.revoke.recorded")
                 for mapping in endpoint.mappings:
                     self.host_ports.release(mapping)
-                await self._update_firewall_soon()
+                datagrams = [m for m in endpoint.mappings if m.proto in DATAGRAM_PROTOCOLS]
+                if not datagrams:
+                    await self._update_firewall_soon()
+                else:
+                    # A UDP or SCTP flow lives on in conntrack, still NATed to the container,
+                    # as long as the client keeps sending: forget it once the rule is gone.
+                    await self._apply_firewall()
+                    for mapping in datagrams:
+                        with contextlib.suppress(DriverError):
+                            await self.kernel.forget_flows(
+                                mapping.container_ip,
+                                DATAGRAM_PROTOCOLS[mapping.proto],
+                                mapping.container_port,
+                            )
             log.info("endpoint %s no longer publishes ports", short(endpoint.id))
 
     # -- background upkeep ------------------------------------------------------------------

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pyroute2 import AsyncIPRoute
+from pyroute2.conntrack import AsyncConntrack, NFCTAttrTuple
 from pyroute2.netlink.exceptions import NetlinkError
 
 from .errors import BridgeFull, Conflict, HostError
 from .ipam import HostRoute
-from .model import IPInterface, IPNetwork
+from .model import IPAddress, IPInterface, IPNetwork
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -168,6 +169,7 @@ class _NetlinkCore:
     def __init__(self, netns: str | None = None) -> None:
         self._netns = netns
         self._ipr: AsyncIPRoute | None = None
+        self._conntrack: AsyncConntrack | None = None
         self._lock = asyncio.Lock()
 
     async def open(self) -> None:
@@ -184,6 +186,9 @@ class _NetlinkCore:
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
+        if self._conntrack is not None:
+            self._conntrack.close()
+            self._conntrack = None
 
     @property
     def ipr(self) -> AsyncIPRoute:
@@ -419,6 +424,54 @@ class _NetlinkCore:
         return True
 
 
+    # -- connection tracking -------------------------------------------------------------------
+
+    async def _ct(self) -> AsyncConntrack:
+        if self._conntrack is None:
+            kwargs: dict[str, Any] = {"netns": self._netns} if self._netns else {}
+            conntrack = AsyncConntrack(**kwargs)
+            await conntrack.setup_endpoint()
+            self._conntrack = conntrack
+        return self._conntrack
+
+    async def forget_flows(
+        self, address: IPAddress, proto: int | None = None, port: int | None = None
+    ) -> int:
+        """Delete the connection-tracking entries of ``address``: every flow from it, to it,
+        or NATed to it (``proto``/``port``: only flows NATed to that port of it). Returns how
+        many went. Entries outlive the container: left in place, a reply-state entry lets a
+        later container that gets the address receive, through the replies rule, traffic
+        nobody allowed, and a UDP flow keeps going to a port no longer published."""
+        family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+        ip = str(address)
+        if proto is not None:
+            filters = [("reply", NFCTAttrTuple(family=family, saddr=ip, proto=proto, sport=port))]
+        else:
+            filters = [
+                ("orig", NFCTAttrTuple(family=family, saddr=ip)),
+                ("orig", NFCTAttrTuple(family=family, daddr=ip)),
+                ("reply", NFCTAttrTuple(family=family, saddr=ip)),
+            ]
+        conntrack = await self._ct()
+        doomed: dict[Any, Any] = {}
+        try:
+            for direction, match in filters:
+                key = "tuple_orig" if direction == "orig" else "tuple_reply"
+                async for entry in await conntrack.dump_entries(**{key: match}):
+                    doomed[entry.id or id(entry)] = entry
+            for entry in doomed.values():
+                try:
+                    await conntrack.delete(entry)
+                except NetlinkError as err:
+                    if err.code != errno.ENOENT:  # gone meanwhile: fine
+                        raise
+        except NetlinkError as err:
+            raise HostError(
+                f"could not remove the connection-tracking entries of {ip}: {_describe(err)}"
+            ) from None
+        return len(doomed)
+
+
 class _Lane:
     """One netlink socket (a _NetlinkCore) on its own thread and event loop."""
 
@@ -537,3 +590,8 @@ class Netlink:
 
     async def delete_link(self, name: str) -> bool:
         return await self._removals.call(self._removals.core.delete_link(name))
+
+    async def forget_flows(
+        self, address: IPAddress, proto: int | None = None, port: int | None = None
+    ) -> int:
+        return await self._removals.call(self._removals.core.forget_flows(address, proto, port))

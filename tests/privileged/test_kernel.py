@@ -279,3 +279,55 @@ async def test_a_full_bridge_is_reported_as_such(nl: Netlink, netns: str) -> Non
     assert not await nl.exists("pyvtest")
     await nl.delete_link("pbt-f0")
     assert await nl.ensure_veth("pyvtest", "pyctest", "02:00:00:00:01:01", None, "pyb-test")
+
+
+def _flows(ns: str) -> list[str]:
+    """The connection-tracking entries of ``ns``, one line each (orig and reply tuples)."""
+    code = (
+        "import asyncio, sys\n"
+        "from pyroute2.conntrack import AsyncConntrack\n"
+        "async def main():\n"
+        "    ct = AsyncConntrack(netns=sys.argv[1])\n"
+        "    await ct.setup_endpoint()\n"
+        "    async for e in await ct.dump_entries():\n"
+        "        o, r = e.tuple_orig, e.tuple_reply\n"
+        "        print(o.proto, o.saddr, o.daddr, o.dport, r.saddr, r.sport)\n"
+        "    ct.close()\n"
+        "asyncio.run(main())\n"
+    )
+    return run([sys.executable, "-c", code, ns]).stdout.splitlines()
+
+
+async def test_forget_flows_removes_only_the_flows_of_an_address(nl: Netlink, netns: str) -> None:
+    """Conntrack entries outlive a container: pybridge deletes those of its addresses (all of
+    them when an endpoint goes, one NATed UDP port when a publication is revoked)."""
+    peer = _netns()
+    try:
+        in_ns(netns, "ip", "link", "add", "pbt-ct0", "type", "veth", "peer", "name", "pbt-ct1")
+        in_ns(netns, "ip", "link", "set", "pbt-ct1", "netns", peer)
+        in_ns(netns, "ip", "addr", "add", "10.213.77.1/24", "dev", "pbt-ct0")
+        in_ns(netns, "ip", "link", "set", "pbt-ct0", "up")
+        in_ns(peer, "ip", "addr", "add", "10.213.77.2/24", "dev", "pbt-ct1")
+        in_ns(peer, "ip", "addr", "add", "10.213.77.3/24", "dev", "pbt-ct1")
+        in_ns(peer, "ip", "link", "set", "pbt-ct1", "up")
+        # A conntrack match makes the namespace track connections.
+        in_ns(netns, "iptables-nft", "-A", "INPUT", "-m", "conntrack", "--ctstate", "NEW")
+        in_ns(peer, "busybox", "ping", "-c", "1", "-W", "2", "10.213.77.1")
+        for port in (5000, 5001):  # (busybox nc has no UDP mode)
+            send = f"import socket; socket.socket(2, 2).sendto(b'x', ('10.213.77.1', {port}))"
+            in_ns(peer, sys.executable, "-c", send)
+        in_ns(peer, "busybox", "ping", "-I", "10.213.77.3", "-c", "1", "-W", "2", "10.213.77.1")
+        before = _flows(netns)
+        assert any(" 5000 " in f for f in before) and any(" 5001 " in f for f in before), before
+
+        assert await nl.forget_flows(ipaddress.ip_address("10.213.77.1"), 17, 5000) == 1
+        after = _flows(netns)
+        assert not any(" 5000 " in f for f in after) and any(" 5001 " in f for f in after)
+
+        assert await nl.forget_flows(ipaddress.ip_address("10.213.77.2")) >= 2
+        left = _flows(netns)
+        assert not any("10.213.77.2" in f for f in left), left
+        assert any("10.213.77.3" in f for f in left), left  # another address keeps its flows
+        assert await nl.forget_flows(ipaddress.ip_address("10.213.77.2")) == 0
+    finally:
+        run(["ip", "netns", "del", peer], check=False)

@@ -12,7 +12,7 @@ from typing import Any
 from pydriver.errors import Conflict, DriverError, HostError
 from pydriver.hostports import PortInUse
 from pydriver.ipam import HostRoute
-from pydriver.model import InterfaceSetting, IPInterface, Mapping
+from pydriver.model import InterfaceSetting, IPAddress, IPInterface, Mapping
 from pydriver.netlink import Link
 from pydriver.protocol import (
     ENABLE_IPV6,
@@ -213,6 +213,12 @@ class FakeKernel:
         if link is None:
             raise HostError(f"interface {name} does not exist")
         link.hairpin = True
+
+    async def forget_flows(
+        self, address: IPAddress, proto: int | None = None, port: int | None = None
+    ) -> int:
+        self._enter("forget_flows", f"{address}" + (f" {proto}/{port}" if proto else ""))
+        return 0
 
     async def delete_link(self, name: str) -> bool:
         self._enter("delete_link", name)

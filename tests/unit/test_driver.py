@@ -633,6 +633,33 @@ async def test_delete_endpoint(env: Env) -> None:
     assert set(env.driver.endpoints) == {EP_2}
 
 
+async def test_delete_endpoint_forgets_its_flows_before_answering(env: Env) -> None:
+    """Connection-tracking entries outlive the container: an established-state entry would
+    let the next holder of the address receive traffic nobody allowed (the replies rule)."""
+    await create_network(env.driver, NET_A)
+    await create_endpoint(env.driver, NET_A, EP_1)
+    env.kernel.calls.clear()
+    await env.driver.delete_endpoint(ref(NET_A, EP_1))
+    assert ("forget_flows", "10.50.0.2") in env.kernel.calls
+
+
+async def test_revoking_a_udp_port_forgets_its_flows_once_the_rule_is_gone(env: Env) -> None:
+    await create_network(env.driver, NET_A)
+    await create_endpoint(env.driver, NET_A, EP_1)
+    body = endpoint_ref_body(NET_A, EP_1)
+    body["Options"] = {
+        "com.docker.network.portmap": [
+            {"Proto": 17, "IP": "", "Port": 53, "HostIP": "", "HostPort": 8053, "HostPortEnd": 8053}
+        ]
+    }
+    await env.driver.program_external_connectivity(p.parse_program_external(body))
+    env.kernel.calls.clear()
+    writes = len(env.firewall.applied)
+    await env.driver.revoke_external_connectivity(ref(NET_A, EP_1))
+    assert env.kernel.calls == [("forget_flows", "10.50.0.2 17/53")]
+    assert len(env.firewall.applied) == writes + 1  # written before the flows were forgotten
+
+
 async def test_delete_endpoint_after_container_end_moved(env: Env) -> None:
     await create_network(env.driver, NET_A)
     await create_endpoint(env.driver, NET_A, EP_1)
