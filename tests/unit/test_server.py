@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import struct
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +19,9 @@ import pytest
 from aiohttp import web
 
 from pydriver import protocol as p
+from pydriver import server
 from pydriver.naming import bridge_name, container_veth_name, host_veth_name
+from pydriver.peers import Peer, peer_credentials
 from pydriver.server import Api, make_app
 
 from .conftest import Env
@@ -330,3 +336,83 @@ async def test_corpus_replay(client: Client, name: str) -> None:
     assert client.env.driver.networks == {}
     assert client.env.driver.endpoints == {}
     assert await client.ok("/Plugin.Activate")
+
+
+# -- who calls pybridge (for `pydriver prune`) --------------------------------------------------
+
+
+async def status(client: Client) -> Any:
+    async with client.session.post(
+        f"http://plugin/{p.STATUS_METHOD}", data=b"", headers={p.TOOL_HEADER: "pydriver"}
+    ) as resp:
+        assert resp.status == 200
+        return p.parse_status_reply(await resp.json(content_type=None))
+
+
+async def test_status_names_the_process_calling(client: Client) -> None:
+    before = time.time()
+    assert (await status(client)).callers == ()
+    await client.ok("/Plugin.Activate")
+    await client.ok("/NetworkDriver.GetCapabilities")
+    reply = await status(client)
+    assert reply.pid == os.getpid()
+    [caller] = reply.callers
+    assert (caller.pid, caller.uid, caller.requests) == (os.getpid(), os.getuid(), 2)
+    assert before <= caller.first_seen <= caller.last_seen <= time.time()
+
+
+async def test_pydrivers_own_requests_and_unknown_routes_are_not_callers(client: Client) -> None:
+    async with client.session.post(
+        "http://plugin/Plugin.Activate", data=b"", headers={p.TOOL_HEADER: "pydriver"}
+    ) as resp:
+        assert resp.status == 200
+    await client.call("/NetworkDriver.Frobnicate", b"{}")
+    assert (await status(client)).callers == ()
+
+
+async def test_peer_is_read_once_per_connection(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[object] = []
+
+    def counting(sock: Any) -> Peer:
+        reads.append(sock)
+        return peer_credentials(sock)
+
+    monkeypatch.setattr(server, "peer_credentials", counting)
+    for _ in range(5):  # one kept-alive connection
+        await client.ok("/Plugin.Activate")
+    assert len(reads) == 1
+    assert (await status(client)).callers[0].requests == 5
+
+
+class FakeTransport:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def get_extra_info(self, name: str) -> Any:
+        assert name == "socket"
+        return FakeSocket(self.pid)
+
+
+@dataclass
+class FakeSocket:
+    pid: int
+    family: int = socket.AF_UNIX
+
+    def getsockopt(self, level: int, option: int, size: int) -> bytes:
+        return struct.pack("=iII", self.pid, 0, 0)
+
+
+def test_callers_keep_the_most_recent_few() -> None:
+    clock = iter(range(1000))
+    callers = server.Callers(clock=lambda: float(next(clock)))
+    transports = [FakeTransport(100 + i) for i in range(server.Callers.LIMIT + 3)]
+    for t in transports:
+        callers.saw(t)
+    callers.saw(transports[0])  # evicted, then seen again: it is the newest
+    pids = [c.pid for c in callers.callers()]
+    assert len(pids) == server.Callers.LIMIT
+    assert pids[-1] == 100 and 101 not in pids and 102 not in pids
+    callers.saw(None)  # a request whose connection is already gone
+    assert len(callers.callers()) == server.Callers.LIMIT
