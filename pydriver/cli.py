@@ -163,12 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
         "-y",
         "--yes",
         action="store_true",
-        help="do not ask (needed without a terminal). Also lets prune go on when no Docker "
-        "daemon has called pybridge since it started (pybridge restarted; a managed plugin "
-        "needs no such call), so only the daemon's own word says it is the one using pybridge: "
-        "prune then still requires that daemon to know at least one of pybridge's networks. "
-        "Safer: let the daemon call pybridge first (create and remove a network with its "
-        "driver)",
+        help="do not ask (required without a terminal). When no Docker daemon has called "
+        "pybridge since it started (after a pybridge restart; a managed plugin needs no call), "
+        "--yes also lets prune go on trusting the daemon, provided it knows at least one of "
+        "pybridge's networks; safer: let the daemon call pybridge first (create and remove a "
+        "network with its driver)",
     )
     return parser
 
