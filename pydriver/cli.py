@@ -437,7 +437,13 @@ async def start_metrics(
         if not host or not port.isdigit():
             raise DriverError(f"--metrics-address {address!r} is not HOST:PORT or a socket path")
         site = web.TCPSite(runner, host.strip("[]"), int(port))
-    await site.start()
+    try:
+        await site.start()
+    except OSError as err:
+        # Metrics are a convenience: a port someone else holds must not stop the driver.
+        log.error("metrics are not served: cannot listen on %s: %s", address, err.strerror)
+        await runner.cleanup()
+        return None
     log.info("metrics on %s/metrics", address)
     return runner
 

@@ -87,7 +87,8 @@ def docker_processes(daemon: Daemon) -> set[int]:
     roots = {daemon.pid}
     for pid in parents:
         argv = _cmdline(pid)
-        if argv and argv[0].endswith("containerd-shim-runc-v2") and address in argv:
+        # (dockerd 20.10 runs managed plugins under the v1 shim, `containerd-shim`.)
+        if argv and Path(argv[0]).name.startswith("containerd-shim") and address in argv:
             roots.add(pid)
     found = set(roots)
     changed = True

@@ -261,3 +261,27 @@ def test_a_managed_plugin_that_cannot_start_says_why_on_every_call(
     plain = start(netns, sock, state)
     assert plain.wait(timeout=15) == 1
     assert "cannot open the state database" in (plain.stdout.read() if plain.stdout else "")
+
+
+def test_metrics_that_cannot_be_served_do_not_stop_the_driver(netns: str, tmp_path: Path) -> None:
+    """A metrics address someone else holds (seen: an old plugin process still on the port)
+    must not keep the driver from serving."""
+    sock = tmp_path / "pb.sock"
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", netns, sys.executable, "-m", "pydriver.cli", "serve",
+         "--socket", str(sock), "--state-dir", str(tmp_path / "state"),
+         "--metrics-address", str(tmp_path / "missing" / "metrics.sock")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_socket(sock, proc)
+        assert post(sock, "NetworkDriver.GetCapabilities")[0] == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert "metrics are not served" in (proc.stdout.read() if proc.stdout else "")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
