@@ -83,12 +83,14 @@ def _parents() -> dict[int, int]:
 def docker_processes(daemon: Daemon) -> set[int]:
     """dockerd, its children, the shims of its containerd, and everything under them."""
     parents = _parents()
-    address = str(daemon.exec_root / "containerd" / "containerd.sock")
+    address = daemon.exec_root / "containerd" / "containerd.sock"  # resolved: /var/run -> /run
     roots = {daemon.pid}
     for pid in parents:
         argv = _cmdline(pid)
         # (dockerd 20.10 runs managed plugins under the v1 shim, `containerd-shim`.)
-        if argv and Path(argv[0]).name.startswith("containerd-shim") and address in argv:
+        if not argv or not Path(argv[0]).name.startswith("containerd-shim"):
+            continue
+        if address in {Path(arg).resolve() for arg in argv if arg.startswith("/")}:
             roots.add(pid)
     found = set(roots)
     changed = True
