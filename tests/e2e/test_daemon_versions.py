@@ -115,3 +115,21 @@ def test_ipv4_false_without_ipv6_is_one_plain_sentence(d: Docker, docker28: None
         assert len(err.strip().splitlines()) == 1, err
         assert "Traceback" not in err
         assert docker("network", "ls", "-q", "--filter", f"name=^{name}$") == ""
+
+
+def test_ip_families_given_as_driver_options(d: Docker, docker28: None) -> None:
+    """dockerd 28+ also takes the families as `-o` (the CLI sends --ipv4/--ipv6 only when
+    given) and passes the options on next to the flags it derived from them: pybridge
+    accepts them rather than refusing unknown options."""
+    net = d.network(
+        "-o",
+        "com.docker.network.enable_ipv4=false",
+        "-o",
+        "com.docker.network.enable_ipv6=true",
+        "--subnet",
+        "fd00:213:87::/64",
+    )
+    v6_config(d, net)
+    a, b = d.run(net), d.run(net)
+    assert d.ip(a, net) == ""
+    ping(d, a, d.ip6(b, net))
