@@ -52,7 +52,6 @@ fi
 
 # What the mounts in config.json need on the host.
 mkdir -p /var/lib/pydriver
-[ -e /run/xtables.lock ] || touch /run/xtables.lock
 
 say "creating plugin $NAME"
 docker plugin create "$NAME" "$BUILD" >/dev/null

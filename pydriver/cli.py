@@ -33,7 +33,7 @@ from .model import IPAddress
 from .netlink import Netlink
 from .ports import DEFAULT_EPHEMERAL_RANGE
 from .report import Names, docker_names, format_table, port_rows
-from .server import Api, make_app, make_metrics_app
+from .server import Api, make_app, make_failure_app, make_metrics_app
 from .store import Store, read_state
 from .sysctl import Sysctl
 from .upkeep import Intervals, Upkeep
@@ -267,6 +267,13 @@ async def serve(args: argparse.Namespace) -> int:
         backend,
         "" if args.firewall_backend == "auto" else " (set explicitly)",
     )
+    if backend == "legacy" and _env("PYDRIVER_MANAGED", "") == "1":
+        log.warning(
+            "this host uses iptables-legacy: inside a managed plugin pybridge cannot take the "
+            "host's iptables lock (/run/xtables.lock may not exist at boot, so it is not "
+            "mounted), and its rule writes may interleave with dockerd's; on such hosts "
+            "prefer pybridge as a host service (scripts/install.sh)"
+        )
     firewall = Firewall(backend)
     host_ports = HostPorts()
 
@@ -332,6 +339,34 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+FAILURE_REMINDER = 60.0  # seconds between log lines saying pybridge is not working
+
+
+async def serve_failure(socket_path: str, reason: str) -> int:
+    """Serve make_failure_app until SIGTERM, repeating the reason in the log."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(socket_path)
+    Path(socket_path).parent.mkdir(parents=True, exist_ok=True)
+    runner = web.AppRunner(make_failure_app(reason), access_log=None)
+    await runner.setup()
+    await web.UnixSite(runner, socket_path).start()
+    os.chmod(socket_path, 0o600)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    while True:
+        log.error("pybridge is not working: %s", reason)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), FAILURE_REMINDER)
+        if stop.is_set():
+            break
+    await runner.cleanup()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(socket_path)
+    return 1
+
+
 async def start_metrics(
     address: str, metrics: Metrics, driver: NetworkDriver, ipam: IpamDriver
 ) -> web.AppRunner | None:
@@ -370,7 +405,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(serve(args))
         except DriverError as err:
             log.error("%s", err)
-            return 1
+            if _env("PYDRIVER_MANAGED", "") != "1":
+                return 1
+            # A managed plugin stays up and says why on every call instead (see
+            # server.make_failure_app).
+            return asyncio.run(serve_failure(args.socket, str(err)))
     try:
         if args.command == "ports":
             return ports_command(args)

@@ -158,12 +158,16 @@ class IpamDriver:
     def _replayed_pool(self, req: RequestPoolRequest) -> Pool | None:
         """A pool allocated just before a crash, never confirmed to Docker, that this request
         asks for again (Docker retries requests that died with the plugin)."""
+        if req.pool is None:
+            # An automatic request says nothing that tells Docker's retry from another
+            # network's request: replaying to it could give one pool to two networks. A fresh
+            # pool it is; the unconfirmed one stays taken (`pydriver prune` finds it).
+            return None
         now = self._clock()
         for pool in self.pools.values():
             if not pool.pool_replayable(now):
                 continue
-            same_subnet = pool.subnet == req.pool if req.pool is not None else pool.auto
-            if same_subnet and pool.v6 == req.v6 and pool.sub_range == req.sub_pool:
+            if (pool.subnet, pool.v6, pool.sub_range) == (req.pool, req.v6, req.sub_pool):
                 pool.replayable_pool = False
                 return pool
         return None
@@ -199,6 +203,10 @@ class IpamDriver:
                     f"address {req.address} is not an IPv{pool.subnet.version} address "
                     f"of {pool.subnet}"
                 )
+            if pool.replayable_pool:
+                # Docker asks for addresses of a pool only once it has the pool.
+                pool.replayable_pool = False
+                await self.store.acknowledge(pool.id, None)
             if pool.replayable:
                 await self._settle_replays(pool)
             replayed = pool.claim_replay(

@@ -262,3 +262,35 @@ def make_metrics_app(
 
     app.router.add_get("/metrics", serve_metrics)
     return app
+
+
+def make_failure_app(reason: str) -> web.Application:
+    """What pybridge serves when it could not start (a managed plugin: exiting would leave
+    dockerd with a plugin that never answers, and a network driver that fails to enable at
+    daemon start has made dockerd crash-loop): it registers as usual and answers every other
+    call with the reason, which Docker shows to whoever runs the command."""
+    app = web.Application(client_max_size=p.MAX_BODY_BYTES)
+    registration: dict[str, dict[str, Any]] = {
+        "/Plugin.Activate": p.activate_reply(),
+        "/NetworkDriver.GetCapabilities": p.network_capabilities_reply(),
+        "/IpamDriver.GetCapabilities": p.ipam_capabilities_reply(),
+    }
+    message = (
+        f"pybridge could not start: {reason}; fix that, then restart pybridge "
+        "(a managed plugin: docker plugin disable -f and enable)"
+    )
+
+    async def dispatch(request: web.Request) -> web.Response:
+        method = request.path.lstrip("/")
+        reply = registration.get(request.path)
+        if reply is not None:
+            return _json_response(reply)
+        if request.path.startswith(("/NetworkDriver.", "/IpamDriver.")):
+            log.error("%s -> refused: %s", method, message)
+            return _json_response(p.error_reply(message), 500)
+        return _json_response(
+            p.error_reply(f"pybridge does not implement {method or 'this request'}"), 404
+        )
+
+    app.router.add_route("*", "/{tail:.*}", dispatch)
+    return app

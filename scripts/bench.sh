@@ -10,6 +10,8 @@ cd "$ROOT"
 "$ROOT/scripts/install.sh" >/dev/null
 command -v busybox >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q busybox-static >/dev/null
 command -v gcc >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q gcc libc6-dev >/dev/null
+# The tests' own environment (the service runs from the root-owned one install.sh made).
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[test]"
 "$ROOT/scripts/pybridge-service.sh" restart >/dev/null
 exec "$VENV/bin/python" "$ROOT/bench/run.py" "$@"

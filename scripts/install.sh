@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Set up this machine and run pybridge: installs what is missing (Docker, iptables, iproute2,
-# a Python venv with pybridge), starts pybridge as a host service, and starts dockerd if no
-# daemon answers. Idempotent: run it again at any time. Must run as root.
+# pybridge in a root-owned virtual environment under /opt/pybridge), starts pybridge as a host
+# service, and starts dockerd if no daemon answers. Idempotent: run it again at any time (it
+# reinstalls pybridge when the checkout's code changed). Must run as root.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${PYDRIVER_VENV:-$ROOT/.venv}"
+# Where the host service runs from (root-owned; see step 2).
+SERVICE_VENV="${PYDRIVER_SERVICE_VENV:-/opt/pybridge/venv}"
 
 say() { printf '[install] %s\n' "$*"; }
 
@@ -28,20 +30,39 @@ if [ "${#packages[@]}" -gt 0 ]; then
     apt-get install -y -q "${packages[@]}" >/dev/null
 fi
 
-# 2. pybridge itself, in its own virtual environment.
-if [ ! -x "$VENV/bin/python" ]; then
-    say "creating virtual environment $VENV"
-    python3 -m venv "$VENV"
+# 2. pybridge itself, for the service: a regular (not editable) install into a root-owned
+#    virtual environment, so the code root runs is not the checkout's, which its user may
+#    edit. Reinstalled whenever the checkout's code differs from what is installed.
+if [ ! -x "$SERVICE_VENV/bin/python" ]; then
+    say "creating virtual environment $SERVICE_VENV"
+    install -d -o root -g root -m 0755 "$(dirname "$SERVICE_VENV")"
+    python3 -m venv "$SERVICE_VENV"
 fi
-if ! "$VENV/bin/python" -c 'import pydriver, aiohttp, pyroute2' 2>/dev/null \
-    || [ "$ROOT/pyproject.toml" -nt "$VENV/.pydriver-installed" ]; then
-    say "installing pybridge into $VENV"
-    "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT"
-    touch "$VENV/.pydriver-installed"
+source_hash="$(cd "$ROOT" && find pydriver pyproject.toml -type f \( -name '*.py' -o -name '*.toml' -o -name py.typed \) -print0 \
+    | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$SERVICE_VENV/.pydriver-source" 2>/dev/null)" != "$source_hash" ] \
+    || ! "$SERVICE_VENV/bin/python" -c 'import pydriver, aiohttp, pyroute2' 2>/dev/null; then
+    say "installing pybridge into $SERVICE_VENV"
+    build="$(mktemp -d)"  # build from a root-owned copy, not from the checkout itself
+    cp -r "$ROOT/pydriver" "$ROOT/pyproject.toml" "$ROOT/README.md" "$build/"
+    pip=("$SERVICE_VENV/bin/pip" install -q --disable-pip-version-check)
+    "${pip[@]}" "$build" >/dev/null  # with its dependencies, if missing
+    "${pip[@]}" --force-reinstall --no-deps "$build" >/dev/null  # this code, same version or not
+    rm -rf "$build"
+    echo "$source_hash" >"$SERVICE_VENV/.pydriver-source"
+    reinstalled=1
 fi
+chown -R root:root "$(dirname "$SERVICE_VENV")"
+chmod -R go-w "$(dirname "$SERVICE_VENV")"
+ln -sf "$SERVICE_VENV/bin/pydriver" /usr/local/bin/pydriver  # pydriver status, doctor, ports
 
 # 3. pybridge first, so it is there before dockerd restores containers that use it.
-"$ROOT/scripts/pybridge-service.sh" start
+# (A new version takes over at once; the data plane stays up while it restarts.)
+if [ -n "${reinstalled:-}" ]; then
+    "$ROOT/scripts/pybridge-service.sh" restart
+else
+    "$ROOT/scripts/pybridge-service.sh" start
+fi
 
 # 4. dockerd, unless one already answers.
 if ! docker info >/dev/null 2>&1; then

@@ -4,7 +4,8 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${PYDRIVER_VENV:-$ROOT/.venv}"
+# scripts/install.sh installs pybridge there, root-owned (never run root code from a checkout).
+VENV="${PYDRIVER_SERVICE_VENV:-/opt/pybridge/venv}"
 PIDFILE="${PYDRIVER_PIDFILE:-/run/pydriver.pid}"
 LOG="${PYDRIVER_LOG:-/var/log/pydriver.log}"
 SOCKET="${PYDRIVER_SOCKET:-/run/docker/plugins/pybridge.sock}"
@@ -24,7 +25,15 @@ start() {
         echo "pybridge already running (pid $pid)"
         return 0
     fi
+    if [ ! -x "$VENV/bin/pydriver" ]; then
+        echo "pybridge is not installed in $VENV: run scripts/install.sh" >&2
+        return 1
+    fi
     mkdir -p "$(dirname "$LOG")"
+    # The log may hold addresses and names of every container: root and its group only.
+    (umask 027 && touch "$LOG") && chmod 0640 "$LOG"
+    # One descriptor per published port (pybridge holds them): as many as the kernel allows.
+    ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
     setsid "$VENV/bin/pydriver" serve --socket "$SOCKET" >>"$LOG" 2>&1 </dev/null &
     echo $! >"$PIDFILE"
     for _ in $(seq 1 100); do

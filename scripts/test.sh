@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Run the whole test suite: lint, types, unit tests, privileged kernel tests and end-to-end
 # tests against a real dockerd 20.10 (Debian bookworm) with pybridge as a host service; then
-# the end-to-end tests again against the managed plugin built from this checkout, and again
-# against dockerd 26.1 (Debian trixie), one daemon at a time. Sets up everything it needs
-# first (install.sh). Must run as root. Arguments go to pytest and limit the run to the first
-# pass (e.g. scripts/test.sh tests/unit, or -k ports). PYBRIDGE_TEST_PHASES picks the later
-# passes (default "managed docker26").
+# the end-to-end tests again against the managed plugin built from this checkout, and against
+# dockerd 26.1 (Debian trixie) and 28.5 (Debian sid) with the host service, each followed by
+# the managed plugin's life-cycle and reboot tests on that daemon; one daemon at a time. Sets
+# up everything it needs first (install.sh). Must run as root. Arguments go to pytest and
+# limit the run to the first pass (e.g. scripts/test.sh tests/unit, or -k ports).
+# PYBRIDGE_TEST_PHASES picks the later passes (default "managed docker26 docker28").
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,6 +22,8 @@ command -v docker-compose >/dev/null || need+=(docker-compose)
 if [ "${#need[@]}" -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >/dev/null
 fi
+# The tests' own environment (the service runs from the root-owned one install.sh made).
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[test]"
 "$ROOT/scripts/pybridge-service.sh" restart
 
@@ -30,41 +33,71 @@ echo "[test] pytest against dockerd $(docker version --format '{{.Server.Version
 "$VENV/bin/pytest" "$@"
 
 [ "$#" -eq 0 ] || exit 0
-PHASES="${PYBRIDGE_TEST_PHASES:-managed docker26}"
+PHASES="${PYBRIDGE_TEST_PHASES:-managed docker26 docker28}"
+export PYTHON="$VENV/bin/python"
+# The tests of the managed plugin's own life cycle and of a reboot with it, for the daemons
+# whose whole suite runs with the host service only.
+MANAGED_SUBSET=(tests/e2e/test_managed.py tests/e2e/test_reboot.py tests/e2e/test_basics.py)
 
-if [[ " $PHASES " == *" managed "* ]]; then
-    # The same end-to-end suite against the managed plugin built from this checkout (one
-    # pybridge per host: the host service stops meanwhile). Covers disable/enable and upgrade.
-    echo "[test] managed plugin"
+# What to undo when the script ends, whatever happens: the last pushed first.
+CLEANUPS=()
+run_cleanups() {
+    local i
+    for ((i = ${#CLEANUPS[@]} - 1; i >= 0; i--)); do "${CLEANUPS[i]}" || true; done
+}
+trap run_cleanups EXIT
+pop_cleanup() {
+    local last="${CLEANUPS[-1]}"
+    unset 'CLEANUPS[-1]'
+    "$last"
+}
+
+managed_cleanup() {
+    docker plugin disable -f pybridge:latest >/dev/null 2>&1 || true
+    docker plugin rm -f pybridge:latest >/dev/null 2>&1 || true
+    "$ROOT/scripts/pybridge-service.sh" start || true
+}
+
+# Run pytest against the managed plugin built from this checkout, on the daemon running now
+# (one pybridge per host: the host service stops meanwhile, and comes back afterwards).
+with_managed_plugin() {
     "$ROOT/scripts/pybridge-service.sh" stop
-    managed_cleanup() {
-        docker plugin disable -f pybridge:latest >/dev/null 2>&1 || true
-        docker plugin rm -f pybridge:latest >/dev/null 2>&1 || true
-        "$ROOT/scripts/pybridge-service.sh" start || true
-    }
-    trap managed_cleanup EXIT
-    export PYTHON="$VENV/bin/python"
+    CLEANUPS+=(managed_cleanup)
     PYBRIDGE_PLUGIN_BASE="$("$ROOT/plugin/base-image.sh")"
     export PYBRIDGE_PLUGIN_BASE
     "$ROOT/plugin/install.sh" pybridge:latest PYDRIVER_METRICS_ADDRESS=127.0.0.1:9327
-    echo "[test] pytest tests/e2e against the managed plugin on dockerd $(docker version --format '{{.Server.Version}}')"
-    PYBRIDGE_MODE=managed "$VENV/bin/pytest" tests/e2e
-    managed_cleanup
-    trap - EXIT
-fi
+    echo "[test] pytest $* against the managed plugin on dockerd $(docker version --format '{{.Server.Version}}')"
+    PYBRIDGE_MODE=managed "$VENV/bin/pytest" "$@"
+    pop_cleanup
+}
 
-if [[ " $PHASES " == *" docker26 "* ]]; then
-    # The same end-to-end suite against dockerd 26.1; dockerd 20.10 comes back afterwards.
+back_to_default_daemon() {
+    "$ROOT/scripts/dockerd-service.sh" stop || true
+    unset DOCKERD_VERSION
+    "$ROOT/scripts/dockerd-service.sh" start || true
+}
+
+# The whole suite with the host service, then the managed subset, on another daemon version;
+# dockerd 20.10 comes back afterwards.
+on_daemon() {
     "$ROOT/scripts/dockerd-service.sh" stop
-    restore() {
-        DOCKERD_VERSION=26 "$ROOT/scripts/dockerd-service.sh" stop || true
-        "$ROOT/scripts/dockerd-service.sh" start || true
-    }
-    trap restore EXIT
-    DOCKERD_VERSION=26 "$ROOT/scripts/dockerd-service.sh" start
+    export DOCKERD_VERSION="$1"
+    CLEANUPS+=(back_to_default_daemon)
+    "$ROOT/scripts/dockerd-service.sh" start
     "$ROOT/scripts/pybridge-service.sh" restart
     echo "[test] pytest tests/e2e against dockerd $(docker version --format '{{.Server.Version}}')"
-    DOCKERD_VERSION=26 "$VENV/bin/pytest" tests/e2e
-    restore
-    trap - EXIT
+    "$VENV/bin/pytest" tests/e2e
+    with_managed_plugin "${MANAGED_SUBSET[@]}"
+    pop_cleanup
+}
+
+if [[ " $PHASES " == *" managed "* ]]; then
+    # The whole end-to-end suite against the managed plugin on dockerd 20.10.
+    with_managed_plugin tests/e2e
+fi
+if [[ " $PHASES " == *" docker26 "* ]]; then
+    on_daemon 26
+fi
+if [[ " $PHASES " == *" docker28 "* ]]; then
+    on_daemon 28
 fi

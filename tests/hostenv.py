@@ -111,23 +111,29 @@ def _guard_rule(uplink: str) -> list[str]:
     return ["-o", uplink, "-m", "addrtype", "!", "--src-type", "LOCAL", "-j", "DROP"]
 
 
+def leak_guard_rules() -> list[tuple[str, list[str]]]:
+    """(tool, mangle POSTROUTING rule) pairs of the leak guard, one per uplink and family."""
+    return [
+        (tool, _guard_rule(uplink))
+        for uplink in uplink_interfaces()
+        for tool in ("iptables", "ip6tables")
+    ]
+
+
 @contextmanager
 def leak_guard() -> Iterator[list[str]]:
     """Drop anything forwarded out of the uplink whose source is not a local address, so no
     test packet can ever leave the machine (testing.md)."""
-    installed: list[tuple[str, str]] = []
+    installed: list[tuple[str, list[str]]] = []
     try:
-        for uplink in uplink_interfaces():
-            for tool in ("iptables", "ip6tables"):
-                rule = _guard_rule(uplink)
-                present = run([tool, "-t", "mangle", "-C", "POSTROUTING", *rule], check=False)
-                if present.returncode != 0:
-                    run([tool, "-t", "mangle", "-I", "POSTROUTING", *rule])
-                    installed.append((tool, uplink))
-        yield [u for _, u in installed]
+        for tool, rule in leak_guard_rules():
+            present = run([tool, "-t", "mangle", "-C", "POSTROUTING", *rule], check=False)
+            if present.returncode != 0:
+                run([tool, "-t", "mangle", "-I", "POSTROUTING", *rule])
+                installed.append((tool, rule))
+        yield [rule[1] for _, rule in installed]
     finally:
-        for tool, uplink in installed:
-            rule = _guard_rule(uplink)
+        for tool, rule in installed:
             run([tool, "-t", "mangle", "-D", "POSTROUTING", *rule], check=False)
 
 

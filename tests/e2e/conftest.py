@@ -241,6 +241,27 @@ def cannot_ping(d: Docker, container: str, target: str) -> None:
     assert " 0 packets received" in out, f"{container} reached {target} but must not:\n{out}"
 
 
+# A TCP server in the test image that answers each connection with the address it came from.
+ECHO_TCP = ("pbtest-echo", "tcp", "80")
+
+
+def tcp_from(outside: OutsideHost, ip: str, port: int, expect: str | None = None) -> str:
+    """Connect from the outside host; what the server said, '' if nothing answers. With
+    ``expect``, retry for a few seconds until that answer comes (a just-started container may
+    not listen yet)."""
+    deadline = time.monotonic() + (5 if expect is not None else 0)
+    while True:
+        out = outside.exec("busybox", "nc", "-w", "3", ip, str(port), check=False).strip()
+        if expect is None or out == expect or time.monotonic() > deadline:
+            return out
+        time.sleep(0.2)
+
+
+def tcp_from_container(d: Docker, container: str, ip: str, port: int) -> str:
+    """Connect from a container; what the server said, '' if nothing answers."""
+    return d.exec(container, "nc", "-w", "3", ip, str(port), check=False).strip()
+
+
 def free_subnet(third: int) -> str:
     """A test subnet 10.213.N.0/24, checked against every host route."""
     subnet = ipaddress.ip_network(f"10.213.{third}.0/24")

@@ -16,6 +16,7 @@ from tests.e2e.conftest import (
     docker,
     free_subnet,
     ping,
+    tcp_from_container,
     wait_for,
 )
 from tests.hostenv import OutsideHost, link_names, run
@@ -45,8 +46,6 @@ def outside_route_to(outside: OutsideHost, subnet: str) -> Iterator[None]:
         outside.exec("ip", "route", "del", subnet, check=False)
 
 
-def can_connect(d: Docker, container: str, ip: str, port: int) -> str:
-    return d.exec(container, "nc", "-w", "3", ip, str(port), check=False)
 
 
 def test_bridge_name_option(d: Docker) -> None:
@@ -119,7 +118,7 @@ def test_icc_disabled_blocks_containers_but_not_egress(d: Docker, outside: Outsi
     net = d.network("-o", "com.docker.network.bridge.enable_icc=false")
     a, b = d.run(net), d.run(net)
     cannot_ping(d, a, d.ip(b, net))
-    assert can_connect(d, a, outside.ip, outside.port) == outside.host_ip
+    assert tcp_from_container(d, a, outside.ip, outside.port) == outside.host_ip
 
 
 def test_masquerade_disabled_keeps_container_source(d: Docker, outside: OutsideHost) -> None:
@@ -129,9 +128,9 @@ def test_masquerade_disabled_keeps_container_source(d: Docker, outside: OutsideH
     )
     c = d.run(net)
     # Without NAT, the outside host only answers if it can route back to the container.
-    assert can_connect(d, c, outside.ip, outside.port) == ""
+    assert tcp_from_container(d, c, outside.ip, outside.port) == ""
     with outside_route_to(outside, subnet):
-        assert can_connect(d, c, outside.ip, outside.port) == d.ip(c, net)
+        assert tcp_from_container(d, c, outside.ip, outside.port) == d.ip(c, net)
 
 
 def test_invalid_option_values_are_refused(d: Docker) -> None:
@@ -156,7 +155,7 @@ def test_internal_network(d: Docker, outside: OutsideHost) -> None:
     a, b = d.run(net), d.run(net)
     ping(d, a, b)
     assert default_routes(d, a) == []
-    assert can_connect(d, a, outside.ip, outside.port) == ""
+    assert tcp_from_container(d, a, outside.ip, outside.port) == ""
     # Even a container that is also on a normal network cannot send traffic out through it.
     normal = d.network()
     docker("network", "connect", normal, a)

@@ -9,7 +9,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import (
+    ECHO_TCP,
     IMAGE,
     MODE,
     Docker,
@@ -24,12 +24,13 @@ from tests.e2e.conftest import (
     default_routes,
     docker,
     free_subnet,
+    tcp_from,
+    tcp_from_container,
     wait_for,
 )
 from tests.hostenv import OutsideHost, firewall_dump, run
 
 PYDRIVER = [sys.executable, "-m", "pydriver.cli"]
-ECHO_TCP = ("pbtest-echo", "tcp", "80")
 
 
 def tcp_from_host(ip: str, port: int, timeout: float = 3.0) -> str:
@@ -42,15 +43,6 @@ def tcp_from_host(ip: str, port: int, timeout: float = 3.0) -> str:
         return ""
 
 
-def tcp_from(outside: OutsideHost, ip: str, port: int, expect: str | None = None) -> str:
-    """Connect from the outside host. With ``expect``, retry for a few seconds until that
-    answer comes (a just-started container may not listen yet)."""
-    deadline = time.monotonic() + (5 if expect is not None else 0)
-    while True:
-        out = outside.exec("busybox", "nc", "-w", "3", ip, str(port), check=False).strip()
-        if expect is None or out == expect or time.monotonic() > deadline:
-            return out
-        time.sleep(0.2)
 
 
 def udp_from(outside: OutsideHost, ip: str, port: int) -> str:
@@ -63,8 +55,6 @@ def udp_from(outside: OutsideHost, ip: str, port: int) -> str:
     return outside.exec("python3", "-c", code, ip, str(port), check=False).strip()
 
 
-def tcp_from_container(d: Docker, container: str, ip: str, port: int) -> str:
-    return d.exec(container, "nc", "-w", "3", ip, str(port), check=False).strip()
 
 
 def ports_json() -> list[dict[str, object]]:

@@ -25,6 +25,7 @@ from tests.e2e.conftest import (
     ping,
     plugin_pid,
     plugin_socket,
+    tcp_from,
     wait_for,
 )
 from tests.hostenv import ROOT, OutsideHost, firewall_dump, link_names, run
@@ -58,8 +59,6 @@ def histogram_over(name: str, bound: str) -> tuple[float, float]:
     return total - below, total
 
 
-def tcp_from(outside: OutsideHost, ip: str, port: int) -> str:
-    return outside.exec("busybox", "nc", "-w", "3", ip, str(port), check=False).strip()
 
 
 def state_endpoints() -> list[str]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tests.e2e.conftest import (
     DRIVER,
+    ECHO_TCP,
     MODE,
     Docker,
     cannot_ping,
@@ -23,7 +24,6 @@ from tests.e2e.conftest import (
 )
 from tests.hostenv import OUTSIDE_NS_IF, OutsideHost, firewall_dump, link_names, run
 
-ECHO_TCP = ("pbtest-echo", "tcp", "80")
 # A hostile container: may change its own routes, and accepts replies from 127.0.0.1.
 HOSTILE = ("--cap-add", "NET_ADMIN", "--sysctl", "net.ipv4.conf.all.route_localnet=1")
 LOOPBACK_SERVICE = 18410  # a host service bound to 127.0.0.1 only (a database, say)

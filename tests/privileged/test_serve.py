@@ -219,3 +219,45 @@ def test_json_logs(netns: str, tmp_path: Path) -> None:
     assert isinstance(delete["duration_ms"], float) and delete["level"] == "info"
     join = next(e for e in requests if e["method"] == "NetworkDriver.Join")
     assert join["outcome"].startswith("error(invalid)")
+
+
+def test_a_managed_plugin_that_cannot_start_says_why_on_every_call(
+    netns: str, tmp_path: Path
+) -> None:
+    """Exiting would leave dockerd with a plugin it cannot enable (and dockerd 28 has
+    crash-looped on a network plugin that failed to enable at boot): a managed pybridge that
+    cannot start stays up, registers, and answers every call with the reason."""
+    sock = tmp_path / "pb.sock"
+    state = tmp_path / "state"
+    state.write_text("not a directory")  # the state directory cannot be opened
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", netns, sys.executable, "-m", "pydriver.cli", "serve",
+         "--socket", str(sock), "--state-dir", str(state)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYDRIVER_MANAGED": "1"},
+    )
+    try:
+        wait_socket(sock, proc)
+        assert post(sock, "NetworkDriver.GetCapabilities")[0] == 200
+        assert post(sock, "IpamDriver.GetCapabilities")[0] == 200
+        status, reply = post(sock, "NetworkDriver.CreateNetwork", b'{"NetworkID": "x"}')
+        assert status == 500
+        assert isinstance(reply, dict)
+        assert reply["Err"].startswith("pybridge could not start: cannot open the state database")
+        assert post(sock, "Nothing.Here")[0] == 404
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 1
+        assert not sock.exists()
+        output = proc.stdout.read() if proc.stdout else ""
+        assert "pybridge is not working: cannot open the state database" in output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    # Not a managed plugin (a host service under systemd): it exits and says why.
+    plain = start(netns, sock, state)
+    assert plain.wait(timeout=15) == 1
+    assert "cannot open the state database" in (plain.stdout.read() if plain.stdout else "")

@@ -759,8 +759,10 @@ async def test_retries_after_a_restart_get_the_same_answers(daemon: Restartable)
     assert (await ipam.request_address(addr_req(pool_id, "10.216.0.77")))[0] == iface(
         "10.216.0.77/24"
     )
+    # An automatic pool is never given again (a retry cannot be told from another network's
+    # request): the retry gets another subnet and the first stays taken.
     again_id, again_subnet, _ = await ipam.request_pool(pool_req())
-    assert (again_id, again_subnet) == (auto_id, auto_subnet)
+    assert again_id != auto_id and not again_subnet.overlaps(auto_subnet)
     # ... and nothing is handed out twice.
     with pytest.raises(Conflict):
         await ipam.request_address(addr_req(pool_id, str(gateway.ip)))
@@ -881,3 +883,20 @@ async def test_release_owned_releases_only_in_the_pool_named(daemon: Restartable
     assert int(address.ip) in ipam.pools[pool_id].allocated
     await ipam.release_owned([(pool_id, address.ip)])
     assert int(address.ip) not in ipam.pools[pool_id].allocated
+
+
+async def test_a_pool_docker_asks_addresses_of_is_no_longer_given_again(
+    daemon: Restartable,
+) -> None:
+    """Docker asks for a pool's gateway right after it gets the pool: from then on a
+    request for the same subnet is another network's, and must not get that pool."""
+    ipam = await daemon.open()
+    pool_id, _, _ = await ipam.request_pool(pool_req("10.216.0.0/24"))  # never acknowledged
+    daemon.clock.now += 1
+    ipam = await daemon.open()
+    await request_address(ipam, addr_req(pool_id, gateway=True))
+    with pytest.raises(Conflict):
+        await ipam.request_pool(pool_req("10.216.0.0/24"))
+    ipam = await daemon.open()  # and it stays confirmed across a restart
+    with pytest.raises(Conflict):
+        await ipam.request_pool(pool_req("10.216.0.0/24"))
