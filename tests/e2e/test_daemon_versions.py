@@ -9,16 +9,16 @@ import pytest
 
 from tests.e2e.conftest import (
     DRIVER,
+    ECHO_TCP,
     Docker,
     default_routes,
     docker,
     docker_fails,
     ping,
+    tcp_from,
+    tcp_from_container,
 )
-from tests.e2e.test_ports import tcp_from, tcp_from_container
 from tests.hostenv import OutsideHost, firewall_dump
-
-ECHO_TCP = ("pbtest-echo", "tcp", "80")
 
 
 def server_major() -> int:
@@ -82,7 +82,7 @@ def test_ipv6_only_network_with_dockers_ipam(
     d: Docker, outside: OutsideHost, docker28: None
 ) -> None:
     net = d.network("--ipv4=false", "--ipv6", "--subnet", "fd00:213:85::/64")
-    check_ipv6_only(d, outside, net, 18250)
+    check_ipv6_only(d, outside, net, 18290)
 
 
 def test_ipv6_only_network_with_pybridge_ipam(
@@ -92,7 +92,7 @@ def test_ipv6_only_network_with_pybridge_ipam(
     net = d.network("--ipam-driver", DRIVER, "--ipv4=false", "--ipv6")
     subnet, _ = v6_config(d, net)
     assert subnet.startswith("fd") and subnet.endswith("::/64"), subnet
-    check_ipv6_only(d, outside, net, 18251)
+    check_ipv6_only(d, outside, net, 18291)
 
 
 def test_ipv6_only_network_with_pybridge_ipam_and_a_subnet(
@@ -101,7 +101,7 @@ def test_ipv6_only_network_with_pybridge_ipam_and_a_subnet(
     net = d.network(
         "--ipam-driver", DRIVER, "--ipv4=false", "--ipv6", "--subnet", "fd00:213:86::/64"
     )
-    check_ipv6_only(d, outside, net, 18252)
+    check_ipv6_only(d, outside, net, 18292)
 
 
 def test_ipv4_false_without_ipv6_is_one_plain_sentence(d: Docker, docker28: None) -> None:
