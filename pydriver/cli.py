@@ -32,6 +32,7 @@ from .metrics import Metrics
 from .model import IPAddress
 from .netlink import Netlink
 from .ports import DEFAULT_EPHEMERAL_RANGE
+from .pruning import Plan, confirmed
 from .report import Names, docker_names, format_table, port_rows
 from .server import Api, make_app, make_failure_app, make_metrics_app
 from .store import Store, read_state
@@ -145,11 +146,29 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(doctor, "--no-docker", "do not ask the docker CLI which networks exist")
 
     prune = sub.add_parser(
-        "prune", help="remove networks Docker no longer knows (removed while pybridge was away)"
+        "prune",
+        help="remove networks and IPAM pools the Docker daemon using pybridge no longer knows "
+        "(removed while pybridge was away)",
+        description="Remove, through the running pybridge, the networks and IPAM pools it has "
+        "that the Docker daemon using it no longer knows (removed while pybridge was away). The "
+        "daemon asked is the one the docker CLI talks to (DOCKER_HOST, the docker context), and "
+        "prune refuses unless that is a Unix socket on this host served by the daemon that "
+        "calls this pybridge (a managed plugin: a daemon that has this plugin). It lists what "
+        "it would remove and asks first.",
     )
-    _socket_arg(prune, "pybridge's socket")
+    _socket_arg(prune, "pybridge's socket (a managed plugin's: /run/docker/plugins/<id>/...)")
     _state_dir_arg(prune)
-    _flag(prune, "--dry-run", "only list them")
+    _flag(prune, "--dry-run", "only list what would be removed")
+    prune.add_argument(
+        "-y",
+        "--yes",
+        action="store_true",
+        help="do not ask (required without a terminal). When no Docker daemon has called "
+        "pybridge since it started (after a pybridge restart; a managed plugin needs no call), "
+        "--yes also lets prune go on trusting the daemon, provided it knows at least one of "
+        "pybridge's networks; safer: let the daemon call pybridge first (create and remove a "
+        "network with its driver)",
+    )
     return parser
 
 
@@ -170,12 +189,38 @@ def doctor_command(args: argparse.Namespace) -> int:
 
 
 def prune_command(args: argparse.Namespace) -> int:
-    removed = run_prune(args.socket, Path(args.state_dir), args.dry_run)
-    verb = "would remove" if args.dry_run else "removed"
-    for line in removed:
-        print(f"{verb} network {line}")
-    if not removed:
-        print("nothing to remove: Docker knows every network pybridge has")
+    def ask(plan: Plan) -> bool:
+        for line in plan.lines():
+            print(f"stale: {line}")
+        try:
+            return confirmed(input(plan.question()))
+        except EOFError:
+            return False
+
+    def done(line: str) -> None:
+        print(f"removed {line}", flush=True)
+
+    terminal = sys.stdin.isatty() and sys.stdout.isatty()
+    result = run_prune(
+        args.socket,
+        Path(args.state_dir),
+        dry_run=args.dry_run,
+        yes=args.yes,
+        ask=ask if terminal else None,
+        done=done,
+    )
+    if result.plan.empty:
+        print("nothing to remove: the Docker daemon knows every network and pool pybridge has")
+    elif args.dry_run:
+        for line in result.plan.lines():
+            print(f"would remove {line}")
+    elif not result.removed:
+        print("nothing removed")
+    if result.plan.recent_pools:
+        print(
+            f"left alone: {result.plan.recent_pools} unused IPAM pool(s) requested in the last "
+            "minute (a network may be being created with them)"
+        )
     return 0
 
 

@@ -9,10 +9,15 @@ import os
 import socket
 import sqlite3
 import subprocess
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import protocol as p
+from . import pruning
+from .dockerapi import docker_host, look_at
 from .driver import firewall_view
 from .errors import DriverError
 from .firewall import BACKENDS, Backend, detect_backend, tool
@@ -20,10 +25,20 @@ from .logs import escape
 from .model import Endpoint, Family, Mapping, Network
 from .naming import is_pybridge_bridge, is_pybridge_veth
 from .netlink import Netlink
+from .peers import Peer, peer_credentials, process_name
 from .process import run
+from .pruning import Plan, PluginFacts, Refused
 from .report import Names, port_rows
 from .rules import drift
-from .store import DB_NAME, ROW_KIND, SCHEMA_VERSION, SetAside, read_state, unreadable
+from .store import (
+    DB_NAME,
+    ROW_KIND,
+    SCHEMA_VERSION,
+    SetAside,
+    read_pools,
+    read_state,
+    unreadable,
+)
 from .sysctl import Sysctl
 
 # -- status -------------------------------------------------------------------------------------
@@ -448,52 +463,138 @@ def doctor(
     return asyncio.run(diagnose(socket_path, state_dir, backend_setting, ask_docker))
 
 
-def _exchange(socket_path: str, method: str, payload: bytes, timeout: float) -> bytes:
-    """One POST to pybridge's socket, as dockerd sends it; the whole raw answer."""
+def _exchange_with_peer(
+    socket_path: str, method: str, payload: bytes, timeout: float
+) -> tuple[bytes, Peer]:
+    """One POST to pybridge's socket, marked as pydriver's own (pybridge does not count it as
+    a daemon calling); the whole raw answer, and who listens on the socket (SO_PEERCRED)."""
     conn = socket.socket(socket.AF_UNIX)
     conn.settimeout(timeout)
     try:
         conn.connect(socket_path)
+        peer = peer_credentials(conn)
         conn.sendall(
             f"POST /{method} HTTP/1.1\r\nHost: plugin\r\nContent-Length: {len(payload)}\r\n"
-            "Connection: close\r\n\r\n".encode()
+            f"{p.TOOL_HEADER}: pydriver\r\nConnection: close\r\n\r\n".encode()
             + payload
         )
         data = b""
         while chunk := conn.recv(65536):
             data += chunk
-        return data
+        return data, peer
     finally:
         conn.close()
 
 
-def post(socket_path: str, method: str, body: dict[str, Any]) -> tuple[int, Any]:
-    data = _exchange(socket_path, method, json.dumps(body).encode(), timeout=60)
+def _exchange(socket_path: str, method: str, payload: bytes, timeout: float) -> bytes:
+    return _exchange_with_peer(socket_path, method, payload, timeout)[0]
+
+
+def _decode_answer(data: bytes) -> tuple[int, Any]:
     head, _, rest = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), json.loads(rest)
+    try:
+        return int(head.split()[1]), json.loads(rest)
+    except (IndexError, ValueError):
+        raise DriverError("pybridge's answer is not HTTP with a JSON body") from None
 
 
-def prune(socket_path: str, state_dir: Path, dry_run: bool) -> list[str]:
-    """Remove (through the running pybridge) networks Docker no longer knows."""
-    known = docker_network_ids()
-    if known is None:
-        raise DriverError("cannot ask Docker which networks exist (is the docker CLI working?)")
+def post(socket_path: str, method: str, body: dict[str, Any]) -> tuple[int, Any]:
+    return _decode_answer(_exchange(socket_path, method, json.dumps(body).encode(), timeout=60))
+
+
+# -- prune --------------------------------------------------------------------------------------
+
+
+def plugin_facts(socket_path: str) -> PluginFacts:
+    """Ask pybridge who has called it (Pybridge.Status), and see its pid from here."""
+    method, body = p.status_request()
+    try:
+        data, peer = _exchange_with_peer(socket_path, method, json.dumps(body).encode(), 20)
+    except OSError as err:
+        raise DriverError(
+            f"pybridge does not answer on {socket_path} ({err.strerror or err}); prune works "
+            "through the running pybridge"
+        ) from None
+    code, reply = _decode_answer(data)
+    if code != 200 or not isinstance(reply, dict):
+        raise DriverError(
+            f"pybridge on {socket_path} does not say who calls it (an older version?): run "
+            "this version of pybridge to use prune"
+        )
+    try:
+        status = p.parse_status_reply(reply)
+    except DriverError as err:
+        raise DriverError(f"pybridge on {socket_path} answered its status oddly: {err}") from None
+    same = peer.pid > 0 and peer.pid == status.pid
+    running = {}
+    if same:  # the callers' pids are ours too: which are still running, as what
+        for caller in status.callers:
+            name = process_name(caller.pid)
+            if name is not None:
+                running[caller.pid] = name
+    return PluginFacts(socket_path, status.pid, peer.pid, status.callers, running)
+
+
+@dataclass
+class Pruned:
+    plan: Plan
+    removed: bool  # False: only listed (--dry-run), or declined
+
+
+def prune(
+    socket_path: str,
+    state_dir: Path,
+    *,
+    dry_run: bool,
+    yes: bool,
+    ask: Callable[[Plan], bool] | None,
+    done: Callable[[str], None] = lambda line: None,
+) -> Pruned:
+    """Remove, through the running pybridge, the networks and IPAM pools it has that the Docker
+    daemon using it no longer knows (removed while pybridge was away). The daemon is the one
+    the docker CLI talks to, and only if it is shown to be the one using this pybridge (see
+    pruning.check_same_daemon). ``ask`` confirms on a terminal (None: there is none); ``done``
+    hears each thing removed."""
+    plugin = plugin_facts(socket_path)
+    read_at = time.monotonic()
     networks, endpoints = read_state(state_dir)
-    removed = []
-    for network in networks:
-        if network.id in known:
-            continue
-        removed.append(f"{network.id[:12]} (bridge {network.bridge})")
-        if dry_run:
-            continue
-        for endpoint in endpoints:
-            if endpoint.network_id == network.id:
-                post(
-                    socket_path,
-                    "NetworkDriver.DeleteEndpoint",
-                    {"NetworkID": network.id, "EndpointID": endpoint.id},
-                )
-        status, reply = post(socket_path, "NetworkDriver.DeleteNetwork", {"NetworkID": network.id})
+    pools = read_pools(state_dir)
+    host = docker_host()
+    path = pruning.daemon_socket(host)
+    daemon = look_at(host, path)
+    pruning.check_same_daemon(plugin, daemon, [n.id for n in networks], yes)
+    plan = pruning.stale(networks, endpoints, pools, daemon.networks, time.time())
+    if plan.empty:
+        return Pruned(plan, False)
+    go = pruning.how_to_go(dry_run, yes, ask is not None)
+    if go == "list" or (go == "ask" and ask is not None and not ask(plan)):
+        return Pruned(plan, False)
+    # Look again, after the prompt and at least SETTLE_SECONDS after reading the state: a
+    # network Docker was creating (pybridge answers before Docker stores it) shows up by then.
+    time.sleep(max(0.0, read_at + pruning.SETTLE_SECONDS - time.monotonic()))
+    again = look_at(host, path)
+    if again.pids != daemon.pids:
+        raise Refused(
+            f"the process serving {host} changed while prune ran (pid "
+            f"{', '.join(map(str, sorted(daemon.pids)))} before, "
+            f"{', '.join(map(str, sorted(again.pids)))} now); run prune again"
+        )
+    plan = plan.still_unknown(again.networks)
+    for stale_network in plan.networks:
+        network_id = stale_network.network.id
+        for endpoint_id in stale_network.endpoint_ids:
+            post(
+                socket_path,
+                "NetworkDriver.DeleteEndpoint",
+                {"NetworkID": network_id, "EndpointID": endpoint_id},
+            )
+        status, reply = post(socket_path, "NetworkDriver.DeleteNetwork", {"NetworkID": network_id})
         if status != 200:
-            raise DriverError(f"pybridge refused to remove {network.id[:12]}: {reply}")
-    return removed
+            raise DriverError(f"pybridge refused to remove network {network_id[:12]}: {reply}")
+        done(stale_network.describe())
+    for pool in plan.pools:
+        status, reply = post(socket_path, "IpamDriver.ReleasePool", {"PoolID": pool.id})
+        if status != 200:
+            raise DriverError(f"pybridge refused to release {pool.describe()}: {reply}")
+        done(pool.describe())
+    return Pruned(plan, True)

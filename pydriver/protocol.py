@@ -628,3 +628,94 @@ def oper_info_reply(value: Mapping[str, Any]) -> dict[str, Any]:
 
 def error_reply(message: str) -> dict[str, Any]:
     return {"Err": message}
+
+
+# ---------------------------------------------------------------------------------------------
+# pybridge's own route (Docker never calls it): who has been calling pybridge
+# ---------------------------------------------------------------------------------------------
+
+STATUS_METHOD = "Pybridge.Status"
+# pydriver's own commands (doctor, prune) mark their requests with this header, so pybridge
+# does not count them among the daemons calling it.
+TOOL_HEADER = "X-Pybridge-Tool"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """A process that has called pybridge since it started, from the peer credentials of its
+    connections (SO_PEERCRED), in pybridge's pid namespace: 0 when the caller is outside it."""
+
+    pid: int
+    uid: int
+    first_seen: float  # time.time()
+    last_seen: float
+    requests: int
+
+
+@dataclass(frozen=True)
+class Status:
+    pid: int  # pybridge's own pid, in its own pid namespace
+    started: float  # time.time() when it started serving
+    callers: tuple[Caller, ...]
+
+
+def status_request() -> tuple[str, dict[str, Any]]:
+    """The request `pydriver prune` sends: (method, body)."""
+    return STATUS_METHOD, {}
+
+
+def status_reply(status: Status) -> dict[str, Any]:
+    return {
+        "Pid": status.pid,
+        "Started": status.started,
+        "Callers": [
+            {
+                "Pid": c.pid,
+                "Uid": c.uid,
+                "FirstSeen": c.first_seen,
+                "LastSeen": c.last_seen,
+                "Requests": c.requests,
+            }
+            for c in status.callers
+        ],
+    }
+
+
+def _number(body: Mapping[str, Any], name: str, where: str) -> float:
+    value = body.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequest(f"{where}{name} must be a number, not {_json_type(value)}")
+    return float(value)
+
+
+def _count(body: Mapping[str, Any], name: str, where: str) -> int:
+    value = body.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidRequest(f"{where}{name} must be a whole number from 0, not {_show(value)}")
+    return value
+
+
+def parse_status_reply(body: Mapping[str, Any]) -> Status:
+    """pybridge's answer to STATUS_METHOD (the tool side of the route)."""
+    raw = body.get("Callers")
+    if not isinstance(raw, list):
+        raise InvalidRequest(f"Callers must be a list, not {_json_type(raw)}")
+    callers = []
+    for i, item in enumerate(raw):
+        where = f"Callers[{i}]."
+        if not isinstance(item, dict):
+            raise InvalidRequest(f"Callers[{i}] must be a JSON object, not {_json_type(item)}")
+        callers.append(
+            Caller(
+                pid=_count(item, "Pid", where),
+                uid=_count(item, "Uid", where),
+                first_seen=_number(item, "FirstSeen", where),
+                last_seen=_number(item, "LastSeen", where),
+                requests=_count(item, "Requests", where),
+            )
+        )
+    return Status(
+        pid=_count(body, "Pid", ""),
+        started=_number(body, "Started", ""),
+        callers=tuple(callers),
+    )

@@ -4,9 +4,11 @@ and one place that turns errors into ``{"Err": ...}``. The app never knows its s
 from __future__ import annotations
 
 import logging
+import os
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
@@ -16,6 +18,7 @@ from .driver import NetworkDriver
 from .errors import DriverError
 from .ipamdriver import IpamDriver
 from .metrics import Metrics
+from .peers import Peer, peer_credentials
 
 log = logging.getLogger("pydriver.requests")
 
@@ -57,12 +60,59 @@ def _id_fields(body: Mapping[str, Any]) -> dict[str, str]:
     return fields
 
 
+class Callers:
+    """Who calls pybridge: normally one dockerd. The peer credentials of each connection
+    (SO_PEERCRED), read once per connection; a few callers are kept, the least recently seen
+    go first. `pydriver prune` asks (Pybridge.Status) to check that the daemon it asks which
+    networks exist is the one using this pybridge."""
+
+    LIMIT = 16
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._seen: dict[tuple[int, int], p.Caller] = {}
+        # Per connection: its peer (None: could not be read). Keyed weakly by the transport,
+        # so a closed connection is forgotten with it.
+        self._peers: weakref.WeakKeyDictionary[object, Peer | None] = weakref.WeakKeyDictionary()
+
+    def saw(self, transport: Any) -> None:
+        """Count one request arriving on ``transport`` (an asyncio transport, or None)."""
+        if transport is None:
+            return
+        if transport in self._peers:
+            peer = self._peers[transport]
+        else:
+            sock = transport.get_extra_info("socket")
+            try:
+                peer = peer_credentials(sock) if sock is not None else None
+            except OSError:  # not a Unix socket (a test's TCP site): nobody to record
+                peer = None
+            self._peers[transport] = peer
+        if peer is None:
+            return
+        now = self._clock()
+        key = (peer.pid, peer.uid)
+        known = self._seen.pop(key, None)  # re-inserted last: the dict stays in seen order
+        if known is None:
+            known = p.Caller(peer.pid, peer.uid, now, now, 0)
+        self._seen[key] = replace(known, last_seen=now, requests=known.requests + 1)
+        while len(self._seen) > self.LIMIT:
+            del self._seen[next(iter(self._seen))]
+
+    def callers(self) -> tuple[p.Caller, ...]:
+        return tuple(self._seen.values())
+
+
 class Api:
     """Maps every route to the driver call behind it."""
 
-    def __init__(self, driver: NetworkDriver, ipam: IpamDriver) -> None:
+    def __init__(
+        self, driver: NetworkDriver, ipam: IpamDriver, callers: Callers | None = None
+    ) -> None:
         self.driver = driver
         self.ipam = ipam
+        self.callers = callers or Callers()
+        self.started = time.time()
         self.routes: dict[str, Handler] = {
             "/Plugin.Activate": self.activate,
             "/NetworkDriver.GetCapabilities": self.net_capabilities,
@@ -86,7 +136,11 @@ class Api:
             "/IpamDriver.ReleasePool": self.release_pool,
             "/IpamDriver.RequestAddress": self.request_address,
             "/IpamDriver.ReleaseAddress": self.release_address,
+            "/" + p.STATUS_METHOD: self.status,
         }
+
+    async def status(self, body: dict[str, Any]) -> dict[str, Any]:
+        return p.status_reply(p.Status(os.getpid(), self.started, self.callers.callers()))
 
     async def activate(self, body: dict[str, Any]) -> dict[str, Any]:
         return p.activate_reply()
@@ -192,6 +246,8 @@ def make_app(api: Api, metrics: Metrics | None = None) -> web.Application:
             if request.method != "POST":
                 outcome = kind = "bad-method"
                 return _json_response(p.error_reply(f"{method} must be called with POST"), 405)
+            if method != p.STATUS_METHOD and p.TOOL_HEADER not in request.headers:
+                api.callers.saw(request.transport)
             raw = await request.read()
             body = p.decode_body(raw)
             reply = await handler(body)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -37,7 +38,7 @@ from urllib.parse import quote
 
 from .errors import HostError
 from .ipam import AnswerKind, PendingAnswer, Pool
-from .model import Endpoint, Network
+from .model import Endpoint, IPNetwork, Network
 
 T = TypeVar("T")
 R = TypeVar("R", Network, Endpoint, Pool)
@@ -546,6 +547,53 @@ def read_state(state_dir: Path) -> tuple[list[Network], list[Endpoint]]:
         db.close()
     gone = {row.key for row in bad}  # their endpoints go with them
     return networks, [e for e in endpoints if e.network_id not in gone]
+
+
+@dataclass(frozen=True)
+class PoolRecord:
+    """An IPAM pool as `pydriver prune` needs it: its id, subnet and when it was requested
+    (None: a row from before schema 3, long ago)."""
+
+    id: str
+    subnet: IPNetwork
+    recorded_at: float | None
+
+
+def read_pools(state_dir: Path) -> list[PoolRecord]:
+    """The IPAM pools in a state directory, read-only (safe while pybridge runs). Rows that
+    cannot be decoded are skipped, as pybridge itself does."""
+    path = state_dir / DB_NAME
+    if not path.exists():
+        raise HostError(f"no pybridge state at {path}; is --state-dir right?")
+    try:
+        db = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=5)
+    except sqlite3.Error as err:
+        raise HostError(f"cannot read the state database {path}: {err}") from None
+    try:
+        columns = {row[1] for row in db.execute("PRAGMA table_info(pools)")}
+        when = "recorded_at" if "recorded_at" in columns else "NULL"
+        rows = db.execute(
+            f"SELECT CAST(id AS BLOB), CAST(data AS BLOB), {when} FROM pools ORDER BY id"  # noqa: S608 (a column name from the schema)
+        ).fetchall()
+    except sqlite3.Error as err:
+        raise HostError(f"cannot read the state database {path}: {err}") from None
+    finally:
+        db.close()
+    pools = []
+    for raw_key, raw_data, recorded_at in rows:
+        try:
+            data = json.loads(raw_data.decode())
+            subnet = ipaddress.ip_network(data["subnet"])
+            pools.append(
+                PoolRecord(
+                    raw_key.decode(),
+                    subnet,
+                    float(recorded_at) if recorded_at is not None else None,
+                )
+            )
+        except Exception:  # noqa: S112 (a damaged row: pybridge sets it aside itself)
+            continue
+    return pools
 
 
 def unreadable(db: sqlite3.Connection) -> list[SetAside]:

@@ -79,9 +79,17 @@ def run(
     check: bool = True,
     timeout: float = 120,
     input: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
+    """Run a command; ``env`` adds to (or overrides) this process's environment."""
     result = subprocess.run(
-        list(argv), capture_output=True, text=True, timeout=timeout, input=input, check=False
+        list(argv),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input,
+        check=False,
+        env={**os.environ, **env} if env else None,
     )
     if check and result.returncode != 0:
         raise AssertionError(

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -38,12 +38,15 @@ def netns() -> Iterator[str]:
 class Plugin:
     """One `pydriver serve` process in ``ns``, restartable, with its own socket and state."""
 
-    def __init__(self, ns: str, workdir: Path) -> None:
+    def __init__(
+        self, ns: str, workdir: Path, sock: Path | None = None, wrap: Sequence[str] = ()
+    ) -> None:
         self.ns = ns
-        self.sock = workdir / "pb.sock"
+        self.sock = sock or workdir / "pb.sock"
         self.state = workdir / "state"
         self.proc: subprocess.Popen[str] | None = None
         self.log = workdir / "pydriver.log"
+        self.wrap = list(wrap)  # a command that runs pydriver, e.g. unshare --pid --fork
 
     def start(self, **env: str) -> None:
         environment = dict(os.environ)
@@ -56,6 +59,7 @@ class Plugin:
                     "netns",
                     "exec",
                     self.ns,
+                    *self.wrap,
                     sys.executable,
                     "-m",
                     "pydriver.cli",

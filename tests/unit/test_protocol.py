@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -821,3 +822,38 @@ def test_request_address_of_docker_29_with_endpoint_name_and_mac() -> None:
     }
     assert p.parse_request_address(gateway).is_gateway
     assert p.parse_request_address(gateway).endpoint_name is None
+
+
+# -- pybridge's own status route ---------------------------------------------------------------
+
+
+def test_status_round_trip() -> None:
+    status = p.Status(
+        pid=7,
+        started=1.5,
+        callers=(p.Caller(pid=42, uid=0, first_seen=2, last_seen=3, requests=4),),
+    )
+    method, body = p.status_request()
+    assert (method, body) == ("Pybridge.Status", {})
+    reply = json.loads(p.encode_reply(p.status_reply(status)))
+    assert reply["Callers"][0]["Pid"] == 42
+    assert p.parse_status_reply(reply) == status
+
+
+@pytest.mark.parametrize(
+    ("reply", "message"),
+    [
+        ({"Pid": 1, "Started": 0}, "Callers must be a list, not null"),
+        ({"Pid": 1, "Started": 0, "Callers": [1]}, "Callers[0] must be a JSON object"),
+        ({"Pid": -1, "Started": 0, "Callers": []}, "Pid must be a whole number from 0"),
+        ({"Pid": True, "Started": 0, "Callers": []}, "Pid must be a whole number from 0"),
+        ({"Pid": 1, "Started": "x", "Callers": []}, "Started must be a number, not a string"),
+        (
+            {"Pid": 1, "Started": 0, "Callers": [{"Pid": 1, "Uid": 0, "FirstSeen": 0}]},
+            "Callers[0].LastSeen must be a number, not null",
+        ),
+    ],
+)
+def test_status_reply_malformed(reply: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidRequest, match=re.escape(message)):
+        p.parse_status_reply(reply)

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import shutil
+import socket
+import struct
 import tempfile
+import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +21,11 @@ import pytest
 from aiohttp import web
 
 from pydriver import protocol as p
-from pydriver.errors import HostError
+from pydriver import server
+from pydriver.doctor import plugin_facts
+from pydriver.errors import DriverError, HostError
 from pydriver.naming import bridge_name, container_veth_name, host_veth_name
+from pydriver.peers import Peer, peer_credentials
 from pydriver.server import Api, make_app
 
 from .conftest import Env
@@ -30,6 +39,7 @@ EP = hexid("server-endpoint")
 class Client:
     session: aiohttp.ClientSession
     env: Env
+    path: str = ""  # the socket
 
     async def call(self, path: str, body: bytes | dict[str, Any] = b"") -> tuple[int, Any]:
         """POST like dockerd: raw bytes, no Content-Type."""
@@ -63,7 +73,7 @@ async def client(env: Env) -> AsyncIterator[Client]:
         await web.UnixSite(runner, str(sock)).start()
         connector = aiohttp.UnixConnector(path=str(sock))
         async with aiohttp.ClientSession(connector=connector) as session:
-            yield Client(session, env)
+            yield Client(session, env, str(sock))
     finally:
         await runner.cleanup()
         shutil.rmtree(sock_dir, ignore_errors=True)
@@ -683,3 +693,121 @@ async def test_request_address_of_docker_29_names_the_endpoint(client: Client) -
     named = {"PoolID": pool["PoolID"], "Address": "", "Options": {p.ENDPOINT_NAME: "web"}}
     assert (await client.ok("/IpamDriver.RequestAddress", named))["Address"] == "10.213.83.2/24"
     assert (await client.ok("/IpamDriver.RequestAddress", named))["Address"] == "10.213.83.3/24"
+
+
+# -- who calls pybridge (for `pydriver prune`) --------------------------------------------------
+
+
+async def status(client: Client) -> Any:
+    async with client.session.post(
+        f"http://plugin/{p.STATUS_METHOD}", data=b"", headers={p.TOOL_HEADER: "pydriver"}
+    ) as resp:
+        assert resp.status == 200
+        return p.parse_status_reply(await resp.json(content_type=None))
+
+
+async def test_status_names_the_process_calling(client: Client) -> None:
+    before = time.time()
+    assert (await status(client)).callers == ()
+    await client.ok("/Plugin.Activate")
+    await client.ok("/NetworkDriver.GetCapabilities")
+    reply = await status(client)
+    assert reply.pid == os.getpid()
+    [caller] = reply.callers
+    assert (caller.pid, caller.uid, caller.requests) == (os.getpid(), os.getuid(), 2)
+    assert before <= caller.first_seen <= caller.last_seen <= time.time()
+
+
+async def test_pydrivers_own_requests_and_unknown_routes_are_not_callers(client: Client) -> None:
+    async with client.session.post(
+        "http://plugin/Plugin.Activate", data=b"", headers={p.TOOL_HEADER: "pydriver"}
+    ) as resp:
+        assert resp.status == 200
+    await client.call("/NetworkDriver.Frobnicate", b"{}")
+    assert (await status(client)).callers == ()
+
+
+async def test_peer_is_read_once_per_connection(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[object] = []
+
+    def counting(sock: Any) -> Peer:
+        reads.append(sock)
+        return peer_credentials(sock)
+
+    monkeypatch.setattr(server, "peer_credentials", counting)
+    for _ in range(5):  # one kept-alive connection
+        await client.ok("/Plugin.Activate")
+    assert len(reads) == 1
+    assert (await status(client)).callers[0].requests == 5
+
+
+class FakeTransport:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def get_extra_info(self, name: str) -> Any:
+        assert name == "socket"
+        return FakeSocket(self.pid)
+
+
+@dataclass
+class FakeSocket:
+    pid: int
+    family: int = socket.AF_UNIX
+
+    def getsockopt(self, level: int, option: int, size: int) -> bytes:
+        return struct.pack("=iII", self.pid, 0, 0)
+
+
+def test_callers_keep_the_most_recent_few() -> None:
+    clock = iter(range(1000))
+    callers = server.Callers(clock=lambda: float(next(clock)))
+    transports = [FakeTransport(100 + i) for i in range(server.Callers.LIMIT + 3)]
+    for t in transports:
+        callers.saw(t)
+    callers.saw(transports[0])  # evicted, then seen again: it is the newest
+    pids = [c.pid for c in callers.callers()]
+    assert len(pids) == server.Callers.LIMIT
+    assert pids[-1] == 100 and 101 not in pids and 102 not in pids
+    callers.saw(None)  # a request whose connection is already gone
+    assert len(callers.callers()) == server.Callers.LIMIT
+
+
+async def test_prune_sees_pybridge_and_its_callers(client: Client) -> None:
+    """The tool side of Pybridge.Status (doctor.plugin_facts): pybridge's pid as it says it and
+    as seen through the socket agree (one pid namespace), and this process is its caller."""
+    await client.ok("/Plugin.Activate")
+    facts = await asyncio.to_thread(plugin_facts, client.path)
+    assert facts.own_pid == facts.pid_here == os.getpid()
+    assert [c.pid for c in facts.callers] == [os.getpid()]
+    assert facts.running[os.getpid()]  # its name, read from /proc
+    assert [c.requests for c in (await status(client)).callers] == [1]  # prune's did not count
+
+
+def test_prune_refuses_a_pybridge_without_the_status_route(tmp_path: Path) -> None:
+    sock_dir = Path(tempfile.mkdtemp(prefix="pyb-", dir="/tmp"))
+    path = str(sock_dir / "old.sock")
+    server_sock = socket.socket(socket.AF_UNIX)
+    server_sock.bind(path)
+    server_sock.listen()
+
+    def old_pybridge() -> None:
+        conn, _ = server_sock.accept()
+        with conn:
+            conn.recv(65536)
+            body = b'{"Err":"pybridge does not implement Pybridge.Status"}\n'
+            conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+    thread = threading.Thread(target=old_pybridge)
+    thread.start()
+    try:
+        with pytest.raises(DriverError, match="does not say who calls it"):
+            plugin_facts(path)
+    finally:
+        thread.join()
+        server_sock.close()
+        shutil.rmtree(sock_dir, ignore_errors=True)
+    with pytest.raises(DriverError, match="pybridge does not answer on"):
+        plugin_facts(path)

@@ -25,7 +25,15 @@ from pydriver.model import (
     PortBinding,
     Subnet,
 )
-from pydriver.store import DB_NAME, SCHEMA_VERSION, Store, SyncStore, read_state
+from pydriver.store import (
+    DB_NAME,
+    SCHEMA_VERSION,
+    PoolRecord,
+    Store,
+    SyncStore,
+    read_pools,
+    read_state,
+)
 
 from .fakes import FakeKernel, hexid
 
@@ -446,3 +454,26 @@ def test_quick_check_names_damage(tmp_path: Path) -> None:
     finally:
         sync.close()
     assert result != "ok" and result
+
+
+async def test_read_pools_for_prune(tmp_path: Path) -> None:
+    """prune reads each pool's id, subnet and when it was requested; a row it cannot read is
+    skipped, as pybridge skips it."""
+    state = tmp_path / "state"
+    await fill(state)
+    before = read_pools(state)
+    assert [(p.id, str(p.subnet)) for p in before] == [
+        ("10.1.0.0/24", "10.1.0.0/24"),
+        ("10.2.0.0/24", "10.2.0.0/24"),
+    ]
+    assert all(p.recorded_at is not None and p.recorded_at > 0 for p in before)
+    corrupt(state, "UPDATE pools SET data='{' WHERE id='10.1.0.0/24'")
+    corrupt(state, "UPDATE pools SET recorded_at=NULL WHERE id='10.2.0.0/24'")
+    assert read_pools(state) == [
+        PoolRecord("10.2.0.0/24", ipaddress.ip_network("10.2.0.0/24"), None)
+    ]
+    with pytest.raises(HostError, match="no pybridge state at"):
+        read_pools(tmp_path / "nothing")
+    # A database of schema 2 has no recorded_at column: its pools are long requested.
+    corrupt(state, "ALTER TABLE pools DROP COLUMN recorded_at")
+    assert [p.recorded_at for p in read_pools(state)] == [None]
