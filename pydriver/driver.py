@@ -403,8 +403,17 @@ class NetworkDriver:
     # -- networks ------------------------------------------------------------------------------
 
     async def create_network(self, req: CreateNetworkRequest) -> None:
-        options = parse_network_options(req.generic_options)
+        options = parse_network_options(
+            req.generic_options, enable_ipv4=req.enable_ipv4, enable_ipv6=req.enable_ipv6
+        )
         if not req.ipv4_data and not req.ipv6_data:
+            if not req.enable_ipv4 and not req.enable_ipv6:
+                # Docker 28+ sends --ipv4=false without --ipv6 on to a remote driver as is
+                # (only its own bridge driver refuses it).
+                raise InvalidRequest(
+                    "the network would have neither IPv4 nor IPv6: use --ipv4=false together "
+                    "with --ipv6"
+                )
             raise InvalidRequest("the network has no subnet; give one with --subnet")
         async with self._locks.hold(NETWORKS_LOCK), self._locks.hold(req.network_id):
             existing = self.networks.get(req.network_id)
@@ -934,7 +943,17 @@ class NetworkDriver:
     async def program_external_connectivity(self, req: ProgramExternalRequest) -> None:
         """Publish the endpoint's ports. Docker does nothing for `-p` when a remote driver's
         endpoint is the gateway, so this is the whole of port publishing. May be called again
-        without a Revoke (Docker 29): the new bindings replace the old ones.
+        without a Revoke (Docker 29, whenever the endpoint's gateway roles change): the new
+        publication replaces the old one exactly.
+
+        ``req.other_gateway`` (Docker's no_proxy_6to4): the container's IPv4 and IPv6 gateways
+        are different endpoints. Docker's own bridge driver reads it as "do not proxy host IPv6
+        to this IPv4-only container"; pybridge never maps one family to the other anyway. What
+        it does mean for pybridge: host addresses of the family this endpoint is not the
+        gateway for belong to the other endpoint, which publishes them. So an endpoint with an
+        IPv4 address publishes IPv4 only (Docker 29 sends the flag only to an endpoint that is
+        not the IPv6 gateway), an IPv6-only one (only Docker 28 sends it one) IPv6 only, and a
+        binding for the other family is skipped rather than refused.
 
         A host port published for an endpoint whose container is gone (a container restarted
         after a dockerd crash gets a new endpoint, and Docker never deleted the old one) is
@@ -990,21 +1009,31 @@ class NetworkDriver:
                 if bindings:
                     log.info("network %s is internal: ports are not published", short(network.id))
                 return
-            if endpoint.mappings and bindings == endpoint.port_bindings:
+            same = bindings == endpoint.port_bindings
+            if endpoint.mappings and same and req.other_gateway == endpoint.other_gateway:
                 return  # already published exactly so
             if not bindings and not endpoint.mappings:
                 return  # nothing to publish, nothing published
             async with self._locks.hold(PORTS_LOCK):
-                await self._publish(network, endpoint, bindings)
+                await self._publish(network, endpoint, bindings, req.other_gateway)
 
     async def _publish(
-        self, network: Network, endpoint: Endpoint, bindings: tuple[PortBinding, ...]
+        self,
+        network: Network,
+        endpoint: Endpoint,
+        bindings: tuple[PortBinding, ...],
+        other_gateway: bool = False,
     ) -> None:
+        v4 = endpoint.address.ip if endpoint.address else None
+        v6 = endpoint.address_v6.ip if endpoint.address_v6 else None
+        if other_gateway and v4 is not None:
+            v6 = None  # another endpoint is the IPv6 gateway: host IPv6 ports are its own
         requests = plan(
             bindings,
-            endpoint.address.ip if endpoint.address else None,
-            endpoint.address_v6.ip if endpoint.address_v6 else None,
+            v4,
+            v6,
             network.options.host_binding_ipv4,
+            leave_unserved=other_gateway,
         )
         taken = PortIndex(
             m for e in self.endpoints.values() if e.id != endpoint.id for m in e.mappings
@@ -1018,7 +1047,9 @@ class NetworkDriver:
                 chosen.extend(mappings)
                 for mapping in mappings:
                     taken.add(mapping)
-            published = endpoint.with_changes(port_bindings=bindings, mappings=tuple(chosen))
+            published = endpoint.with_changes(
+                port_bindings=bindings, mappings=tuple(chosen), other_gateway=other_gateway
+            )
             await self.store.put_endpoint(published)
             self.endpoints[endpoint.id] = published
             await faults.point("ports.publish.recorded")
@@ -1033,8 +1064,32 @@ class NetworkDriver:
                 except DriverError as err:  # its rule stays; start-up tries again
                     log.warning("endpoint %s: %s", short(endpoint.id), err)
             raise
+        # A republication without Revoke (Docker 29) that drops a UDP or SCTP mapping must not
+        # leave its flows NATed to the container: as after a revoke, they are forgotten once
+        # the rule is gone (a write that fails is the self-healing check's to redo).
+        dropped = [
+            m for m in endpoint.mappings if m not in chosen and m.proto in DATAGRAM_PROTOCOLS
+        ]
+        if dropped:
+            try:
+                await self._apply_firewall()
+            except DriverError:
+                dropped = []
+            for mapping in dropped:
+                with contextlib.suppress(DriverError):
+                    await self.kernel.forget_flows(
+                        mapping.container_ip,
+                        DATAGRAM_PROTOCOLS[mapping.proto],
+                        mapping.container_port,
+                    )
         for mapping in chosen:
             log.info("endpoint %s publishes %s", short(endpoint.id), mapping.describe())
+        if other_gateway and len(requests) < len(bindings):
+            log.info(
+                "endpoint %s: %d port binding(s) left to the container's other gateway endpoint",
+                short(endpoint.id),
+                len(bindings) - len(requests),
+            )
 
     async def _choose(
         self, request: PortRequest, taken: PortIndex, endpoint: Endpoint

@@ -286,6 +286,9 @@ class Endpoint:
     # Host ports currently published for this endpoint (while it is a gateway endpoint).
     mappings: tuple[Mapping, ...] = ()
     created_at: float = 0.0  # time.time(); lets the collector find endpoints never joined
+    # The mappings were made while another endpoint of the container was its gateway for the
+    # other family (Docker's no_proxy_6to4), so that family's bindings were left to it.
+    other_gateway: bool = False
 
     def with_changes(self, **changes: Any) -> Endpoint:
         return replace(self, **changes)
@@ -306,6 +309,7 @@ class Endpoint:
             "state": self.state,
             "mappings": [mp.to_dict() for mp in self.mappings],
             "created_at": self.created_at,
+            "other_gateway": self.other_gateway,
         }
 
     @classmethod
@@ -327,4 +331,5 @@ class Endpoint:
             state=data.get("state", "ready"),
             mappings=tuple(Mapping.from_dict(mp) for mp in data.get("mappings", [])),
             created_at=float(data.get("created_at", 0.0)),
+            other_gateway=bool(data.get("other_gateway", False)),
         )

@@ -20,6 +20,13 @@ MTU = "com.docker.network.driver.mtu"
 MTU_SHORT = "mtu"  # `-o mtu=1400` arrives under this key; accepted as an alias of MTU
 CONTAINER_IFACE_PREFIX = "com.docker.network.container_iface_prefix"
 
+# Docker's own network flags (--ipv4, --ipv6), which dockerd 28+ also takes as `-o` (or from
+# daemon.json's default-network-opts) and then leaves in the options it passes on (moby
+# v28.5.2 daemon/network.go:314-338). The flags themselves reach pybridge as booleans.
+ENABLE_IPV4 = "com.docker.network.enable_ipv4"
+ENABLE_IPV6 = "com.docker.network.enable_ipv6"
+DAEMON_FLAGS = {ENABLE_IPV4: "--ipv4", ENABLE_IPV6: "--ipv6"}
+
 SUPPORTED = (
     BRIDGE_NAME,
     ENABLE_IP_MASQUERADE,
@@ -53,8 +60,13 @@ def valid_interface_name(name: str) -> bool:
     return bool(_IFNAME_RE.fullmatch(name)) and name not in (".", "..")
 
 
-def parse_network_options(generic: dict[str, str]) -> NetworkOptions:
-    unknown = sorted(k for k in generic if k not in SUPPORTED and k != MTU_SHORT)
+def parse_network_options(
+    generic: dict[str, str], *, enable_ipv4: bool = True, enable_ipv6: bool = False
+) -> NetworkOptions:
+    """``enable_ipv4``/``enable_ipv6``: what the daemon decided (the request's flags)."""
+    unknown = sorted(
+        k for k in generic if k not in SUPPORTED and k != MTU_SHORT and k not in DAEMON_FLAGS
+    )
     if unknown:
         names = ", ".join(_clip(k) for k in unknown[:5])
         if len(unknown) > 5:
@@ -64,6 +76,14 @@ def parse_network_options(generic: dict[str, str]) -> NetworkOptions:
             f"pybridge does not support the network {noun} {names}; "
             f"supported options are {', '.join(SUPPORTED)}"
         )
+    for key, applied in ((ENABLE_IPV4, enable_ipv4), (ENABLE_IPV6, enable_ipv6)):
+        if _parse_bool(generic, key, applied) != applied:
+            # A daemon before 28 passes the option on without applying it.
+            flag = DAEMON_FLAGS[key]
+            raise InvalidRequest(
+                f"option {key}={_clip(generic[key])} was not applied by this Docker daemon "
+                f"(dockerd 28 and later apply it); use {flag}={str(not applied).lower()}"
+            )
     if MTU in generic and MTU_SHORT in generic and generic[MTU] != generic[MTU_SHORT]:
         raise InvalidRequest(f"options {MTU} and {MTU_SHORT} disagree; give the MTU once")
 

@@ -76,15 +76,24 @@ def plan(
     container_v4: IPAddress | None,
     container_v6: IPAddress | None,
     default_host_ip: IPAddress | None = None,
+    *,
+    leave_unserved: bool = False,
 ) -> list[PortRequest]:
     """Resolve which host address family each binding publishes on.
 
     No host address: every IPv4 address (or the network's host_binding_ipv4) and, when the
     container has an IPv6 address, every IPv6 address. A host address: that family only.
+
+    A binding for a family with no container address here is refused, unless
+    ``leave_unserved``: another endpoint of the container is that family's gateway (Docker
+    28+'s no_proxy_6to4) and publishes it, so it is skipped.
     """
+    containers = {4: container_v4, 6: container_v6}
     requests = []
     for binding in bindings:
         host_ip = binding.host_ip if binding.host_ip is not None else default_host_ip
+        if leave_unserved and host_ip is not None and containers[host_ip.version] is None:
+            continue
         if host_ip is not None and host_ip.version == 6 and host_ip.is_loopback:
             raise InvalidRequest(
                 f"cannot publish {binding.proto} port {binding.port} on [::1]: IPv6 loopback "
@@ -101,11 +110,14 @@ def plan(
             targets.append((host_ip, container_v4))
         elif host_ip.version == 6 and container_v6 is not None:
             targets.append((host_ip, container_v6))
+        if not targets and leave_unserved:
+            continue
         if not targets:
             family = "IPv6" if host_ip is not None and host_ip.version == 6 else "IPv4"
+            where = f"[{host_ip}]" if family == "IPv6" else host_ip or "this host"
             raise InvalidRequest(
-                f"cannot publish {binding.proto} port {binding.port} on "
-                f"{host_ip or 'this host'}: the container has no {family} address on this network"
+                f"cannot publish {binding.proto} port {binding.port} on {where}: the "
+                f"container has no {family} address on this network"
             )
         requests.append(PortRequest(binding, tuple(targets)))
     return requests

@@ -31,6 +31,11 @@ REQUEST_ADDRESS_TYPE = "RequestAddressType"
 GATEWAY_ADDRESS_TYPE = "com.docker.network.gateway"
 # Docker 29+ names the endpoint (the container's name) in RequestAddress options.
 ENDPOINT_NAME = "com.docker.network.endpoint.name"
+# Docker 28+ in ProgramExternalConnectivity options: the container's IPv4 and IPv6 gateways
+# are different endpoints (28 sends it always, true or false, to either gateway: moby v28.5.2
+# libnetwork/endpoint.go:644-645,701-705; 29 only sends true, only to an endpoint that is not
+# the IPv6 gateway: docker-v29.0.3 daemon/libnetwork/drivers/remote/driver.go:392-402).
+NO_PROXY_6TO4 = "com.docker.network.driver.private.no_proxy_6to4"
 
 CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
 
@@ -112,6 +117,16 @@ class ProgramExternalRequest:
     network_id: str
     endpoint_id: str
     ports: PortOptions
+    # NO_PROXY_6TO4: another endpoint of the container is its gateway for the other family.
+    other_gateway: bool = False
+
+
+@dataclass(frozen=True)
+class GwAllocCheckRequest:
+    """Docker 28+ asks this before allocating gateways, only of a driver whose capabilities
+    say GwAllocChecker (pybridge's do not); Options are CreateNetwork's."""
+
+    options: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -481,11 +496,17 @@ def parse_join(body: Mapping[str, Any]) -> JoinRequest:
 
 
 def parse_program_external(body: Mapping[str, Any]) -> ProgramExternalRequest:
+    options = _object(body, "Options")
     return ProgramExternalRequest(
         network_id=_id(body, "NetworkID"),
         endpoint_id=_id(body, "EndpointID"),
-        ports=parse_port_options(_object(body, "Options")),
+        ports=parse_port_options(options),
+        other_gateway=_bool(options, NO_PROXY_6TO4),
     )
+
+
+def parse_gw_alloc_check(body: Mapping[str, Any]) -> GwAllocCheckRequest:
+    return GwAllocCheckRequest(options=_object(body, "Options"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -549,7 +570,17 @@ def activate_reply() -> dict[str, Any]:
 
 
 def network_capabilities_reply() -> dict[str, Any]:
-    return {"Scope": "local", "ConnectivityScope": "local"}
+    # GwAllocChecker false (Docker 28+ reads it; older ones ignore it): pybridge needs a
+    # gateway address in every subnet (it goes on the bridge and into Join), so Docker must
+    # never skip allocating one, and need not ask (GwAllocCheck) before every network.
+    return {"Scope": "local", "ConnectivityScope": "local", "GwAllocChecker": False}
+
+
+def gw_alloc_check_reply() -> dict[str, Any]:
+    """Allocate both gateways. Only a daemon that ignored GwAllocChecker false would ask; a 404
+    would fail its `docker network create` (Docker tolerates 404 only for Program/Revoke),
+    whereas this is the answer pybridge always means."""
+    return {"SkipIPv4": False, "SkipIPv6": False}
 
 
 def ipam_capabilities_reply() -> dict[str, Any]:

@@ -27,7 +27,8 @@ Three kinds of decisions, in three places, for every pybridge network with bridg
 *Accepts* live in the filter table, whose FORWARD policy Docker sets to DROP (under nftables an
 accept is only final in the table that drops):
 
-    PYBRIDGE-FORWARD   (filter; jumped to from FORWARD right after Docker's DOCKER-USER jump)
+    PYBRIDGE-FORWARD   (filter; jumped to from FORWARD right after Docker's DOCKER-USER jump
+                        where there is one, else first: 29's nftables backend has none)
       ingress, for each network first, so no accept below can let traffic into another network:
         -o B -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT     replies
         -i B -o B -j ACCEPT                                           ICC (DROP if disabled)
@@ -36,10 +37,13 @@ accept is only final in the table that drops):
         -i B -j ACCEPT                                                out to the world
         (internal networks: -i B -j DROP)
 
-*Isolation drops* live in the mangle table's FORWARD chain, which runs before filter: dockerd
-inserts its own ACCEPT rules (``-i br-x ! -o br-x -j ACCEPT``) at the top of filter FORWARD
-whenever it creates a network, above pybridge's jump, and those must not open a way between
-Docker's bridges and pybridge's. A DROP is final wherever it happens.
+*Isolation drops* live in the mangle table's FORWARD chain, which runs before filter, so they
+hold whatever Docker puts in filter and in whatever order: dockerd 20.10/26.1 insert their
+ACCEPT rules (``-i br-x ! -o br-x -j ACCEPT``) at the top of filter FORWARD whenever any network
+is created; 28 and 29 (iptables) put ``-j DOCKER-FORWARD`` (with ``-i br-x -j ACCEPT``) and
+``-j DOCKER-USER`` first when dockerd starts, above pybridge's jump until the self-healing check
+moves it back; 29's nftables backend accepts in a table of its own (``ip docker-bridges``),
+which is not final for pybridge's. A DROP is final wherever it happens.
 
     PYBRIDGE-ISOLATION (mangle; jumped to from FORWARD, first)
         -i B -o B -j RETURN                          (every network) within one network: left
@@ -93,7 +97,10 @@ class Jump:
     table: str
     chain: str
     target: str
-    # Insert after this target's jump when present (Docker's DOCKER-USER), else at the top.
+    # Insert after this target's jump when present (Docker's DOCKER-USER, so an admin's rules
+    # there apply first), else at the top. Nothing else depends on it: without DOCKER-USER
+    # (Docker 29's nftables backend) the jump is simply first, and one created later is
+    # followed at the next check.
     after_target: str | None = None
     # Match options, written as iptables-save prints them.
     match: str = ""

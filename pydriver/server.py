@@ -116,6 +116,7 @@ class Api:
         self.routes: dict[str, Handler] = {
             "/Plugin.Activate": self.activate,
             "/NetworkDriver.GetCapabilities": self.net_capabilities,
+            "/NetworkDriver.GwAllocCheck": self.gw_alloc_check,
             "/NetworkDriver.CreateNetwork": self.create_network,
             "/NetworkDriver.DeleteNetwork": self.delete_network,
             "/NetworkDriver.AllocateNetwork": self.allocate_network,
@@ -149,6 +150,10 @@ class Api:
 
     async def net_capabilities(self, body: dict[str, Any]) -> dict[str, Any]:
         return p.network_capabilities_reply()
+
+    async def gw_alloc_check(self, body: dict[str, Any]) -> dict[str, Any]:
+        p.parse_gw_alloc_check(body)  # validated like any request; the answer never varies
+        return p.gw_alloc_check_reply()
 
     async def allocate_network(self, body: dict[str, Any]) -> dict[str, Any]:
         raise DriverError("pybridge is a local-scope driver and cannot serve swarm networks")

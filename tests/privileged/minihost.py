@@ -28,6 +28,8 @@ from tests.privileged.netns_sysctl import NetnsSysctl
 
 OUTSIDE_HOST_IP = "198.51.100.1"
 OUTSIDE_IP = "198.51.100.2"
+OUTSIDE_HOST_IP6 = "2001:db8:5100::1"
+OUTSIDE_IP6 = "2001:db8:5100::2"
 
 # Answers each TCP connection with the address it came from, on IPv4 and IPv6 (or only the
 # address given), then closes it.
@@ -97,6 +99,9 @@ class Container:
 class MiniHost:
     backend: Backend
     workdir: Path
+    # The FORWARD policy of both families: DROP as Docker's iptables firewall leaves it, or
+    # ACCEPT (Docker 29's nftables backend leaves it as the host had it).
+    forward_policy: str = "DROP"
     ns: str = ""
     namespaces: list[str] = field(default_factory=list)
     servers: list[subprocess.Popen[bytes]] = field(default_factory=list)
@@ -119,8 +124,8 @@ class MiniHost:
         self.ns = netns_add()
         self.namespaces.append(self.ns)
         try:
-            in_ns(self.ns, tool(self.backend, 4), "-P", "FORWARD", "DROP")
-            in_ns(self.ns, tool(self.backend, 6), "-P", "FORWARD", "DROP")
+            in_ns(self.ns, tool(self.backend, 4), "-P", "FORWARD", self.forward_policy)
+            in_ns(self.ns, tool(self.backend, 6), "-P", "FORWARD", self.forward_policy)
             # Bridged traffic crosses iptables, as br_netfilter makes it on our hosts.
             assert NetnsSysctl(self.ns).read("/proc/sys/net/bridge/bridge-nf-call-iptables") == (
                 "1"
@@ -247,16 +252,29 @@ class MiniHost:
             await self.driver.settle()
         return Container(ns, ip, ip6, endpoint_id, net.id)
 
-    def outside(self) -> str:
-        """A LAN neighbour on 198.51.100.0/24 (the host is .1), with no route back to any
-        container subnet."""
+    def outside(self, *, v6: bool = False) -> str:
+        """A LAN neighbour on 198.51.100.0/24 (the host is .1), and with ``v6`` on
+        2001:db8:5100::/64 (the host is ::1), with no route back to any container subnet."""
         ns = netns_add()
         self.namespaces.append(ns)
         in_ns(self.ns, "ip", "link", "add", "pbt-up", "type", "veth", "peer", "name", "pbt-o")
         in_ns(self.ns, "ip", "link", "set", "pbt-o", "netns", ns)
         in_ns(self.ns, "ip", "addr", "add", f"{OUTSIDE_HOST_IP}/24", "dev", "pbt-up")
-        in_ns(self.ns, "ip", "link", "set", "pbt-up", "up")
         in_ns(ns, "ip", "addr", "add", f"{OUTSIDE_IP}/24", "dev", "pbt-o")
+        if v6:
+            in_ns(
+                self.ns,
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                f"{OUTSIDE_HOST_IP6}/64",
+                "dev",
+                "pbt-up",
+                "nodad",
+            )
+            in_ns(ns, "ip", "-6", "addr", "add", f"{OUTSIDE_IP6}/64", "dev", "pbt-o", "nodad")
+        in_ns(self.ns, "ip", "link", "set", "pbt-up", "up")
         in_ns(ns, "ip", "link", "set", "pbt-o", "up")
         return ns
 

@@ -234,3 +234,34 @@ def test_valid_interface_name() -> None:
     assert o.valid_interface_name("br-0123456789ab")
     assert not o.valid_interface_name("")
     assert not o.valid_interface_name("a" * 16)
+
+
+# Docker 28+ takes --ipv4/--ipv6 as `-o com.docker.network.enable_ipv4=...` too (or from
+# daemon.json's default-network-opts) and leaves the option in what it passes on, next to the
+# booleans it derived from it (moby v28.5.2 daemon/network.go:314-338).
+@pytest.mark.parametrize(
+    ("generic", "v4", "v6"),
+    [
+        ({o.ENABLE_IPV4: "false"}, False, True),
+        ({o.ENABLE_IPV6: "true"}, True, True),
+        ({o.ENABLE_IPV4: "0", o.ENABLE_IPV6: "1"}, False, True),
+        ({o.ENABLE_IPV6: ""}, True, False),
+    ],
+)
+def test_dockers_own_ip_family_options_are_accepted(
+    generic: dict[str, str], v4: bool, v6: bool
+) -> None:
+    assert o.parse_network_options(generic, enable_ipv4=v4, enable_ipv6=v6) == NetworkOptions()
+
+
+def test_ip_family_options_an_older_daemon_did_not_apply_are_refused() -> None:
+    # dockerd 20.10 and 26.1 pass `-o com.docker.network.enable_ipv6=true` on but create the
+    # network without IPv6: say so rather than give a network without what was asked.
+    with pytest.raises(InvalidRequest) as info:
+        o.parse_network_options({o.ENABLE_IPV6: "true"}, enable_ipv4=True, enable_ipv6=False)
+    assert str(info.value) == (
+        "option com.docker.network.enable_ipv6=true was not applied by this Docker daemon "
+        "(dockerd 28 and later apply it); use --ipv6=true"
+    )
+    with pytest.raises(InvalidRequest, match="must be true or false"):
+        o.parse_network_options({o.ENABLE_IPV4: "maybe"})

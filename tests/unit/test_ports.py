@@ -55,6 +55,27 @@ def test_plan_host_ip_and_default_binding() -> None:
         plan([binding(80, 8080, host_ip="2001:db8::1")], V4, None)
 
 
+def test_plan_leaves_a_family_to_the_other_gateway_endpoint() -> None:
+    """Docker's no_proxy_6to4: another endpoint is the container's gateway for the family this
+    one lacks, and publishes that family's bindings; they are skipped, not refused."""
+    bindings = [
+        binding(80, 8080),
+        binding(81, 8081, host_ip="::"),
+        binding(82, 8082, host_ip="2001:db8::1"),
+        binding(83, 8083, host_ip="::1"),
+    ]
+    assert [r.binding.port for r in plan(bindings, V4, None, leave_unserved=True)] == [80]
+    v4_only = [binding(80, 8080, host_ip="127.0.0.1"), binding(81, 8081, host_ip="0.0.0.0")]
+    assert plan(v4_only, None, V6, leave_unserved=True) == []
+    [req] = plan([binding(80, 8080)], None, V6, leave_unserved=True)
+    assert req.targets == ((None, V6),)
+    with pytest.raises(InvalidRequest) as err:
+        plan(bindings[:2], V4, None)
+    assert str(err.value) == (
+        "cannot publish tcp port 81 on [::]: the container has no IPv6 address on this network"
+    )
+
+
 def test_candidates() -> None:
     fixed = PortRequest(binding(80, 8000, 8003), ((None, V4),))
     assert list(fixed.candidates((40000, 40010), 0)) == [8000, 8001, 8002, 8003]
@@ -157,6 +178,26 @@ async def test_repeated_program_replaces_and_never_duplicates(net: Env) -> None:
     await program(env, NET, EP1, entry(80, 9090))
     assert published(env, EP1) == ["0.0.0.0:9090/tcp -> 10.50.0.2:80"]
     assert {m.host_port for m in env.host_ports.held} == {9090}
+
+
+async def test_a_republished_udp_port_that_goes_loses_its_flows(net: Env) -> None:
+    """Program again without Revoke (Docker 29) with a different publication: a UDP mapping
+    that went must not keep its conntrack flows NATed to the container, as after a revoke;
+    one that stays keeps them."""
+    env = net
+    await program(env, NET, EP1, entry(53, 8053, proto=17), entry(54, 8054, proto=17))
+    env.kernel.calls.clear()
+    writes = len(env.firewall.applied)
+    await program(env, NET, EP1, entry(53, 8053, proto=17), entry(80, 8080))
+    assert published(env, EP1) == [
+        "0.0.0.0:8053/udp -> 10.50.0.2:53",
+        "0.0.0.0:8080/tcp -> 10.50.0.2:80",
+    ]
+    assert [c for c in env.kernel.calls if c[0] == "forget_flows"] == [
+        ("forget_flows", "10.50.0.2 17/54")
+    ]
+    assert len(env.firewall.applied) > writes  # the rule went first
+    assert not any(m.host_port == 8054 for m in env.firewall.last[0].mappings)
 
 
 async def test_ephemeral_ports_never_collide(net: Env) -> None:

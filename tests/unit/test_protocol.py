@@ -662,7 +662,12 @@ def test_join_reply_shape() -> None:
 
 def test_other_replies() -> None:
     assert p.activate_reply() == {"Implements": ["NetworkDriver", "IpamDriver"]}
-    assert p.network_capabilities_reply() == {"Scope": "local", "ConnectivityScope": "local"}
+    assert p.network_capabilities_reply() == {
+        "Scope": "local",
+        "ConnectivityScope": "local",
+        "GwAllocChecker": False,
+    }
+    assert p.gw_alloc_check_reply() == {"SkipIPv4": False, "SkipIPv6": False}
     assert p.ipam_capabilities_reply()["RequiresMACAddress"] is False
     assert p.address_spaces_reply("L", "G") == {
         "LocalDefaultAddressSpace": "L",
@@ -702,6 +707,121 @@ def test_pools_too_large_or_too_small_are_refused(pool: str) -> None:
                 "IPv4Data" if ":" not in pool else "IPv6Data": [{"Pool": pool}],
             }
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Docker 28 and 29: request shapes read from moby's source (no recorded corpus yet)
+# ---------------------------------------------------------------------------------------------
+
+# CreateNetwork Options: moby v28.5.2 libnetwork/network.go:799-818 (NetworkOptionEnableIPv4/6
+# always put both flags in as JSON booleans), :454-456; the remote driver sends them as they
+# are (libnetwork/drivers/remote/driver.go:165-173). IPvXData are built by getIPData
+# (network.go:1706-1723): a family Docker did not allocate is an empty list, and IPAMData's
+# MarshalJSON (driverapi/ipamdata.go:12-29) leaves out a Gateway it did not allocate.
+V6_ONLY_28: dict[str, Any] = {
+    "NetworkID": NET,
+    "Options": {
+        "com.docker.network.enable_ipv4": False,
+        "com.docker.network.enable_ipv6": True,
+        "com.docker.network.generic": {},
+    },
+    "IPv4Data": [],
+    "IPv6Data": [
+        {"AddressSpace": "LocalDefault", "Gateway": "fd00:213:80::1/64", "Pool": "fd00:213:80::/64"}
+    ],
+}
+
+
+def test_ipv6_only_network_of_docker_28() -> None:
+    req = p.parse_create_network(V6_ONLY_28)
+    assert (req.enable_ipv4, req.enable_ipv6) == (False, True)
+    assert req.ipv4_data == ()
+    [v6] = req.ipv6_data
+    assert v6.pool == ipaddress.ip_network("fd00:213:80::/64")
+    assert v6.gateway == ipaddress.ip_interface("fd00:213:80::1/64")
+    # No gateway allocated (a GwAllocCheck skip, or an IPAM that gave none): still parses.
+    bare = json.loads(json.dumps(V6_ONLY_28))
+    del bare["IPv6Data"][0]["Gateway"]
+    assert p.parse_create_network(bare).ipv6_data[0].gateway is None
+    # --ipv4=false without --ipv6: neither family, no data (the driver refuses it).
+    neither = json.loads(json.dumps(V6_ONLY_28))
+    neither["IPv6Data"] = []
+    neither["Options"]["com.docker.network.enable_ipv6"] = False
+    req = p.parse_create_network(neither)
+    assert (req.enable_ipv4, req.enable_ipv6, req.ipv4_data, req.ipv6_data) == (
+        False,
+        False,
+        (),
+        (),
+    )
+
+
+def test_gw_alloc_check_of_docker_28() -> None:
+    # GwAllocCheckerRequest{Options: the CreateNetwork Options} (v28.5.2
+    # libnetwork/drivers/remote/api/api.go:67-74, driver.go:175-184); only sent when
+    # GetCapabilities said GwAllocChecker true, which pybridge never says.
+    req = p.parse_gw_alloc_check({"Options": V6_ONLY_28["Options"]})
+    assert req.options["com.docker.network.enable_ipv4"] is False
+    assert p.parse_gw_alloc_check({}).options == {}
+    with pytest.raises(InvalidRequest, match="Options must be a JSON object"):
+        p.parse_gw_alloc_check({"Options": ["x"]})
+
+
+# ProgramExternalConnectivity Options: 28 sends the sandbox labels plus no_proxy_6to4 as a
+# boolean, always (v28.5.2 libnetwork/endpoint.go:703-705, and :668-669, :963-964); 29 sends
+# the labels Join got and adds no_proxy_6to4 = true only when another endpoint is the IPv6
+# gateway (docker-v29.0.3 daemon/libnetwork/drivers/remote/driver.go:391-407).
+LABELS = {
+    "com.docker.network.endpoint.exposedports": [{"Proto": 6, "Port": 80}],
+    "com.docker.network.portmap": [
+        {"Proto": 6, "IP": "", "Port": 80, "HostIP": "", "HostPort": 8080, "HostPortEnd": 8080}
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    ("extra", "other_gateway"),
+    [
+        ({p.NO_PROXY_6TO4: False}, False),  # 28, one gateway endpoint for both families
+        ({p.NO_PROXY_6TO4: True}, True),  # 28 and 29, gateways on two endpoints
+        ({}, False),  # 29, this endpoint is the IPv6 gateway (or there is none)
+        ({p.NO_PROXY_6TO4: "true"}, True),  # not sent as a string, but harmless
+    ],
+)
+def test_program_external_no_proxy_6to4(extra: dict[str, Any], other_gateway: bool) -> None:
+    body = {"NetworkID": NET, "EndpointID": EP, "Options": {**LABELS, **extra}}
+    req = p.parse_program_external(body)
+    assert req.other_gateway is other_gateway
+    assert [b.host_port for b in req.ports.bindings] == [8080]
+
+
+def test_program_external_no_proxy_6to4_must_be_a_boolean() -> None:
+    body = {"NetworkID": NET, "EndpointID": EP, "Options": {p.NO_PROXY_6TO4: 1}}
+    with pytest.raises(InvalidRequest) as info:
+        p.parse_program_external(body)
+    assert str(info.value) == f"{p.NO_PROXY_6TO4} must be true or false, not 1"
+
+
+def test_request_address_of_docker_29_with_endpoint_name_and_mac() -> None:
+    # docker-v29.0.3 daemon/libnetwork/network.go:1226 sets ipamOptions to the endpoint name
+    # (the container's, without "/"); RequiresMACAddress (pybridge: false) would add the MAC.
+    body = {
+        "PoolID": "PybridgeLocal/172.31.0.0/16",
+        "Address": "",
+        "Options": {
+            "com.docker.network.endpoint.name": "web",
+            "com.docker.network.endpoint.macaddress": "02:42:ac:1f:00:02",
+        },
+    }
+    req = p.parse_request_address(body)
+    assert (req.endpoint_name, req.address, req.is_gateway) == ("web", None, False)
+    gateway = {
+        "PoolID": "PybridgeLocal/172.31.0.0/16",
+        "Address": "",
+        "Options": {"RequestAddressType": "com.docker.network.gateway"},
+    }
+    assert p.parse_request_address(gateway).is_gateway
+    assert p.parse_request_address(gateway).endpoint_name is None
 
 
 # -- pybridge's own status route ---------------------------------------------------------------

@@ -23,6 +23,7 @@ from pydriver.rules import (
     POSTROUTING_CHAIN,
     RAW_CHAIN,
     NetworkRules,
+    drift,
     jumps_present,
     mentions,
     parse_save,
@@ -510,6 +511,149 @@ def test_jump_below_dockers_accept_rules_is_moved_back_up() -> None:
     assert jump_lines(text) == [
         f"-D FORWARD -j {FORWARD_CHAIN}",
         f"-I FORWARD 2 -j {FORWARD_CHAIN}",
+    ]
+
+
+# Docker 28's filter table (moby v28.5.2 libnetwork/drivers/bridge/internal/iptabler/testdata/
+# TestIptabler_hairpin=false,internal=false,icc=true,masq=true,snat=false,gwm=nat,
+# bindlh=false__iptables.golden for one bridge network, plus what the controller adds:
+# DOCKER-USER and its jump inserted first, libnetwork/firewall_linux.go), FORWARD DROP because
+# Docker turned forwarding on.
+DOCKER28_FORWARD = [
+    "-A FORWARD -j DOCKER-USER",
+    "-A FORWARD -j DOCKER-FORWARD",
+]
+DOCKER28_SAVE = """\
+*raw
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A PREROUTING -d 172.18.0.2/32 ! -i br-5e2a1c9d7f30 -j DROP
+COMMIT
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+:DOCKER - [0:0]
+:DOCKER-BRIDGE - [0:0]
+:DOCKER-CT - [0:0]
+:DOCKER-FORWARD - [0:0]
+:DOCKER-ISOLATION-STAGE-1 - [0:0]
+:DOCKER-ISOLATION-STAGE-2 - [0:0]
+:DOCKER-USER - [0:0]
+{forward}
+-A DOCKER -d 172.18.0.2/32 ! -i br-5e2a1c9d7f30 -o br-5e2a1c9d7f30 -p tcp -m tcp --dport 80 -j ACCEPT
+-A DOCKER ! -i br-5e2a1c9d7f30 -o br-5e2a1c9d7f30 -j DROP
+-A DOCKER-BRIDGE -o br-5e2a1c9d7f30 -j DOCKER
+-A DOCKER-CT -o br-5e2a1c9d7f30 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A DOCKER-FORWARD -j DOCKER-CT
+-A DOCKER-FORWARD -j DOCKER-ISOLATION-STAGE-1
+-A DOCKER-FORWARD -j DOCKER-BRIDGE
+-A DOCKER-FORWARD -i br-5e2a1c9d7f30 -j ACCEPT
+-A DOCKER-ISOLATION-STAGE-1 -i br-5e2a1c9d7f30 ! -o br-5e2a1c9d7f30 -j DOCKER-ISOLATION-STAGE-2
+-A DOCKER-ISOLATION-STAGE-2 -o br-5e2a1c9d7f30 -j DROP
+COMMIT
+*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:DOCKER - [0:0]
+-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER
+-A OUTPUT ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j DOCKER
+-A POSTROUTING -s 172.18.0.0/16 ! -o br-5e2a1c9d7f30 -j MASQUERADE
+-A DOCKER -i br-5e2a1c9d7f30 -j RETURN
+-A DOCKER ! -i br-5e2a1c9d7f30 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 172.18.0.2:80
+COMMIT
+"""
+
+# Docker 29 with its nftables backend writes nothing to iptables (no DOCKER-USER:
+# docker-v29.0.3 daemon/libnetwork/firewall_linux.go returns early), and leaves the FORWARD
+# policy as it was: ACCEPT on a host whose forwarding the admin turned on.
+DOCKER29_NFT_SAVE = """\
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+{forward}
+COMMIT
+"""
+
+
+def forward_after(save: str, text: str) -> list[str]:
+    """filter FORWARD as iptables-restore leaves it: ``save``'s rules, then ``text``'s -D (first
+    match) and -I N lines applied in order."""
+    rules = [r for r in parse_save(save).get("filter", (set(), []))[1] if r.split()[1] == "FORWARD"]
+    table = ""
+    for line in text.splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+        words = line.split()
+        if table != "filter" or len(words) < 2 or words[1] != "FORWARD":
+            continue
+        if words[0] == "-D":
+            rules.remove("-A FORWARD " + " ".join(words[2:]))
+        elif words[0] == "-I":
+            rules.insert(int(words[2]) - 1, "-A FORWARD " + " ".join(words[3:]))
+    return rules
+
+
+OURS_JUMP = f"-A FORWARD -j {FORWARD_CHAIN}"
+
+
+def test_docker_28_started_first_keeps_docker_user_first_and_ours_above_docker_forward() -> None:
+    save = DOCKER28_SAVE.format(forward="\n".join(DOCKER28_FORWARD))
+    text = render_restore([NET_A], 4, save)
+    assert forward_after(save, text) == [
+        "-A FORWARD -j DOCKER-USER",
+        OURS_JUMP,
+        "-A FORWARD -j DOCKER-FORWARD",
+    ]
+    # The isolation drops (mangle) and the raw and nat jumps are first, whatever Docker has.
+    assert jump_lines(text)[1:] == [
+        f"-I FORWARD 1 -j {ISOLATION_CHAIN}",
+        "-I PREROUTING 1 -m addrtype --dst-type LOCAL -j PYBRIDGE-DNAT",
+        "-I OUTPUT 1 -m addrtype --dst-type LOCAL -j PYBRIDGE-DNAT",
+        f"-I POSTROUTING 1 -j {POSTROUTING_CHAIN}",
+        f"-I PREROUTING 1 -j {RAW_CHAIN}",
+    ]
+
+
+def test_docker_28_started_after_pybridge_is_put_back_in_order() -> None:
+    """dockerd 28 inserts DOCKER-FORWARD, then DOCKER-USER, at the top of FORWARD when it
+    starts (and on a firewalld reload), above the jump pybridge made when there was none:
+    the self-healing check sees it and puts ours back right after DOCKER-USER's."""
+    before = DOCKER29_NFT_SAVE.format(forward="")
+    first = render_restore([NET_A], 4, before)
+    assert forward_after(before, first) == [OURS_JUMP]
+    save = DOCKER28_SAVE.format(forward="\n".join([*DOCKER28_FORWARD, OURS_JUMP]))
+    problem = f"filter: jump '{OURS_JUMP}' missing, duplicated or out of place"
+    assert problem in drift([NET_A], 4, save)
+    assert forward_after(save, render_restore([NET_A], 4, save)) == [
+        "-A FORWARD -j DOCKER-USER",
+        OURS_JUMP,
+        "-A FORWARD -j DOCKER-FORWARD",
+    ]
+
+
+def test_docker_29_nftables_backend_has_no_docker_user() -> None:
+    """29's nftables backend: no Docker chain in iptables at all, FORWARD policy ACCEPT. Our
+    jumps go first; a DOCKER-USER chain an earlier iptables-mode dockerd left behind without a
+    jump changes nothing, and one that gets its jump later (a user's, or dockerd switched back
+    to iptables) is honoured: ours moves right after it."""
+    save = DOCKER29_NFT_SAVE.format(forward="-A FORWARD -i eth1 -o eth0 -j ACCEPT")
+    text = render_restore([NET_A], 4, save)
+    assert forward_after(save, text) == [OURS_JUMP, "-A FORWARD -i eth1 -o eth0 -j ACCEPT"]
+    assert jump_lines(text)[1] == f"-I FORWARD 1 -j {ISOLATION_CHAIN}"
+    chain_only = save.replace(":OUTPUT ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]\n:DOCKER-USER - [0:0]")
+    assert forward_after(chain_only, render_restore([NET_A], 4, chain_only))[0] == OURS_JUMP
+    later = DOCKER29_NFT_SAVE.format(
+        forward="\n".join(["-A FORWARD -j DOCKER-USER", OURS_JUMP, "-A FORWARD -i eth1 -j DROP"])
+    )
+    assert not any(f"jump '{OURS_JUMP}'" in problem for problem in drift([NET_A], 4, later))
+    moved = DOCKER29_NFT_SAVE.format(forward="\n".join([OURS_JUMP, "-A FORWARD -j DOCKER-USER"]))
+    assert forward_after(moved, render_restore([NET_A], 4, moved)) == [
+        "-A FORWARD -j DOCKER-USER",
+        OURS_JUMP,
     ]
 
 

@@ -23,7 +23,7 @@ from aiohttp import web
 from pydriver import protocol as p
 from pydriver import server
 from pydriver.doctor import plugin_facts
-from pydriver.errors import DriverError
+from pydriver.errors import DriverError, HostError
 from pydriver.naming import bridge_name, container_veth_name, host_veth_name
 from pydriver.peers import Peer, peer_credentials
 from pydriver.server import Api, make_app
@@ -94,6 +94,7 @@ async def test_capabilities(client: Client) -> None:
     assert await client.ok("/NetworkDriver.GetCapabilities") == {
         "Scope": "local",
         "ConnectivityScope": "local",
+        "GwAllocChecker": False,
     }
     assert await client.ok("/IpamDriver.GetCapabilities") == {
         "RequiresMACAddress": False,
@@ -341,6 +342,357 @@ async def test_corpus_replay(client: Client, name: str) -> None:
     assert client.env.driver.networks == {}
     assert client.env.driver.endpoints == {}
     assert await client.ok("/Plugin.Activate")
+
+
+# ---------------------------------------------------------------------------------------------
+# Docker 28 and 29, request by request as their source sends them (moby v28.5.2 and
+# docker-v29.0.3; file:line in each test)
+# ---------------------------------------------------------------------------------------------
+
+SANDBOX = "/var/run/docker/netns/4b8d2c1e9f03"
+NO_PROXY = "com.docker.network.driver.private.no_proxy_6to4"  # netlabel.NoProxy6To4
+PORTS_80 = {
+    "com.docker.network.endpoint.exposedports": [
+        {"Proto": 6, "Port": 80},
+        {"Proto": 17, "Port": 53},
+    ],
+    "com.docker.network.portmap": [
+        {"Proto": 6, "IP": "", "Port": 80, "HostIP": "", "HostPort": 8080, "HostPortEnd": 8080},
+        {"Proto": 17, "IP": "", "Port": 53, "HostIP": "", "HostPort": 8053, "HostPortEnd": 8053},
+    ],
+}
+
+
+def ipv6_only_network(gateway: bool = True) -> dict[str, Any]:
+    """`docker network create -d pybridge --ipv4=false --ipv6 --subnet fd00:213:80::/64` on
+    28.5.2: both flags as booleans (libnetwork/network.go:799-818), no IPv4 data at all
+    (network.go:1706-1723), the v6 gateway Docker's IPAM allocated (ipamdata.go:12-29)."""
+    v6: dict[str, Any] = {"AddressSpace": "LocalDefault", "Pool": "fd00:213:80::/64"}
+    if gateway:
+        v6["Gateway"] = "fd00:213:80::1/64"
+    return {
+        "NetworkID": NET,
+        "Options": {
+            "com.docker.network.enable_ipv4": False,
+            "com.docker.network.enable_ipv6": True,
+            "com.docker.network.generic": {},
+        },
+        "IPv4Data": [],
+        "IPv6Data": [v6],
+    }
+
+
+def v6_endpoint(endpoint: str = EP, address: str = "fd00:213:80::2/64") -> dict[str, Any]:
+    # No IPv4 RequestAddress on such a network, so Interface.Address is empty
+    # (network.go: ep.assignAddress(ipam, n.enableIPv4, ...); remote/driver.go:195-204).
+    return {
+        "NetworkID": NET,
+        "EndpointID": endpoint,
+        "Interface": {"Address": "", "AddressIPv6": address, "MacAddress": ""},
+        "Options": dict(PORTS_80),
+    }
+
+
+def join_28(endpoint: str = EP) -> dict[str, Any]:
+    # Options are the sandbox labels: exposed ports and port map (remote/driver.go:276-282,
+    # sandbox.go:119-127).
+    return {"NetworkID": NET, "EndpointID": endpoint, "SandboxKey": SANDBOX, "Options": PORTS_80}
+
+
+def program_body(endpoint: str = EP, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"NetworkID": NET, "EndpointID": endpoint, "Options": {**PORTS_80, **(extra or {})}}
+
+
+def mappings(client: Client, endpoint: str = EP) -> list[str]:
+    return sorted(m.describe() for m in client.env.driver.endpoints[endpoint].mappings)
+
+
+async def test_ipv6_only_network_of_docker_28(client: Client) -> None:
+    env = client.env
+    await client.ok("/NetworkDriver.CreateNetwork", ipv6_only_network())
+    bridge = bridge_name(NET)
+    assert [str(a) for a in env.kernel.addresses[bridge]] == ["fd00:213:80::1/64"]
+    assert env.sysctl.forwarding_v6 >= 1
+    reply = await client.ok("/NetworkDriver.CreateEndpoint", v6_endpoint())
+    assert reply["Interface"]["MacAddress"].startswith("02:")
+    join = await client.ok("/NetworkDriver.Join", join_28())
+    assert join["GatewayIPv6"] == "fd00:213:80::1"
+    assert "Gateway" not in join
+    # 28 programs the IPv6 gateway with no_proxy_6to4 false: no IPv4 gateway at all
+    # (endpoint.go:644-645, 701-705).
+    await client.ok(
+        "/NetworkDriver.ProgramExternalConnectivity", program_body(extra={NO_PROXY: False})
+    )
+    assert mappings(client) == [
+        "[::]:8053/udp -> [fd00:213:80::2]:53",
+        "[::]:8080/tcp -> [fd00:213:80::2]:80",
+    ]
+    env.kernel.move_to_container(container_veth_name(EP))
+    for path in (
+        "/NetworkDriver.RevokeExternalConnectivity",
+        "/NetworkDriver.Leave",
+        "/NetworkDriver.DeleteEndpoint",
+    ):
+        await client.ok(path, endpoint_ref_body(NET, EP))
+    await client.ok("/NetworkDriver.DeleteNetwork", {"NetworkID": NET})
+    assert env.kernel.names() == set()
+    assert env.host_ports.held == set()
+
+
+async def test_ipv6_only_network_without_a_gateway(client: Client) -> None:
+    """Docker leaves the Gateway out only when it was told to skip it (GwAllocCheck, which
+    pybridge never asks for) or an IPAM gave none: the network is made, without an address on
+    its bridge, and Join gives no gateway (Docker then adds docker_gwbridge, as it would for
+    any driver)."""
+    env = client.env
+    await client.ok("/NetworkDriver.CreateNetwork", ipv6_only_network(gateway=False))
+    assert env.kernel.addresses.get(bridge_name(NET), []) == []
+    await client.ok("/NetworkDriver.CreateEndpoint", v6_endpoint())
+    join = await client.ok("/NetworkDriver.Join", join_28())
+    assert "Gateway" not in join and "GatewayIPv6" not in join
+
+
+async def test_ipv4_false_without_ipv6_is_one_sentence(client: Client) -> None:
+    body = ipv6_only_network()
+    body["IPv6Data"] = []
+    body["Options"]["com.docker.network.enable_ipv6"] = False
+    status, reply = await client.call("/NetworkDriver.CreateNetwork", body)
+    assert status == 500
+    assert reply == {
+        "Err": "the network would have neither IPv4 nor IPv6: use --ipv4=false together with --ipv6"
+    }
+    assert client.env.kernel.names() == set()
+
+
+async def test_ip_family_driver_options_of_docker_28_are_accepted(client: Client) -> None:
+    # `-o com.docker.network.enable_ipv6=true` on 28: the daemon applies it and leaves it in
+    # the generic options (daemon/network.go:327-338).
+    body = create_network_body(NET, v6_subnet="fd00:213:81::/64", v6_gateway="fd00:213:81::1/64")
+    body["Options"]["com.docker.network.generic"] = {"com.docker.network.enable_ipv6": "true"}
+    await client.ok("/NetworkDriver.CreateNetwork", body)
+    assert client.env.driver.networks[NET].enable_ipv6
+
+
+async def test_gw_alloc_check_is_answered_though_never_asked_for(client: Client) -> None:
+    """pybridge says GwAllocChecker false, so Docker 28+ never sends GwAllocCheck
+    (libnetwork/drivers/remote/driver.go:175-178). If one comes anyway, the answer is the one
+    pybridge always means, allocate both gateways (it puts them on the bridge and in Join),
+    rather than a 404, which Docker would turn into a failed network create."""
+    assert (await client.ok("/NetworkDriver.GetCapabilities"))["GwAllocChecker"] is False
+    body = {"Options": ipv6_only_network()["Options"]}
+    reply = await client.ok("/NetworkDriver.GwAllocCheck", body)
+    assert reply == {"SkipIPv4": False, "SkipIPv6": False}
+    status, reply = await client.call("/NetworkDriver.GwAllocCheck", {"Options": "x"})
+    assert (status, reply) == (500, {"Err": "Options must be a JSON object, not a string"})
+    assert client.env.driver.networks == {}
+
+
+async def dual_stack_joined(client: Client, endpoint: str = EP) -> None:
+    body = create_network_body(NET, v6_subnet="fd00:213:82::/64", v6_gateway="fd00:213:82::1/64")
+    if NET not in client.env.driver.networks:
+        await client.ok("/NetworkDriver.CreateNetwork", body)
+    ep = create_endpoint_body(NET, endpoint, address_v6="fd00:213:82::2/64")
+    ep["Options"] = dict(PORTS_80)
+    await client.ok("/NetworkDriver.CreateEndpoint", ep)
+    await client.ok("/NetworkDriver.Join", join_28(endpoint))
+
+
+async def test_program_again_without_revoke_follows_the_ipv6_gateway_of_docker_29(
+    client: Client,
+) -> None:
+    """Docker 29 sends Program whenever the endpoint's gateway roles change, with no Revoke
+    in between, and the labels Join had plus no_proxy_6to4 = true while another endpoint is
+    the IPv6 gateway (docker-v29.0.3 daemon/libnetwork/drivers/remote/driver.go:376-414). Each
+    Program replaces the publication exactly; flows of a UDP mapping that went are forgotten."""
+    env = client.env
+    await dual_stack_joined(client)
+    both = [
+        "0.0.0.0:8053/udp -> 10.50.0.2:53",
+        "0.0.0.0:8080/tcp -> 10.50.0.2:80",
+        "[::]:8053/udp -> [fd00:213:82::2]:53",
+        "[::]:8080/tcp -> [fd00:213:82::2]:80",
+    ]
+    await client.ok("/NetworkDriver.ProgramExternalConnectivity", program_body())
+    assert mappings(client) == both
+    # Another network's endpoint becomes the IPv6 gateway (--gw-priority).
+    env.kernel.calls.clear()
+    await client.ok(
+        "/NetworkDriver.ProgramExternalConnectivity", program_body(extra={NO_PROXY: True})
+    )
+    assert mappings(client) == both[:2]
+    assert {m.family for m in env.host_ports.held} == {4}
+    assert {m.family for n in env.firewall.last for m in n.mappings} == {4}
+    assert ("forget_flows", "fd00:213:82::2 17/53") in env.kernel.calls
+    # ... and stops being it: IPv6 comes back.
+    await client.ok("/NetworkDriver.ProgramExternalConnectivity", program_body())
+    assert mappings(client) == both
+    assert len(env.host_ports.held) == 4
+    # The state survives a restart as it is.
+    await env.restart()
+    assert sorted(m.describe() for m in env.driver.endpoints[EP].mappings) == both
+
+
+async def test_ipv4_only_gateway_leaves_host_ipv6_to_the_ipv6_gateway(client: Client) -> None:
+    """An IPv4-only pybridge endpoint next to another network that is the container's IPv6
+    gateway (both versions send no_proxy_6to4 true then): a binding on a host IPv6 address is
+    that endpoint's to publish, not a reason to fail the container."""
+    await client.ok("/NetworkDriver.CreateNetwork", create_network_body(NET))
+    await client.ok("/NetworkDriver.CreateEndpoint", create_endpoint_body(NET, EP))
+    await client.ok("/NetworkDriver.Join", join_28())
+    options = {
+        "com.docker.network.portmap": [
+            {"Proto": 6, "IP": "", "Port": 80, "HostIP": "", "HostPort": 8080, "HostPortEnd": 8080},
+            {
+                "Proto": 6,
+                "IP": "",
+                "Port": 81,
+                "HostIP": "::",
+                "HostPort": 8081,
+                "HostPortEnd": 8081,
+            },
+            {
+                "Proto": 6,
+                "IP": "",
+                "Port": 82,
+                "HostIP": "2001:db8::1",
+                "HostPort": 8082,
+                "HostPortEnd": 8082,
+            },
+        ]
+    }
+    body: dict[str, Any] = {
+        "NetworkID": NET,
+        "EndpointID": EP,
+        "Options": {**options, NO_PROXY: True},
+    }
+    await client.ok("/NetworkDriver.ProgramExternalConnectivity", body)
+    assert mappings(client) == ["0.0.0.0:8080/tcp -> 10.50.0.2:80"]
+    # The same without another IPv6 gateway (28: false) is a mistake, said so.
+    await client.ok("/NetworkDriver.RevokeExternalConnectivity", endpoint_ref_body(NET, EP))
+    body["Options"][NO_PROXY] = False
+    status, reply = await client.call("/NetworkDriver.ProgramExternalConnectivity", body)
+    assert status == 500
+    assert reply == {
+        "Err": "cannot publish tcp port 81 on [::]: the container has no IPv6 address on this "
+        "network"
+    }
+    assert mappings(client) == []
+
+
+async def test_ipv6_only_gateway_of_docker_28_leaves_host_ipv4_to_the_ipv4_gateway(
+    client: Client,
+) -> None:
+    """28 sends no_proxy_6to4 true to both gateways when they differ (endpoint.go:645,
+    704): for an IPv6-only endpoint that means another endpoint is the IPv4 gateway."""
+    await client.ok("/NetworkDriver.CreateNetwork", ipv6_only_network())
+    await client.ok("/NetworkDriver.CreateEndpoint", v6_endpoint())
+    await client.ok("/NetworkDriver.Join", join_28())
+    options = {
+        "com.docker.network.portmap": [
+            {"Proto": 6, "IP": "", "Port": 80, "HostIP": "", "HostPort": 8080, "HostPortEnd": 8080},
+            {
+                "Proto": 6,
+                "IP": "",
+                "Port": 81,
+                "HostIP": "127.0.0.1",
+                "HostPort": 8081,
+                "HostPortEnd": 8081,
+            },
+        ],
+        NO_PROXY: True,
+    }
+    body = {"NetworkID": NET, "EndpointID": EP, "Options": options}
+    await client.ok("/NetworkDriver.ProgramExternalConnectivity", body)
+    assert mappings(client) == ["[::]:8080/tcp -> [fd00:213:80::2]:80"]
+
+
+async def test_rollback_of_a_failed_join_in_docker_29(client: Client) -> None:
+    """29 wraps Join in `defer ep.sbLeave(...)`: a Join that failed is followed by Leave (its
+    Program("", "") fails inside dockerd: the endpoint never got into the remote driver's
+    table), then connectToNetwork's rollback deletes the endpoint (docker-v29.0.3
+    daemon/libnetwork/endpoint.go:514-523, 536-545, 775-786). Every call must succeed,
+    repeated too, and leave nothing behind."""
+    env = client.env
+    await client.ok("/NetworkDriver.CreateNetwork", create_network_body(NET))
+    await client.ok("/NetworkDriver.CreateEndpoint", create_endpoint_body(NET, EP))
+    env.kernel.fail["exists"] = HostError("injected: netlink is unwell")
+    status, reply = await client.call("/NetworkDriver.Join", join_body(NET, EP))
+    assert status == 500 and "injected" in reply["Err"]
+    del env.kernel.fail["exists"]
+    for path in (
+        "/NetworkDriver.RevokeExternalConnectivity",  # harmless too
+        "/NetworkDriver.Leave",
+        "/NetworkDriver.Leave",
+        "/NetworkDriver.DeleteEndpoint",
+        "/NetworkDriver.DeleteEndpoint",
+        "/NetworkDriver.Leave",
+    ):
+        assert await client.ok(path, endpoint_ref_body(NET, EP)) == {}
+    assert env.driver.endpoints == {}
+    assert env.kernel.names() == {bridge_name(NET)}
+    # The address is free for the next container.
+    await client.ok("/NetworkDriver.CreateEndpoint", create_endpoint_body(NET, hexid("next")))
+
+
+async def test_rollback_of_a_failed_program_in_docker_29(client: Client) -> None:
+    """A Program that fails (a host port taken) after a good Join: 29 sends Leave from the
+    Join rollback, then Leave again from sbLeave (the first dropped the endpoint from the
+    remote driver's table, so the Program("", "") of sbLeave fails inside dockerd), then
+    DeleteEndpoint (endpoint.go:539-545, 514-523, 775-786). 28 sends one Leave
+    (libnetwork/endpoint.go sbJoin defers). Nothing may stay published or held."""
+    env = client.env
+    await client.ok("/NetworkDriver.CreateNetwork", create_network_body(NET))
+    await client.ok("/NetworkDriver.CreateEndpoint", create_endpoint_body(NET, EP))
+    await client.ok("/NetworkDriver.Join", join_28())
+    env.host_ports.busy[("udp", 8053)] = "dnsmasq (pid 3)"
+    status, reply = await client.call("/NetworkDriver.ProgramExternalConnectivity", program_body())
+    assert status == 500
+    assert reply == {"Err": "host port 0.0.0.0:8053/udp is already in use by dnsmasq (pid 3)"}
+    for path in ("/NetworkDriver.Leave", "/NetworkDriver.Leave", "/NetworkDriver.DeleteEndpoint"):
+        assert await client.ok(path, endpoint_ref_body(NET, EP)) == {}
+    assert env.host_ports.held == set()
+    assert all(not n.mappings for n in env.firewall.last)
+    assert env.driver.endpoints == {}
+
+
+async def test_a_published_endpoint_deleted_without_revoke_in_docker_29(client: Client) -> None:
+    """A failure after a good Program: 29's rollback sends Leave twice and DeleteEndpoint, but
+    no Revoke (the first Leave dropped the endpoint from the remote driver's table). The
+    ports go with DeleteEndpoint."""
+    env = client.env
+    await client.ok("/NetworkDriver.CreateNetwork", create_network_body(NET))
+    await client.ok("/NetworkDriver.CreateEndpoint", create_endpoint_body(NET, EP))
+    await client.ok("/NetworkDriver.Join", join_28())
+    await client.ok("/NetworkDriver.ProgramExternalConnectivity", program_body())
+    assert len(env.host_ports.held) == 2
+    for path in ("/NetworkDriver.Leave", "/NetworkDriver.Leave", "/NetworkDriver.DeleteEndpoint"):
+        await client.ok(path, endpoint_ref_body(NET, EP))
+    assert env.host_ports.held == set()
+    assert all(not n.mappings for n in env.firewall.last)
+
+
+async def test_request_address_of_docker_29_names_the_endpoint(client: Client) -> None:
+    # docker-v29.0.3 daemon/libnetwork/network.go:1226: Options carry the endpoint's name.
+    pool = await client.ok(
+        "/IpamDriver.RequestPool",
+        {
+            "AddressSpace": "PybridgeLocal",
+            "Pool": "10.213.83.0/24",
+            "SubPool": "",
+            "Options": {},
+            "V6": False,
+        },
+    )
+    gateway = {"RequestAddressType": "com.docker.network.gateway"}
+    assert (
+        await client.ok(
+            "/IpamDriver.RequestAddress",
+            {"PoolID": pool["PoolID"], "Address": "", "Options": gateway},
+        )
+    )["Address"] == "10.213.83.1/24"
+    named = {"PoolID": pool["PoolID"], "Address": "", "Options": {p.ENDPOINT_NAME: "web"}}
+    assert (await client.ok("/IpamDriver.RequestAddress", named))["Address"] == "10.213.83.2/24"
+    assert (await client.ok("/IpamDriver.RequestAddress", named))["Address"] == "10.213.83.3/24"
 
 
 # -- who calls pybridge (for `pydriver prune`) --------------------------------------------------
