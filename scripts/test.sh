@@ -26,6 +26,8 @@ fi
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[test]"
 "$ROOT/scripts/pybridge-service.sh" restart
+# dockerd 28's packages (downloaded only) bring Compose v2, which the compose test uses too.
+DOCKERD_VERSION=28 "$ROOT/scripts/dockerd-service.sh" fetch
 
 echo "[test] ruff";  "$VENV/bin/ruff" check pydriver tests bench
 echo "[test] mypy";  "$VENV/bin/mypy"

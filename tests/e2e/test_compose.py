@@ -1,10 +1,14 @@
-"""A pybridge network declared in a compose file (Debian's docker-compose)."""
+"""A pybridge network declared in a compose file, with Compose v1 (bookworm's docker-compose
+1.29) and Compose v2 (`docker compose`, sid's docker-compose 2.x, the one users run today;
+scripts/test.sh fetches it with dockerd 28)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -15,31 +19,54 @@ COMPOSE_FILE = ROOT / "examples" / "compose.yml"
 PROJECT = "pbtcompose"
 
 
-def compose(*args: str, check: bool = True) -> str:
-    env = dict(os.environ, IMAGE=IMAGE, PYBRIDGE_DRIVER=DRIVER)
-    done = subprocess.run(
-        ["docker-compose", "-p", PROJECT, "-f", str(COMPOSE_FILE), *args],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env=env,
-        check=False,
-    )
-    if check and done.returncode != 0:
-        raise AssertionError(f"docker-compose {' '.join(args)} failed:\n{done.stderr}")
-    return done.stdout.strip()
+# Compose v2 is a docker CLI plugin: found in $DOCKER_CONFIG/cli-plugins.
+COMPOSE_V2 = (
+    Path(os.environ.get("DOCKERD28_DIR", ROOT / ".cache" / "docker28"))
+    / "root/usr/libexec/docker/cli-plugins/docker-compose"
+)
 
 
-@pytest.fixture
-def project(environment: None) -> Iterator[None]:
-    try:
-        compose("up", "-d")
-        yield
-    finally:
-        compose("down", "--remove-orphans", check=False)
+class Compose:
+    def __init__(self, version: str, config_dir: str) -> None:
+        self.env = dict(os.environ, IMAGE=IMAGE, PYBRIDGE_DRIVER=DRIVER)
+        if version == "v1":
+            self.argv = ["docker-compose"]
+        else:
+            assert COMPOSE_V2.exists(), f"{COMPOSE_V2} is missing: scripts/test.sh fetches it"
+            plugins = Path(config_dir) / "cli-plugins"
+            plugins.mkdir()
+            (plugins / "docker-compose").symlink_to(COMPOSE_V2)
+            self.env["DOCKER_CONFIG"] = config_dir
+            self.argv = ["docker", "compose"]
+
+    def __call__(self, *args: str, check: bool = True) -> str:
+        done = subprocess.run(
+            [*self.argv, "-p", PROJECT, "-f", str(COMPOSE_FILE), *args],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env=self.env,
+            check=False,
+        )
+        if check and done.returncode != 0:
+            raise AssertionError(f"{' '.join(self.argv)} {' '.join(args)} failed:\n{done.stderr}")
+        return done.stdout.strip()
 
 
-def test_compose_services_by_name_and_published_port(project: None, outside: OutsideHost) -> None:
+@pytest.fixture(params=["v1", "v2"])
+def compose(request: pytest.FixtureRequest, environment: None) -> Iterator[Compose]:
+    with tempfile.TemporaryDirectory() as config_dir:
+        run = Compose(request.param, config_dir)
+        try:
+            run("up", "-d")
+            yield run
+        finally:
+            run("down", "--remove-orphans", check=False)
+
+
+def test_compose_services_by_name_and_published_port(
+    compose: Compose, outside: OutsideHost
+) -> None:
     network = f"{PROJECT}_app"
     info = docker("network", "inspect", "-f", "{{.Driver}} {{.IPAM.Driver}}", network)
     assert info == f"{DRIVER} {DRIVER}"
