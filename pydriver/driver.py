@@ -16,7 +16,6 @@ below, so its logic runs in unit tests with fakes. Rules it keeps:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
@@ -33,6 +32,7 @@ from .locks import KeyedLock
 from .model import (
     BridgeSettings,
     Endpoint,
+    Family,
     InterfaceSetting,
     IPAddress,
     IPInterface,
@@ -115,11 +115,13 @@ class Kernel(Protocol):
     async def forget_flows(
         self, address: IPAddress, proto: int | None = None, port: int | None = None
     ) -> int: ...
+    async def forget_port_flows(self, proto: int, port: int) -> int: ...
     async def set_hairpin(self, name: str) -> None: ...
 
 
 class FirewallPort(Protocol):
     async def apply(self, networks: Sequence[NetworkRules], *, force: bool = False) -> None: ...
+    async def drop_forwarded_by_default(self, family: Family) -> None: ...
     async def drift(self, networks: Sequence[NetworkRules]) -> list[str]: ...
 
 
@@ -135,8 +137,8 @@ AddressReleaser = Callable[[Sequence[tuple[str, IPAddress]]], Awaitable[None]]
 
 class SysctlPort(Protocol):
     async def enable_route_localnet(self, ifname: str) -> None: ...
-    async def ensure_ipv4_forwarding(self) -> None: ...
-    async def ensure_ipv6_forwarding(self) -> None: ...
+    async def forwarding_enabled(self, family: Family) -> bool: ...
+    async def enable_forwarding(self, family: Family) -> None: ...
     async def disable_accept_ra(self, ifname: str) -> None: ...
     async def interface_setting(self, ifname: str, setting: InterfaceSetting) -> str | None: ...
     async def restore_interface_setting(
@@ -227,6 +229,7 @@ class NetworkDriver:
         self.firewall_writer = FirewallWriter(self.firewall.apply, self.firewall_views)
         self._background: set[asyncio.Task[None]] = set()
         self._leaving_bridges: set[str] = set()  # deleted in the background, not yet gone
+        self._gone_at_startup: list[Endpoint] = []  # see _remove_gone
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -601,9 +604,15 @@ class NetworkDriver:
         await self.kernel.set_link(network.bridge, up=True)
 
     async def _ensure_forwarding(self, network: Network) -> None:
-        await self.sysctl.ensure_ipv4_forwarding()
-        if network.subnets_v6:
-            await self.sysctl.ensure_ipv6_forwarding()
+        families: tuple[Family, ...] = (4, 6) if network.subnets_v6 else (4,)
+        for family in families:
+            if await self.sysctl.forwarding_enabled(family):
+                continue
+            # Forwarding turns the host into a router between all its interfaces. Docker sets
+            # the FORWARD policy to DROP when it is the one enabling it, and only then: when
+            # pybridge does it first (it starts before dockerd), the policy must still be DROP.
+            await self.firewall.drop_forwarded_by_default(family)
+            await self.sysctl.enable_forwarding(family)
 
     async def _remove_network(self, network: Network, *, best_effort: bool = False) -> None:
         """Remove every trace of ``network``: endpoints, rules, bridge (or only the addresses
@@ -845,6 +854,9 @@ class NetworkDriver:
         await faults.point("endpoint.delete.forgotten")
         for mapping in endpoint.mappings:
             self.host_ports.release(mapping)
+        if endpoint.mappings:
+            # Its DNAT rules go first: until then a new flow could still be NATed to it.
+            await self._apply_firewall()
         # Before the answer, so before Docker can release the address and give it to another
         # container that would inherit the flows (and their reply-state accept).
         await self._forget_flows(endpoint)
@@ -1064,24 +1076,12 @@ class NetworkDriver:
                 except DriverError as err:  # its rule stays; start-up tries again
                     log.warning("endpoint %s: %s", short(endpoint.id), err)
             raise
-        # A republication without Revoke (Docker 29) that drops a UDP or SCTP mapping must not
-        # leave its flows NATed to the container: as after a revoke, they are forgotten once
-        # the rule is gone (a write that fails is the self-healing check's to redo).
-        dropped = [
-            m for m in endpoint.mappings if m not in chosen and m.proto in DATAGRAM_PROTOCOLS
-        ]
-        if dropped:
-            try:
-                await self._apply_firewall()
-            except DriverError:
-                dropped = []
-            for mapping in dropped:
-                with contextlib.suppress(DriverError):
-                    await self.kernel.forget_flows(
-                        mapping.container_ip,
-                        DATAGRAM_PROTOCOLS[mapping.proto],
-                        mapping.container_port,
-                    )
+        # A republication without Revoke (Docker 29) may drop mappings, and new ones may have
+        # flows already (see _forget_datagram_flows).
+        await self._forget_datagram_flows(
+            gone=[m for m in endpoint.mappings if m not in chosen],
+            new=[m for m in chosen if m not in endpoint.mappings],
+        )
         for mapping in chosen:
             log.info("endpoint %s publishes %s", short(endpoint.id), mapping.describe())
         if other_gateway and len(requests) < len(bindings):
@@ -1090,6 +1090,33 @@ class NetworkDriver:
                 short(endpoint.id),
                 len(bindings) - len(requests),
             )
+
+    async def _forget_datagram_flows(
+        self, *, gone: Sequence[Mapping], new: Sequence[Mapping]
+    ) -> None:
+        """Connection tracking outlives a publication. A UDP or SCTP flow (TCP ones end by
+        themselves) of a mapping that is gone stays NATed to the container as long as its
+        client keeps sending; one to a port just published may have been set up before the
+        DNAT rule existed, to pybridge's own socket holding the port, and would never reach
+        the container. Both are forgotten once the rules are written, just after the answer
+        (as Docker does for its own ports)."""
+        gone = [m for m in gone if m.proto in DATAGRAM_PROTOCOLS]
+        new = [m for m in new if m.proto in DATAGRAM_PROTOCOLS]
+        if not gone and not new:
+            return
+
+        async def forget() -> None:
+            await self._apply_firewall()
+            for mapping in gone:
+                await self.kernel.forget_flows(
+                    mapping.container_ip, DATAGRAM_PROTOCOLS[mapping.proto], mapping.container_port
+                )
+            for mapping in new:
+                await self.kernel.forget_port_flows(
+                    DATAGRAM_PROTOCOLS[mapping.proto], mapping.host_port
+                )
+
+        await self._in_background(forget(), "forgetting flows of published ports")
 
     async def _choose(
         self, request: PortRequest, taken: PortIndex, endpoint: Endpoint
@@ -1173,20 +1200,8 @@ class NetworkDriver:
                 await faults.point("ports.revoke.recorded")
                 for mapping in endpoint.mappings:
                     self.host_ports.release(mapping)
-                datagrams = [m for m in endpoint.mappings if m.proto in DATAGRAM_PROTOCOLS]
-                if not datagrams:
-                    await self._update_firewall_soon()
-                else:
-                    # A UDP or SCTP flow lives on in conntrack, still NATed to the container,
-                    # as long as the client keeps sending: forget it once the rule is gone.
-                    await self._apply_firewall()
-                    for mapping in datagrams:
-                        with contextlib.suppress(DriverError):
-                            await self.kernel.forget_flows(
-                                mapping.container_ip,
-                                DATAGRAM_PROTOCOLS[mapping.proto],
-                                mapping.container_port,
-                            )
+                await self._update_firewall_soon()
+                await self._forget_datagram_flows(gone=endpoint.mappings, new=())
             log.info("endpoint %s no longer publishes ports", short(endpoint.id))
 
     # -- background upkeep ------------------------------------------------------------------
@@ -1299,6 +1314,9 @@ class NetworkDriver:
                 functools.partial(self._restore_links, attempt, repairs),
             )
             await attempt("apply the firewall", self._apply_firewall)
+            gone, self._gone_at_startup = self._gone_at_startup, []
+            for endpoint in gone:
+                await self._forget_flows(endpoint)
             for network in self.networks.values():
                 await attempt(
                     "enable forwarding", functools.partial(self._ensure_forwarding, network)
@@ -1368,6 +1386,7 @@ class NetworkDriver:
         bound, so no request can race this. Their host ports were never reserved in this
         process, their veths are gone, and reconcile writes the firewall once afterwards; the
         addresses pybridge's IPAM gave them go back in one transaction."""
+        self._gone_at_startup.extend(gone)  # their flows go once the rules are written
         for endpoint in gone:
             await self.store.delete_endpoint(endpoint.id)
             self.endpoints.pop(endpoint.id, None)

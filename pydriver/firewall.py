@@ -139,6 +139,19 @@ class Firewall:
             raise HostError(f"{restore} refused pybridge's rules: {result.stderr.strip()}")
         self._applied[family] = wanted
 
+    async def drop_forwarded_by_default(self, family: Family) -> None:
+        """Set the FORWARD policy of the filter table to DROP (see the driver's forwarding)."""
+        if family not in self.families:
+            return
+        command = tool(self.backend, family)
+        async with self._lock:
+            result = await run([*self._prefix, command, "-w", "5", "-P", "FORWARD", "DROP"])
+        if result.returncode != 0:
+            raise HostError(
+                f"{command} could not set the FORWARD policy to DROP: {result.stderr.strip()}"
+            )
+        log.info("%s: FORWARD policy set to DROP before turning on forwarding", command)
+
     async def drift(self, networks: Sequence[NetworkRules]) -> list[str]:
         """What differs from the wanted rules, per family ([] when all is in place)."""
         problems: list[str] = []

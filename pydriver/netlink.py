@@ -452,6 +452,18 @@ class _NetlinkCore:
                 ("orig", NFCTAttrTuple(family=family, daddr=ip)),
                 ("reply", NFCTAttrTuple(family=family, saddr=ip)),
             ]
+        return await self._forget(ip, filters)
+
+    async def forget_port_flows(self, proto: int, port: int) -> int:
+        """Delete the connection-tracking entries of flows to ``port`` (``proto``) of any
+        address, both families: flows to a host port set up before its DNAT rule existed."""
+        filters = [
+            ("orig", NFCTAttrTuple(family=family, proto=proto, dport=port))
+            for family in (socket.AF_INET, socket.AF_INET6)
+        ]
+        return await self._forget(f"port {port}", filters)
+
+    async def _forget(self, what: str, filters: list[tuple[str, NFCTAttrTuple]]) -> int:
         conntrack = await self._ct()
         doomed: dict[Any, Any] = {}
         try:
@@ -467,7 +479,7 @@ class _NetlinkCore:
                         raise
         except NetlinkError as err:
             raise HostError(
-                f"could not remove the connection-tracking entries of {ip}: {_describe(err)}"
+                f"could not remove the connection-tracking entries of {what}: {_describe(err)}"
             ) from None
         return len(doomed)
 
@@ -595,3 +607,6 @@ class Netlink:
         self, address: IPAddress, proto: int | None = None, port: int | None = None
     ) -> int:
         return await self._removals.call(self._removals.core.forget_flows(address, proto, port))
+
+    async def forget_port_flows(self, proto: int, port: int) -> int:
+        return await self._removals.call(self._removals.core.forget_port_flows(proto, port))

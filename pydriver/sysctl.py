@@ -7,11 +7,12 @@ import logging
 from pathlib import Path
 
 from .errors import HostError
-from .model import InterfaceSetting
+from .model import Family, InterfaceSetting
 
 log = logging.getLogger(__name__)
 
 PROC_SYS = Path("/proc/sys")
+FORWARDING: dict[Family, str] = {4: "net.ipv4.ip_forward", 6: "net.ipv6.conf.all.forwarding"}
 _FAMILY_DIR: dict[InterfaceSetting, str] = {"route_localnet": "ipv4", "accept_ra": "ipv6"}
 
 
@@ -47,13 +48,13 @@ class Sysctl:
     async def read(self, key: str) -> str | None:
         return await asyncio.to_thread(_read, self.root / key.replace(".", "/"))
 
-    async def ensure_ipv4_forwarding(self) -> None:
-        await self.ensure("net.ipv4.ip_forward", "1")
+    async def forwarding_enabled(self, family: Family) -> bool:
+        return await self.read(FORWARDING[family]) == "1"
 
-    async def ensure_ipv6_forwarding(self) -> None:
-        # What Docker does for --ipv6 networks. Hosts that take their IPv6 default route from
-        # router advertisements need accept_ra=2 on the uplink (forwarding disables RA there).
-        await self.ensure("net.ipv6.conf.all.forwarding", "1")
+    async def enable_forwarding(self, family: Family) -> None:
+        # IPv6: what Docker does for --ipv6 networks. Hosts that take their IPv6 default route
+        # from router advertisements need accept_ra=2 on the uplink (forwarding disables RA).
+        await self.ensure(FORWARDING[family], "1")
 
     def _interface_path(self, ifname: str, setting: InterfaceSetting) -> Path:
         # Interface names may contain dots, so build the path by parts, not from a dotted key.

@@ -22,7 +22,7 @@ from tests.e2e.conftest import (
     wait_for,
 )
 from tests.e2e.reboot import boot, power_off, running_daemon
-from tests.hostenv import OutsideHost
+from tests.hostenv import OutsideHost, run
 
 
 def running(container: str) -> bool:
@@ -60,3 +60,7 @@ def test_a_reboot_brings_every_restart_always_container_back(
     assert d.ip(static, own) == static_ip
     assert tcp_from(outside, outside.host_ip, 18601, expect=outside.ip) == outside.ip
     assert Path(plugin_socket()).is_socket()
+    # pybridge turned forwarding on before dockerd looked (so dockerd left FORWARD alone):
+    # the host must not route between its interfaces all the same.
+    for tool in ("iptables", "ip6tables"):
+        assert run([tool, "-S", "FORWARD"]).stdout.splitlines()[0] == "-P FORWARD DROP"

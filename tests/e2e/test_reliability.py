@@ -160,7 +160,7 @@ def test_dockerd_killed_a_restarted_container_gets_its_port_back(
     `--restart always` container with a new endpoint and (for a legacy plugin under Docker's
     IPAM) never deletes the old one, which still publishes the host port: the new endpoint
     must get it anyway, and no address may be handed out twice."""
-    net = d.network("--ipam-driver", ipam) if ipam == "pybridge" else d.network()
+    net = d.network("--ipam-driver", DRIVER) if ipam == "pybridge" else d.network()
     c = d.run(net, "--restart", "always", "-p", "18330:80", command=("pbtest-echo", "tcp", "80"))
     other = d.run(net)
 

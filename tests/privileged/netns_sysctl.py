@@ -8,9 +8,13 @@ from typing import TYPE_CHECKING
 from tests.hostenv import run
 
 if TYPE_CHECKING:
-    from pydriver.model import InterfaceSetting
+    from pydriver.model import Family, InterfaceSetting
 
 _FAMILY_DIR: dict[InterfaceSetting, str] = {"route_localnet": "ipv4", "accept_ra": "ipv6"}
+_FORWARDING: dict[Family, str] = {
+    4: "/proc/sys/net/ipv4/ip_forward",
+    6: "/proc/sys/net/ipv6/conf/all/forwarding",
+}
 
 
 class NetnsSysctl:
@@ -27,11 +31,11 @@ class NetnsSysctl:
         result = run(["ip", "netns", "exec", self.netns, "cat", path], check=False)
         return result.stdout.strip() if result.returncode == 0 else None
 
-    async def ensure_ipv4_forwarding(self) -> None:
-        self._write("/proc/sys/net/ipv4/ip_forward", "1")
+    async def forwarding_enabled(self, family: Family) -> bool:
+        return self.read(_FORWARDING[family]) == "1"
 
-    async def ensure_ipv6_forwarding(self) -> None:
-        self._write("/proc/sys/net/ipv6/conf/all/forwarding", "1")
+    async def enable_forwarding(self, family: Family) -> None:
+        self._write(_FORWARDING[family], "1")
 
     async def enable_route_localnet(self, ifname: str) -> None:
         self._write(self._path(ifname, "route_localnet"), "1")

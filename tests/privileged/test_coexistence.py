@@ -323,15 +323,17 @@ async def test_next_to_docker_28_iptables(backend: Backend, tmp_path: Path) -> N
 @BACKENDS
 async def test_next_to_docker_29_nftables(backend: Backend, tmp_path: Path) -> None:
     """Docker 29's nftables backend: tables `ip docker-bridges` and `ip6 docker-bridges` whose
-    base chains all accept, the FORWARD policy left at ACCEPT, no DOCKER-USER, and forwarding
-    off (29 does not turn it on). pybridge must turn IPv4 and IPv6 forwarding on itself and
-    keep its isolation, IPv4 and IPv6, with nothing of Docker's to lean on."""
+    base chains all accept, the FORWARD policy left at ACCEPT, no DOCKER-USER. 29 does not turn
+    forwarding on and creates no network unless the admin did: forwarding is on, so pybridge
+    leaves the FORWARD policy alone (a DROP there would drop Docker's own traffic, whose
+    accepts live in another table) and keeps its isolation, IPv4 and IPv6, with nothing of
+    Docker's to lean on."""
     if not run(["nft", "--version"], check=False).stdout:
         pytest.fail("nft (Debian's nftables package) is needed to build Docker 29's tables")
     async with MiniHost(backend, tmp_path, forward_policy="ACCEPT") as host:
         sysctl = NetnsSysctl(host.ns)
         for key in ("ipv4/ip_forward", "ipv6/conf/all/forwarding"):
-            run(["ip", "netns", "exec", host.ns, "tee", f"/proc/sys/net/{key}"], input="0\n")
+            run(["ip", "netns", "exec", host.ns, "tee", f"/proc/sys/net/{key}"], input="1\n")
         docker = docker_bridge(host, "10.213.91", v6="fd00:213:91")
         tables = "".join(
             DOCKER29_TABLE.format(

@@ -218,3 +218,22 @@ async def test_routes_include_default_and_multipath_routes() -> None:
     finally:
         await nl.close()
         run(["ip", "netns", "del", ns], check=False)
+
+
+@BACKENDS
+async def test_forwarding_is_turned_on_only_behind_a_forward_drop(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """pybridge starts before dockerd, so it may be the one that turns forwarding on; Docker
+    then leaves the FORWARD policy alone. A host with forwarding on and FORWARD ACCEPT routes
+    between all its interfaces: the policy goes to DROP first, per family."""
+    async with MiniHost(backend, tmp_path, forward_policy="ACCEPT") as host:
+        sysctl = NetnsSysctl(host.ns)
+        for key in ("ipv4/ip_forward", "ipv6/conf/all/forwarding"):
+            run(["ip", "netns", "exec", host.ns, "tee", f"/proc/sys/net/{key}"], input="0\n")
+        await host.network("10.213.69", v6="fd00:213:69")
+        assert sysctl.read("/proc/sys/net/ipv4/ip_forward") == "1"
+        assert sysctl.read("/proc/sys/net/ipv6/conf/all/forwarding") == "1"
+        for family in (4, 6):
+            save = in_ns(host.ns, tool(backend, family, "save"), "-t", "filter")
+            assert ":FORWARD DROP" in save, save

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydriver.errors import Conflict, DriverError, HostError
 from pydriver.hostports import PortInUse
 from pydriver.ipam import HostRoute
-from pydriver.model import InterfaceSetting, IPAddress, IPInterface, Mapping
+from pydriver.model import Family, InterfaceSetting, IPAddress, IPInterface, Mapping
 from pydriver.netlink import Link
 from pydriver.protocol import (
     ENABLE_IPV6,
@@ -220,6 +220,10 @@ class FakeKernel:
         self._enter("forget_flows", f"{address}" + (f" {proto}/{port}" if proto else ""))
         return 0
 
+    async def forget_port_flows(self, proto: int, port: int) -> int:
+        self._enter("forget_port_flows", f"{proto}/{port}")
+        return 0
+
     async def delete_link(self, name: str) -> bool:
         self._enter("delete_link", name)
         link = self.links_by_name.pop(name, None)
@@ -245,11 +249,18 @@ class FakeFirewall:
     applied: list[list[NetworkRules]] = field(default_factory=list)
     fail: DriverError | None = None
     damaged: list[str] = field(default_factory=list)  # what drift() reports until next apply
+    forward_policy_dropped: list[Family] = field(default_factory=list)
+    on_apply: Callable[[], object] | None = None  # called after each write (to see the order)
+
+    async def drop_forwarded_by_default(self, family: Family) -> None:
+        self.forward_policy_dropped.append(family)
 
     async def apply(self, networks: Sequence[NetworkRules], *, force: bool = False) -> None:
         if self.fail is not None:
             raise self.fail
         self.applied.append(list(networks))
+        if self.on_apply is not None:
+            self.on_apply()
         self.damaged = []
 
     async def drift(self, networks: Sequence[NetworkRules]) -> list[str]:
@@ -270,19 +281,24 @@ KERNEL_DEFAULTS: dict[InterfaceSetting, str] = {"route_localnet": "0", "accept_r
 
 @dataclass
 class FakeSysctl:
-    forwarding: int = 0
+    forwarding: int = 0  # times pybridge turned forwarding on
     forwarding_v6: int = 0
+    forwarding_on: dict[Family, bool] = field(default_factory=lambda: {4: False, 6: False})
     route_localnet: list[str] = field(default_factory=list)
     accept_ra_disabled: list[str] = field(default_factory=list)
     # Per-interface values; an interface not listed has KERNEL_DEFAULTS.
     values: dict[tuple[str, InterfaceSetting], str] = field(default_factory=dict)
     restored: list[tuple[str, InterfaceSetting, str]] = field(default_factory=list)
 
-    async def ensure_ipv4_forwarding(self) -> None:
-        self.forwarding += 1
+    async def forwarding_enabled(self, family: Family) -> bool:
+        return self.forwarding_on[family]
 
-    async def ensure_ipv6_forwarding(self) -> None:
-        self.forwarding_v6 += 1
+    async def enable_forwarding(self, family: Family) -> None:
+        self.forwarding_on[family] = True
+        if family == 4:
+            self.forwarding += 1
+        else:
+            self.forwarding_v6 += 1
 
     async def enable_route_localnet(self, ifname: str) -> None:
         self.route_localnet.append(ifname)

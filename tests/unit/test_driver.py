@@ -635,15 +635,32 @@ async def test_delete_endpoint(env: Env) -> None:
 
 async def test_delete_endpoint_forgets_its_flows_before_answering(env: Env) -> None:
     """Connection-tracking entries outlive the container: an established-state entry would
-    let the next holder of the address receive traffic nobody allowed (the replies rule)."""
+    let the next holder of the address receive traffic nobody allowed (the replies rule).
+    An endpoint that still publishes (Docker skipped the Revoke) loses its DNAT rules first,
+    or a new flow could be NATed to the address in between."""
     await create_network(env.driver, NET_A)
-    await create_endpoint(env.driver, NET_A, EP_1)
+    await create_endpoint(env.driver, NET_A, EP_1, ports=True)
+    await env.driver.program_external_connectivity(
+        p.parse_program_external(
+            {
+                **endpoint_ref_body(NET_A, EP_1),
+                "Options": create_endpoint_body(NET_A, EP_1, ports=True)["Options"],
+            }
+        )
+    )
+    assert env.firewall.last[0].mappings
     env.kernel.calls.clear()
+    env.firewall.on_apply = lambda: env.kernel.calls.append(("firewall", ""))
     await env.driver.delete_endpoint(ref(NET_A, EP_1))
-    assert ("forget_flows", "10.50.0.2") in env.kernel.calls
+    assert env.kernel.calls.index(("firewall", "")) < env.kernel.calls.index(
+        ("forget_flows", "10.50.0.2")
+    )
+    assert env.firewall.last[0].mappings == ()
 
 
-async def test_revoking_a_udp_port_forgets_its_flows_once_the_rule_is_gone(env: Env) -> None:
+async def test_publishing_or_revoking_a_udp_port_forgets_its_flows_once_the_rule_is_written(
+    env: Env,
+) -> None:
     await create_network(env.driver, NET_A)
     await create_endpoint(env.driver, NET_A, EP_1)
     body = endpoint_ref_body(NET_A, EP_1)
@@ -653,11 +670,13 @@ async def test_revoking_a_udp_port_forgets_its_flows_once_the_rule_is_gone(env: 
         ]
     }
     await env.driver.program_external_connectivity(p.parse_program_external(body))
+    # Flows to the port from before its DNAT rule (to pybridge's own socket) are forgotten.
+    assert ("forget_port_flows", "17/8053") in env.kernel.calls
+    assert env.firewall.last[0].mappings  # (after the rule was written)
     env.kernel.calls.clear()
-    writes = len(env.firewall.applied)
     await env.driver.revoke_external_connectivity(ref(NET_A, EP_1))
     assert env.kernel.calls == [("forget_flows", "10.50.0.2 17/53")]
-    assert len(env.firewall.applied) == writes + 1  # written before the flows were forgotten
+    assert env.firewall.last[0].mappings == ()  # written before the flows were forgotten
 
 
 async def test_delete_endpoint_after_container_end_moved(env: Env) -> None:
@@ -861,6 +880,8 @@ async def test_reconcile_recreates_a_missing_bridge(env: Env) -> None:
     forwarding = env.sysctl.forwarding
 
     rebooted = FakeKernel()
+    env.sysctl.forwarding_on = {4: False, 6: False}  # the reboot reset it
+    env.firewall.forward_policy_dropped.clear()
     driver = await env.restart(kernel=rebooted)
     repairs = await driver.reconcile()
     assert f"recreated bridge {BR_A}" in repairs
@@ -882,6 +903,9 @@ async def test_reconcile_recreates_a_missing_bridge(env: Env) -> None:
     )
     assert env.firewall.last == [firewall_view(driver.networks[NET_A])]
     assert env.sysctl.forwarding > forwarding
+    # pybridge turned forwarding on (before dockerd, which then leaves FORWARD alone): the
+    # FORWARD policy went to DROP first, as Docker does when it turns forwarding on itself.
+    assert env.firewall.forward_policy_dropped == [4]
     assert set(driver.endpoints) == {EP_1}
     # a second reconcile finds nothing to do
     assert await driver.reconcile() == []
@@ -1137,3 +1161,14 @@ async def test_delete_network_answers_once_its_rules_are_gone(
     assert env.kernel.addresses.get(BR_A, []) == []
     await env.driver.close()
     assert BR_A not in env.kernel.names()
+
+
+async def test_forwarding_is_never_turned_on_with_a_forward_policy_of_accept(env: Env) -> None:
+    """Turning forwarding on makes the host a router between all its interfaces: pybridge
+    sets the FORWARD policy to DROP first (per family), and leaves a host that already
+    forwards as it is."""
+    await create_network(env.driver, NET_A, v6_subnet="fd00:50::/64", v6_gateway="fd00:50::1/64")
+    assert env.firewall.forward_policy_dropped == [4, 6]
+    assert env.sysctl.forwarding_on == {4: True, 6: True}
+    await create_network(env.driver, NET_B, subnet="10.60.0.0/24", gateway="10.60.0.1/24")
+    assert env.firewall.forward_policy_dropped == [4, 6]
