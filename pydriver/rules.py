@@ -13,6 +13,7 @@ Three kinds of decisions, in three places, for every pybridge network with bridg
 
     PYBRIDGE-PREROUTING (raw; jumped to from PREROUTING, first)
         -d 127.0.0.0/8 ! -i lo -j DROP                                (IPv6: -d ::1/128)
+        -s 127.0.0.0/8 ! -i lo -j DROP                                (IPv6: -s ::1/128)
       internal networks, for each gateway address GW of B:
         -d GW -i B -j RETURN                                          its own gateway
         (IPv6: -d fe80::/10 -i B -p ipv6-icmp -j RETURN               neighbour discovery)
@@ -21,8 +22,10 @@ Three kinds of decisions, in three places, for every pybridge network with bridg
   route_localnet on the bridges (so the host's own 127.0.0.1:PORT reaches published ports)
   would otherwise let a container that routes 127.0.0.1 to its gateway reach every service
   the host binds to loopback (CVE-2020-8558), and a DNAT rule for 127.0.0.1 would answer a
-  LAN neighbour sending to 127.0.0.1 (moby#45610). Replies to the host's own connections
-  arrive addressed to the gateway (their de-masquerade comes after raw), so they pass.
+  LAN neighbour sending to 127.0.0.1 (moby#45610); it also turns off the kernel's check
+  that no packet arriving on the bridge claims a loopback source. Replies to the host's own
+  connections arrive addressed to the gateway (their de-masquerade comes after raw), so they
+  pass.
 
 *Accepts* live in the filter table, whose FORWARD policy Docker sets to DROP (under nftables an
 accept is only final in the table that drops):
@@ -186,8 +189,12 @@ def render_chain_rules(networks: Sequence[NetworkRules], family: Family) -> dict
         iso.append(f"-A {ISOLATION_CHAIN} ! -i {b} -o {b} -j DROP")
         iso += [f"-A {ISOLATION_CHAIN} -i {b} -o {p} -j DROP" for p in DOCKER_BRIDGE_PATTERNS]
 
-    # Nothing addressed to loopback comes from anywhere but the host itself.
-    raw = [f"-A {RAW_CHAIN} -d {LOOPBACK[family]} ! -i lo -j DROP"]
+    # Nothing addressed to loopback, or claiming to come from it, comes from anywhere but the
+    # host itself (route_localnet on a bridge also lifts the kernel's check of the source).
+    raw = [
+        f"-A {RAW_CHAIN} -d {LOOPBACK[family]} ! -i lo -j DROP",
+        f"-A {RAW_CHAIN} -s {LOOPBACK[family]} ! -i lo -j DROP",
+    ]
     for net in networks:
         if not net.internal:
             continue

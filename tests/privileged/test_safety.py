@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import ipaddress
 import secrets
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -237,3 +240,53 @@ async def test_forwarding_is_turned_on_only_behind_a_forward_drop(
         for family in (4, 6):
             save = in_ns(host.ns, tool(backend, family, "save"), "-t", "filter")
             assert ":FORWARD DROP" in save, save
+
+
+_UDP_LOG = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.settimeout(float(sys.argv[2]))
+try:
+    while True:
+        data, peer = s.recvfrom(100)
+        print(peer[0], flush=True)
+except TimeoutError:
+    pass
+"""
+
+# A UDP datagram with any source address, written whole through a raw socket (CAP_NET_RAW in
+# the container's own namespace is all it takes).
+_SPOOF = r"""
+import socket, struct, sys
+src, dst, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+udp = struct.pack("!HHHH", 40000, port, 8 + 2, 0) + b"hi"
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
+                 socket.inet_aton(src), socket.inet_aton(dst))
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+for _ in range(3):
+    s.sendto(ip + udp, (dst, 0))
+"""
+
+
+@BACKENDS
+async def test_a_container_cannot_pass_as_the_hosts_loopback(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """route_localnet (on for the host's own 127.0.0.1:PORT) also lifts the kernel's check of
+    loopback sources on the bridge: a container writing 127.0.0.2 as its source must still not
+    reach a host service that trusts loopback clients."""
+    async with MiniHost(backend, tmp_path) as host:
+        net = await host.network("10.213.68")
+        attacker = await host.container(net, "10.213.68.10")
+        port = 5558
+        listener = subprocess.Popen(
+            ["ip", "netns", "exec", host.ns, sys.executable, "-c", _UDP_LOG, str(port), "3"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(0.5)
+        for source in ("127.0.0.2", attacker.ip):  # the spoofed one, then a control
+            in_ns(attacker.ns, sys.executable, "-c", _SPOOF, source, net.gateway, str(port))
+        received, _ = listener.communicate(timeout=15)
+        assert received.split() == [attacker.ip] * 3, received

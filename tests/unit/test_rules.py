@@ -177,6 +177,7 @@ COMMIT
 :{RAW_CHAIN} - [0:0]
 -A PREROUTING -j {RAW_CHAIN}
 -A {RAW_CHAIN} -d 127.0.0.0/8 ! -i lo -j DROP
+-A {RAW_CHAIN} -s 127.0.0.0/8 ! -i lo -j DROP
 COMMIT
 # Completed on Sat Nov 22 23:00:00 2025
 """
@@ -333,7 +334,10 @@ def test_chain_rules_layout() -> None:
             "-j MASQUERADE",
             f"-A PYBRIDGE-POSTROUTING -s 10.216.0.0/24 ! -o {OURS_A} -j MASQUERADE",
         ],
-        "raw": ["-A PYBRIDGE-PREROUTING -d 127.0.0.0/8 ! -i lo -j DROP"],
+        "raw": [
+            "-A PYBRIDGE-PREROUTING -d 127.0.0.0/8 ! -i lo -j DROP",
+            "-A PYBRIDGE-PREROUTING -s 127.0.0.0/8 ! -i lo -j DROP",
+        ],
     }
 
 
@@ -831,9 +835,13 @@ def test_internal_networks_are_never_dnatted() -> None:
 
 def test_raw_chain_drops_loopback_from_anywhere_but_lo() -> None:
     assert render_chain_rules([NET_A], 4)["raw"] == [
-        f"-A {RAW_CHAIN} -d 127.0.0.0/8 ! -i lo -j DROP"
+        f"-A {RAW_CHAIN} -d 127.0.0.0/8 ! -i lo -j DROP",
+        f"-A {RAW_CHAIN} -s 127.0.0.0/8 ! -i lo -j DROP",
     ]
-    assert render_chain_rules([NET_A], 6)["raw"] == [f"-A {RAW_CHAIN} -d ::1/128 ! -i lo -j DROP"]
+    assert render_chain_rules([NET_A], 6)["raw"] == [
+        f"-A {RAW_CHAIN} -d ::1/128 ! -i lo -j DROP",
+        f"-A {RAW_CHAIN} -s ::1/128 ! -i lo -j DROP",
+    ]
     assert next(j for j in JUMPS if j.table == "raw").spec == f"-A PREROUTING -j {RAW_CHAIN}"
 
 
@@ -841,11 +849,13 @@ def test_raw_chain_keeps_internal_networks_off_the_hosts_addresses() -> None:
     nets = [NET_A, INTERNAL_B]
     assert render_chain_rules(nets, 4)["raw"] == [
         f"-A {RAW_CHAIN} -d 127.0.0.0/8 ! -i lo -j DROP",
+        f"-A {RAW_CHAIN} -s 127.0.0.0/8 ! -i lo -j DROP",
         f"-A {RAW_CHAIN} -d 10.216.1.1/32 -i {OURS_B} -j RETURN",
         f"-A {RAW_CHAIN} -i {OURS_B} -m addrtype --dst-type LOCAL -j DROP",
     ]
     assert render_chain_rules(nets, 6)["raw"] == [
         f"-A {RAW_CHAIN} -d ::1/128 ! -i lo -j DROP",
+        f"-A {RAW_CHAIN} -s ::1/128 ! -i lo -j DROP",
         f"-A {RAW_CHAIN} -d fd00:216:1::1/128 -i {OURS_B} -j RETURN",
         f"-A {RAW_CHAIN} -d fe80::/10 -i {OURS_B} -p ipv6-icmp -j RETURN",
         f"-A {RAW_CHAIN} -i {OURS_B} -m addrtype --dst-type LOCAL -j DROP",
@@ -854,6 +864,7 @@ def test_raw_chain_keeps_internal_networks_off_the_hosts_addresses() -> None:
     v4_only = v4net(OURS_B, "10.216.1.0/24", internal=True)
     assert render_chain_rules([v4_only], 6)["raw"] == [
         f"-A {RAW_CHAIN} -d ::1/128 ! -i lo -j DROP",
+        f"-A {RAW_CHAIN} -s ::1/128 ! -i lo -j DROP",
         f"-A {RAW_CHAIN} -d fe80::/10 -i {OURS_B} -p ipv6-icmp -j RETURN",
         f"-A {RAW_CHAIN} -i {OURS_B} -m addrtype --dst-type LOCAL -j DROP",
     ]
