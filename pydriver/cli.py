@@ -287,6 +287,8 @@ def raise_fd_limit() -> tuple[int, int]:
 
 async def serve(args: argparse.Namespace) -> int:
     os.umask(0o077)  # state files, the WAL and the socket: root only
+    if args.metrics_address and not args.metrics_address.startswith("/"):
+        parse_metrics_address(args.metrics_address)
     before, after = raise_fd_limit()
     if after != before:
         log.info("open file limit raised from %d to %d (one per published port)", before, after)
@@ -412,6 +414,17 @@ async def serve_failure(socket_path: str, reason: str) -> int:
     return 1
 
 
+def parse_metrics_address(address: str) -> tuple[str, int]:
+    """HOST:PORT of --metrics-address (checked before anything starts: a typo there must not
+    leave pybridge half started)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise DriverError(
+            f"--metrics-address {address!r} is not HOST:PORT (e.g. 127.0.0.1:9327) or a socket path"
+        )
+    return host.strip("[]"), int(port)
+
+
 async def start_metrics(
     address: str, metrics: Metrics, driver: NetworkDriver, ipam: IpamDriver
 ) -> web.AppRunner | None:
@@ -433,10 +446,8 @@ async def start_metrics(
     if address.startswith("/"):
         site = web.UnixSite(runner, address)
     else:
-        host, _, port = address.rpartition(":")
-        if not host or not port.isdigit():
-            raise DriverError(f"--metrics-address {address!r} is not HOST:PORT or a socket path")
-        site = web.TCPSite(runner, host.strip("[]"), int(port))
+        host, port = parse_metrics_address(address)
+        site = web.TCPSite(runner, host, port)
     try:
         await site.start()
     except OSError as err:
@@ -456,11 +467,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(serve(args))
         except DriverError as err:
             log.error("%s", err)
-            if _env("PYDRIVER_MANAGED", "") != "1":
-                return 1
-            # A managed plugin stays up and says why on every call instead (see
-            # server.make_failure_app).
-            return asyncio.run(serve_failure(args.socket, str(err)))
+            reason = str(err)
+        except Exception as err:  # a managed plugin must say why whatever went wrong
+            log.exception("pybridge could not start")
+            reason = f"{type(err).__name__}: {err} (see the plugin's log)"
+        if _env("PYDRIVER_MANAGED", "") != "1":
+            return 1
+        # A managed plugin stays up and says why on every call instead (see
+        # server.make_failure_app).
+        return asyncio.run(serve_failure(args.socket, reason))
     try:
         if args.command == "ports":
             return ports_command(args)

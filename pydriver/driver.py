@@ -16,6 +16,7 @@ below, so its logic runs in unit tests with fakes. Rules it keeps:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import functools
 import logging
 import time
@@ -174,15 +175,30 @@ def _subnets(data: tuple[IPData, ...]) -> tuple[Subnet, ...]:
 
 
 def _publishes_any(mappings: Iterable[Mapping], bindings: Iterable[PortBinding]) -> bool:
-    """Whether any of ``mappings`` uses a host port that ``bindings`` ask for (any address)."""
-    wanted = [
-        (b.proto, b.host_port, max(b.host_port, b.host_port_end)) for b in bindings if b.host_port
-    ]
-    return any(
-        m.proto == proto and low <= m.host_port <= high
-        for m in mappings
-        for proto, low, high in wanted
-    )
+    """Whether any of ``mappings`` uses a host port that ``bindings`` ask for (any address).
+    Bounded whatever the sizes: the asked ports become merged ranges, looked up by bisection."""
+    ranges: dict[str, list[tuple[int, int]]] = {}
+    for b in bindings:
+        if b.host_port:
+            ranges.setdefault(b.proto, []).append((b.host_port, max(b.host_port, b.host_port_end)))
+    lows: dict[str, list[int]] = {}
+    highs: dict[str, list[int]] = {}
+    for proto, spans in ranges.items():
+        merged: list[tuple[int, int]] = []
+        for low, high in sorted(spans):
+            if merged and low <= merged[-1][1] + 1:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], high))
+            else:
+                merged.append((low, high))
+        lows[proto] = [low for low, _ in merged]
+        highs[proto] = [high for _, high in merged]
+    for m in mappings:
+        starts = lows.get(m.proto)
+        if starts:
+            i = bisect.bisect_right(starts, m.host_port) - 1
+            if i >= 0 and m.host_port <= highs[m.proto][i]:
+                return True
+    return False
 
 
 def firewall_view(network: Network, mappings: Sequence[Mapping] = ()) -> NetworkRules:
@@ -541,6 +557,19 @@ class NetworkDriver:
                     "route; pybridge does not take over the host's uplink: choose another "
                     "bridge name"
                 )
+        # Another interface on it (a NIC, a VM's tap) would reach every container port: to a
+        # bridge, that is traffic within the network.
+        others = sorted(
+            other.name
+            for other in await self.kernel.links()
+            if other.master == link.index and not is_pybridge_veth(other.name)
+        )
+        if others:
+            raise Conflict(
+                f"bridge {name} already has {', '.join(others[:3])} on it, which would reach "
+                "every container of the network directly; pybridge adopts only a bridge with "
+                "nothing else on it: choose another bridge name"
+            )
         present = await self.kernel.link_addresses(name)
         for address in present:
             if address.version == 6 and address.ip.is_link_local:

@@ -8,6 +8,7 @@ imports the driver).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -70,11 +71,18 @@ class IpamDriver:
         self._endpoint_addresses = endpoint_addresses
         self._clock = clock
         self.pools: dict[str, Pool] = {}
+        self.set_aside: list[IPNetwork] = []  # subnets of pools whose rows were set aside
         self.ula_prefix: ipaddress.IPv6Network | None = None
         self._lock = KeyedLock()
 
     async def load(self) -> None:
         self.pools = {pool.id: pool for pool in await self.store.load_pools()}
+        # A pool set aside (its row could not be read) may still be some network's: its
+        # subnet stays taken until whoever repairs the state decides.
+        self.set_aside = []
+        for key in await self.store.quarantined_keys("pools"):
+            with contextlib.suppress(ValueError):
+                self.set_aside.append(ipaddress.ip_network(key))
         for pool in self.pools.values():
             await self._settle_replays(pool)
         stored = await self.store.get_meta(ULA_META_KEY)
@@ -131,7 +139,7 @@ class IpamDriver:
                 log.info("pool %s: a retry of a request answered before a restart", replayed.id)
                 return replayed.id, replayed.subnet, self._ack(replayed.id, None)
             routes = await self._routes()
-            taken = [pool.subnet for pool in self.pools.values()]
+            taken = [pool.subnet for pool in self.pools.values()] + self.set_aside
             if req.pool is not None:
                 conflict = find_overlap(req.pool, taken, routes)
                 if conflict:

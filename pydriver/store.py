@@ -502,6 +502,13 @@ class SyncStore:
             return str(err)
         return "; ".join(str(r[0]) for r in rows) or "no answer"
 
+    def quarantined_keys(self, source: str) -> list[str]:
+        """Keys of the rows of ``source`` set aside so far (pool ids are their subnets)."""
+        rows = self.db.execute(
+            "SELECT CAST(key AS BLOB) FROM quarantine WHERE source=?", (source,)
+        ).fetchall()
+        return [_text(row[0]) if isinstance(row[0], bytes) else str(row[0]) for row in rows]
+
     def quarantine_meta(self, key: str, error: str) -> None:
         """Set aside a meta value that cannot be read (its owner chooses a new one)."""
         row = self.db.execute("SELECT rowid, value FROM meta WHERE key=?", (key,)).fetchone()
@@ -709,6 +716,9 @@ class Store:
 
     async def quick_check(self) -> str:
         return await self.call(self._sync.quick_check)
+
+    async def quarantined_keys(self, source: str) -> list[str]:
+        return await self.call(self._sync.quarantined_keys, source)
 
     async def quarantine_meta(self, key: str, error: str) -> None:
         await self.call(self._sync.quarantine_meta, key, error)

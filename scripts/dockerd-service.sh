@@ -69,6 +69,16 @@ fetch() {
             command -v runc >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q runc >/dev/null
             [ -x "$D28/root/usr/sbin/dockerd" ] \
                 || fetch_debs "$D28" sid docker.io containerd tini-static docker-compose
+            # sid moves on: say so when it no longer has a 28.x (29.0.0-29.0.2 crash with any
+            # remote network driver, moby#51554).
+            local version
+            version="$("$D28/root/usr/sbin/dockerd" --version)"
+            case "$version" in
+                "Docker version 28."*) ;;
+                *) echo "[dockerd] Debian sid's docker.io is no longer 28.x ($version):" \
+                       "update DOCKERD_VERSION=28 in scripts/dockerd-service.sh" >&2
+                   return 1 ;;
+            esac
             ;;
     esac
 }

@@ -52,8 +52,18 @@ if [ "$(cat "$SERVICE_VENV/.pydriver-source" 2>/dev/null)" != "$source_hash" ] \
     echo "$source_hash" >"$SERVICE_VENV/.pydriver-source"
     reinstalled=1
 fi
-chown -R root:root "$(dirname "$SERVICE_VENV")"
-chmod -R go-w "$(dirname "$SERVICE_VENV")"
+# Root runs this code: it and every directory above it belong to root, writable by root alone.
+chown -R root:root "$SERVICE_VENV"
+chmod -R go-w "$SERVICE_VENV"
+dir="$(dirname "$SERVICE_VENV")"
+while [ "$dir" != / ]; do
+    if [ "$(stat -c %u "$dir")" != 0 ] || [ -n "$(find "$dir" -maxdepth 0 -perm /022)" ]; then
+        echo "install.sh: $dir is not owned and writable by root alone; pybridge runs as root" \
+            "from $SERVICE_VENV, so choose a place under root-owned directories" >&2
+        exit 1
+    fi
+    dir="$(dirname "$dir")"
+done
 ln -sf "$SERVICE_VENV/bin/pydriver" /usr/local/bin/pydriver  # pydriver status, doctor, ports
 
 # 3. pybridge first, so it is there before dockerd restores containers that use it.

@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydriver.naming import is_pybridge_bridge, is_pybridge_veth
 from tests.hostenv import ROOT, leak_guard_rules, run
 
 DOCKERD_SERVICE = ROOT / "scripts" / "dockerd-service.sh"
 PYBRIDGE_SERVICE = ROOT / "scripts" / "pybridge-service.sh"
 PLUGIN_SOCKETS = Path("/run/docker/plugins")
 XTABLES_LOCK = Path("/run/xtables.lock")
+DOCKER_BRIDGE = re.compile(r"docker0|br-[0-9a-f]{12}")  # Docker's own, gone at a reboot
 TABLES = {
     "filter": ("INPUT", "FORWARD", "OUTPUT"),
     "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
@@ -155,7 +158,7 @@ def power_off(daemon: Daemon) -> None:
     # Kernel links of pybridge and Docker (the veths went with the namespaces).
     for line in run(["ip", "-o", "link", "show"]).stdout.splitlines():
         name = line.split(":")[1].strip().split("@")[0]
-        if name.startswith(("pyb-", "pyv", "pyc", "br-")) or name == "docker0":
+        if is_pybridge_bridge(name) or is_pybridge_veth(name) or DOCKER_BRIDGE.fullmatch(name):
             run(["ip", "link", "del", name], check=False)
     _flush_firewall()
     Path("/proc/sys/net/ipv4/ip_forward").write_text("0\n")

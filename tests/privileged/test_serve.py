@@ -285,3 +285,23 @@ def test_metrics_that_cannot_be_served_do_not_stop_the_driver(netns: str, tmp_pa
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_metrics_address_typo_is_refused_before_anything_starts(
+    netns: str, tmp_path: Path
+) -> None:
+    sock = tmp_path / "pb.sock"
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", netns, sys.executable, "-m", "pydriver.cli", "serve",
+         "--socket", str(sock), "--state-dir", str(tmp_path / "state"),
+         "--metrics-address", "127.0.0.1:93270"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.wait(timeout=15) == 1
+    assert "--metrics-address '127.0.0.1:93270' is not HOST:PORT" in (
+        proc.stdout.read() if proc.stdout else ""
+    )
+    assert not sock.exists()
+    assert not (tmp_path / "state").exists()

@@ -217,3 +217,24 @@ async def test_thousands_of_published_ports_are_quick(net: Env) -> None:
     assert len(env.driver.endpoints[EP1].mappings) == 6000
     assert len(env.host_ports.held) == 6000
     assert elapsed < 1.5, f"publishing 3000 ports took {elapsed:.2f} s"
+
+
+def test_finding_which_endpoints_publish_wanted_ports_is_quick() -> None:
+    """At Program time pybridge looks for dead endpoints holding the ports asked for: 6000
+    mappings against 3000 bindings (dockerd sends a range port by port) must not stall."""
+    from pydriver.driver import _publishes_any
+    from pydriver.model import Mapping, PortBinding
+
+    container = ipaddress.ip_address("10.50.0.2")
+    mappings = [Mapping("tcp", None, 30000 + i, container, 80) for i in range(6000)]
+    bindings = [PortBinding("tcp", 80, None, 20000 + i, 20000 + i) for i in range(3000)]
+    started = time.perf_counter()
+    assert not _publishes_any(mappings, bindings)
+    assert _publishes_any([*mappings, Mapping("tcp", None, 22999, container, 80)], bindings)
+    assert not _publishes_any([Mapping("udp", None, 22999, container, 80)], bindings)
+    assert time.perf_counter() - started < 0.1
+    # Ranges and overlaps.
+    spans = [PortBinding("tcp", 80, None, 100, 200), PortBinding("tcp", 80, None, 150, 300)]
+    assert _publishes_any([Mapping("tcp", None, 300, container, 80)], spans)
+    assert not _publishes_any([Mapping("tcp", None, 301, container, 80)], spans)
+    assert not _publishes_any([Mapping("tcp", None, 99, container, 80)], spans)

@@ -274,6 +274,21 @@ async def test_a_bridge_with_addresses_outside_the_subnets_is_refused(env: Env) 
         await create_network(env.driver, NET_A, generic={BRIDGE_NAME: "br-user"})
 
 
+async def test_a_bridge_with_other_interfaces_on_it_is_refused(env: Env) -> None:
+    """A NIC or a VM's tap on the bridge would reach every container port directly (to the
+    bridge that is traffic within the network), whatever the firewall says."""
+    env.kernel.add_link("br-lan", "bridge", up=True)
+    env.kernel.add_link("eth1", "device", master="br-lan")
+    with pytest.raises(Conflict) as info:
+        await create_network(env.driver, NET_A, generic={BRIDGE_NAME: "br-lan"})
+    assert str(info.value) == (
+        "bridge br-lan already has eth1 on it, which would reach every container of the "
+        "network directly; pybridge adopts only a bridge with nothing else on it: choose "
+        "another bridge name"
+    )
+    assert await stored_networks(env) == {}
+
+
 async def test_the_bridge_of_the_default_route_is_refused(env: Env) -> None:
     env.kernel.add_link("br-up", "bridge", up=True)
     for default, family in (("0.0.0.0/0", 4), ("::/0", 6)):

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from pydriver import protocol as p
 from pydriver.doctor import Report, _check_database
-from pydriver.errors import HostError
-from pydriver.ipam import PendingAnswer, Pool
+from pydriver.errors import Conflict, HostError
+from pydriver.ipam import HostRoute, PendingAnswer, Pool
 from pydriver.ipamdriver import ULA_META_KEY, IpamDriver
 from pydriver.model import (
     BridgeSettings,
@@ -477,3 +478,38 @@ async def test_read_pools_for_prune(tmp_path: Path) -> None:
     # A database of schema 2 has no recorded_at column: its pools are long requested.
     corrupt(state, "ALTER TABLE pools DROP COLUMN recorded_at")
     assert [p.recorded_at for p in read_pools(state)] == [None]
+
+
+async def test_the_subnet_of_a_pool_set_aside_stays_taken(tmp_path: Path) -> None:
+    """A pool whose row cannot be read may still be some network's: an automatic request (or
+    a --subnet) must not get its subnet."""
+    state = tmp_path / "state"
+    store = Store(state)
+    try:
+        pool = Pool(id="172.31.0.0/16", subnet=ipaddress.ip_network("172.31.0.0/16"), auto=True)
+        await store.put_pool(pool)
+    finally:
+        store.close()
+    corrupt(state, "UPDATE pools SET data='{' WHERE id='172.31.0.0/16'")
+    store = Store(state)
+    try:
+        ipam = IpamDriver(store, _no_routes)
+        await ipam.load()
+        assert ipam.pools == {}
+        request = {
+            "AddressSpace": "PybridgeLocal",
+            "Pool": "",
+            "SubPool": "",
+            "Options": {},
+            "V6": False,
+        }
+        _, subnet, _ = await ipam.request_pool(p.parse_request_pool(request))
+        assert subnet == ipaddress.ip_network("172.30.0.0/16")
+        with pytest.raises(Conflict):
+            await ipam.request_pool(p.parse_request_pool({**request, "Pool": "172.31.5.0/24"}))
+    finally:
+        store.close()
+
+
+async def _no_routes() -> list[HostRoute]:
+    return []
