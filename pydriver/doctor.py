@@ -532,7 +532,9 @@ def plugin_facts(socket_path: str) -> PluginFacts:
             name = process_name(caller.pid)
             if name is not None:
                 running[caller.pid] = name
-    return PluginFacts(socket_path, status.pid, peer.pid, status.callers, running)
+    return PluginFacts(
+        socket_path, status.pid, peer.pid, status.callers, running, status.state_file
+    )
 
 
 @dataclass
@@ -556,6 +558,15 @@ def prune(
     pruning.check_same_daemon). ``ask`` confirms on a terminal (None: there is none); ``done``
     hears each thing removed."""
     plugin = plugin_facts(socket_path)
+    try:
+        here = (state_dir / DB_NAME).stat()
+    except OSError as err:
+        raise DriverError(f"no pybridge state at {state_dir / DB_NAME} ({err.strerror})") from None
+    if plugin.state_file is not None and plugin.state_file != (here.st_dev, here.st_ino):
+        raise Refused(
+            f"pybridge on {socket_path} keeps its state in another database than "
+            f"{state_dir / DB_NAME}: give prune the --state-dir that pybridge uses"
+        )
     read_at = time.monotonic()
     networks, endpoints = read_state(state_dir)
     pools = read_pools(state_dir)

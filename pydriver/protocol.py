@@ -657,6 +657,9 @@ class Status:
     pid: int  # pybridge's own pid, in its own pid namespace
     started: float  # time.time() when it started serving
     callers: tuple[Caller, ...]
+    # (st_dev, st_ino) of its state database: the same file whatever the mount namespace, so a
+    # tool reading a state directory can tell it is the one this pybridge serves from.
+    state_file: tuple[int, int] | None = None
 
 
 def status_request() -> tuple[str, dict[str, Any]]:
@@ -668,6 +671,7 @@ def status_reply(status: Status) -> dict[str, Any]:
     return {
         "Pid": status.pid,
         "Started": status.started,
+        "StateFile": list(status.state_file) if status.state_file else None,
         "Callers": [
             {
                 "Pid": c.pid,
@@ -714,8 +718,16 @@ def parse_status_reply(body: Mapping[str, Any]) -> Status:
                 requests=_count(item, "Requests", where),
             )
         )
+    state_file = body.get("StateFile")
+    if state_file is not None and not (
+        isinstance(state_file, list)
+        and len(state_file) == 2
+        and all(isinstance(n, int) and not isinstance(n, bool) for n in state_file)
+    ):
+        raise InvalidRequest(f"StateFile must be [device, inode], not {_show(state_file)}")
     return Status(
         pid=_count(body, "Pid", ""),
         started=_number(body, "Started", ""),
+        state_file=(state_file[0], state_file[1]) if state_file else None,
         callers=tuple(callers),
     )

@@ -49,6 +49,7 @@ class PluginFacts:
     pid_here: int  # pybridge's pid as prune sees it (SO_PEERCRED of prune's connection)
     callers: tuple[Caller, ...]  # who has called it since it started (pids in its namespace)
     running: Mapping[int, str]  # of those, the ones still running here: pid -> name
+    state_file: tuple[int, int] | None = None  # its state database (st_dev, st_ino)
 
 
 @dataclass(frozen=True)

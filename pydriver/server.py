@@ -140,7 +140,15 @@ class Api:
         }
 
     async def status(self, body: dict[str, Any]) -> dict[str, Any]:
-        return p.status_reply(p.Status(os.getpid(), self.started, self.callers.callers()))
+        state = os.stat(self.driver.store.path)  # one stat: no need to leave the loop
+        return p.status_reply(
+            p.Status(
+                os.getpid(),
+                self.started,
+                self.callers.callers(),
+                state_file=(state.st_dev, state.st_ino),
+            )
+        )
 
     async def activate(self, body: dict[str, Any]) -> dict[str, Any]:
         return p.activate_reply()

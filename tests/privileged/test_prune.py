@@ -197,6 +197,24 @@ def test_removes_exactly_what_the_daemon_using_pybridge_forgot(setup: Setup) -> 
         assert again.startswith("nothing to remove")
 
 
+def test_refuses_a_state_directory_pybridge_does_not_use(setup: Setup) -> None:
+    """prune reads one state directory and acts through one socket: a copy of the state (an
+    older backup, another pybridge's) must not decide what the running pybridge removes."""
+    copy = setup.dir / "copy"
+    copy.mkdir()
+    shutil.copy(setup.plugin.state / "state.db", copy / "state.db")
+    with setup.fake(setup.kept_network()):
+        argv = setup.argv()
+        argv[argv.index("--state-dir") + 1] = str(copy)
+        env = dict(os.environ, DOCKER_HOST=f"unix://{setup.dir / 'docker.sock'}")
+        done = subprocess.run(
+            [*argv, "--yes"], env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+    assert done.returncode != 0
+    assert "keeps its state in another database than" in done.stderr, done.stderr
+    assert setup.untouched()
+
+
 def test_refuses_a_daemon_served_by_another_process(setup: Setup) -> None:
     """DOCKER_HOST points at a daemon pybridge has never heard from: prune removes nothing."""
     path = setup.dir / "docker.sock"
