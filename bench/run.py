@@ -388,7 +388,7 @@ def firewall_apply_times() -> list[Single]:
     """One batch per family: time to write the rules of 1 and of 100 networks."""
     import asyncio
 
-    from pydriver.firewall import Firewall
+    from pydriver.firewall import IptablesFirewall
     from pydriver.rules import NetworkRules
 
     out = []
@@ -398,7 +398,7 @@ def firewall_apply_times() -> list[Single]:
                 NetworkRules(f"pyb-{i:011d}", (ipaddress.ip_network(f"10.221.{i}.0/24"),))
                 for i in range(count)
             ]
-            firewall = Firewall("nft", netns=ns)
+            firewall = IptablesFirewall("nft", netns=ns)
             started = time.perf_counter()
             asyncio.run(firewall.apply(views, force=True))
             elapsed = time.perf_counter() - started

@@ -24,8 +24,8 @@ from .doctor import format_status, status_data
 from .doctor import prune as run_prune
 from .driver import NetworkDriver
 from .errors import DriverError
-from .firewall import Firewall, detect_backend
-from .hostports import HostPorts
+from .firewall import IptablesFirewall, detect_backend
+from .hostports import SocketReservations
 from .ipamdriver import IpamDriver
 from .logs import setup_logging
 from .metrics import Metrics
@@ -35,7 +35,7 @@ from .ports import DEFAULT_EPHEMERAL_RANGE
 from .pruning import Plan, confirmed
 from .report import Names, docker_names, format_table, port_rows
 from .server import Api, make_app, make_failure_app, make_metrics_app
-from .store import Store, read_state
+from .store import SqliteStore, read_state
 from .sysctl import Sysctl
 from .upkeep import Intervals, Upkeep
 
@@ -295,7 +295,7 @@ async def serve(args: argparse.Namespace) -> int:
     else:
         log.info("open file limit: %d (one per published port)", after)
     prepare_socket_path(args.socket)
-    store = Store(Path(args.state_dir))
+    store = SqliteStore(Path(args.state_dir))
     damage = await store.quick_check()
     if damage != "ok":
         log.error(
@@ -321,8 +321,8 @@ async def serve(args: argparse.Namespace) -> int:
             "mounted), and its rule writes may interleave with dockerd's; on such hosts "
             "prefer pybridge as a host service (scripts/install.sh)"
         )
-    firewall = Firewall(backend)
-    host_ports = HostPorts()
+    firewall = IptablesFirewall(backend)
+    host_ports = SocketReservations()
 
     async def release_addresses(addresses: Sequence[tuple[str, IPAddress]]) -> None:
         await ipam.release_owned(addresses)

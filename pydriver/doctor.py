@@ -22,7 +22,7 @@ from .driver import firewall_view
 from .errors import DriverError
 from .firewall import BACKENDS, Backend, detect_backend, tool
 from .logs import escape
-from .model import Endpoint, Family, Mapping, Network
+from .model import Endpoint, Family, Network, PortMapping
 from .naming import is_pybridge_bridge, is_pybridge_veth
 from .netlink import Netlink
 from .peers import Peer, peer_credentials, process_name
@@ -283,7 +283,7 @@ def _legacy_tables() -> list[str]:
 
 
 def _views(networks: list[Network], endpoints: list[Endpoint]) -> list[Any]:
-    mappings: dict[str, list[Mapping]] = {}
+    mappings: dict[str, list[PortMapping]] = {}
     for e in endpoints:
         mappings.setdefault(e.network_id, []).extend(e.mappings)
     return [firewall_view(n, mappings.get(n.id, ())) for n in networks if n.state != "deleting"]

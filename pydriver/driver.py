@@ -26,8 +26,8 @@ from typing import Any, Protocol
 
 from . import faults
 from .errors import BridgeFull, Conflict, DriverError, InvalidRequest, NotFound
-from .fwsync import FirewallWriter
-from .hostports import HostPorts, PortInUse, port_holder
+from .firewall_writer import FirewallWriter
+from .hostports import PortInUse, SocketReservations, port_holder
 from .ipam import ADDRESS_SPACES, HostRoute, describe_route, pool_id_for
 from .locks import KeyedLock
 from .model import (
@@ -38,10 +38,10 @@ from .model import (
     IPAddress,
     IPInterface,
     IPNetwork,
-    Mapping,
     Network,
     NetworkOptions,
     PortBinding,
+    PortMapping,
     Subnet,
 )
 from .naming import (
@@ -66,7 +66,7 @@ from .protocol import (
     ProgramExternalRequest,
 )
 from .rules import NetworkRules
-from .store import Store
+from .store import SqliteStore
 
 log = logging.getLogger(__name__)
 
@@ -120,15 +120,15 @@ class Kernel(Protocol):
     async def set_hairpin(self, name: str) -> None: ...
 
 
-class FirewallPort(Protocol):
+class Firewall(Protocol):
     async def apply(self, networks: Sequence[NetworkRules], *, force: bool = False) -> None: ...
     async def drop_forwarded_by_default(self, family: Family) -> None: ...
     async def drift(self, networks: Sequence[NetworkRules]) -> list[str]: ...
 
 
-class HostPortsPort(Protocol):
-    def reserve(self, mapping: Mapping) -> None: ...
-    def release(self, mapping: Mapping) -> None: ...
+class PortReservations(Protocol):
+    def reserve(self, mapping: PortMapping) -> None: ...
+    def release(self, mapping: PortMapping) -> None: ...
 
 
 PortHolder = Callable[[str, int], Awaitable[str | None]]
@@ -136,7 +136,7 @@ PortHolder = Callable[[str, int], Awaitable[str | None]]
 AddressReleaser = Callable[[Sequence[tuple[str, IPAddress]]], Awaitable[None]]
 
 
-class SysctlPort(Protocol):
+class KernelSettings(Protocol):
     async def enable_route_localnet(self, ifname: str) -> None: ...
     async def forwarding_enabled(self, family: Family) -> bool: ...
     async def enable_forwarding(self, family: Family) -> None: ...
@@ -174,7 +174,7 @@ def _subnets(data: tuple[IPData, ...]) -> tuple[Subnet, ...]:
     )
 
 
-def _publishes_any(mappings: Iterable[Mapping], bindings: Iterable[PortBinding]) -> bool:
+def _publishes_any(mappings: Iterable[PortMapping], bindings: Iterable[PortBinding]) -> bool:
     """Whether any of ``mappings`` uses a host port that ``bindings`` ask for (any address).
     Bounded whatever the sizes: the asked ports become merged ranges, looked up by bisection."""
     ranges: dict[str, list[tuple[int, int]]] = {}
@@ -201,7 +201,7 @@ def _publishes_any(mappings: Iterable[Mapping], bindings: Iterable[PortBinding])
     return False
 
 
-def firewall_view(network: Network, mappings: Sequence[Mapping] = ()) -> NetworkRules:
+def firewall_view(network: Network, mappings: Sequence[PortMapping] = ()) -> NetworkRules:
     return NetworkRules(
         bridge=network.bridge,
         subnets_v4=tuple(s.pool for s in network.subnets_v4),
@@ -217,25 +217,28 @@ def firewall_view(network: Network, mappings: Sequence[Mapping] = ()) -> Network
 class NetworkDriver:
     def __init__(
         self,
-        store: Store,
+        store: SqliteStore,
         kernel: Kernel,
-        firewall: FirewallPort,
-        sysctl: SysctlPort,
-        host_ports: HostPortsPort | None = None,
+        firewall: Firewall,
+        sysctl: KernelSettings,
+        host_ports: PortReservations | None = None,
         port_holder: PortHolder = port_holder,
         ephemeral_range: tuple[int, int] = DEFAULT_EPHEMERAL_RANGE,
-        eager: bool = False,
+        inline_background: bool = False,
         release_addresses: AddressReleaser | None = None,
     ) -> None:
-        # eager: do at once what is otherwise left to the background (tests over fakes).
-        self.eager = eager
+        # inline_background: run at once what is otherwise left to the background (tests over
+        # fakes, which then need not wait for it).
+        self.inline_background = inline_background
         self.release_addresses = release_addresses
         self.dying_veth_wait = DYING_VETH_WAIT
         self.store = store
         self.kernel = kernel
         self.firewall = firewall
         self.sysctl = sysctl
-        self.host_ports: HostPortsPort = host_ports if host_ports is not None else HostPorts()
+        self.host_ports: PortReservations = (
+            host_ports if host_ports is not None else SocketReservations()
+        )
         self.port_holder = port_holder
         self.ephemeral_range = ephemeral_range
         self._ephemeral_cursor = 0
@@ -268,8 +271,8 @@ class NetworkDriver:
     def _endpoints_of(self, network_id: str) -> list[Endpoint]:
         return [e for e in self.endpoints.values() if e.network_id == network_id]
 
-    def _mappings_by_network(self) -> dict[str, list[Mapping]]:
-        found: dict[str, list[Mapping]] = {}
+    def _mappings_by_network(self) -> dict[str, list[PortMapping]]:
+        found: dict[str, list[PortMapping]] = {}
         for endpoint in self.endpoints.values():
             found.setdefault(endpoint.network_id, []).extend(endpoint.mappings)
         return found
@@ -380,7 +383,7 @@ class NetworkDriver:
     async def _update_firewall_soon(self) -> None:
         """Ask for the rules to be written without waiting (published ports go live a few
         milliseconds after the answer; conflicts were already checked)."""
-        if self.eager:
+        if self.inline_background:
             await self.firewall_writer.write()
         else:
             self.firewall_writer.request()
@@ -392,7 +395,7 @@ class NetworkDriver:
             except DriverError as err:  # leftovers are removed at the next start
                 log.warning("%s: %s", what, err)
 
-        if self.eager:
+        if self.inline_background:
             await run()
             return
         task = asyncio.create_task(run())
@@ -661,15 +664,15 @@ class NetworkDriver:
         await self.store.put_network(deleting)
         self.networks[network.id] = deleting
         await faults.point("network.delete.recorded")
-        later = (
+        bridge_after_answer = (
             not best_effort
-            and not self.eager
+            and not self.inline_background
             and network.bridge_owned
             and is_pybridge_bridge(network.bridge)
         )
 
         async def remove_bridge() -> None:
-            if network.bridge_owned and not later:
+            if network.bridge_owned and not bridge_after_answer:
                 await self.kernel.delete_link(network.bridge)
                 return
             # A bridge deleted later loses its addresses, and with them its routes, now.
@@ -681,7 +684,7 @@ class NetworkDriver:
                 await self._restore_bridge_settings(network)
 
         steps: list[Callable[[], Awaitable[None]]] = [
-            functools.partial(self._remove_endpoint, e, wait=not later)
+            functools.partial(self._remove_endpoint, e, wait=not bridge_after_answer)
             for e in self._endpoints_of(network.id)
         ]
         steps += [
@@ -702,7 +705,7 @@ class NetworkDriver:
                 log.warning("while removing network %s: %s", short(network.id), err)
         await self.store.delete_network(network.id)
         self.networks.pop(network.id, None)
-        if later:
+        if bridge_after_answer:
             self._leaving_bridges.add(network.bridge)
             await self._in_background(
                 self._delete_bridge(network.bridge), f"removing bridge {network.bridge}"
@@ -1081,10 +1084,10 @@ class NetworkDriver:
         )
         for old in endpoint.mappings:
             self.host_ports.release(old)
-        chosen: list[Mapping] = []
+        chosen: list[PortMapping] = []
         try:
             for request in requests:
-                mappings = await self._choose(request, taken, endpoint)
+                mappings = await self._reserve_binding(request, taken, endpoint)
                 chosen.extend(mappings)
                 for mapping in mappings:
                     taken.add(mapping)
@@ -1121,7 +1124,7 @@ class NetworkDriver:
             )
 
     async def _forget_datagram_flows(
-        self, *, gone: Sequence[Mapping], new: Sequence[Mapping]
+        self, *, gone: Sequence[PortMapping], new: Sequence[PortMapping]
     ) -> None:
         """Connection tracking outlives a publication. A UDP or SCTP flow (TCP ones end by
         themselves) of a mapping that is gone stays NATed to the container as long as its
@@ -1147,9 +1150,9 @@ class NetworkDriver:
 
         await self._in_background(forget(), "forgetting flows of published ports")
 
-    async def _choose(
+    async def _reserve_binding(
         self, request: PortRequest, taken: PortIndex, endpoint: Endpoint
-    ) -> list[Mapping]:
+    ) -> list[PortMapping]:
         """Pick a host port for one binding and reserve it on every address it covers.
 
         Runs under PORTS_LOCK and may try every port of a range (or of the ephemeral range),
@@ -1159,7 +1162,7 @@ class NetworkDriver:
         single = not request.ephemeral and binding.host_port == binding.host_port_end
         # Why the last port tried could not be had: published by pybridge, or held by a
         # host process.
-        last: Mapping | tuple[PortInUse, int] | None = None
+        last: PortMapping | tuple[PortInUse, int] | None = None
         for tried, port in enumerate(
             request.candidates(self.ephemeral_range, self._ephemeral_cursor)
         ):
@@ -1172,7 +1175,7 @@ class NetworkDriver:
                 if single:
                     break
                 continue
-            reserved: list[Mapping] = []
+            reserved: list[PortMapping] = []
             try:
                 for mapping in mappings:
                     self.host_ports.reserve(mapping)
@@ -1200,8 +1203,8 @@ class NetworkDriver:
             f"for container port {binding.port}" + (f" (last: {reason})" if reason else "")
         )
 
-    async def _why_taken(self, proto: str, last: Mapping | tuple[PortInUse, int]) -> Conflict:
-        if isinstance(last, Mapping):
+    async def _why_taken(self, proto: str, last: PortMapping | tuple[PortInUse, int]) -> Conflict:
+        if isinstance(last, PortMapping):
             return Conflict(
                 f"host port {last.host_text()}/{last.proto} is already published by "
                 f"pybridge for {self._owner_of(last)}"
@@ -1211,7 +1214,7 @@ class NetworkDriver:
         who = holder or f"another program on the host (`ss -ltunp 'sport = :{port}'` names it)"
         return Conflict(f"{in_use} by {who}")
 
-    def _owner_of(self, mapping: Mapping) -> str:
+    def _owner_of(self, mapping: PortMapping) -> str:
         for endpoint in self.endpoints.values():
             if mapping in endpoint.mappings:
                 return f"endpoint {short(endpoint.id)} on network {short(endpoint.network_id)}"

@@ -93,7 +93,7 @@ async def _path_iptables_backend() -> Backend | None:
     return None
 
 
-class Firewall:
+class IptablesFirewall:
     """Applies the rendered rule set; serialises applies so batches never interleave."""
 
     def __init__(self, backend: Backend, *, ipv6: bool = True, netns: str | None = None) -> None:

@@ -11,7 +11,7 @@ import resource
 import socket
 
 from .errors import Conflict, HostError
-from .model import Mapping
+from .model import PortMapping
 from .process import run
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ _UNSUPPORTED = frozenset(
 )
 
 
-def _key(m: Mapping) -> Key:
+def _key(m: PortMapping) -> Key:
     return (m.proto, m.family, str(m.host_ip or ""), m.host_port)
 
 
@@ -44,7 +44,7 @@ class OutOfDescriptors(HostError):
     """pybridge cannot open another socket: a file descriptor limit, or kernel memory."""
 
 
-def cannot_hold(m: Mapping, err: OSError) -> HostError:
+def cannot_hold(m: PortMapping, err: OSError) -> HostError:
     """The error for a host port pybridge could not open a socket for."""
     where = f"{m.host_text()}/{m.proto}"
     if err.errno == errno.EMFILE:
@@ -67,12 +67,12 @@ def cannot_hold(m: Mapping, err: OSError) -> HostError:
     return HostError(f"cannot hold host port {where}: {err.strerror or err}")
 
 
-class HostPorts:
+class SocketReservations:
     def __init__(self) -> None:
         self._held: dict[Key, socket.socket | None] = {}
         self._unsupported: set[str] = set()
 
-    def reserve(self, m: Mapping) -> None:
+    def reserve(self, m: PortMapping) -> None:
         """Hold ``m``'s host port. Raises PortInUse if another socket has it."""
         key = _key(m)
         if key in self._held:
@@ -105,12 +105,12 @@ class HostPorts:
             raise cannot_hold(m, err) from None
         self._held[key] = sock
 
-    def release(self, m: Mapping) -> None:
+    def release(self, m: PortMapping) -> None:
         sock = self._held.pop(_key(m), None)
         if sock is not None:
             sock.close()
 
-    def held(self, m: Mapping) -> bool:
+    def held(self, m: PortMapping) -> bool:
         return _key(m) in self._held
 
     def close(self) -> None:

@@ -57,9 +57,10 @@ def describe_route(route: HostRoute) -> str:
 
 
 @dataclass(frozen=True)
-class PendingAnswer:
-    """An IPAM answer recorded before it was sent and not (yet) known to have reached Docker,
-    with what identifies the request it answered."""
+class UnacknowledgedAnswer:
+    """An IPAM answer recorded before it was sent and not (yet) known to have reached Docker
+    (acknowledged), with what identifies the request it answered. The store keeps this flag in
+    its ``pending`` column."""
 
     kind: AnswerKind  # gateway | specific (an address was asked for) | dynamic
     # time.time() when recorded; None for rows of an older pybridge, which count as expired.
@@ -104,17 +105,17 @@ class Pool:
     cursor: int = 0
     # Chosen by pybridge (no --subnet was given).
     auto: bool = False
-    # Crash recovery: allocations whose answer was not known to have reached Docker when
-    # pybridge stopped. Docker resends a request that died with the plugin, and that retry
-    # (the same request, within REPLAY_WINDOW) gets the same answer instead of a second
-    # allocation. Nothing else may get it: Docker may hold the address already.
-    replayable: dict[int, PendingAnswer] = field(default_factory=dict)
+    # Crash recovery: allocations whose answer was not acknowledged (known to have reached
+    # Docker) when pybridge stopped, still within REPLAY_WINDOW. Docker resends a request that
+    # died with the plugin, and that retry (the same request) gets the same answer instead of
+    # a second allocation. Nothing else may get it: Docker may hold the address already.
+    unacknowledged: dict[int, UnacknowledgedAnswer] = field(default_factory=dict)
     # Past the window (or in use by a known endpoint): never replayed, still allocated.
     # Dynamic ones no endpoint ever used may be released later (IpamDriver.release_unclaimed).
-    unclaimed: dict[int, PendingAnswer] = field(default_factory=dict)
-    # The pool itself was never acknowledged to Docker before pybridge stopped (and when it
-    # was recorded; None: an older pybridge's row, expired).
-    replayable_pool: bool = False
+    unclaimed: dict[int, UnacknowledgedAnswer] = field(default_factory=dict)
+    # The pool itself was not acknowledged when pybridge stopped (and when it was recorded;
+    # None: an older pybridge's row, expired).
+    pool_unacknowledged: bool = False
     pool_recorded_at: float | None = None
 
     @property
@@ -136,7 +137,7 @@ class Pool:
         cls,
         data: dict[str, Any],
         allocated: Iterable[str] = (),
-        unacknowledged: dict[str, PendingAnswer] | None = None,
+        unacknowledged: dict[str, UnacknowledgedAnswer] | None = None,
         pool_unacknowledged: bool = False,
         pool_recorded_at: float | None = None,
     ) -> Pool:
@@ -148,28 +149,28 @@ class Pool:
             allocated={int(ipaddress.ip_address(a)) for a in allocated},
             cursor=int(data.get("cursor", 0)),
             auto=bool(data.get("auto", False)),
-            replayable={
+            unacknowledged={
                 int(ipaddress.ip_address(a)): answer for a, answer in (unacknowledged or {}).items()
             },
-            replayable_pool=pool_unacknowledged,
+            pool_unacknowledged=pool_unacknowledged,
             pool_recorded_at=pool_recorded_at,
         )
 
-    def pool_replayable(self, now: float) -> bool:
+    def pool_may_be_replayed(self, now: float) -> bool:
         """Whether a RequestPool now may be Docker's retry of the one that created this pool."""
-        if not self.replayable_pool or self.allocated:
+        if not self.pool_unacknowledged or self.allocated:
             return False
         if self.pool_recorded_at is None or not 0 <= now - self.pool_recorded_at <= REPLAY_WINDOW:
-            self.replayable_pool = False
+            self.pool_unacknowledged = False
             return False
         return True
 
-    def expire_replays(self, now: float) -> list[tuple[IPAddress, PendingAnswer]]:
-        """Move answers past the retry window from ``replayable`` to ``unclaimed``; returns
+    def expire_replays(self, now: float) -> list[tuple[IPAddress, UnacknowledgedAnswer]]:
+        """Move answers past the retry window from ``unacknowledged`` to ``unclaimed``; returns
         them (each is returned once, so the caller logs it once)."""
-        expired = [(v, a) for v, a in self.replayable.items() if a.expired(now)]
+        expired = [(v, a) for v, a in self.unacknowledged.items() if a.expired(now)]
         for value, answer in expired:
-            del self.replayable[value]
+            del self.unacknowledged[value]
             self.unclaimed[value] = answer
         return [(ipaddress.ip_address(v), a) for v, a in sorted(expired)]
 
@@ -178,7 +179,7 @@ class Pool:
         dropped = []
         for address in in_use:
             value = int(address)
-            if self.replayable.pop(value, None) or self.unclaimed.pop(value, None):
+            if self.unacknowledged.pop(value, None) or self.unclaimed.pop(value, None):
                 dropped.append(address)
         return dropped
 
@@ -211,11 +212,11 @@ class Pool:
     ) -> IPAddress | None:
         """The answer to Docker's retry of a request answered just before pybridge stopped, if
         this request is one (same kind, same address or endpoint name, within the window)."""
-        for value, answer in sorted(self.replayable.items()):
+        for value, answer in sorted(self.unacknowledged.items()):
             if answer.expired(now):
                 continue
             if answer.answers(value, requested, gateway=gateway, endpoint_name=endpoint_name):
-                del self.replayable[value]
+                del self.unacknowledged[value]
                 return ipaddress.ip_address(value)
         return None
 
@@ -277,7 +278,7 @@ class Pool:
 
     def release(self, address: IPAddress) -> bool:
         """Release an address; returns False if it was not allocated (release is idempotent)."""
-        self.replayable.pop(int(address), None)
+        self.unacknowledged.pop(int(address), None)
         self.unclaimed.pop(int(address), None)
         if int(address) in self.allocated:
             self.allocated.discard(int(address))

@@ -39,7 +39,7 @@ from .protocol import (
     RequestAddressRequest,
     RequestPoolRequest,
 )
-from .store import Store
+from .store import SqliteStore
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def _no_endpoints(pool_id: str) -> None:
 class IpamDriver:
     def __init__(
         self,
-        store: Store,
+        store: SqliteStore,
         routes: RoutesProvider,
         endpoint_addresses: EndpointAddresses = _no_endpoints,
         clock: Callable[[], float] = time.time,
@@ -102,7 +102,7 @@ class IpamDriver:
         """Drop answers waiting for Docker's retry that a known endpoint uses (Docker has them;
         recorded as acknowledged), and set aside those past the retry window (still
         allocated: a leak is safe, a duplicate is not)."""
-        if not pool.replayable and not pool.unclaimed:
+        if not pool.unacknowledged and not pool.unclaimed:
             return
         for address in pool.drop_replays(self._endpoint_addresses(pool.id) or ()):
             log.info("address %s in pool %s: Docker has it (an endpoint uses it)", address, pool.id)
@@ -173,17 +173,17 @@ class IpamDriver:
             return None
         now = self._clock()
         for pool in self.pools.values():
-            if not pool.pool_replayable(now):
+            if not pool.pool_may_be_replayed(now):
                 continue
             if (pool.subnet, pool.v6, pool.sub_range) == (req.pool, req.v6, req.sub_pool):
-                pool.replayable_pool = False
+                pool.pool_unacknowledged = False
                 return pool
         return None
 
     def _ack(self, pool_id: str, address: str | None) -> Ack:
         async def acknowledge() -> None:
             # The answer is written to Docker's connection: a crash from here on leaves an
-            # answer Docker has but pybridge does not know it has (see Pool.replayable).
+            # answer Docker has but pybridge does not know it has (see Pool.unacknowledged).
             await faults.point("ipam.pool.sent" if address is None else "ipam.address.sent")
             await self.store.acknowledge(pool_id, address)
 
@@ -211,11 +211,11 @@ class IpamDriver:
                     f"address {req.address} is not an IPv{pool.subnet.version} address "
                     f"of {pool.subnet}"
                 )
-            if pool.replayable_pool:
+            if pool.pool_unacknowledged:
                 # Docker asks for addresses of a pool only once it has the pool.
-                pool.replayable_pool = False
+                pool.pool_unacknowledged = False
                 await self.store.acknowledge(pool.id, None)
-            if pool.replayable:
+            if pool.unacknowledged:
                 await self._settle_replays(pool)
             replayed = pool.claim_replay(
                 req.address,

@@ -48,7 +48,7 @@ class PortBinding:
 
 
 @dataclass(frozen=True)
-class Mapping:
+class PortMapping:
     """One published port: host address (None = every address of the family) -> container."""
 
     proto: Protocol
@@ -86,7 +86,7 @@ class Mapping:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Mapping:
+    def from_dict(cls, data: dict[str, Any]) -> PortMapping:
         return cls(
             proto=data["proto"],
             host_ip=ipaddress.ip_address(data["host_ip"]) if data.get("host_ip") else None,
@@ -284,7 +284,7 @@ class Endpoint:
     exposed_ports: tuple[tuple[Protocol, int], ...] = ()
     state: State = "ready"
     # Host ports currently published for this endpoint (while it is a gateway endpoint).
-    mappings: tuple[Mapping, ...] = ()
+    mappings: tuple[PortMapping, ...] = ()
     created_at: float = 0.0  # time.time(); lets the collector find endpoints never joined
     # The mappings were made while another endpoint of the container was its gateway for the
     # other family (Docker's no_proxy_6to4), so that family's bindings were left to it.
@@ -329,7 +329,7 @@ class Endpoint:
             port_bindings=tuple(PortBinding.from_dict(b) for b in data.get("port_bindings", [])),
             exposed_ports=tuple((p, int(n)) for p, n in data.get("exposed_ports", [])),
             state=data.get("state", "ready"),
-            mappings=tuple(Mapping.from_dict(mp) for mp in data.get("mappings", [])),
+            mappings=tuple(PortMapping.from_dict(mp) for mp in data.get("mappings", [])),
             created_at=float(data.get("created_at", 0.0)),
             other_gateway=bool(data.get("other_gateway", False)),
         )

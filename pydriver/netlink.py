@@ -423,7 +423,6 @@ class _NetlinkCore:
                 raise HostError(f"could not delete interface {name}: {_describe(err)}") from None
         return True
 
-
     # -- connection tracking -------------------------------------------------------------------
 
     async def _ct(self) -> AsyncConntrack:
@@ -484,7 +483,7 @@ class _NetlinkCore:
         return len(doomed)
 
 
-class _Lane:
+class _NetlinkThread:
     """One netlink socket (a _NetlinkCore) on its own thread and event loop."""
 
     def __init__(self, netns: str | None, name: str) -> None:
@@ -526,8 +525,8 @@ class Netlink:
 
     def __init__(self, netns: str | None = None) -> None:
         self._netns = netns
-        self._main = _Lane(netns, "pydriver-netlink")
-        self._removals = _Lane(netns, "pydriver-netlink-del")
+        self._main = _NetlinkThread(netns, "pydriver-netlink")
+        self._removals = _NetlinkThread(netns, "pydriver-netlink-del")
         self._core = self._main.core
 
     async def _call(self, coro: Coroutine[Any, Any, T]) -> T:

@@ -12,12 +12,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from .errors import InvalidRequest
-from .model import IPAddress, Mapping, PortBinding
+from .model import IPAddress, PortBinding, PortMapping
 
 __all__ = [
     "DEFAULT_EPHEMERAL_RANGE",
-    "Mapping",
     "PortIndex",
+    "PortMapping",
     "PortRequest",
     "find_conflict",
     "overlaps",
@@ -26,7 +26,7 @@ __all__ = [
 DEFAULT_EPHEMERAL_RANGE = (32768, 60999)
 
 
-def overlaps(a: Mapping, b: Mapping) -> bool:
+def overlaps(a: PortMapping, b: PortMapping) -> bool:
     """Whether two mappings claim the same host port (same protocol, family and address, or a
     wildcard on either side)."""
     return (
@@ -60,9 +60,9 @@ class PortRequest:
         for step in range(size):
             yield low + (offset + step) % size
 
-    def mappings(self, host_port: int) -> list[Mapping]:
+    def mappings(self, host_port: int) -> list[PortMapping]:
         return [
-            Mapping(self.binding.proto, host_ip, host_port, container_ip, self.binding.port)
+            PortMapping(self.binding.proto, host_ip, host_port, container_ip, self.binding.port)
             for host_ip, container_ip in self.targets
         ]
 
@@ -128,16 +128,16 @@ class PortIndex:
     with thousands of ports published (`-p 20000-22999:20000-22999`) as with one, where a
     scan of every published port for every new one would stall the event loop for seconds."""
 
-    def __init__(self, mappings: Iterable[Mapping] = ()) -> None:
-        self._by_port: dict[tuple[str, int, int], list[Mapping]] = {}
+    def __init__(self, mappings: Iterable[PortMapping] = ()) -> None:
+        self._by_port: dict[tuple[str, int, int], list[PortMapping]] = {}
         for mapping in mappings:
             self.add(mapping)
 
-    def add(self, mapping: Mapping) -> None:
+    def add(self, mapping: PortMapping) -> None:
         key = (mapping.proto, mapping.family, mapping.host_port)
         self._by_port.setdefault(key, []).append(mapping)
 
-    def conflict(self, candidate: Iterable[Mapping]) -> Mapping | None:
+    def conflict(self, candidate: Iterable[PortMapping]) -> PortMapping | None:
         """A published mapping that claims the same host port as one of ``candidate``."""
         for mine in candidate:
             for other in self._by_port.get((mine.proto, mine.family, mine.host_port), ()):
@@ -146,5 +146,7 @@ class PortIndex:
         return None
 
 
-def find_conflict(candidate: Iterable[Mapping], taken: Iterable[Mapping]) -> Mapping | None:
+def find_conflict(
+    candidate: Iterable[PortMapping], taken: Iterable[PortMapping]
+) -> PortMapping | None:
     return PortIndex(taken).conflict(candidate)

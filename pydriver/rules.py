@@ -76,7 +76,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .model import Family, IPAddress, IPNetwork, Mapping
+from .model import Family, IPAddress, IPNetwork, PortMapping
 
 RAW_CHAIN = "PYBRIDGE-PREROUTING"
 FORWARD_CHAIN = "PYBRIDGE-FORWARD"
@@ -142,7 +142,7 @@ class NetworkRules:
     internal: bool = False
     icc: bool = True
     masquerade: bool = True
-    mappings: tuple[Mapping, ...] = ()
+    mappings: tuple[PortMapping, ...] = ()
     # The gateway addresses on the bridge (both families): all an internal network may reach
     # of the host.
     gateways: tuple[IPAddress, ...] = ()
@@ -239,7 +239,7 @@ def render_chain_rules(networks: Sequence[NetworkRules], family: Family) -> dict
     return {"filter": fwd, "mangle": iso, "nat": dnat + post, "raw": raw}
 
 
-def _dnat_rule(m: Mapping) -> str:
+def _dnat_rule(m: PortMapping) -> str:
     dest = ""
     if m.host_ip is not None:
         dest = f"-d {m.host_ip}/{32 if m.family == 4 else 128} "

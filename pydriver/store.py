@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 from .errors import HostError
-from .ipam import AnswerKind, PendingAnswer, Pool
+from .ipam import AnswerKind, Pool, UnacknowledgedAnswer
 from .model import Endpoint, IPNetwork, Network
 
 T = TypeVar("T")
@@ -70,10 +70,11 @@ CREATE TABLE IF NOT EXISTS quarantine (
     data TEXT NOT NULL, error TEXT NOT NULL, time REAL NOT NULL);
 """
 
-# "pending" marks an IPAM answer that was written before it was sent and not yet known to
-# have reached Docker; with when it was recorded and what identifies the request (kind,
-# endpoint name), so only Docker's retry of that request gets it again: see
-# ipam.Pool.replayable. Rows from before version 3 have no time and count as expired.
+# The "pending" columns mark an IPAM answer that is unacknowledged: written before it was sent
+# and not yet known to have reached Docker (they keep their name: renaming a column needs a
+# migration). With when it was recorded and what identifies the request (kind, endpoint
+# name), so only Docker's retry of that request gets it again: see ipam.Pool.unacknowledged.
+# Rows from before version 3 have no time and count as expired.
 _MIGRATIONS = {
     2: [
         "ALTER TABLE pools ADD COLUMN pending INTEGER NOT NULL DEFAULT 0",
@@ -145,17 +146,17 @@ def _text(raw: bytes) -> str:
 
 
 def _addresses_of(
-    db: sqlite3.Connection, raw_pool_id: bytes, *, pending: bool = False
+    db: sqlite3.Connection, raw_pool_id: bytes, *, answers: bool = False
 ) -> list[Any]:
-    """The addresses of a pool, as bytes, each in a 1-tuple; with ``pending``, as (address,
-    pending, kind, recorded_at, endpoint_name), texts as bytes (columns of schema 3: a
+    """The addresses of a pool, as bytes, each in a 1-tuple; with ``answers``, as (address,
+    unacknowledged, kind, recorded_at, endpoint_name), texts as bytes (columns of schema 3: a
     read-only reader of an older database asks for the address only). By the text of its id
     when it is text, which uses the index (a CAST in the condition would read every address
     of every pool)."""
     select = (
         "SELECT CAST(address AS BLOB), pending, CAST(kind AS BLOB), recorded_at, "
         "CAST(endpoint_name AS BLOB) FROM addresses WHERE "
-        if pending
+        if answers
         else "SELECT CAST(address AS BLOB) FROM addresses WHERE "
     )
     try:
@@ -377,7 +378,7 @@ class SyncStore:
     # -- IPAM ----------------------------------------------------------------------------------
 
     def load_pools(self) -> list[Pool]:
-        """Pools with their addresses. Answers still pending come back as replayable.
+        """Pools with their addresses, and their unacknowledged answers.
 
         A pool that cannot be read, or one of whose addresses cannot, is set aside with all
         its addresses: a pool serving without a trustworthy list of what it handed out could
@@ -388,29 +389,29 @@ class SyncStore:
             "SELECT rowid, CAST(id AS BLOB), CAST(data AS BLOB), pending, recorded_at FROM pools "
             "ORDER BY id"
         ).fetchall()
-        for rowid, raw_key, raw_data, pool_pending, pool_recorded_at in rows:
-            addresses = _addresses_of(self.db, raw_key, pending=True)
+        for rowid, raw_key, raw_data, pool_unacknowledged, pool_recorded_at in rows:
+            addresses = _addresses_of(self.db, raw_key, answers=True)
 
             def decode(
                 data: dict[str, Any],
                 rows: list[Any] = addresses,
-                pending_pool: Any = pool_pending,
+                unacknowledged_pool: Any = pool_unacknowledged,
                 pool_at: Any = pool_recorded_at,
             ) -> Pool:
                 listed = [
-                    (a.decode(), pending, kind.decode(), at, name.decode() if name else None)
-                    for a, pending, kind, at, name in rows
+                    (a.decode(), unacked, kind.decode(), at, name.decode() if name else None)
+                    for a, unacked, kind, at, name in rows
                 ]
                 return Pool.from_dict(
                     data,
                     [row[0] for row in listed],
                     {
-                        a: PendingAnswer(_kind(kind), at, name)
-                        for a, pending, kind, at, name in listed
-                        if pending
+                        a: UnacknowledgedAnswer(_kind(kind), at, name)
+                        for a, unacked, kind, at, name in listed
+                        if unacked
                     },
-                    bool(pending_pool),
-                    pool_at if pending_pool else None,
+                    bool(unacknowledged_pool),
+                    pool_at if unacknowledged_pool else None,
                 )
 
             try:
@@ -457,7 +458,7 @@ class SyncStore:
         )
 
     def add_address(
-        self, pool_id: str, pool_data: dict[str, Any], address: str, answer: PendingAnswer
+        self, pool_id: str, pool_data: dict[str, Any], address: str, answer: UnacknowledgedAnswer
     ) -> None:
         # The pool row carries the allocation cursor, so both change in one transaction.
         self._tx(
@@ -630,7 +631,7 @@ def unreadable(db: sqlite3.Connection) -> list[SetAside]:
     return found
 
 
-class Store:
+class SqliteStore:
     """Async facade: runs every SyncStore call on one dedicated thread."""
 
     def __init__(self, state_dir: Path) -> None:
@@ -696,10 +697,10 @@ class Store:
         recorded_at: float | None = None,
         endpoint_name: str | None = None,
     ) -> None:
-        """Record an answer about to be sent (pending until acknowledged), with when (now,
+        """Record an answer about to be sent (unacknowledged until acknowledged), with when (now,
         unless given) and the endpoint name of the request."""
         at = time.time() if recorded_at is None else recorded_at
-        answer = PendingAnswer(kind, at, endpoint_name)
+        answer = UnacknowledgedAnswer(kind, at, endpoint_name)
         await self.call(self._sync.add_address, pool.id, pool.to_dict(), address, answer)
 
     async def acknowledge(self, pool_id: str, address: str | None = None) -> None:

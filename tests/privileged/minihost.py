@@ -19,10 +19,10 @@ from types import TracebackType
 
 from pydriver import protocol as p
 from pydriver.driver import NetworkDriver
-from pydriver.firewall import Backend, Firewall, tool
-from pydriver.model import Mapping
+from pydriver.firewall import Backend, IptablesFirewall, tool
+from pydriver.model import PortMapping
 from pydriver.netlink import Netlink
-from pydriver.store import Store
+from pydriver.store import SqliteStore
 from tests.hostenv import require_root, run
 from tests.privileged.netns_sysctl import NetnsSysctl
 
@@ -71,10 +71,10 @@ def _hex() -> str:
 
 
 class NoHostPorts:
-    def reserve(self, mapping: Mapping) -> None:
+    def reserve(self, mapping: PortMapping) -> None:
         return None
 
-    def release(self, mapping: Mapping) -> None:
+    def release(self, mapping: PortMapping) -> None:
         return None
 
 
@@ -106,7 +106,7 @@ class MiniHost:
     namespaces: list[str] = field(default_factory=list)
     servers: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _nl: Netlink | None = None
-    _store: Store | None = None
+    _store: SqliteStore | None = None
     _driver: NetworkDriver | None = None
 
     @property
@@ -132,11 +132,11 @@ class MiniHost:
             ), "these tests need br_netfilter (modprobe br_netfilter)"
             self._nl = Netlink(netns=self.ns)
             await self._nl.open()
-            self._store = Store(self.workdir / f"state-{self.ns}")
+            self._store = SqliteStore(self.workdir / f"state-{self.ns}")
             self._driver = NetworkDriver(
                 self._store,
                 self._nl,
-                Firewall(self.backend, netns=self.ns),
+                IptablesFirewall(self.backend, netns=self.ns),
                 NetnsSysctl(self.ns),
                 host_ports=NoHostPorts(),
             )

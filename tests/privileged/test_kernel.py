@@ -17,10 +17,10 @@ import pytest
 from pydriver import protocol as p
 from pydriver.driver import NetworkDriver
 from pydriver.errors import BridgeFull, Conflict
-from pydriver.firewall import Backend, Firewall, tool
+from pydriver.firewall import Backend, IptablesFirewall, tool
 from pydriver.netlink import MAX_BRIDGE_PORTS, Netlink
 from pydriver.rules import NetworkRules, jumps_present, parse_save, pybridge_rules_in
-from pydriver.store import Store
+from pydriver.store import SqliteStore
 from tests.hostenv import require_root, run
 from tests.privileged.netns_sysctl import NetnsSysctl
 
@@ -103,7 +103,7 @@ async def test_firewall_apply_is_atomic_idempotent_and_cleans_up(
     in_ns(netns, tool(backend, 4), "-N", "DOCKER-USER")
     in_ns(netns, tool(backend, 4), "-A", "FORWARD", "-j", "DOCKER-USER")
     in_ns(netns, tool(backend, 4), "-A", "FORWARD", "-j", "ACCEPT")
-    firewall = Firewall(backend, netns=netns)
+    firewall = IptablesFirewall(backend, netns=netns)
     nets = [
         NetworkRules(
             "pyb-one",
@@ -166,9 +166,11 @@ async def test_driver_datapath_with_forward_drop(
     in_ns(netns, "sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1", check=False)
     containers = [_netns(), _netns()]
     outside = _netns()
-    store = Store(tmp_path)
+    store = SqliteStore(tmp_path)
     try:
-        driver = NetworkDriver(store, nl, Firewall(backend, netns=netns), NetnsSysctl(netns))
+        driver = NetworkDriver(
+            store, nl, IptablesFirewall(backend, netns=netns), NetnsSysctl(netns)
+        )
         network_id = _hex()
         await driver.create_network(
             p.parse_create_network(

@@ -11,18 +11,18 @@ import pytest
 from pydriver.driver import NetworkDriver
 from pydriver.ipamdriver import IpamDriver
 from pydriver.model import IPAddress
-from pydriver.store import Store
+from pydriver.store import SqliteStore
 
 from .fakes import FakeFirewall, FakeHostPorts, FakeKernel, FakeSysctl
 
 
 def make_driver(
-    store: Store,
+    store: SqliteStore,
     kernel: FakeKernel,
     firewall: FakeFirewall,
     sysctl: FakeSysctl,
     host_ports: FakeHostPorts,
-    eager: bool,
+    inline_background: bool,
 ) -> tuple[NetworkDriver, IpamDriver]:
     """Both drivers, wired to each other as cli.serve does."""
 
@@ -36,7 +36,7 @@ def make_driver(
         sysctl,
         host_ports=host_ports,
         port_holder=host_ports.holder,
-        eager=eager,
+        inline_background=inline_background,
         release_addresses=release_addresses,
     )
     # A conflict with a live endpoint is looked at again for a moment (a dying container's
@@ -52,23 +52,25 @@ class Env:
     kernel: FakeKernel
     firewall: FakeFirewall
     sysctl: FakeSysctl
-    store: Store
+    store: SqliteStore
     driver: NetworkDriver
     ipam: IpamDriver
     host_ports: FakeHostPorts
-    _closed: list[Store] = field(default_factory=list)
+    _closed: list[SqliteStore] = field(default_factory=list)
 
-    async def restart(self, kernel: FakeKernel | None = None, eager: bool = True) -> NetworkDriver:
-        """A daemon restart (or crash): a fresh Store, NetworkDriver and IpamDriver on the same
+    async def restart(
+        self, kernel: FakeKernel | None = None, inline_background: bool = True
+    ) -> NetworkDriver:
+        """A daemon restart (or crash): a fresh SqliteStore, NetworkDriver and IpamDriver on the same
         state directory, loaded but not reconciled. ``kernel`` replaces the host (a reboot);
-        ``eager=False`` leaves work to the background, as the service does."""
+        ``inline_background=False`` leaves work to the background, as the service does."""
         self.close()
         if kernel is not None:
             self.kernel = kernel
-        self.store = Store(self.state_dir)
+        self.store = SqliteStore(self.state_dir)
         self.host_ports = FakeHostPorts(busy=self.host_ports.busy)
         self.driver, self.ipam = make_driver(
-            self.store, self.kernel, self.firewall, self.sysctl, self.host_ports, eager
+            self.store, self.kernel, self.firewall, self.sysctl, self.host_ports, inline_background
         )
         await self.driver.load()
         await self.ipam.load()
@@ -86,9 +88,9 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     kernel = FakeKernel()
     firewall = FakeFirewall()
     sysctl = FakeSysctl()
-    store = Store(state_dir)
+    store = SqliteStore(state_dir)
     host_ports = FakeHostPorts()
-    driver, ipam = make_driver(store, kernel, firewall, sysctl, host_ports, eager=True)
+    driver, ipam = make_driver(store, kernel, firewall, sysctl, host_ports, inline_background=True)
     await driver.load()
     await ipam.load()
     environment = Env(state_dir, kernel, firewall, sysctl, store, driver, ipam, host_ports)

@@ -1,5 +1,6 @@
-"""In-memory fakes of the ports NetworkDriver talks through (Kernel, FirewallPort, SysctlPort),
-plus helpers that build Docker-shaped request bodies with 64-hex ids."""
+"""In-memory fakes of the interfaces NetworkDriver talks through (Kernel, Firewall,
+KernelSettings, PortReservations), plus helpers that build Docker-shaped request bodies with
+64-hex ids."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 from pydriver.errors import Conflict, DriverError, HostError
 from pydriver.hostports import PortInUse
 from pydriver.ipam import HostRoute
-from pydriver.model import Family, InterfaceSetting, IPAddress, IPInterface, Mapping
+from pydriver.model import Family, InterfaceSetting, IPAddress, IPInterface, PortMapping
 from pydriver.netlink import Link
 from pydriver.protocol import (
     ENABLE_IPV6,
@@ -325,15 +326,15 @@ class FakeSysctl:
 class FakeHostPorts:
     """Host port reservations; ``busy[(proto, port)] = holder`` simulates a host process."""
 
-    held: set[Mapping] = field(default_factory=set)
+    held: set[PortMapping] = field(default_factory=set)
     busy: dict[tuple[str, int], str] = field(default_factory=dict)
 
-    def reserve(self, mapping: Mapping) -> None:
+    def reserve(self, mapping: PortMapping) -> None:
         if (mapping.proto, mapping.host_port) in self.busy:
             raise PortInUse(f"host port {mapping.host_text()}/{mapping.proto} is already in use")
         self.held.add(mapping)
 
-    def release(self, mapping: Mapping) -> None:
+    def release(self, mapping: PortMapping) -> None:
         self.held.discard(mapping)
 
     async def holder(self, proto: str, port: int) -> str | None:

@@ -10,7 +10,7 @@ import pytest
 
 from pydriver import protocol as p
 from pydriver.errors import DriverError, HostError
-from pydriver.fwsync import FirewallWriter
+from pydriver.firewall_writer import FirewallWriter
 from pydriver.naming import host_veth_name
 from pydriver.rules import NetworkRules
 
@@ -105,7 +105,7 @@ async def test_stopping_the_writer_releases_its_waiters() -> None:
 
 
 async def test_production_mode_answers_before_background_work(env: Env) -> None:
-    driver = await env.restart(eager=False)
+    driver = await env.restart(inline_background=False)
     await driver.create_network(p.parse_create_network(create_network_body(NET)))
     await driver.create_endpoint(p.parse_create_endpoint(create_endpoint_body(NET, EP)))
     await driver.join(p.parse_join(join_body(NET, EP)))

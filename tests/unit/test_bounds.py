@@ -17,7 +17,7 @@ from pydriver.errors import Conflict, Exhausted
 from pydriver.ipam import HostRoute, Pool, choose_subnet, choose_v6_subnet, v6_candidates
 from pydriver.ipamdriver import LOCAL_ADDRESS_SPACE, IpamDriver
 from pydriver.model import IPNetwork
-from pydriver.store import Store
+from pydriver.store import SqliteStore
 
 from .conftest import Env
 from .fakes import create_endpoint_body, create_network_body, hexid, join_body
@@ -99,7 +99,7 @@ async def ipam(tmp_path: Path) -> AsyncIterator[tuple[IpamDriver, list[HostRoute
     async def provider() -> list[HostRoute]:
         return routes
 
-    store = Store(tmp_path / "state")
+    store = SqliteStore(tmp_path / "state")
     driver = IpamDriver(store, provider)
     await driver.load()
     driver.ula_prefix = ULA
@@ -223,18 +223,18 @@ def test_finding_which_endpoints_publish_wanted_ports_is_quick() -> None:
     """At Program time pybridge looks for dead endpoints holding the ports asked for: 6000
     mappings against 3000 bindings (dockerd sends a range port by port) must not stall."""
     from pydriver.driver import _publishes_any
-    from pydriver.model import Mapping, PortBinding
+    from pydriver.model import PortBinding, PortMapping
 
     container = ipaddress.ip_address("10.50.0.2")
-    mappings = [Mapping("tcp", None, 30000 + i, container, 80) for i in range(6000)]
+    mappings = [PortMapping("tcp", None, 30000 + i, container, 80) for i in range(6000)]
     bindings = [PortBinding("tcp", 80, None, 20000 + i, 20000 + i) for i in range(3000)]
     started = time.perf_counter()
     assert not _publishes_any(mappings, bindings)
-    assert _publishes_any([*mappings, Mapping("tcp", None, 22999, container, 80)], bindings)
-    assert not _publishes_any([Mapping("udp", None, 22999, container, 80)], bindings)
+    assert _publishes_any([*mappings, PortMapping("tcp", None, 22999, container, 80)], bindings)
+    assert not _publishes_any([PortMapping("udp", None, 22999, container, 80)], bindings)
     assert time.perf_counter() - started < 0.1
     # Ranges and overlaps.
     spans = [PortBinding("tcp", 80, None, 100, 200), PortBinding("tcp", 80, None, 150, 300)]
-    assert _publishes_any([Mapping("tcp", None, 300, container, 80)], spans)
-    assert not _publishes_any([Mapping("tcp", None, 301, container, 80)], spans)
-    assert not _publishes_any([Mapping("tcp", None, 99, container, 80)], spans)
+    assert _publishes_any([PortMapping("tcp", None, 300, container, 80)], spans)
+    assert not _publishes_any([PortMapping("tcp", None, 301, container, 80)], spans)
+    assert not _publishes_any([PortMapping("tcp", None, 99, container, 80)], spans)

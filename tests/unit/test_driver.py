@@ -1099,7 +1099,7 @@ async def test_a_full_bridge_waits_for_background_removals_then_retries(
         return await real(*args, **kwargs)
 
     monkeypatch.setattr(env.kernel, "ensure_veth", full_once)
-    # A veth being removed in the background (the unit driver is otherwise eager).
+    # A veth being removed in the background (the unit driver otherwise runs background work inline).
     removal = asyncio.create_task(asyncio.sleep(0.01))
     env.driver._background.add(removal)
     removal.add_done_callback(env.driver._background.discard)
@@ -1126,7 +1126,7 @@ async def test_a_full_bridge_is_refused_in_plain_words(
 async def test_a_bridge_name_is_reused_only_once_the_old_bridge_is_gone(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    await env.restart(eager=False)  # removed networks' bridges go in the background
+    await env.restart(inline_background=False)  # removed networks' bridges go in the background
     await create_network(env.driver, NET_A, generic={BRIDGE_NAME: "pyb-shared"})
     release = asyncio.Event()
     real_delete = env.kernel.delete_link
@@ -1167,7 +1167,7 @@ async def test_delete_network_answers_once_its_rules_are_gone(
         await real_apply(networks, force=force)
 
     monkeypatch.setattr(env.firewall, "apply", slow_apply)
-    await env.restart(eager=False)  # as the service runs
+    await env.restart(inline_background=False)  # as the service runs
     await create_network(env.driver, NET_A)
     await create_network(env.driver, NET_B, "10.51.0.0/24", "10.51.0.1/24")
     await create_endpoint(env.driver, NET_A, EP_1, ports=True)

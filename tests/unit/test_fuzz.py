@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from pydriver.driver import NetworkDriver
 from pydriver.ipamdriver import IpamDriver
 from pydriver.server import Api, make_app
-from pydriver.store import Store, SyncStore
+from pydriver.store import SqliteStore, SyncStore
 from tests.fuzzing import BODIES, RAW_BODIES, ROUTES, check_reply
 from tests.hostenv import post_raw
 
@@ -40,7 +40,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     holder: dict[str, object] = {}
 
     async def start() -> web.AppRunner:
-        store = Store(state_dir)
+        store = SqliteStore(state_dir)
         host_ports = FakeHostPorts()
         driver = NetworkDriver(
             store,
@@ -77,7 +77,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         store = holder["store"]
-        assert isinstance(store, Store)
+        assert isinstance(store, SqliteStore)
         store.close()
 
 

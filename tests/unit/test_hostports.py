@@ -17,8 +17,8 @@ import pytest
 
 from pydriver import protocol as p
 from pydriver.errors import HostError
-from pydriver.hostports import HostPorts, OutOfDescriptors
-from pydriver.model import Mapping
+from pydriver.hostports import OutOfDescriptors, SocketReservations
+from pydriver.model import PortMapping
 
 from .conftest import Env
 from .fakes import FakeHostPorts, create_endpoint_body, create_network_body, hexid, join_body
@@ -41,9 +41,9 @@ def failing_socket(code: int) -> object:
 def test_running_out_is_an_error_not_an_unsupported_protocol(
     code: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ports = HostPorts()
+    ports = SocketReservations()
     monkeypatch.setattr("pydriver.hostports.socket.socket", failing_socket(code))
-    mapping = Mapping("tcp", None, 18081, V4, 80)
+    mapping = PortMapping("tcp", None, 18081, V4, 80)
     with pytest.raises(OutOfDescriptors) as err:
         ports.reserve(mapping)
     assert str(err.value).startswith("cannot hold host port 0.0.0.0:18081/tcp: ")
@@ -54,22 +54,22 @@ def test_running_out_is_an_error_not_an_unsupported_protocol(
 
 
 def test_an_unknown_socket_error_is_an_error_too(monkeypatch: pytest.MonkeyPatch) -> None:
-    ports = HostPorts()
+    ports = SocketReservations()
     monkeypatch.setattr("pydriver.hostports.socket.socket", failing_socket(errno.EACCES))
     with pytest.raises(HostError, match=r"cannot hold host port 0\.0\.0\.0:18082/tcp"):
-        ports.reserve(Mapping("tcp", None, 18082, V4, 80))
+        ports.reserve(PortMapping("tcp", None, 18082, V4, 80))
 
 
 @pytest.mark.parametrize("code", [errno.EPROTONOSUPPORT, errno.EAFNOSUPPORT])
 def test_a_protocol_the_kernel_lacks_is_published_without_a_socket(
     code: int, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    ports = HostPorts()
+    ports = SocketReservations()
     monkeypatch.setattr("pydriver.hostports.socket.socket", failing_socket(code))
     with caplog.at_level(logging.WARNING, logger="pydriver.hostports"):
-        ports.reserve(Mapping("sctp", None, 18083, V4, 80))
-        ports.reserve(Mapping("sctp", None, 18084, V4, 80))
-    assert ports.held(Mapping("sctp", None, 18084, V4, 80))
+        ports.reserve(PortMapping("sctp", None, 18083, V4, 80))
+        ports.reserve(PortMapping("sctp", None, 18084, V4, 80))
+    assert ports.held(PortMapping("sctp", None, 18084, V4, 80))
     assert len(caplog.records) == 1  # said once
 
 
@@ -77,13 +77,13 @@ _CHILD = textwrap.dedent(
     """
     import ipaddress, json, resource, sys
     from pydriver.cli import raise_fd_limit
-    from pydriver.hostports import HostPorts, OutOfDescriptors, PortInUse
-    from pydriver.model import Mapping
+    from pydriver.hostports import SocketReservations, OutOfDescriptors, PortInUse
+    from pydriver.model import PortMapping
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (40, hard))
-    ports, held, error = HostPorts(), [], None
+    ports, held, error = SocketReservations(), [], None
     for port in range(int(sys.argv[1]), int(sys.argv[1]) + 200):
-        m = Mapping("tcp", ipaddress.ip_address("127.0.0.1"), port,
+        m = PortMapping("tcp", ipaddress.ip_address("127.0.0.1"), port,
                     ipaddress.ip_address("10.50.0.2"), 80)
         try:
             ports.reserve(m)
@@ -128,7 +128,7 @@ class LimitedHostPorts(FakeHostPorts):
 
     capacity: int = 1_000_000
 
-    def reserve(self, mapping: Mapping) -> None:
+    def reserve(self, mapping: PortMapping) -> None:
         if mapping not in self.held and len(self.held) >= self.capacity:
             raise OutOfDescriptors(
                 f"cannot hold host port {mapping.host_text()}/{mapping.proto}: {OUT_OF_FDS}"

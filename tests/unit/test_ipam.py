@@ -19,8 +19,8 @@ from pydriver.ipam import (
     REPLAY_WINDOW,
     UNCLAIMED_RELEASE_AFTER,
     HostRoute,
-    PendingAnswer,
     Pool,
+    UnacknowledgedAnswer,
     choose_subnet,
     default_v4_candidates,
     describe_route,
@@ -31,7 +31,7 @@ from pydriver.ipam import (
 )
 from pydriver.ipamdriver import GLOBAL_ADDRESS_SPACE, LOCAL_ADDRESS_SPACE, IpamDriver
 from pydriver.model import IPNetwork
-from pydriver.store import Store
+from pydriver.store import SqliteStore
 
 
 def iface(text: str) -> Any:
@@ -326,7 +326,7 @@ def test_v6_candidates() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# IpamDriver over a real Store
+# IpamDriver over a real SqliteStore
 # ---------------------------------------------------------------------------------------------
 
 
@@ -350,14 +350,14 @@ def routes() -> FakeRoutes:
 
 @pytest.fixture
 async def open_ipam(tmp_path: Path, routes: FakeRoutes) -> AsyncIterator[OpenIpam]:
-    """Opens a fresh Store + IpamDriver on the same state directory (a daemon restart)."""
-    stores: list[Store] = []
+    """Opens a fresh SqliteStore + IpamDriver on the same state directory (a daemon restart)."""
+    stores: list[SqliteStore] = []
 
     async def opener() -> IpamDriver:
         for old in stores:
             old.close()
         stores.clear()
-        store = Store(tmp_path / "state")
+        store = SqliteStore(tmp_path / "state")
         stores.append(store)
         ipam = IpamDriver(store, routes)
         await ipam.load()
@@ -589,21 +589,21 @@ async def test_ula_prefix_is_stable_across_reloads(open_ipam: OpenIpam) -> None:
 T0 = 1_700_000_000.0
 
 
-def pending_pool() -> Pool:
+def unacknowledged_pool() -> Pool:
     pl = pool("10.216.0.0/24")
     for value, answer in (
-        ("10.216.0.1", PendingAnswer("gateway", T0)),
-        ("10.216.0.2", PendingAnswer("dynamic", T0, "web")),
-        ("10.216.0.3", PendingAnswer("dynamic", T0)),
-        ("10.216.0.77", PendingAnswer("specific", T0)),
+        ("10.216.0.1", UnacknowledgedAnswer("gateway", T0)),
+        ("10.216.0.2", UnacknowledgedAnswer("dynamic", T0, "web")),
+        ("10.216.0.3", UnacknowledgedAnswer("dynamic", T0)),
+        ("10.216.0.77", UnacknowledgedAnswer("specific", T0)),
     ):
         pl.allocated.add(int(ip(value)))
-        pl.replayable[int(ip(value))] = answer
+        pl.unacknowledged[int(ip(value))] = answer
     return pl
 
 
 def test_replay_only_to_a_request_with_the_same_identity() -> None:
-    pl = pending_pool()
+    pl = unacknowledged_pool()
     now = T0 + 5
 
     def claim(requested: str = "", gateway: bool = False, name: str | None = None) -> Any:
@@ -611,7 +611,7 @@ def test_replay_only_to_a_request_with_the_same_identity() -> None:
         return pl.claim_replay(wanted, gateway=gateway, endpoint_name=name, now=now)
 
     # A dynamic request without a name (Docker before 29) is never a replay: it may be a new
-    # container's, while Docker holds the pending address.
+    # container's, while Docker holds the unacknowledged address.
     assert claim() is None
     assert claim(name="db") is None  # another container
     assert claim(requested="10.216.0.3") is None  # a dynamic answer is no specific one
@@ -622,12 +622,12 @@ def test_replay_only_to_a_request_with_the_same_identity() -> None:
     assert claim(requested="10.216.0.77") == ip("10.216.0.77")
     assert claim(requested="10.216.0.77", gateway=True) is None  # claimed already
     assert claim(gateway=True) == ip("10.216.0.1")  # the pool's next gateway request
-    assert set(pl.replayable) == {int(ip("10.216.0.3"))}  # never replayed, still allocated
+    assert set(pl.unacknowledged) == {int(ip("10.216.0.3"))}  # never replayed, still allocated
     assert int(ip("10.216.0.3")) in pl.allocated
 
 
 def test_a_gateway_request_for_another_address_is_no_replay() -> None:
-    pl = pending_pool()
+    pl = unacknowledged_pool()
     assert pl.claim_replay(ip("10.216.0.9"), gateway=True, now=T0) is None
     assert pl.claim_replay(ip("10.216.0.1"), gateway=True, now=T0) == ip("10.216.0.1")
 
@@ -636,7 +636,7 @@ def test_a_gateway_request_for_another_address_is_no_replay() -> None:
     "now", [T0 + REPLAY_WINDOW + 0.1, T0 + 3600, T0 - 5], ids=["after", "long-after", "clock-back"]
 )
 def test_replay_only_within_the_retry_window(now: float) -> None:
-    pl = pending_pool()
+    pl = unacknowledged_pool()
     assert pl.claim_replay(None, gateway=False, endpoint_name="web", now=now) is None
     assert pl.claim_replay(None, gateway=True, now=now) is None
     assert pl.claim_replay(ip("10.216.0.77"), gateway=False, now=now) is None
@@ -644,47 +644,47 @@ def test_replay_only_within_the_retry_window(now: float) -> None:
     expired = pl.expire_replays(now)
     assert {str(a) for a, _ in expired} == {"10.216.0.1", "10.216.0.2", "10.216.0.3", "10.216.0.77"}
     assert pl.expire_replays(now) == []
-    assert pl.replayable == {} and len(pl.unclaimed) == 4
+    assert pl.unacknowledged == {} and len(pl.unclaimed) == 4
     assert len(pl.allocated) == 4
 
 
 def test_answers_of_an_older_pybridge_have_no_time_and_are_expired() -> None:
-    assert PendingAnswer("gateway").expired(T0)
-    assert not PendingAnswer("gateway", T0).expired(T0 + REPLAY_WINDOW)
+    assert UnacknowledgedAnswer("gateway").expired(T0)
+    assert not UnacknowledgedAnswer("gateway", T0).expired(T0 + REPLAY_WINDOW)
     pl = pool("10.216.0.0/24")
     pl.allocated.add(int(ip("10.216.0.1")))
-    pl.replayable[int(ip("10.216.0.1"))] = PendingAnswer("gateway")
+    pl.unacknowledged[int(ip("10.216.0.1"))] = UnacknowledgedAnswer("gateway")
     assert pl.claim_replay(None, gateway=True, now=T0) is None
 
 
 def test_answers_a_known_endpoint_uses_are_dropped() -> None:
-    pl = pending_pool()
+    pl = unacknowledged_pool()
     assert pl.drop_replays([ip("10.216.0.2"), ip("10.216.0.9")]) == [ip("10.216.0.2")]
     assert pl.claim_replay(None, gateway=False, endpoint_name="web", now=T0) is None
     assert int(ip("10.216.0.2")) in pl.allocated
 
 
 def test_only_unclaimed_dynamic_answers_no_endpoint_uses_are_releasable() -> None:
-    pl = pending_pool()
-    pl.replayable[int(ip("10.216.0.4"))] = PendingAnswer("dynamic")  # no time: never
+    pl = unacknowledged_pool()
+    pl.unacknowledged[int(ip("10.216.0.4"))] = UnacknowledgedAnswer("dynamic")  # no time: never
     pl.allocated.add(int(ip("10.216.0.4")))
     late = T0 + UNCLAIMED_RELEASE_AFTER + 1
-    assert pl.releasable(late, []) == []  # still replayable: not looked at
+    assert pl.releasable(late, []) == []  # still unacknowledged: not looked at
     pl.expire_replays(late)
     assert pl.releasable(T0 + UNCLAIMED_RELEASE_AFTER - 1, []) == []  # not yet
     assert pl.releasable(late, [ip("10.216.0.3")]) == [ip("10.216.0.2")]
     assert pl.releasable(late, []) == [ip("10.216.0.2"), ip("10.216.0.3")]
 
 
-def test_a_pending_pool_is_replayed_only_within_the_window() -> None:
+def test_an_unacknowledged_pool_is_replayed_only_within_the_window() -> None:
     pl = pool("10.216.0.0/24")
-    pl.replayable_pool, pl.pool_recorded_at = True, T0
-    assert pl.pool_replayable(T0 + 1)
-    assert not pl.pool_replayable(T0 + REPLAY_WINDOW + 1)
-    assert not pl.pool_replayable(T0 + 1)  # and never again
+    pl.pool_unacknowledged, pl.pool_recorded_at = True, T0
+    assert pl.pool_may_be_replayed(T0 + 1)
+    assert not pl.pool_may_be_replayed(T0 + REPLAY_WINDOW + 1)
+    assert not pl.pool_may_be_replayed(T0 + 1)  # and never again
     old = pool("10.217.0.0/24")
-    old.replayable_pool = True  # an older pybridge's row: no time
-    assert not old.pool_replayable(T0)
+    old.pool_unacknowledged = True  # an older pybridge's row: no time
+    assert not old.pool_may_be_replayed(T0)
 
 
 class Clock:
@@ -714,11 +714,11 @@ class Restartable:
         self.path = tmp_path / "s"
         self.clock = Clock()
         self.endpoints = Endpoints()
-        self.store: Store | None = None
+        self.store: SqliteStore | None = None
 
     async def open(self) -> IpamDriver:
         self.close()
-        self.store = Store(self.path)
+        self.store = SqliteStore(self.path)
         ipam = IpamDriver(self.store, no_routes, self.endpoints, self.clock)
         await ipam.load()
         return ipam
@@ -804,9 +804,9 @@ async def test_expired_answers_pybridge_never_releases_become_plain_allocations(
     daemon.clock.now += REPLAY_WINDOW + 1
     ipam = await daemon.open()
     assert set(ipam.pools[pool_id].unclaimed) == {int(dynamic.ip)}  # may be released later
-    daemon.clock.now = T0 + 1  # even were the clock to go back, the gateway is not pending
+    daemon.clock.now = T0 + 1  # even were the clock to go back, the gateway is not unacknowledged
     ipam = await daemon.open()
-    assert set(ipam.pools[pool_id].replayable) == {int(dynamic.ip)}
+    assert set(ipam.pools[pool_id].unacknowledged) == {int(dynamic.ip)}
     assert (await ipam.request_address(addr_req(pool_id, gateway=True)))[0] != gateway
 
 
@@ -819,10 +819,10 @@ async def test_answers_in_use_by_an_endpoint_are_dropped_and_acknowledged(
     sent, _ = await ipam.request_address(named_req(pool_id, "web"))
     daemon.endpoints.by_pool[pool_id] = {sent.ip}  # Docker went on: CreateEndpoint with it
     ipam = await daemon.open()
-    assert ipam.pools[pool_id].replayable == {}
+    assert ipam.pools[pool_id].unacknowledged == {}
     daemon.endpoints.by_pool.clear()
-    ipam = await daemon.open()  # recorded as acknowledged: not pending any more
-    assert ipam.pools[pool_id].replayable == {}
+    ipam = await daemon.open()  # recorded as acknowledged: not unacknowledged any more
+    assert ipam.pools[pool_id].unacknowledged == {}
     assert (await ipam.request_address(named_req(pool_id, "web")))[0] != sent
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from pydriver import protocol as p
 from pydriver.errors import Conflict, InvalidRequest
-from pydriver.model import Mapping, PortBinding
+from pydriver.model import PortBinding, PortMapping
 from pydriver.ports import PortRequest, find_conflict, overlaps, plan
 
 from .conftest import Env
@@ -85,22 +85,22 @@ def test_candidates() -> None:
 
 
 def test_overlaps() -> None:
-    a = Mapping("tcp", None, 8080, V4, 80)
-    assert overlaps(a, Mapping("tcp", ipaddress.ip_address("192.0.2.2"), 8080, V4, 81))
-    assert not overlaps(a, Mapping("udp", None, 8080, V4, 80))
-    assert not overlaps(a, Mapping("tcp", None, 8080, V6, 80))  # other family
+    a = PortMapping("tcp", None, 8080, V4, 80)
+    assert overlaps(a, PortMapping("tcp", ipaddress.ip_address("192.0.2.2"), 8080, V4, 81))
+    assert not overlaps(a, PortMapping("udp", None, 8080, V4, 80))
+    assert not overlaps(a, PortMapping("tcp", None, 8080, V6, 80))  # other family
     assert not overlaps(
-        Mapping("tcp", ipaddress.ip_address("192.0.2.2"), 8080, V4, 80),
-        Mapping("tcp", ipaddress.ip_address("192.0.2.3"), 8080, V4, 80),
+        PortMapping("tcp", ipaddress.ip_address("192.0.2.2"), 8080, V4, 80),
+        PortMapping("tcp", ipaddress.ip_address("192.0.2.3"), 8080, V4, 80),
     )
-    assert find_conflict([a], [Mapping("tcp", None, 9090, V4, 80)]) is None
+    assert find_conflict([a], [PortMapping("tcp", None, 9090, V4, 80)]) is None
 
 
 def test_mapping_round_trip_and_text() -> None:
-    m = Mapping("tcp", ipaddress.ip_address("2001:db8::1"), 8443, V6, 443)
-    assert Mapping.from_dict(m.to_dict()) == m
+    m = PortMapping("tcp", ipaddress.ip_address("2001:db8::1"), 8443, V6, 443)
+    assert PortMapping.from_dict(m.to_dict()) == m
     assert m.describe() == "[2001:db8::1]:8443/tcp -> [fd00:50::2]:443"
-    assert Mapping("udp", None, 53, V4, 53).describe() == "0.0.0.0:53/udp -> 10.50.0.2:53"
+    assert PortMapping("udp", None, 53, V4, 53).describe() == "0.0.0.0:53/udp -> 10.50.0.2:53"
 
 
 # -- driver -----------------------------------------------------------------------------------

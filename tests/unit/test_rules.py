@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pydriver.model import Family, Mapping
+from pydriver.model import Family, PortMapping
 from pydriver.rules import (
     DNAT_CHAIN,
     FORWARD_CHAIN,
@@ -711,8 +711,8 @@ def test_chains_of_an_older_version_are_removed() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def mapping(proto: str, host_ip: str | None, host_port: int, cip: str, cport: int) -> Mapping:
-    return Mapping(
+def mapping(proto: str, host_ip: str | None, host_port: int, cip: str, cport: int) -> PortMapping:
+    return PortMapping(
         proto,  # type: ignore[arg-type]
         ipaddress.ip_address(host_ip) if host_ip else None,
         host_port,

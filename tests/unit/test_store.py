@@ -16,7 +16,7 @@ import pytest
 from pydriver import protocol as p
 from pydriver.doctor import Report, _check_database
 from pydriver.errors import Conflict, HostError
-from pydriver.ipam import HostRoute, PendingAnswer, Pool
+from pydriver.ipam import HostRoute, Pool, UnacknowledgedAnswer
 from pydriver.ipamdriver import ULA_META_KEY, IpamDriver
 from pydriver.model import (
     BridgeSettings,
@@ -30,7 +30,7 @@ from pydriver.store import (
     DB_NAME,
     SCHEMA_VERSION,
     PoolRecord,
-    Store,
+    SqliteStore,
     SyncStore,
     read_pools,
     read_state,
@@ -89,7 +89,7 @@ def endpoint() -> Endpoint:
 
 
 async def test_round_trip_and_cascade(tmp_path: Path) -> None:
-    store = Store(tmp_path / "state")
+    store = SqliteStore(tmp_path / "state")
     try:
         await store.put_network(network())
         await store.put_endpoint(endpoint())
@@ -112,18 +112,18 @@ def test_a_network_record_from_before_previous_settings_loads() -> None:
 
 
 async def test_pools_and_addresses(tmp_path: Path) -> None:
-    store = Store(tmp_path / "state")
+    store = SqliteStore(tmp_path / "state")
     try:
         pool = Pool(id="10.1.0.0/24", subnet=ipaddress.ip_network("10.1.0.0/24"))
         await store.put_pool(pool, 1000.0)
         address = pool.allocate()
-        answer = PendingAnswer("dynamic", 1000.5, "web")
+        answer = UnacknowledgedAnswer("dynamic", 1000.5, "web")
         await store.add_address(pool, str(address), "dynamic", 1000.5, "web")
         # Not yet acknowledged: a restart sees both as answers Docker may retry, with when
         # they were given and to what request.
         (loaded,) = await store.load_pools()
-        assert loaded.replayable == {int(address): answer}
-        assert loaded.replayable_pool and loaded.pool_recorded_at == 1000.0
+        assert loaded.unacknowledged == {int(address): answer}
+        assert loaded.pool_unacknowledged and loaded.pool_recorded_at == 1000.0
         await store.acknowledge(pool.id)
         await store.acknowledge(pool.id, str(address))
         (loaded,) = await store.load_pools()
@@ -140,7 +140,7 @@ async def test_pools_and_addresses(tmp_path: Path) -> None:
 
 
 def test_database_file_is_private(tmp_path: Path) -> None:
-    store = Store(tmp_path / "state")
+    store = SqliteStore(tmp_path / "state")
     store.close()
     mode = stat.S_IMODE((tmp_path / "state" / DB_NAME).stat().st_mode)
     assert mode == 0o600
@@ -148,20 +148,20 @@ def test_database_file_is_private(tmp_path: Path) -> None:
 
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:
-    Store(tmp_path / "state").close()
+    SqliteStore(tmp_path / "state").close()
     db = sqlite3.connect(tmp_path / "state" / DB_NAME)
     with db:
         db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION + 1),))
     db.close()
     with pytest.raises(HostError, match="newer pybridge"):
-        Store(tmp_path / "state")
+        SqliteStore(tmp_path / "state")
 
 
 def test_unusable_state_dir(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     with pytest.raises(HostError, match="cannot open the state database"):
-        Store(blocker / "state")
+        SqliteStore(blocker / "state")
 
 
 V2_SCHEMA = """
@@ -181,7 +181,7 @@ INSERT INTO addresses VALUES ('10.1.0.0/24', '10.1.0.3', 0, 'dynamic');
 """
 
 
-async def test_schema_2_is_migrated_and_its_pending_answers_count_as_expired(
+async def test_schema_2_is_migrated_and_its_unacknowledged_answers_count_as_expired(
     tmp_path: Path,
 ) -> None:
     """Pending answers of a pybridge before schema 3 carry no time: nobody can say whether
@@ -190,16 +190,16 @@ async def test_schema_2_is_migrated_and_its_pending_answers_count_as_expired(
     db = sqlite3.connect(tmp_path / "state" / DB_NAME)
     db.executescript(V2_SCHEMA)
     db.close()
-    store = Store(tmp_path / "state")
+    store = SqliteStore(tmp_path / "state")
     try:
         assert await store.get_meta("schema_version") == str(SCHEMA_VERSION) == "3"
         (pool,) = await store.load_pools()
-        assert pool.replayable == {
-            int(ipaddress.ip_address("10.1.0.1")): PendingAnswer("gateway"),
-            int(ipaddress.ip_address("10.1.0.2")): PendingAnswer("dynamic"),
+        assert pool.unacknowledged == {
+            int(ipaddress.ip_address("10.1.0.1")): UnacknowledgedAnswer("gateway"),
+            int(ipaddress.ip_address("10.1.0.2")): UnacknowledgedAnswer("dynamic"),
         }
-        assert pool.replayable_pool and pool.pool_recorded_at is None
-        assert not pool.pool_replayable(0.0)
+        assert pool.pool_unacknowledged and pool.pool_recorded_at is None
+        assert not pool.pool_may_be_replayed(0.0)
         assert pool.claim_replay(None, gateway=True, now=0.0) is None
         assert len(pool.allocated) == 3
     finally:
@@ -230,7 +230,7 @@ def quarantine(state_dir: Path) -> list[tuple[str, str, object, str]]:
 
 async def fill(state_dir: Path) -> None:
     """Two networks with an endpoint each, a third endpoint, and two pools with addresses."""
-    store = Store(state_dir)
+    store = SqliteStore(state_dir)
     try:
         await store.put_network(network().with_changes(state="ready"))
         await store.put_network(network().with_changes(id=OTHER_NET, bridge="other"))
@@ -255,7 +255,7 @@ async def test_rows_that_cannot_be_read_are_set_aside_and_the_rest_served(
     corrupt(state, "UPDATE endpoints SET data=CAST(? AS BLOB) WHERE id=?", bad_bytes, BAD_EP)
     corrupt(state, "UPDATE addresses SET address='10.2.0.999' WHERE pool_id='10.2.0.0/24'")
     with caplog.at_level(logging.WARNING, logger="pydriver.store"):
-        store = Store(state)
+        store = SqliteStore(state)
         try:
             networks = await store.load_networks()
             endpoints = await store.load_endpoints()
@@ -283,7 +283,7 @@ async def test_rows_that_cannot_be_read_are_set_aside_and_the_rest_served(
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 5
     assert all("set aside" in r.getMessage() for r in caplog.records)
     # Nothing left that cannot be read; the next start serves the same and moves nothing.
-    store = Store(state)
+    store = SqliteStore(state)
     try:
         assert [n.id for n in await store.load_networks()] == [OTHER_NET]
         assert [e.id for e in await store.load_endpoints()] == [OTHER_EP]
@@ -308,7 +308,7 @@ async def test_any_undecodable_network_is_set_aside(tmp_path: Path, data: str) -
     state = tmp_path / "state"
     await fill(state)
     corrupt(state, "UPDATE networks SET data=? WHERE id=?", data, NET)
-    store = Store(state)
+    store = SqliteStore(state)
     try:
         assert [n.id for n in await store.load_networks()] == [OTHER_NET]
     finally:
@@ -332,7 +332,7 @@ async def test_read_only_readers_skip_what_cannot_be_read(tmp_path: Path) -> Non
     assert "pool 10.1.0.0/24" in problems[0].what
     assert problems[0].fix == "restart pybridge: it sets them aside and serves the rest"
     # Once pybridge has started, doctor reports what it set aside.
-    store = Store(state)
+    store = SqliteStore(state)
     try:
         await store.load_networks()
         await store.load_endpoints()
@@ -349,7 +349,7 @@ async def test_read_only_readers_skip_what_cannot_be_read(tmp_path: Path) -> Non
 
 async def test_an_unreadable_ula_prefix_is_set_aside_and_replaced(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    store = Store(state)
+    store = SqliteStore(state)
     try:
         await store.set_meta(ULA_META_KEY, "fd00:zz::/48")
         ipam = IpamDriver(store, FakeKernel().routes)
@@ -369,14 +369,14 @@ def snapshot(state_dir: Path) -> dict[str, bytes]:
 
 def test_newer_schema_is_refused_before_anything_is_written(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    Store(state).close()
+    SqliteStore(state).close()
     corrupt(state, "UPDATE meta SET value=? WHERE key='schema_version'", str(SCHEMA_VERSION + 1))
     # A newer schema need not have our tables: creating them would already be a write.
     corrupt(state, "ALTER TABLE addresses RENAME TO leases")
     before = snapshot(state)
     assert list(before) == [DB_NAME]  # no -wal or -shm after a clean close
     with pytest.raises(HostError) as err:
-        Store(state)
+        SqliteStore(state)
     assert str(err.value) == (
         f"the state database {state / DB_NAME} is from a newer pybridge (schema "
         f"{SCHEMA_VERSION + 1}, this version knows {SCHEMA_VERSION}); run that version or a "
@@ -388,7 +388,7 @@ def test_newer_schema_is_refused_before_anything_is_written(tmp_path: Path) -> N
 def test_newer_schema_only_in_the_wal_is_refused(tmp_path: Path) -> None:
     """A newer pybridge killed before a checkpoint: its migration is only in the -wal."""
     state = tmp_path / "state"
-    Store(state).close()
+    SqliteStore(state).close()
     newer = sqlite3.connect(state / DB_NAME, isolation_level=None)
     try:
         newer.execute("PRAGMA wal_autocheckpoint=0")
@@ -397,14 +397,14 @@ def test_newer_schema_only_in_the_wal_is_refused(tmp_path: Path) -> None:
         )
         assert (state / f"{DB_NAME}-wal").stat().st_size > 0
         with pytest.raises(HostError, match="is from a newer pybridge"):
-            Store(state)
+            SqliteStore(state)
     finally:
         newer.close()
 
 
 def test_serve_refuses_a_newer_database_in_one_sentence(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    Store(state).close()
+    SqliteStore(state).close()
     corrupt(state, "UPDATE meta SET value='99' WHERE key='schema_version'")
     corrupt(state, "ALTER TABLE addresses RENAME TO leases")
     before = snapshot(state)
@@ -484,14 +484,14 @@ async def test_the_subnet_of_a_pool_set_aside_stays_taken(tmp_path: Path) -> Non
     """A pool whose row cannot be read may still be some network's: an automatic request (or
     a --subnet) must not get its subnet."""
     state = tmp_path / "state"
-    store = Store(state)
+    store = SqliteStore(state)
     try:
         pool = Pool(id="172.31.0.0/16", subnet=ipaddress.ip_network("172.31.0.0/16"), auto=True)
         await store.put_pool(pool)
     finally:
         store.close()
     corrupt(state, "UPDATE pools SET data='{' WHERE id='172.31.0.0/16'")
-    store = Store(state)
+    store = SqliteStore(state)
     try:
         ipam = IpamDriver(store, _no_routes)
         await ipam.load()
