@@ -18,7 +18,6 @@ from typing import Any
 from . import protocol as p
 from . import pruning
 from .dockerapi import docker_host, look_at
-from .driver import firewall_view
 from .errors import DriverError
 from .firewall import BACKENDS, Backend, detect_backend, tool
 from .logs import escape
@@ -29,7 +28,7 @@ from .peers import Peer, peer_credentials, process_name
 from .process import run
 from .pruning import Plan, PluginFacts, Refused
 from .report import Names, port_rows
-from .rules import drift
+from .rules import drift, firewall_view
 from .store import (
     DB_NAME,
     ROW_KIND,

@@ -28,7 +28,7 @@ from . import faults
 from .errors import BridgeFull, Conflict, DriverError, InvalidRequest, NotFound
 from .firewall_writer import FirewallWriter
 from .hostports import PortInUse, SocketReservations, port_holder
-from .ipam import ADDRESS_SPACES, HostRoute, describe_route, pool_id_for
+from .ipam import ADDRESS_SPACES, HostRoute, describe_route, find_overlap, pool_id_for
 from .locks import KeyedLock
 from .model import (
     BridgeSettings,
@@ -65,7 +65,7 @@ from .protocol import (
     NetworkRef,
     ProgramExternalRequest,
 )
-from .rules import NetworkRules
+from .rules import NetworkRules, firewall_views
 from .store import SqliteStore
 
 log = logging.getLogger(__name__)
@@ -201,19 +201,6 @@ def _publishes_any(mappings: Iterable[PortMapping], bindings: Iterable[PortBindi
     return False
 
 
-def firewall_view(network: Network, mappings: Sequence[PortMapping] = ()) -> NetworkRules:
-    return NetworkRules(
-        bridge=network.bridge,
-        subnets_v4=tuple(s.pool for s in network.subnets_v4),
-        subnets_v6=tuple(s.pool for s in network.subnets_v6),
-        internal=network.internal,
-        icc=network.options.enable_icc,
-        masquerade=network.options.enable_ip_masquerade,
-        mappings=tuple(mappings),
-        gateways=tuple(s.gateway.ip for s in network.subnets if s.gateway is not None),
-    )
-
-
 class NetworkDriver:
     def __init__(
         self,
@@ -270,12 +257,6 @@ class NetworkDriver:
 
     def _endpoints_of(self, network_id: str) -> list[Endpoint]:
         return [e for e in self.endpoints.values() if e.network_id == network_id]
-
-    def _mappings_by_network(self) -> dict[str, list[PortMapping]]:
-        found: dict[str, list[PortMapping]] = {}
-        for endpoint in self.endpoints.values():
-            found.setdefault(endpoint.network_id, []).extend(endpoint.mappings)
-        return found
 
     def addresses_in_pool(self, pool_id: str) -> set[IPAddress] | None:
         """The addresses endpoints use in pybridge IPAM pool ``pool_id``, or None if no network
@@ -369,12 +350,7 @@ class NetworkDriver:
             return True
 
     def firewall_views(self) -> list[NetworkRules]:
-        mappings = self._mappings_by_network()
-        return [
-            firewall_view(n, mappings.get(n.id, ()))
-            for n in self.networks.values()
-            if n.state != "deleting"
-        ]
+        return firewall_views(self.networks.values(), self.endpoints.values())
 
     async def _apply_firewall(self, *, force: bool = False) -> None:
         """Write the rules and wait for them (network changes: containers rely on them)."""
@@ -510,28 +486,20 @@ class NetworkDriver:
         subnets: tuple[Subnet, ...],
         host_routes: Sequence[HostRoute],
     ) -> None:
-        ours = {n.bridge for n in self.networks.values()}
-        routes = [r for r in host_routes if r.device not in ours | {bridge}]
+        others = [n for n in self.networks.values() if n.id != network_id]
+        ours = {n.bridge for n in self.networks.values()} | {bridge}
+        routes = [r for r in host_routes if r.device not in ours]
+        taken = [theirs.pool for other in others for theirs in other.subnets]
         for subnet in subnets:
-            for other in self.networks.values():
-                if other.id == network_id:
-                    continue
-                for theirs in other.subnets:
-                    if theirs.pool.version == subnet.pool.version and theirs.pool.overlaps(
-                        subnet.pool
-                    ):
-                        raise Conflict(
-                            f"subnet {subnet.pool} overlaps subnet {theirs.pool} of pybridge "
-                            f"network {short(other.id)} (bridge {other.bridge})"
-                        )
-            for route in routes:
-                dest = route.destination
-                if (
-                    dest.prefixlen
-                    and dest.version == subnet.pool.version
-                    and dest.overlaps(subnet.pool)
-                ):
-                    raise Conflict(f"subnet {subnet.pool} overlaps {describe_route(route)}")
+            found = find_overlap(subnet.pool, taken, routes)
+            if isinstance(found, HostRoute):
+                raise Conflict(f"subnet {subnet.pool} overlaps {describe_route(found)}")
+            if found is not None:
+                other = next(n for n in others if any(t.pool == found for t in n.subnets))
+                raise Conflict(
+                    f"subnet {subnet.pool} overlaps subnet {found} of pybridge network "
+                    f"{short(other.id)} (bridge {other.bridge})"
+                )
 
     async def _check_adoption(
         self,
@@ -1470,4 +1438,4 @@ class NetworkDriver:
                 repairs.append(f"removed leftover veth {link.name}")
 
 
-__all__ = ["DriverError", "JoinResult", "NetworkDriver", "firewall_view"]
+__all__ = ["DriverError", "JoinResult", "NetworkDriver"]

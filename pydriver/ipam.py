@@ -293,19 +293,22 @@ def pool_id_for(subnet: IPNetwork) -> str:
 
 def find_overlap(
     subnet: IPNetwork,
-    pools: Iterable[IPNetwork],
+    taken: Iterable[IPNetwork],
     routes: Iterable[HostRoute],
-) -> str | None:
-    """Describe what ``subnet`` overlaps (another pool or a host route), or None."""
-    for other in pools:
+) -> IPNetwork | HostRoute | None:
+    """What ``subnet`` overlaps: the first of ``taken`` (other pools, or other networks'
+    subnets), else the first host route, of its own IP version; None if nothing. The one test
+    of a subnet against what is already there, for the IPAM, the network driver and the doctor
+    (each leaves out the routes of its own bridges)."""
+    for other in taken:
         if other.version == subnet.version and other.overlaps(subnet):
-            return f"the pool {other} already in use"
+            return other
     for route in routes:
         dest = route.destination
         if dest.prefixlen == 0 or dest.version != subnet.version:
             continue  # default routes overlap everything; Docker ignores them too
         if dest.overlaps(subnet):
-            return describe_route(route)
+            return route
     return None
 
 

@@ -27,6 +27,7 @@ from .ipam import (
     choose_subnet,
     choose_v6_subnet,
     default_v4_candidates,
+    describe_route,
     find_overlap,
     make_ula_prefix,
     pool_id_for,
@@ -141,9 +142,11 @@ class IpamDriver:
             routes = await self._routes()
             taken = [pool.subnet for pool in self.pools.values()] + self.set_aside
             if req.pool is not None:
-                conflict = find_overlap(req.pool, taken, routes)
-                if conflict:
-                    raise Conflict(f"subnet {req.pool} overlaps {conflict}")
+                found = find_overlap(req.pool, taken, routes)
+                if isinstance(found, HostRoute):
+                    raise Conflict(f"subnet {req.pool} overlaps {describe_route(found)}")
+                if found is not None:
+                    raise Conflict(f"subnet {req.pool} overlaps the pool {found} already in use")
                 subnet = req.pool
             elif req.v6:
                 assert self.ula_prefix is not None

@@ -76,7 +76,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .model import Family, IPAddress, IPNetwork, PortMapping
+from .model import Endpoint, Family, IPAddress, IPNetwork, Network, PortMapping
 
 RAW_CHAIN = "PYBRIDGE-PREROUTING"
 FORWARD_CHAIN = "PYBRIDGE-FORWARD"
@@ -149,6 +149,36 @@ class NetworkRules:
 
     def subnets(self, family: Family) -> tuple[IPNetwork, ...]:
         return self.subnets_v4 if family == 4 else self.subnets_v6
+
+
+def firewall_view(network: Network, mappings: Sequence[PortMapping] = ()) -> NetworkRules:
+    """What the firewall needs to know about ``network``, whose endpoints publish ``mappings``."""
+    return NetworkRules(
+        bridge=network.bridge,
+        subnets_v4=tuple(s.pool for s in network.subnets_v4),
+        subnets_v6=tuple(s.pool for s in network.subnets_v6),
+        internal=network.internal,
+        icc=network.options.enable_icc,
+        masquerade=network.options.enable_ip_masquerade,
+        mappings=tuple(mappings),
+        gateways=tuple(s.gateway.ip for s in network.subnets if s.gateway is not None),
+    )
+
+
+def firewall_views(
+    networks: Iterable[Network], endpoints: Iterable[Endpoint]
+) -> list[NetworkRules]:
+    """The firewall's view of a state: every network but those being deleted (their rules go
+    first), each with the ports its endpoints publish. The one way the service, its checks and
+    the tools see which rules pybridge wants."""
+    mappings: dict[str, list[PortMapping]] = {}
+    for endpoint in endpoints:
+        mappings.setdefault(endpoint.network_id, []).extend(endpoint.mappings)
+    return [
+        firewall_view(network, mappings.get(network.id, ()))
+        for network in networks
+        if network.state != "deleting"
+    ]
 
 
 def render_chain_rules(networks: Sequence[NetworkRules], family: Family) -> dict[str, list[str]]:

@@ -14,8 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pydriver.driver import firewall_view
-from pydriver.rules import drift
+from pydriver.rules import drift, firewall_views
 from pydriver.store import read_state
 from tests.hostenv import post_raw, run
 
@@ -137,10 +136,7 @@ def check_consistent(ns: str, state_dir: Path) -> list[str]:
     ours = {n for n in names if n.startswith(("pyb-", "pyv", "pyc"))}
     known = wanted | {e.container_veth for e in endpoints}
     problems += [f"{name} left behind" for name in sorted(ours - known)]
-    mappings: dict[str, list[Any]] = {}
-    for e in endpoints:
-        mappings.setdefault(e.network_id, []).extend(e.mappings)
-    views = [firewall_view(n, mappings.get(n.id, ())) for n in networks]
+    views = firewall_views(networks, endpoints)
     for family, tool in ((4, "iptables-nft-save"), (6, "ip6tables-nft-save")):
         save = run(["ip", "netns", "exec", ns, tool]).stdout
         problems += [f"IPv{family} {p}" for p in drift(views, family, save)]  # type: ignore[arg-type]
