@@ -10,12 +10,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InvalidRequest
-from .model import IPInterface, IPNetwork, PortBinding, Protocol
+from .model import IPAddress, IPInterface, IPNetwork, PortBinding, Protocol
 
 # ---------------------------------------------------------------------------------------------
 # Constants Docker uses on the wire
@@ -609,11 +609,15 @@ def join_reply(
     dst_prefix: str,
     gateway: ipaddress.IPv4Address | None,
     gateway_v6: ipaddress.IPv6Address | None,
+    *,
+    disable_gateway_service: bool = False,
 ) -> dict[str, Any]:
+    """``disable_gateway_service``: the network is internal, so Docker must not connect the
+    container to docker_gwbridge for a way out."""
     reply: dict[str, Any] = {
         "InterfaceName": {"SrcName": src_name, "DstPrefix": dst_prefix},
         "StaticRoutes": [],
-        "DisableGatewayService": False,
+        "DisableGatewayService": disable_gateway_service,
     }
     if gateway is not None:
         reply["Gateway"] = str(gateway)
@@ -628,6 +632,199 @@ def oper_info_reply(value: Mapping[str, Any]) -> dict[str, Any]:
 
 def error_reply(message: str) -> dict[str, Any]:
     return {"Err": message}
+
+
+# ---------------------------------------------------------------------------------------------
+# What a request names, for the log
+# ---------------------------------------------------------------------------------------------
+
+# The fields that identify what a request is about, by the names the log gives them.
+_LOGGED_FIELDS = (
+    ("NetworkID", "network"),
+    ("EndpointID", "endpoint"),
+    ("PoolID", "pool"),
+    ("Address", "address"),
+)
+MAX_LOGGED_ID = 64  # a body is not validated yet when it is logged: never more than this
+
+
+def request_ids(body: Mapping[str, Any]) -> dict[str, str]:
+    """The network, endpoint, pool and address a request body names (whichever it has, as
+    non-empty strings, cut to MAX_LOGGED_ID characters), keyed "network", "endpoint", "pool"
+    and "address". Works on any body, valid or not: it is what the log says of a request."""
+    ids = {}
+    for key, name in _LOGGED_FIELDS:
+        value = body.get(key)
+        if isinstance(value, str) and value:
+            ids[name] = value[:MAX_LOGGED_ID]
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Request bodies as Docker sends them, for pydriver's tools and the tests (the other side of
+# the parsers above)
+# ---------------------------------------------------------------------------------------------
+
+_PROTOCOL_NUMBERS: dict[Protocol, int] = {name: number for number, name in _PROTOCOLS.items()}
+
+
+def network_ref_body(network_id: str) -> dict[str, Any]:
+    """DeleteNetwork's body."""
+    return {"NetworkID": network_id}
+
+
+def endpoint_ref_body(network_id: str, endpoint_id: str) -> dict[str, Any]:
+    """The body of DeleteEndpoint, Leave, EndpointOperInfo and RevokeExternalConnectivity."""
+    return {"NetworkID": network_id, "EndpointID": endpoint_id}
+
+
+def ip_data_body(
+    pool: str | IPNetwork,
+    gateway: str | IPInterface | None = None,
+    *,
+    aux_addresses: Mapping[str, str | IPInterface] | None = None,
+    address_space: str = "",
+) -> dict[str, Any]:
+    """One entry of CreateNetwork's IPv4Data/IPv6Data."""
+    entry: dict[str, Any] = {"AddressSpace": address_space, "Pool": str(pool)}
+    if gateway is not None:
+        entry["Gateway"] = str(gateway)
+    if aux_addresses:
+        entry["AuxAddresses"] = {key: str(value) for key, value in aux_addresses.items()}
+    return entry
+
+
+def create_network_body(
+    network_id: str,
+    ipv4_data: Sequence[Mapping[str, Any]] = (),
+    ipv6_data: Sequence[Mapping[str, Any]] = (),
+    *,
+    generic: Mapping[str, str] | None = None,
+    enable_ipv6: bool = False,
+    enable_ipv4: bool | None = None,
+    internal: bool = False,
+) -> dict[str, Any]:
+    """CreateNetwork's body (``enable_ipv4`` None: left out, as Docker before 28 does)."""
+    options: dict[str, Any] = {ENABLE_IPV6: enable_ipv6, GENERIC_OPTIONS: dict(generic or {})}
+    if enable_ipv4 is not None:
+        options[ENABLE_IPV4] = enable_ipv4
+    if internal:
+        options[INTERNAL] = True
+    return {
+        "NetworkID": network_id,
+        "Options": options,
+        "IPv4Data": [dict(d) for d in ipv4_data],
+        "IPv6Data": [dict(d) for d in ipv6_data],
+    }
+
+
+def port_options_body(
+    bindings: Sequence[PortBinding] = (), exposed: Sequence[tuple[Protocol, int]] = ()
+) -> dict[str, Any]:
+    """The Options entries that carry a container's ports (exposed, and published with -p)."""
+    return {
+        EXPOSED_PORTS: [
+            {"Proto": _PROTOCOL_NUMBERS[proto], "Port": port} for proto, port in exposed
+        ],
+        PORT_MAP: [
+            {
+                "Proto": _PROTOCOL_NUMBERS[b.proto],
+                "IP": "",
+                "Port": b.port,
+                "HostIP": str(b.host_ip) if b.host_ip is not None else "",
+                "HostPort": b.host_port,
+                "HostPortEnd": b.host_port_end,
+            }
+            for b in bindings
+        ],
+    }
+
+
+def create_endpoint_body(
+    network_id: str,
+    endpoint_id: str,
+    address: str | IPInterface | None = None,
+    *,
+    address_v6: str | IPInterface | None = None,
+    mac_address: str = "",
+    options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """CreateEndpoint's body (an address left out is an empty string, as Docker sends it)."""
+    return {
+        "NetworkID": network_id,
+        "EndpointID": endpoint_id,
+        "Interface": {
+            "Address": str(address or ""),
+            "AddressIPv6": str(address_v6 or ""),
+            "MacAddress": mac_address,
+        },
+        "Options": dict(options or {}),
+    }
+
+
+def join_body(
+    network_id: str, endpoint_id: str, sandbox_key: str, options: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    return {
+        "NetworkID": network_id,
+        "EndpointID": endpoint_id,
+        "SandboxKey": sandbox_key,
+        "Options": dict(options or {}),
+    }
+
+
+def program_external_body(
+    network_id: str,
+    endpoint_id: str,
+    options: Mapping[str, Any] | None = None,
+    *,
+    other_gateway: bool | None = None,
+) -> dict[str, Any]:
+    """ProgramExternalConnectivity's body (``other_gateway`` None: no NO_PROXY_6TO4 at all)."""
+    body_options = dict(options or {})
+    if other_gateway is not None:
+        body_options[NO_PROXY_6TO4] = other_gateway
+    return {"NetworkID": network_id, "EndpointID": endpoint_id, "Options": body_options}
+
+
+def request_pool_body(
+    pool: str | IPNetwork | None = None,
+    sub_pool: str | IPNetwork | None = None,
+    *,
+    v6: bool = False,
+    address_space: str = "",
+    options: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    return {
+        "AddressSpace": address_space,
+        "Pool": str(pool or ""),
+        "SubPool": str(sub_pool or ""),
+        "Options": dict(options or {}),
+        "V6": v6,
+    }
+
+
+def release_pool_body(pool_id: str) -> dict[str, Any]:
+    return {"PoolID": pool_id}
+
+
+def request_address_body(
+    pool_id: str,
+    address: str | IPAddress | None = None,
+    *,
+    gateway: bool = False,
+    endpoint_name: str | None = None,
+) -> dict[str, Any]:
+    options: dict[str, str] = {}
+    if gateway:
+        options[REQUEST_ADDRESS_TYPE] = GATEWAY_ADDRESS_TYPE
+    if endpoint_name:
+        options[ENDPOINT_NAME] = endpoint_name
+    return {"PoolID": pool_id, "Address": str(address or ""), "Options": options}
+
+
+def release_address_body(pool_id: str, address: str | IPAddress) -> dict[str, Any]:
+    return {"PoolID": pool_id, "Address": str(address)}
 
 
 # ---------------------------------------------------------------------------------------------

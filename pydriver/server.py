@@ -34,30 +34,19 @@ class Reply:
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any] | Reply]]
 
 
-def _ids(body: Mapping[str, Any]) -> str:
-    parts = []
-    for key, label in (("NetworkID", "net"), ("EndpointID", "ep"), ("PoolID", "pool")):
-        value = body.get(key)
-        if isinstance(value, str) and value:
-            parts.append(f"{label}={value[:12]}")
-    addr = body.get("Address")
-    if isinstance(addr, str) and addr:
-        parts.append(f"addr={addr[:45]}")
-    return " ".join(parts)
+# How a log line names what a request is about (protocol.request_ids): label, characters kept.
+_ID_LABELS = {
+    "network": ("net", 12),
+    "endpoint": ("ep", 12),
+    "pool": ("pool", 12),
+    "address": ("addr", 45),
+}
 
 
-def _id_fields(body: Mapping[str, Any]) -> dict[str, str]:
-    fields = {}
-    for key, name in (
-        ("NetworkID", "network"),
-        ("EndpointID", "endpoint"),
-        ("PoolID", "pool"),
-        ("Address", "address"),
-    ):
-        value = body.get(key)
-        if isinstance(value, str) and value:
-            fields[name] = value[:64]
-    return fields
+def _ids_text(ids: Mapping[str, str]) -> str:
+    return " ".join(
+        f"{label}={ids[name][:keep]}" for name, (label, keep) in _ID_LABELS.items() if name in ids
+    )
 
 
 class Callers:
@@ -191,10 +180,13 @@ class Api:
 
     async def join(self, body: dict[str, Any]) -> dict[str, Any]:
         result = await self.driver.join(p.parse_join(body))
-        reply = p.join_reply(result.src_name, result.dst_prefix, result.gateway, result.gateway_v6)
-        if result.internal:
-            reply["DisableGatewayService"] = True
-        return reply
+        return p.join_reply(
+            result.src_name,
+            result.dst_prefix,
+            result.gateway,
+            result.gateway_v6,
+            disable_gateway_service=result.internal,
+        )
 
     async def leave(self, body: dict[str, Any]) -> dict[str, Any]:
         await self.driver.leave(p.parse_endpoint_ref(body))
@@ -293,17 +285,18 @@ def make_app(api: Api, metrics: Metrics | None = None) -> web.Application:
             )
         finally:
             elapsed = time.perf_counter() - started
+            ids = p.request_ids(body)
             log.info(
                 "%s %s -> %s (%.1f ms)",
                 method,
-                _ids(body),
+                _ids_text(ids),
                 outcome,
                 elapsed * 1000,
                 extra={
                     "method": method,
                     "outcome": outcome,
                     "duration_ms": round(elapsed * 1000, 2),
-                    **_id_fields(body),
+                    **ids,
                 },
             )
             if metrics is not None and handler is not None:

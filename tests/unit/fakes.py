@@ -10,18 +10,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydriver import protocol as p
 from pydriver.errors import Conflict, DriverError, HostError
 from pydriver.hostports import PortInUse
 from pydriver.ipam import HostRoute
-from pydriver.model import Family, InterfaceSetting, IPAddress, IPInterface, PortMapping
-from pydriver.netlink import Link
-from pydriver.protocol import (
-    ENABLE_IPV6,
-    EXPOSED_PORTS,
-    GENERIC_OPTIONS,
-    INTERNAL,
-    PORT_MAP,
+from pydriver.model import (
+    Family,
+    InterfaceSetting,
+    IPAddress,
+    IPInterface,
+    PortBinding,
+    PortMapping,
 )
+from pydriver.netlink import Link
 from pydriver.rules import NetworkRules
 
 
@@ -359,27 +360,19 @@ def create_network_body(
     address_space: str = "LocalDefault",
 ) -> dict[str, Any]:
     """``address_space``: "LocalDefault" is Docker's own IPAM, "PybridgeLocal" pybridge's."""
-    options: dict[str, Any] = {
-        ENABLE_IPV6: v6_subnet is not None,
-        GENERIC_OPTIONS: dict(generic or {}),
-    }
-    if internal:
-        options[INTERNAL] = True
-    v4: list[dict[str, Any]] = []
-    if subnet is not None:
-        entry: dict[str, Any] = {"AddressSpace": address_space, "Pool": subnet}
-        if gateway is not None:
-            entry["Gateway"] = gateway
-        if aux:
-            entry["AuxAddresses"] = aux
-        v4.append(entry)
-    v6: list[dict[str, Any]] = []
-    if v6_subnet is not None:
-        entry6: dict[str, Any] = {"AddressSpace": address_space, "Pool": v6_subnet}
-        if v6_gateway is not None:
-            entry6["Gateway"] = v6_gateway
-        v6.append(entry6)
-    return {"NetworkID": network_id, "Options": options, "IPv4Data": v4, "IPv6Data": v6}
+    v4 = (
+        []
+        if subnet is None
+        else [p.ip_data_body(subnet, gateway, aux_addresses=aux, address_space=address_space)]
+    )
+    v6 = (
+        []
+        if v6_subnet is None
+        else [p.ip_data_body(v6_subnet, v6_gateway, address_space=address_space)]
+    )
+    return p.create_network_body(
+        network_id, v4, v6, generic=generic, enable_ipv6=v6_subnet is not None, internal=internal
+    )
 
 
 def create_endpoint_body(
@@ -391,37 +384,22 @@ def create_endpoint_body(
     mac: str = "",
     ports: bool = False,
 ) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    if ports:
-        options[EXPOSED_PORTS] = [{"Proto": 6, "Port": 80}]
-        options[PORT_MAP] = [
-            {
-                "Proto": 6,
-                "IP": "",
-                "Port": 80,
-                "HostIP": "",
-                "HostPort": 18100,
-                "HostPortEnd": 18100,
-            }
-        ]
-    return {
-        "NetworkID": network_id,
-        "EndpointID": endpoint_id,
-        "Interface": {"Address": address, "AddressIPv6": address_v6, "MacAddress": mac},
-        "Options": options,
-    }
+    """``ports``: the container exposes 80/tcp and publishes it on host port 18100."""
+    options = (
+        p.port_options_body([PortBinding("tcp", 80, None, 18100, 18100)], [("tcp", 80)])
+        if ports
+        else {}
+    )
+    return p.create_endpoint_body(
+        network_id, endpoint_id, address, address_v6=address_v6, mac_address=mac, options=options
+    )
 
 
 def join_body(
     network_id: str, endpoint_id: str, sandbox: str = "/var/run/docker/netns/e61ac536cf4e"
 ) -> dict[str, Any]:
-    return {
-        "NetworkID": network_id,
-        "EndpointID": endpoint_id,
-        "SandboxKey": sandbox,
-        "Options": {},
-    }
+    return p.join_body(network_id, endpoint_id, sandbox)
 
 
 def endpoint_ref_body(network_id: str, endpoint_id: str) -> dict[str, Any]:
-    return {"NetworkID": network_id, "EndpointID": endpoint_id}
+    return p.endpoint_ref_body(network_id, endpoint_id)

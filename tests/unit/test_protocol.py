@@ -857,3 +857,134 @@ def test_status_round_trip() -> None:
 def test_status_reply_malformed(reply: dict[str, Any], message: str) -> None:
     with pytest.raises(InvalidRequest, match=re.escape(message)):
         p.parse_status_reply(reply)
+
+
+# ---------------------------------------------------------------------------------------------
+# Request builders (the tools' and tests' side) and what the log names of a request
+# ---------------------------------------------------------------------------------------------
+
+
+def _ip_data(data: tuple[p.IPData, ...]) -> list[dict[str, Any]]:
+    return [
+        p.ip_data_body(
+            d.pool, d.gateway, aux_addresses=d.aux_addresses, address_space=d.address_space
+        )
+        for d in data
+    ]
+
+
+def _ports(ports: p.PortOptions) -> dict[str, Any]:
+    return p.port_options_body(ports.bindings, ports.exposed) if ports.present else {}
+
+
+def rebuild(parsed: object) -> dict[str, Any]:
+    """A body built with protocol's builders from what a request parsed to."""
+    if isinstance(parsed, p.CreateNetworkRequest):
+        return p.create_network_body(
+            parsed.network_id,
+            _ip_data(parsed.ipv4_data),
+            _ip_data(parsed.ipv6_data),
+            generic=parsed.generic_options,
+            enable_ipv6=parsed.enable_ipv6,
+            enable_ipv4=parsed.enable_ipv4,
+            internal=parsed.internal,
+        )
+    if isinstance(parsed, p.NetworkRef):
+        return p.network_ref_body(parsed.network_id)
+    if isinstance(parsed, p.EndpointRef):
+        return p.endpoint_ref_body(parsed.network_id, parsed.endpoint_id)
+    if isinstance(parsed, p.CreateEndpointRequest):
+        return p.create_endpoint_body(
+            parsed.network_id,
+            parsed.endpoint_id,
+            parsed.address,
+            address_v6=parsed.address_v6,
+            mac_address=parsed.mac_address or "",
+            options={**parsed.driver_options, **_ports(parsed.ports)},
+        )
+    if isinstance(parsed, p.JoinRequest):
+        return p.join_body(
+            parsed.network_id, parsed.endpoint_id, parsed.sandbox_key, _ports(parsed.ports)
+        )
+    if isinstance(parsed, p.ProgramExternalRequest):
+        return p.program_external_body(
+            parsed.network_id,
+            parsed.endpoint_id,
+            _ports(parsed.ports),
+            other_gateway=parsed.other_gateway or None,
+        )
+    if isinstance(parsed, p.RequestPoolRequest):
+        return p.request_pool_body(
+            parsed.pool,
+            parsed.sub_pool,
+            v6=parsed.v6,
+            address_space=parsed.address_space,
+            options=parsed.options,
+        )
+    if isinstance(parsed, p.ReleasePoolRequest):
+        return p.release_pool_body(parsed.pool_id)
+    if isinstance(parsed, p.RequestAddressRequest):
+        body = p.request_address_body(
+            parsed.pool_id,
+            parsed.address,
+            gateway=parsed.is_gateway,
+            endpoint_name=parsed.endpoint_name,
+        )
+        body["Options"] = dict(parsed.options)  # whatever else Docker sent along
+        return body
+    if isinstance(parsed, p.ReleaseAddressRequest):
+        return p.release_address_body(parsed.pool_id, parsed.address)
+    raise AssertionError(f"no builder for {type(parsed).__name__}")
+
+
+@pytest.mark.parametrize("record", corpus_requests())
+def test_builders_rebuild_every_corpus_request(record: dict[str, Any]) -> None:
+    """Whatever dockerd sent, the builders write a body that parses to the same request."""
+    path = record["path"]
+    if path in ARGUMENTLESS:
+        return
+    parsed = PARSERS[path](record["body"])
+    assert PARSERS[path](rebuild(parsed)) == parsed
+
+
+def test_fake_bodies_are_what_the_builders_write() -> None:
+    body = create_endpoint_body(NET, EP, ports=True)
+    assert body["Options"] == {
+        p.EXPOSED_PORTS: [{"Proto": 6, "Port": 80}],
+        p.PORT_MAP: [
+            {
+                "Proto": 6,
+                "IP": "",
+                "Port": 80,
+                "HostIP": "",
+                "HostPort": 18100,
+                "HostPortEnd": 18100,
+            }
+        ],
+    }
+    assert body["Interface"] == {"Address": "10.50.0.2/24", "AddressIPv6": "", "MacAddress": ""}
+    network = create_network_body(NET, internal=True, aux={"a": "10.50.0.5"})
+    assert network["IPv4Data"] == [
+        {
+            "AddressSpace": "LocalDefault",
+            "Pool": "10.50.0.0/24",
+            "Gateway": "10.50.0.1/24",
+            "AuxAddresses": {"a": "10.50.0.5"},
+        }
+    ]
+    assert network["Options"] == {p.ENABLE_IPV6: False, p.GENERIC_OPTIONS: {}, p.INTERNAL: True}
+
+
+def test_request_ids_name_what_a_request_is_about() -> None:
+    body = {"NetworkID": NET, "EndpointID": EP, "PoolID": "", "Address": "10.50.0.2", "X": "y"}
+    assert p.request_ids(body) == {"network": NET, "endpoint": EP, "address": "10.50.0.2"}
+    # Anything a hostile body sends: only non-empty strings, cut short.
+    assert p.request_ids({"NetworkID": 7, "PoolID": "x" * 100, "Address": None}) == {
+        "pool": "x" * p.MAX_LOGGED_ID
+    }
+    assert p.request_ids({}) == {}
+
+
+def test_join_reply_disables_the_gateway_service_for_internal_networks() -> None:
+    reply = p.join_reply("pyc0123456789ab", "eth", None, None, disable_gateway_service=True)
+    assert reply["DisableGatewayService"] is True
