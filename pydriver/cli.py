@@ -25,7 +25,7 @@ from .doctor import prune as run_prune
 from .driver import NetworkDriver
 from .errors import DriverError
 from .firewall import IptablesFirewall, detect_backend
-from .hostports import SocketReservations
+from .hostports import SocketReservations, port_holder
 from .ipamdriver import IpamDriver
 from .logs import setup_logging
 from .metrics import Metrics
@@ -333,6 +333,7 @@ async def serve(args: argparse.Namespace) -> int:
         firewall,
         Sysctl(Path(_env("PYDRIVER_SYSCTL_ROOT", "/proc/sys"))),
         host_ports=host_ports,
+        port_holder=port_holder,
         ephemeral_range=ephemeral_range(),
         release_addresses=release_addresses,
     )
@@ -354,7 +355,9 @@ async def serve(args: argparse.Namespace) -> int:
     )
 
     runner = web.AppRunner(
-        make_app(Api(driver, ipam), metrics), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT
+        make_app(Api(driver, ipam, state_path=store.path), metrics),
+        access_log=None,
+        shutdown_timeout=SHUTDOWN_TIMEOUT,
     )
     await runner.setup()
     site = web.UnixSite(runner, args.socket)

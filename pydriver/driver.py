@@ -22,22 +22,32 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from . import faults
-from .errors import BridgeFull, Conflict, DriverError, InvalidRequest, NotFound
+from .errors import BridgeFull, Conflict, DriverError, InvalidRequest, NotFound, PortInUse
 from .firewall_writer import FirewallWriter
-from .hostports import PortInUse, SocketReservations, port_holder
-from .ipam import ADDRESS_SPACES, HostRoute, describe_route, find_overlap, pool_id_for
+from .interfaces import (
+    MAX_BRIDGE_PORTS,
+    AddressReleaser,
+    Firewall,
+    Kernel,
+    KernelSettings,
+    NetworkStore,
+    PortHolder,
+    PortReservations,
+)
+from .ipam import ADDRESS_SPACES, describe_route, find_overlap, pool_id_for
 from .locks import KeyedLock
 from .model import (
     BridgeSettings,
     Endpoint,
     Family,
-    InterfaceSetting,
+    HostRoute,
     IPAddress,
     IPInterface,
     IPNetwork,
+    Link,
     Network,
     NetworkOptions,
     PortBinding,
@@ -53,7 +63,6 @@ from .naming import (
     is_pybridge_bridge,
     is_pybridge_veth,
 )
-from .netlink import MAX_BRIDGE_PORTS, Link
 from .options import parse_network_options
 from .ports import DEFAULT_EPHEMERAL_RANGE, PortIndex, PortRequest, plan
 from .protocol import (
@@ -66,7 +75,6 @@ from .protocol import (
     ProgramExternalRequest,
 )
 from .rules import NetworkRules, firewall_views
-from .store import SqliteStore
 
 log = logging.getLogger(__name__)
 
@@ -83,68 +91,6 @@ MAC_ATTEMPTS = 64
 # last) asynchronously, so the old endpoint of a container dockerd is restarting right now
 # may show its veth for a moment.
 DYING_VETH_WAIT = 2.0
-
-
-class Kernel(Protocol):
-    async def get_link(self, name: str) -> Link | None: ...
-    async def exists(self, name: str) -> bool: ...
-    async def links(self) -> list[Link]: ...
-    async def routes(self) -> list[HostRoute]: ...
-    async def ensure_bridge(self, name: str, mac: str, mtu: int | None) -> bool: ...
-    async def set_link(
-        self,
-        name: str,
-        *,
-        up: bool | None = None,
-        mtu: int | None = None,
-        master: str | None = None,
-    ) -> None: ...
-    async def ensure_address(self, name: str, address: IPInterface) -> None: ...
-    async def link_addresses(self, name: str) -> list[IPInterface]: ...
-    async def remove_address(self, name: str, address: IPInterface) -> None: ...
-    async def ensure_veth(
-        self,
-        host: str,
-        peer: str,
-        peer_mac: str,
-        mtu: int | None,
-        master: str | None = None,
-        *,
-        hairpin: bool = False,
-    ) -> bool: ...
-    async def delete_link(self, name: str) -> bool: ...
-    async def forget_flows(
-        self, address: IPAddress, proto: int | None = None, port: int | None = None
-    ) -> int: ...
-    async def forget_port_flows(self, proto: int, port: int) -> int: ...
-    async def set_hairpin(self, name: str) -> None: ...
-
-
-class Firewall(Protocol):
-    async def apply(self, networks: Sequence[NetworkRules], *, force: bool = False) -> None: ...
-    async def drop_forwarded_by_default(self, family: Family) -> None: ...
-    async def drift(self, networks: Sequence[NetworkRules]) -> list[str]: ...
-
-
-class PortReservations(Protocol):
-    def reserve(self, mapping: PortMapping) -> None: ...
-    def release(self, mapping: PortMapping) -> None: ...
-
-
-PortHolder = Callable[[str, int], Awaitable[str | None]]
-# Gives (IPAM pool id, address) pairs back to pybridge's IPAM (IpamDriver.release_owned).
-AddressReleaser = Callable[[Sequence[tuple[str, IPAddress]]], Awaitable[None]]
-
-
-class KernelSettings(Protocol):
-    async def enable_route_localnet(self, ifname: str) -> None: ...
-    async def forwarding_enabled(self, family: Family) -> bool: ...
-    async def enable_forwarding(self, family: Family) -> None: ...
-    async def disable_accept_ra(self, ifname: str) -> None: ...
-    async def interface_setting(self, ifname: str, setting: InterfaceSetting) -> str | None: ...
-    async def restore_interface_setting(
-        self, ifname: str, setting: InterfaceSetting, value: str
-    ) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -204,12 +150,12 @@ def _publishes_any(mappings: Iterable[PortMapping], bindings: Iterable[PortBindi
 class NetworkDriver:
     def __init__(
         self,
-        store: SqliteStore,
+        store: NetworkStore,
         kernel: Kernel,
         firewall: Firewall,
         sysctl: KernelSettings,
-        host_ports: PortReservations | None = None,
-        port_holder: PortHolder = port_holder,
+        host_ports: PortReservations,
+        port_holder: PortHolder,
         ephemeral_range: tuple[int, int] = DEFAULT_EPHEMERAL_RANGE,
         inline_background: bool = False,
         release_addresses: AddressReleaser | None = None,
@@ -223,9 +169,7 @@ class NetworkDriver:
         self.kernel = kernel
         self.firewall = firewall
         self.sysctl = sysctl
-        self.host_ports: PortReservations = (
-            host_ports if host_ports is not None else SocketReservations()
-        )
+        self.host_ports = host_ports
         self.port_holder = port_holder
         self.ephemeral_range = ephemeral_range
         self._ephemeral_cursor = 0

@@ -27,6 +27,10 @@ class Conflict(DriverError):
     kind = "conflict"
 
 
+class PortInUse(Conflict):
+    """A host port pybridge was asked to publish is held by something else."""
+
+
 class Exhausted(DriverError):
     """A pool has no free addresses (or no free subnet is left)."""
 

@@ -10,7 +10,7 @@ import re
 import resource
 import socket
 
-from .errors import Conflict, HostError
+from .errors import Conflict, HostError, PortInUse
 from .model import PortMapping
 from .process import run
 
@@ -34,10 +34,6 @@ _UNSUPPORTED = frozenset(
 
 def _key(m: PortMapping) -> Key:
     return (m.proto, m.family, str(m.host_ip or ""), m.host_port)
-
-
-class PortInUse(Conflict):
-    """The host port is held by something else."""
 
 
 class OutOfDescriptors(HostError):

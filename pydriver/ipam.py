@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .errors import Conflict, Exhausted, InvalidRequest
-from .model import IPAddress, IPNetwork
+from .model import HostRoute, IPAddress, IPNetwork
 
 # The built-in IPAM's default pools (172.17-31.x.x/16, then 192.168.x.x/20), so automatic
 # subnets look like Docker's own (pybridge walks them in the other direction).
@@ -38,14 +38,6 @@ REPLAY_WINDOW = 20.0
 UNCLAIMED_RELEASE_AFTER = 60.0
 
 AnswerKind = Literal["gateway", "specific", "dynamic"]
-
-
-@dataclass(frozen=True)
-class HostRoute:
-    """A route in the host's main table, used to avoid subnets that are already reachable."""
-
-    destination: IPNetwork
-    device: str
 
 
 def describe_route(route: HostRoute) -> str:

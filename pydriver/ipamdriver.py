@@ -17,12 +17,12 @@ from collections.abc import Awaitable, Callable, Collection, Iterable
 
 from . import faults
 from .errors import Conflict, InvalidRequest, NotFound, Unsupported
+from .interfaces import EndpointAddresses, PoolStore, RoutesProvider
 from .ipam import (
     GLOBAL_ADDRESS_SPACE,
     LOCAL_ADDRESS_SPACE,
     REPLAY_WINDOW,
     AnswerKind,
-    HostRoute,
     Pool,
     choose_subnet,
     choose_v6_subnet,
@@ -33,14 +33,13 @@ from .ipam import (
     pool_id_for,
 )
 from .locks import KeyedLock
-from .model import IPAddress, IPInterface, IPNetwork
+from .model import HostRoute, IPAddress, IPInterface, IPNetwork
 from .protocol import (
     ReleaseAddressRequest,
     ReleasePoolRequest,
     RequestAddressRequest,
     RequestPoolRequest,
 )
-from .store import SqliteStore
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +47,7 @@ ULA_META_KEY = "ula_prefix"
 
 __all__ = ["GLOBAL_ADDRESS_SPACE", "LOCAL_ADDRESS_SPACE", "IpamDriver"]
 
-RoutesProvider = Callable[[], Awaitable[list[HostRoute]]]
 Ack = Callable[[], Awaitable[None]]
-# The addresses that endpoints known to pybridge's network driver use in a pool, or None when
-# the pool backs no pybridge network (then pybridge cannot see who uses its addresses).
-EndpointAddresses = Callable[[str], Collection[IPAddress] | None]
 
 
 def _no_endpoints(pool_id: str) -> None:
@@ -62,7 +57,7 @@ def _no_endpoints(pool_id: str) -> None:
 class IpamDriver:
     def __init__(
         self,
-        store: SqliteStore,
+        store: PoolStore,
         routes: RoutesProvider,
         endpoint_addresses: EndpointAddresses = _no_endpoints,
         clock: Callable[[], float] = time.time,

@@ -18,6 +18,27 @@ InterfaceSetting = Literal["route_localnet", "accept_ra"]
 
 
 @dataclass(frozen=True)
+class Link:
+    """A network interface of the host, as the kernel lists it."""
+
+    index: int
+    name: str
+    kind: str | None  # "bridge", "veth", ...; None for a device without link info
+    master: int | None  # the index of the bridge it is on
+    mtu: int
+    up: bool
+    mac: str
+
+
+@dataclass(frozen=True)
+class HostRoute:
+    """A route in the host's main table, used to avoid subnets that are already reachable."""
+
+    destination: IPNetwork
+    device: str
+
+
+@dataclass(frozen=True)
 class PortBinding:
     """One `-p` mapping as Docker sent it (host_port 0 = choose one)."""
 

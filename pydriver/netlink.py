@@ -15,7 +15,6 @@ import socket
 import struct
 import threading
 from collections.abc import Coroutine
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pyroute2 import AsyncIPRoute
@@ -23,27 +22,15 @@ from pyroute2.conntrack import AsyncConntrack, NFCTAttrTuple
 from pyroute2.netlink.exceptions import NetlinkError
 
 from .errors import BridgeFull, Conflict, HostError
-from .ipam import HostRoute
-from .model import IPAddress, IPInterface, IPNetwork
+from .interfaces import MAX_BRIDGE_PORTS
+from .model import HostRoute, IPAddress, IPInterface, IPNetwork, Link
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 IFA_F_NODAD = 0x02
-MAX_BRIDGE_PORTS = 1023  # BR_MAX_PORTS - 1: port number 0 is never used
 MAIN_TABLE = 254
 _RT_UNICAST = 1
-
-
-@dataclass(frozen=True)
-class Link:
-    index: int
-    name: str
-    kind: str | None
-    master: int | None
-    mtu: int
-    up: bool
-    mac: str
 
 
 def _kind(msg: Any) -> str | None:

@@ -9,6 +9,7 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -96,11 +97,18 @@ class Api:
     """Maps every route to the driver call behind it."""
 
     def __init__(
-        self, driver: NetworkDriver, ipam: IpamDriver, callers: Callers | None = None
+        self,
+        driver: NetworkDriver,
+        ipam: IpamDriver,
+        callers: Callers | None = None,
+        state_path: Path | None = None,
     ) -> None:
         self.driver = driver
         self.ipam = ipam
         self.callers = callers or Callers()
+        # The state database, named in Pybridge.Status so `pydriver prune` can tell it reads
+        # the state this pybridge serves from (None: not said).
+        self.state_path = state_path
         self.started = time.time()
         self.routes: dict[str, Handler] = {
             "/Plugin.Activate": self.activate,
@@ -129,14 +137,12 @@ class Api:
         }
 
     async def status(self, body: dict[str, Any]) -> dict[str, Any]:
-        state = os.stat(self.driver.store.path)  # one stat: no need to leave the loop
+        state_file = None
+        if self.state_path is not None:
+            state = os.stat(self.state_path)  # one stat: no need to leave the loop
+            state_file = (state.st_dev, state.st_ino)
         return p.status_reply(
-            p.Status(
-                os.getpid(),
-                self.started,
-                self.callers.callers(),
-                state_file=(state.st_dev, state.st_ino),
-            )
+            p.Status(os.getpid(), self.started, self.callers.callers(), state_file=state_file)
         )
 
     async def activate(self, body: dict[str, Any]) -> dict[str, Any]:

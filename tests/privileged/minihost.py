@@ -20,6 +20,7 @@ from types import TracebackType
 from pydriver import protocol as p
 from pydriver.driver import NetworkDriver
 from pydriver.firewall import Backend, IptablesFirewall, tool
+from pydriver.hostports import port_holder
 from pydriver.model import PortMapping
 from pydriver.netlink import Netlink
 from pydriver.store import SqliteStore
@@ -139,6 +140,7 @@ class MiniHost:
                 IptablesFirewall(self.backend, netns=self.ns),
                 NetnsSysctl(self.ns),
                 host_ports=NoHostPorts(),
+                port_holder=port_holder,
             )
         except BaseException:
             await self.__aexit__(None, None, None)

@@ -18,7 +18,9 @@ from pydriver import protocol as p
 from pydriver.driver import NetworkDriver
 from pydriver.errors import BridgeFull, Conflict
 from pydriver.firewall import Backend, IptablesFirewall, tool
-from pydriver.netlink import MAX_BRIDGE_PORTS, Netlink
+from pydriver.hostports import SocketReservations, port_holder
+from pydriver.interfaces import MAX_BRIDGE_PORTS
+from pydriver.netlink import Netlink
 from pydriver.rules import NetworkRules, jumps_present, parse_save, pybridge_rules_in
 from pydriver.store import SqliteStore
 from tests.hostenv import require_root, run
@@ -169,7 +171,12 @@ async def test_driver_datapath_with_forward_drop(
     store = SqliteStore(tmp_path)
     try:
         driver = NetworkDriver(
-            store, nl, IptablesFirewall(backend, netns=netns), NetnsSysctl(netns)
+            store,
+            nl,
+            IptablesFirewall(backend, netns=netns),
+            NetnsSysctl(netns),
+            host_ports=SocketReservations(),
+            port_holder=port_holder,
         )
         network_id = _hex()
         await driver.create_network(

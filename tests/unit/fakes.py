@@ -1,28 +1,32 @@
-"""In-memory fakes of the interfaces NetworkDriver talks through (Kernel, Firewall,
-KernelSettings, PortReservations), plus helpers that build Docker-shaped request bodies with
-64-hex ids."""
+"""In-memory fakes of the interfaces the drivers talk through (pydriver/interfaces.py: Kernel,
+Firewall, KernelSettings, PortReservations, NetworkStore and PoolStore), plus helpers that
+build Docker-shaped request bodies with 64-hex ids."""
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydriver import protocol as p
-from pydriver.errors import Conflict, DriverError, HostError
-from pydriver.hostports import PortInUse
-from pydriver.ipam import HostRoute
+from pydriver.errors import Conflict, DriverError, HostError, PortInUse
+from pydriver.ipam import AnswerKind, Pool, UnacknowledgedAnswer
 from pydriver.model import (
+    Endpoint,
     Family,
+    HostRoute,
     InterfaceSetting,
     IPAddress,
     IPInterface,
+    Link,
+    Network,
     PortBinding,
     PortMapping,
 )
-from pydriver.netlink import Link
 from pydriver.rules import NetworkRules
 
 
@@ -340,6 +344,163 @@ class FakeHostPorts:
 
     async def holder(self, proto: str, port: int) -> str | None:
         return self.busy.get((proto, port))
+
+
+# ---------------------------------------------------------------------------------------------
+# State
+# ---------------------------------------------------------------------------------------------
+
+
+def _stored(data: dict[str, Any]) -> dict[str, Any]:
+    """A record as a database row holds it: plain JSON, nothing shared with the caller."""
+    stored: dict[str, Any] = json.loads(json.dumps(data))
+    return stored
+
+
+@dataclass
+class _PoolRow:
+    data: dict[str, Any]
+    unacknowledged: bool
+    recorded_at: float | None
+
+
+@dataclass
+class _AddressRow:
+    unacknowledged: bool
+    kind: AnswerKind
+    recorded_at: float | None
+    endpoint_name: str | None
+
+
+class FakeStore:
+    """The state in memory, with the SQLite store's semantics (test_store.py runs the same
+    checks on both): records are kept in their stored form, so a load after a "restart" gives
+    new objects, as reading the database does. Every write is "durable" at once.
+
+    ``fail[method] = error`` makes every later call of that method raise ``error``."""
+
+    def __init__(self) -> None:
+        self.networks: dict[str, dict[str, Any]] = {}
+        self.endpoints: dict[str, dict[str, Any]] = {}
+        self.pools: dict[str, _PoolRow] = {}
+        self.addresses: dict[tuple[str, str], _AddressRow] = {}
+        self.meta: dict[str, str] = {}
+        self.quarantine: list[tuple[str, str, str]] = []  # (source, key, error)
+        self.fail: dict[str, DriverError] = {}
+
+    def _enter(self, method: str) -> None:
+        error = self.fail.get(method)
+        if error is not None:
+            raise error
+
+    # -- NetworkStore -------------------------------------------------------------------------
+
+    async def load_networks(self) -> list[Network]:
+        self._enter("load_networks")
+        return [Network.from_dict(_stored(d)) for _, d in sorted(self.networks.items())]
+
+    async def load_endpoints(self) -> list[Endpoint]:
+        self._enter("load_endpoints")
+        return [Endpoint.from_dict(_stored(d)) for _, d in sorted(self.endpoints.items())]
+
+    async def put_network(self, network: Network) -> None:
+        self._enter("put_network")
+        self.networks[network.id] = _stored(network.to_dict())
+
+    async def delete_network(self, network_id: str) -> None:
+        self._enter("delete_network")
+        self.networks.pop(network_id, None)
+        for endpoint_id, data in list(self.endpoints.items()):
+            if data["network_id"] == network_id:
+                del self.endpoints[endpoint_id]
+
+    async def put_endpoint(self, endpoint: Endpoint) -> None:
+        self._enter("put_endpoint")
+        self.endpoints[endpoint.id] = _stored(endpoint.to_dict())
+
+    async def delete_endpoint(self, endpoint_id: str) -> None:
+        self._enter("delete_endpoint")
+        self.endpoints.pop(endpoint_id, None)
+
+    # -- PoolStore ----------------------------------------------------------------------------
+
+    async def load_pools(self) -> list[Pool]:
+        self._enter("load_pools")
+        pools = []
+        for pool_id, row in sorted(self.pools.items()):
+            mine = {a: r for (pid, a), r in self.addresses.items() if pid == pool_id}
+            pools.append(
+                Pool.from_dict(
+                    _stored(row.data),
+                    list(mine),
+                    {
+                        a: UnacknowledgedAnswer(r.kind, r.recorded_at, r.endpoint_name)
+                        for a, r in mine.items()
+                        if r.unacknowledged
+                    },
+                    row.unacknowledged,
+                    row.recorded_at if row.unacknowledged else None,
+                )
+            )
+        return pools
+
+    async def put_pool(self, pool: Pool, recorded_at: float | None = None) -> None:
+        self._enter("put_pool")
+        at = time.time() if recorded_at is None else recorded_at
+        self.pools[pool.id] = _PoolRow(_stored(pool.to_dict()), True, at)
+
+    async def delete_pool(self, pool_id: str) -> None:
+        self._enter("delete_pool")
+        self.pools.pop(pool_id, None)
+        for key in [k for k in self.addresses if k[0] == pool_id]:
+            del self.addresses[key]
+
+    async def add_address(
+        self,
+        pool: Pool,
+        address: str,
+        kind: AnswerKind,
+        recorded_at: float | None = None,
+        endpoint_name: str | None = None,
+    ) -> None:
+        self._enter("add_address")
+        if (pool.id, address) in self.addresses:
+            raise HostError(f"address {address} of pool {pool.id} is already recorded")
+        at = time.time() if recorded_at is None else recorded_at
+        self.addresses[(pool.id, address)] = _AddressRow(True, kind, at, endpoint_name)
+        row = self.pools.get(pool.id)
+        if row is not None:  # the pool's row carries the cursor
+            row.data = _stored(pool.to_dict())
+
+    async def acknowledge(self, pool_id: str, address: str | None = None) -> None:
+        self._enter("acknowledge")
+        row = self.pools.get(pool_id) if address is None else self.addresses.get((pool_id, address))
+        if row is not None:
+            row.unacknowledged = False
+
+    async def remove_address(self, pool_id: str, address: str) -> None:
+        self._enter("remove_address")
+        self.addresses.pop((pool_id, address), None)
+
+    async def remove_addresses(self, addresses: list[tuple[str, str]]) -> None:
+        self._enter("remove_addresses")
+        for key in addresses:
+            self.addresses.pop(key, None)
+
+    async def get_meta(self, key: str) -> str | None:
+        return self.meta.get(key)
+
+    async def set_meta(self, key: str, value: str) -> None:
+        self._enter("set_meta")
+        self.meta[key] = value
+
+    async def quarantine_meta(self, key: str, error: str) -> None:
+        if key in self.meta:
+            del self.meta[key]
+            self.quarantine.append(("meta", key, error))
+
+    async def quarantined_keys(self, source: str) -> list[str]:
+        return [key for kind, key, _ in self.quarantine if kind == source]
 
 
 # ---------------------------------------------------------------------------------------------

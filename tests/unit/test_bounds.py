@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 
 from pydriver import protocol as p
 from pydriver.errors import Conflict, Exhausted
-from pydriver.ipam import HostRoute, Pool, choose_subnet, choose_v6_subnet, v6_candidates
+from pydriver.ipam import Pool, choose_subnet, choose_v6_subnet, v6_candidates
 from pydriver.ipamdriver import LOCAL_ADDRESS_SPACE, IpamDriver
-from pydriver.model import IPNetwork
+from pydriver.model import HostRoute, IPNetwork
 from pydriver.store import SqliteStore
 
 from .conftest import Env

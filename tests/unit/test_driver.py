@@ -18,8 +18,8 @@ from pydriver.errors import (
     NotFound,
     Unsupported,
 )
-from pydriver.ipam import LOCAL_ADDRESS_SPACE, HostRoute
-from pydriver.model import BridgeSettings, Endpoint, Network, NetworkOptions, Subnet
+from pydriver.ipam import LOCAL_ADDRESS_SPACE
+from pydriver.model import BridgeSettings, Endpoint, HostRoute, Network, NetworkOptions, Subnet
 from pydriver.naming import (
     bridge_mac,
     bridge_name,

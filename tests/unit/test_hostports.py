@@ -77,7 +77,8 @@ _CHILD = textwrap.dedent(
     """
     import ipaddress, json, resource, sys
     from pydriver.cli import raise_fd_limit
-    from pydriver.hostports import SocketReservations, OutOfDescriptors, PortInUse
+    from pydriver.errors import PortInUse
+    from pydriver.hostports import OutOfDescriptors, SocketReservations
     from pydriver.model import PortMapping
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (40, hard))

@@ -14,11 +14,11 @@ import pytest
 
 from pydriver import protocol as p
 from pydriver.errors import Conflict, Exhausted, InvalidRequest, NotFound, Unsupported
+from pydriver.interfaces import PoolStore
 from pydriver.ipam import (
     DEFAULT_V4_POOLS,
     REPLAY_WINDOW,
     UNCLAIMED_RELEASE_AFTER,
-    HostRoute,
     Pool,
     UnacknowledgedAnswer,
     choose_subnet,
@@ -30,8 +30,10 @@ from pydriver.ipam import (
     v6_candidates,
 )
 from pydriver.ipamdriver import GLOBAL_ADDRESS_SPACE, LOCAL_ADDRESS_SPACE, IpamDriver
-from pydriver.model import IPNetwork
+from pydriver.model import HostRoute, IPNetwork
 from pydriver.store import SqliteStore
+
+from .fakes import FakeStore
 
 
 def iface(text: str) -> Any:
@@ -325,7 +327,8 @@ def test_v6_candidates() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# IpamDriver over a real SqliteStore
+# IpamDriver over the SQLite store and over the in-memory one (as CNI's host-local tests its
+# allocator over a fake store): every test below runs on both
 # ---------------------------------------------------------------------------------------------
 
 
@@ -347,24 +350,45 @@ def routes() -> FakeRoutes:
     return FakeRoutes()
 
 
+class Stores:
+    """The state an IPAM driver restarts on: a SQLite database in a directory, or a FakeStore
+    kept across restarts (what a fresh SqliteStore would read back)."""
+
+    def __init__(self, kind: str, path: Path) -> None:
+        self.kind, self.path = kind, path
+        self.memory = FakeStore()
+        self.sqlite: SqliteStore | None = None
+
+    def open(self) -> PoolStore:
+        self.close()
+        if self.kind == "memory":
+            return self.memory
+        self.sqlite = SqliteStore(self.path)
+        return self.sqlite
+
+    def close(self) -> None:
+        if self.sqlite is not None:
+            self.sqlite.close()
+            self.sqlite = None
+
+
+@pytest.fixture(params=["sqlite", "memory"])
+def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stores]:
+    opened = Stores(request.param, tmp_path / "state")
+    yield opened
+    opened.close()
+
+
 @pytest.fixture
-async def open_ipam(tmp_path: Path, routes: FakeRoutes) -> AsyncIterator[OpenIpam]:
-    """Opens a fresh SqliteStore + IpamDriver on the same state directory (a daemon restart)."""
-    stores: list[SqliteStore] = []
+async def open_ipam(stores: Stores, routes: FakeRoutes) -> AsyncIterator[OpenIpam]:
+    """Opens a fresh store + IpamDriver on the same state (a daemon restart)."""
 
     async def opener() -> IpamDriver:
-        for old in stores:
-            old.close()
-        stores.clear()
-        store = SqliteStore(tmp_path / "state")
-        stores.append(store)
-        ipam = IpamDriver(store, routes)
+        ipam = IpamDriver(stores.open(), routes)
         await ipam.load()
         return ipam
 
     yield opener
-    for store in stores:
-        store.close()
 
 
 def pool_req(
@@ -708,30 +732,20 @@ async def no_routes() -> list[HostRoute]:
 
 
 class Restartable:
-    def __init__(self, tmp_path: Path) -> None:
-        self.path = tmp_path / "s"
+    def __init__(self, stores: Stores) -> None:
+        self.stores = stores
         self.clock = Clock()
         self.endpoints = Endpoints()
-        self.store: SqliteStore | None = None
 
     async def open(self) -> IpamDriver:
-        self.close()
-        self.store = SqliteStore(self.path)
-        ipam = IpamDriver(self.store, no_routes, self.endpoints, self.clock)
+        ipam = IpamDriver(self.stores.open(), no_routes, self.endpoints, self.clock)
         await ipam.load()
         return ipam
 
-    def close(self) -> None:
-        if self.store is not None:
-            self.store.close()
-            self.store = None
-
 
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Restartable]:
-    restartable = Restartable(tmp_path)
-    yield restartable
-    restartable.close()
+def daemon(stores: Stores) -> Restartable:
+    return Restartable(stores)
 
 
 def named_req(pool_id: str, name: str) -> p.RequestAddressRequest:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import socket
 import struct
 
-from pydriver.netlink import Link, _parse_link
+from pydriver.model import Link
+from pydriver.netlink import _parse_link
 
 
 def attr(kind: int, payload: bytes) -> bytes:

@@ -67,7 +67,9 @@ async def client(env: Env) -> AsyncIterator[Client]:
     # unix socket paths are limited to 108 bytes; tmp_path can be longer
     sock_dir = Path(tempfile.mkdtemp(prefix="pyb-", dir="/tmp"))
     sock = sock_dir / "plugin.sock"
-    runner = web.AppRunner(make_app(Api(env.driver, env.ipam)), access_log=None)
+    runner = web.AppRunner(
+        make_app(Api(env.driver, env.ipam, state_path=env.store.path)), access_log=None
+    )
     await runner.setup()
     try:
         await web.UnixSite(runner, str(sock)).start()
@@ -713,6 +715,8 @@ async def test_status_names_the_process_calling(client: Client) -> None:
     await client.ok("/NetworkDriver.GetCapabilities")
     reply = await status(client)
     assert reply.pid == os.getpid()
+    state = os.stat(client.env.store.path)
+    assert reply.state_file == (state.st_dev, state.st_ino)
     [caller] = reply.callers
     assert (caller.pid, caller.uid, caller.requests) == (os.getpid(), os.getuid(), 2)
     assert before <= caller.first_seen <= caller.last_seen <= time.time()

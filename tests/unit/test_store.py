@@ -9,6 +9,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,11 +17,12 @@ import pytest
 from pydriver import protocol as p
 from pydriver.doctor import Report, _check_database
 from pydriver.errors import Conflict, HostError
-from pydriver.ipam import HostRoute, Pool, UnacknowledgedAnswer
+from pydriver.ipam import Pool, UnacknowledgedAnswer
 from pydriver.ipamdriver import ULA_META_KEY, IpamDriver
 from pydriver.model import (
     BridgeSettings,
     Endpoint,
+    HostRoute,
     Network,
     NetworkOptions,
     PortBinding,
@@ -36,7 +38,7 @@ from pydriver.store import (
     read_state,
 )
 
-from .fakes import FakeKernel, hexid
+from .fakes import FakeKernel, FakeStore, hexid
 
 NET = hexid("store-net")
 EP = hexid("store-ep")
@@ -88,19 +90,27 @@ def endpoint() -> Endpoint:
     )
 
 
-async def test_round_trip_and_cascade(tmp_path: Path) -> None:
+@pytest.fixture(params=["sqlite", "memory"])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqliteStore | FakeStore]:
+    """The SQLite store, and the tests' in-memory one, which must behave the same."""
+    if request.param == "memory":
+        yield FakeStore()
+        return
     store = SqliteStore(tmp_path / "state")
-    try:
-        await store.put_network(network())
-        await store.put_endpoint(endpoint())
-        assert await store.load_networks() == [network()]
-        assert await store.load_endpoints() == [endpoint()]
-        await store.delete_network(NET)
-        assert await store.load_networks() == []
-        assert await store.load_endpoints() == []
-        assert await store.check_integrity() == "ok"
-    finally:
-        store.close()
+    yield store
+    assert store._sync.check_integrity() == "ok"
+    store.close()
+
+
+async def test_round_trip_and_cascade(any_store: SqliteStore | FakeStore) -> None:
+    store = any_store
+    await store.put_network(network())
+    await store.put_endpoint(endpoint())
+    assert await store.load_networks() == [network()]
+    assert await store.load_endpoints() == [endpoint()]
+    await store.delete_network(NET)
+    assert await store.load_networks() == []
+    assert await store.load_endpoints() == []
 
 
 def test_a_network_record_from_before_previous_settings_loads() -> None:
@@ -111,32 +121,45 @@ def test_a_network_record_from_before_previous_settings_loads() -> None:
     assert Network.from_dict(data).previous_settings == BridgeSettings(accept_ra="2")
 
 
-async def test_pools_and_addresses(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "state")
-    try:
-        pool = Pool(id="10.1.0.0/24", subnet=ipaddress.ip_network("10.1.0.0/24"))
-        await store.put_pool(pool, 1000.0)
-        address = pool.allocate()
-        answer = UnacknowledgedAnswer("dynamic", 1000.5, "web")
-        await store.add_address(pool, str(address), "dynamic", 1000.5, "web")
-        # Not yet acknowledged: a restart sees both as answers Docker may retry, with when
-        # they were given and to what request.
-        (loaded,) = await store.load_pools()
-        assert loaded.unacknowledged == {int(address): answer}
-        assert loaded.pool_unacknowledged and loaded.pool_recorded_at == 1000.0
-        await store.acknowledge(pool.id)
-        await store.acknowledge(pool.id, str(address))
-        (loaded,) = await store.load_pools()
-        assert loaded == pool
-        with pytest.raises(HostError):
-            # the primary key refuses a duplicate
-            await store.add_address(pool, str(address), "dynamic")
-        await store.remove_address(pool.id, str(address))
-        assert (await store.load_pools())[0].allocated == set()
-        await store.delete_pool(pool.id)
-        assert await store.load_pools() == []
-    finally:
-        store.close()
+async def test_pools_and_addresses(any_store: SqliteStore | FakeStore) -> None:
+    store = any_store
+    pool = Pool(id="10.1.0.0/24", subnet=ipaddress.ip_network("10.1.0.0/24"))
+    await store.put_pool(pool, 1000.0)
+    address = pool.allocate()
+    answer = UnacknowledgedAnswer("dynamic", 1000.5, "web")
+    await store.add_address(pool, str(address), "dynamic", 1000.5, "web")
+    # Not yet acknowledged: a restart sees both as answers Docker may retry, with when
+    # they were given and to what request.
+    (loaded,) = await store.load_pools()
+    assert loaded.unacknowledged == {int(address): answer}
+    assert loaded.pool_unacknowledged and loaded.pool_recorded_at == 1000.0
+    await store.acknowledge(pool.id)
+    await store.acknowledge(pool.id, str(address))
+    (loaded,) = await store.load_pools()
+    assert loaded == pool
+    with pytest.raises(HostError):
+        # the primary key refuses a duplicate
+        await store.add_address(pool, str(address), "dynamic")
+    second = pool.allocate()
+    await store.add_address(pool, str(second), "gateway")
+    await store.remove_addresses([(pool.id, str(address)), (pool.id, str(second))])
+    assert (await store.load_pools())[0].allocated == set()
+    await store.add_address(pool, str(address), "specific")
+    await store.remove_address(pool.id, str(address))
+    assert (await store.load_pools())[0].allocated == set()
+    await store.delete_pool(pool.id)
+    assert await store.load_pools() == []
+
+
+async def test_settings_and_what_is_set_aside(any_store: SqliteStore | FakeStore) -> None:
+    store = any_store
+    assert await store.get_meta("ula_prefix") is None
+    await store.set_meta("ula_prefix", "fd00:1::/48")
+    assert await store.get_meta("ula_prefix") == "fd00:1::/48"
+    await store.quarantine_meta("ula_prefix", "ValueError: no")
+    assert await store.get_meta("ula_prefix") is None
+    assert await store.quarantined_keys("meta") == ["ula_prefix"]
+    assert await store.quarantined_keys("pools") == []
 
 
 def test_database_file_is_private(tmp_path: Path) -> None:
