@@ -340,7 +340,7 @@ async def serve(args: argparse.Namespace) -> int:
     # Each sees the other through one narrow function: the IPAM driver reads which addresses
     # the network driver's endpoints use; the network driver gives back addresses of
     # endpoints whose containers are gone.
-    ipam = IpamDriver(store, netlink.routes, endpoint_addresses=driver.addresses_in_pool)
+    ipam = IpamDriver(store, netlink.routes, endpoint_addresses=driver.state.addresses_in_pool)
     await driver.load()
     await ipam.load()
     repairs = await driver.reconcile()

@@ -1,11 +1,13 @@
 """One writer for the firewall: changes ask for a write, one task makes it.
 
 Requests bump a generation; the writer renders the state as it is when it runs, so many
-requests in a burst (thirty containers starting at once) become one write. A caller that must
+requests in a burst (thirty containers starting at once) become one write, and a request for
+the state last written (nothing changed since) none. A caller that must
 not go on before its rules are in place (creating or removing a network) waits for its
 generation; one that need not (publishing ports: they go live a few milliseconds after the
 answer) does not. A failed write is reported to whoever waits for it, and logged; the
-self-healing check (upkeep.py) finds rules that are not in place and asks again.
+self-healing check (``repair``, run by upkeep.py) finds rules that are not in place and
+writes them again.
 
 The writer must outlive anything a write raises: if its task died, every later waiter would
 wait forever (and every network change with it). Unexpected errors are logged with their
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 
 from .errors import DriverError, HostError
 from .rules import NetworkRules
@@ -28,14 +31,22 @@ class FirewallWriteFailed(HostError):
     """A firewall write failed for a reason pybridge did not foresee (a bug, not the host)."""
 
 
+Drift = Callable[[Sequence[NetworkRules]], Awaitable[list[str]]]
+
+
 class FirewallWriter:
     def __init__(
         self,
         apply: Callable[..., Awaitable[None]],
         views: Callable[[], Sequence[NetworkRules]],
+        drift: Drift | None = None,
     ) -> None:
         self._apply = apply
         self._views = views
+        self._drift = drift
+        # The views last written: a request for the very same state is done already (the state
+        # did not change since; damage done meanwhile is repair's business, which forces).
+        self._written: list[NetworkRules] | None = None
         self._wanted = 0
         self._done = 0  # every generation up to this one is written
         self._force = False
@@ -83,6 +94,32 @@ class FirewallWriter:
             ):
                 await self._changed.wait()
 
+    async def repair(
+        self,
+        quiet: Callable[[], AbstractAsyncContextManager[None]],
+        confirm_delay: float = 0.5,
+    ) -> list[str]:
+        """Restore pybridge's rules and jumps if something removed or reordered them (a
+        firewall reload, `iptables -F`, dockerd rebuilding its chains); returns what differed.
+        Touches nothing else.
+
+        A difference must still be there after ``confirm_delay``, looked at again inside
+        ``quiet`` (while no network is being created or removed), so a change that is being
+        applied right now is not mistaken for damage."""
+        if self._drift is None:
+            return []
+        problems = await self._drift(self._views())
+        if not problems:
+            return []
+        await asyncio.sleep(confirm_delay)
+        async with quiet():
+            problems = await self._drift(self._views())
+            if problems:
+                for problem in problems:
+                    log.warning("firewall: %s; restoring pybridge's rules", problem)
+                await self.write(force=True)
+        return problems
+
     async def stop(self) -> None:
         """Stop writing. Whoever still waits gets an error rather than waiting forever."""
         self._stopped = True
@@ -98,8 +135,12 @@ class FirewallWriter:
             self._wake.clear()
             generation, force = self._wanted, self._force
             self._force = False
+            views = list(self._views())
             try:
-                await self._apply(self._views(), force=force)
+                if force or views != self._written:
+                    self._written = None  # unknown until this write succeeds
+                    await self._apply(views, force=force)
+                    self._written = views
             except Exception as exc:
                 err = _as_driver_error(exc)
                 async with self._changed:

@@ -253,8 +253,8 @@ class IpamDriver:
             if req.address in (self._endpoint_addresses(pool.id) or ()):
                 # Docker deletes an endpoint before it releases its address, so the holder is
                 # another endpoint: this is a late release for one pybridge already removed
-                # (a dead container's, see NetworkDriver.collect_garbage) whose address went
-                # to a new container since. Releasing it would hand it out twice.
+                # (a dead container's, see eviction.py) whose address went to a new
+                # container since. Releasing it would hand it out twice.
                 log.warning(
                     "address %s in pool %s: not released, a live endpoint uses it (a late "
                     "release for a removed endpoint)",

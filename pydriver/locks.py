@@ -1,11 +1,18 @@
 """Per-key asyncio locks: requests for different networks run concurrently, requests for the
-same network are serialised."""
+same network are serialised.
+
+The network driver's keys: a network's id (every request about it or its endpoints),
+NETWORKS_LOCK (every change to the set of networks, taken first) and PORTS_LOCK (host ports,
+shared by all networks, taken after a network's)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+
+NETWORKS_LOCK = "networks"
+PORTS_LOCK = "host-ports"
 
 
 class KeyedLock:

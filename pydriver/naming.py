@@ -1,4 +1,5 @@
-"""Deterministic kernel names and MAC addresses derived from Docker's ids (pure).
+"""Deterministic kernel names and MAC addresses derived from Docker's ids, and how messages
+name those ids (pure).
 
 Ids are validated as 64 hex digits before they get here, so every name is safe to pass to
 netlink and iptables. Linux interface names are at most 15 characters.
@@ -13,6 +14,11 @@ from .model import IPAddress
 BRIDGE_PREFIX = "pyb-"
 HOST_VETH_PREFIX = "pyv"
 CONTAINER_VETH_PREFIX = "pyc"
+
+
+def short(identifier: str) -> str:
+    """How messages and logs name a Docker id: its first 12 hex digits, as the docker CLI."""
+    return identifier[:12]
 
 
 def bridge_name(network_id: str) -> str:

@@ -38,11 +38,11 @@ def make_driver(
         port_holder=host_ports.holder,
         inline_background=inline_background,
         release_addresses=release_addresses,
+        # A conflict with a live endpoint is looked at again for a moment (a dying container's
+        # veth); the fakes' veths do not die by themselves, so the tests do not wait long.
+        dying_veth_wait=0.05,
     )
-    # A conflict with a live endpoint is looked at again for a moment (a dying container's
-    # veth); the fakes' veths do not die by themselves, so the tests do not wait long.
-    driver.dying_veth_wait = 0.05
-    ipam = IpamDriver(store, kernel.routes, endpoint_addresses=driver.addresses_in_pool)
+    ipam = IpamDriver(store, kernel.routes, endpoint_addresses=driver.state.addresses_in_pool)
     return driver, ipam
 
 
@@ -59,16 +59,21 @@ class Env:
     _closed: list[SqliteStore] = field(default_factory=list)
 
     async def restart(
-        self, kernel: FakeKernel | None = None, inline_background: bool = True
+        self,
+        kernel: FakeKernel | None = None,
+        inline_background: bool = True,
+        host_ports: FakeHostPorts | None = None,
     ) -> NetworkDriver:
-        """A daemon restart (or crash): a fresh SqliteStore, NetworkDriver and IpamDriver on the same
+        """A daemon restart (or crash): a fresh store, NetworkDriver and IpamDriver on the same
         state directory, loaded but not reconciled. ``kernel`` replaces the host (a reboot);
-        ``inline_background=False`` leaves work to the background, as the service does."""
+        ``inline_background=False`` leaves work to the background, as the service does;
+        ``host_ports`` replaces the process's sockets (new ones, the host's busy ports kept,
+        otherwise)."""
         self.close()
         if kernel is not None:
             self.kernel = kernel
         self.store = SqliteStore(self.state_dir)
-        self.host_ports = FakeHostPorts(busy=self.host_ports.busy)
+        self.host_ports = host_ports or FakeHostPorts(busy=self.host_ports.busy)
         self.driver, self.ipam = make_driver(
             self.store, self.kernel, self.firewall, self.sysctl, self.host_ports, inline_background
         )

@@ -169,7 +169,7 @@ class CountingHolder:
 async def test_a_range_with_a_thousand_busy_ports_asks_for_no_holder(net: Env) -> None:
     env = net
     holder = CountingHolder(env)
-    env.driver.port_holder = holder
+    env.driver.publisher.port_holder = holder
     for port in range(20000, 21000):
         env.host_ports.busy[("tcp", port)] = f"squatter (pid {port})"
     started = time.perf_counter()
@@ -182,7 +182,7 @@ async def test_a_range_with_a_thousand_busy_ports_asks_for_no_holder(net: Env) -
 async def test_a_full_range_asks_for_one_holder_the_last_busy_port(net: Env) -> None:
     env = net
     holder = CountingHolder(env)
-    env.driver.port_holder = holder
+    env.driver.publisher.port_holder = holder
     for port in range(20000, 21000):
         env.host_ports.busy[("tcp", port)] = f"squatter (pid {port})"
     with pytest.raises(Conflict) as err:
@@ -202,7 +202,7 @@ async def test_a_range_published_by_another_endpoint_is_named_once(net: Env) -> 
     env = net
     await program(env, EP2, *(entry(p, p, p) for p in range(20000, 21000)))
     holder = CountingHolder(env)
-    env.driver.port_holder = holder
+    env.driver.publisher.port_holder = holder
     with pytest.raises(Conflict, match=f"already published by pybridge for endpoint {EP2[:12]}"):
         await program(env, EP1, entry(80, 20000, 20999))
     assert holder.calls == []
@@ -222,19 +222,19 @@ async def test_thousands_of_published_ports_are_quick(net: Env) -> None:
 def test_finding_which_endpoints_publish_wanted_ports_is_quick() -> None:
     """At Program time pybridge looks for dead endpoints holding the ports asked for: 6000
     mappings against 3000 bindings (dockerd sends a range port by port) must not stall."""
-    from pydriver.driver import _publishes_any
     from pydriver.model import PortBinding, PortMapping
+    from pydriver.publishing import publishes_any
 
     container = ipaddress.ip_address("10.50.0.2")
     mappings = [PortMapping("tcp", None, 30000 + i, container, 80) for i in range(6000)]
     bindings = [PortBinding("tcp", 80, None, 20000 + i, 20000 + i) for i in range(3000)]
     started = time.perf_counter()
-    assert not _publishes_any(mappings, bindings)
-    assert _publishes_any([*mappings, PortMapping("tcp", None, 22999, container, 80)], bindings)
-    assert not _publishes_any([PortMapping("udp", None, 22999, container, 80)], bindings)
+    assert not publishes_any(mappings, bindings)
+    assert publishes_any([*mappings, PortMapping("tcp", None, 22999, container, 80)], bindings)
+    assert not publishes_any([PortMapping("udp", None, 22999, container, 80)], bindings)
     assert time.perf_counter() - started < 0.1
     # Ranges and overlaps.
     spans = [PortBinding("tcp", 80, None, 100, 200), PortBinding("tcp", 80, None, 150, 300)]
-    assert _publishes_any([PortMapping("tcp", None, 300, container, 80)], spans)
-    assert not _publishes_any([PortMapping("tcp", None, 301, container, 80)], spans)
-    assert not _publishes_any([PortMapping("tcp", None, 99, container, 80)], spans)
+    assert publishes_any([PortMapping("tcp", None, 300, container, 80)], spans)
+    assert not publishes_any([PortMapping("tcp", None, 301, container, 80)], spans)
+    assert not publishes_any([PortMapping("tcp", None, 99, container, 80)], spans)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from pydriver import protocol as p
-from pydriver.driver import NetworkDriver, short
+from pydriver.driver import NetworkDriver
 from pydriver.errors import (
     BridgeFull,
     Conflict,
@@ -26,6 +26,7 @@ from pydriver.naming import (
     container_veth_name,
     endpoint_mac,
     host_veth_name,
+    short,
 )
 from pydriver.options import BRIDGE_NAME, CONTAINER_IFACE_PREFIX, ENABLE_ICC
 from pydriver.rules import NetworkRules, firewall_view
@@ -372,7 +373,7 @@ async def test_routes_on_pybridge_bridges_and_default_routes_are_ignored(env: En
     assert any(r.device == BR_A for r in await env.kernel.routes())
     network = env.driver.networks[NET_A]
     await env.store.put_network(network.with_changes(state="creating"))
-    env.driver.networks[NET_A] = network.with_changes(state="creating")
+    env.driver.state.networks[NET_A] = network.with_changes(state="creating")
     await create_network(env.driver, NET_A)
     assert env.driver.networks[NET_A].state == "ready"
 
@@ -1100,8 +1101,8 @@ async def test_a_full_bridge_waits_for_background_removals_then_retries(
     monkeypatch.setattr(env.kernel, "ensure_veth", full_once)
     # A veth being removed in the background (the unit driver otherwise runs background work inline).
     removal = asyncio.create_task(asyncio.sleep(0.01))
-    env.driver._background.add(removal)
-    removal.add_done_callback(env.driver._background.discard)
+    env.driver.background.tasks.add(removal)
+    removal.add_done_callback(env.driver.background.tasks.discard)
     await create_endpoint(env.driver, NET_A, EP_1)
     assert removal.done()
     assert refusals == [host_veth_name(EP_1)]

@@ -99,7 +99,7 @@ async def collect(env: Env, *, long_after: bool = False) -> None:
     ``long_after``: an hour after the endpoints were created."""
     if long_after:
         for endpoint in list(env.driver.endpoints.values()):
-            env.driver.endpoints[endpoint.id] = endpoint.with_changes(created_at=0.0)
+            env.driver.state.endpoints[endpoint.id] = endpoint.with_changes(created_at=0.0)
     upkeep = Upkeep(env.driver, env.ipam, Metrics(), Intervals())
     await upkeep.collect()
     await upkeep.collect()
@@ -152,8 +152,8 @@ async def test_addresses_in_pool_is_the_view_the_ipam_driver_gets(env: Env) -> N
     await env.driver.create_network(p.parse_create_network(body))
     await start(env, EP1, await address(env, pool_id))
     await start(env, EP2, "10.60.0.2/24", network_id=NET2)
-    assert env.driver.addresses_in_pool(pool_id) == {ip("10.50.0.2")}
-    assert env.driver.addresses_in_pool("10.60.0.0/24") is None  # not pybridge's pool
+    assert env.driver.state.addresses_in_pool(pool_id) == {ip("10.50.0.2")}
+    assert env.driver.state.addresses_in_pool("10.60.0.0/24") is None  # not pybridge's pool
 
 
 # -- background collection: by pool and address, and only what Docker will not release --------
@@ -283,7 +283,7 @@ async def test_program_evicts_a_dead_owner_on_another_network(env: Env) -> None:
 
 
 async def test_program_never_evicts_a_live_owner(env: Env) -> None:
-    env.driver.dying_veth_wait = 0.3
+    env.driver.publisher.dying_veth_wait = 0.3
     await network(env, pybridge_ipam=False)
     await start(env, EP1, "10.50.0.2/24", port=18100)
     started = asyncio.get_running_loop().time()
@@ -296,7 +296,7 @@ async def test_program_never_evicts_a_live_owner(env: Env) -> None:
 async def test_program_waits_briefly_for_a_veth_the_kernel_is_removing(env: Env) -> None:
     """dockerd killed the old container just now: its namespace, and the veth with it, goes a
     moment later."""
-    env.driver.dying_veth_wait = 2.0
+    env.driver.publisher.dying_veth_wait = 2.0
     await network(env, pybridge_ipam=False)
     await start(env, EP1, "10.50.0.2/24", port=18100)
     await start(env, EP2, "10.50.0.3/24")

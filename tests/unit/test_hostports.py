@@ -153,9 +153,7 @@ async def program(env: Env, *ports: int) -> None:
 @pytest.fixture
 async def limited(env: Env) -> tuple[Env, LimitedHostPorts]:
     ports = LimitedHostPorts()
-    env.host_ports = ports
-    env.driver.host_ports = ports
-    env.driver.port_holder = ports.holder
+    await env.restart(host_ports=ports)
     body = create_network_body(NET, v6_subnet="fd00:78::/64", v6_gateway="fd00:78::1/64")
     await env.driver.create_network(p.parse_create_network(body))
     endpoint = create_endpoint_body(NET, EP, address_v6="fd00:78::2/64")
@@ -201,9 +199,7 @@ async def test_running_out_at_start_up_is_reported_as_such(
 ) -> None:
     env, _ = limited
     await program(env, 18000, 18001)
-    driver = await env.restart()
-    limited_ports = LimitedHostPorts(capacity=1)
-    driver.host_ports = limited_ports
+    driver = await env.restart(host_ports=LimitedHostPorts(capacity=1))
     repairs = await driver.reconcile()
     out = [r for r in repairs if OUT_OF_FDS in r]
     assert len(out) == 3 and not any("another program" in r for r in out)

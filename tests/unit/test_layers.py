@@ -13,8 +13,11 @@ PACKAGE = Path(__file__).resolve().parents[2] / "pydriver"
 
 # Modules that decide: pure, or talking to the host only through pydriver/interfaces.py.
 LOGIC = (
+    "background",
+    "bridges",
     "driver",
     "errors",
+    "eviction",
     "firewall_writer",
     "interfaces",
     "ipam",
@@ -26,8 +29,13 @@ LOGIC = (
     "options",
     "ports",
     "protocol",
+    "publishing",
+    "removal",
     "rules",
+    "startup",
+    "state",
     "upkeep",
+    "veths",
 )
 # The adapters, and what only adapters use.
 ADAPTERS = {"netlink", "hostports", "store", "firewall", "sysctl", "process", "server", "cli"}

@@ -202,7 +202,7 @@ async def test_a_republished_udp_port_that_goes_loses_its_flows(net: Env) -> Non
 
 async def test_ephemeral_ports_never_collide(net: Env) -> None:
     env = net
-    env.driver.ephemeral_range = (40000, 40003)
+    env.driver.publisher.ephemeral_range = (40000, 40003)
     env.host_ports.busy[("tcp", 40001)] = "nginx (pid 7)"
     await program(env, NET, EP1, entry(80), entry(81))
     await program(env, NET, EP2, entry(80))

@@ -1,0 +1,135 @@
+"""How pybridge removes what it made, in an order that is safe at every step: the record goes
+first (after a crash, start-up removes what is left as leftovers), then whatever would let
+traffic reach what is going (rules, flows) before the answer, and the kernel objects nobody
+waits for after it."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+from . import faults
+from .background import Background
+from .bridges import Bridges
+from .errors import DriverError
+from .firewall_writer import FirewallWriter
+from .interfaces import Kernel, PortReservations
+from .model import Endpoint, Network
+from .naming import is_pybridge_bridge, short
+from .state import State
+from .veths import Veths
+
+log = logging.getLogger(__name__)
+
+
+class Removal:
+    def __init__(
+        self,
+        state: State,
+        kernel: Kernel,
+        host_ports: PortReservations,
+        writer: FirewallWriter,
+        background: Background,
+        bridges: Bridges,
+        veths: Veths,
+    ) -> None:
+        self.state = state
+        self.kernel = kernel
+        self.host_ports = host_ports
+        self.writer = writer
+        self.background = background
+        self.bridges = bridges
+        self.veths = veths
+
+    async def endpoint(self, endpoint: Endpoint, *, wait: bool = True) -> None:
+        await self.endpoints([endpoint], wait=wait)
+
+    async def endpoints(self, endpoints: Sequence[Endpoint], *, wait: bool = True) -> None:
+        """Remove endpoints: their records, host ports, published-port rules and flows, then
+        their veths (after the answer, in the background, unless ``wait``)."""
+        for endpoint in endpoints:
+            # Forget first: if we crash after this, reconcile removes the veth as an orphan.
+            await self.state.drop_endpoint(endpoint.id)
+            await faults.point("endpoint.delete.forgotten")
+            for mapping in endpoint.mappings:
+                self.host_ports.release(mapping)
+        if any(endpoint.mappings for endpoint in endpoints):
+            # Their DNAT rules go first: until then a new flow could still be NATed to them.
+            await self.writer.write()
+        # Before the answer, so before Docker can release an address and give it to another
+        # container that would inherit the flows (and their reply-state accept).
+        for endpoint in endpoints:
+            await self.forget_flows(endpoint)
+        if wait:
+            for endpoint in endpoints:
+                await self.veths.delete(endpoint)
+            return
+        # The kernel takes tens of milliseconds to delete a veth; nobody needs to wait.
+        what = (
+            f"removing the veth of {short(endpoints[0].id)}"
+            if len(endpoints) == 1
+            else f"removing the veths of {len(endpoints)} endpoints"
+        )
+        await self.background.run(self._delete_veths(endpoints), what)
+
+    async def _delete_veths(self, endpoints: Sequence[Endpoint]) -> None:
+        for endpoint in endpoints:
+            await self.veths.delete(endpoint)
+
+    async def forget_flows(self, endpoint: Endpoint) -> None:
+        for address in (endpoint.address, endpoint.address_v6):
+            if address is None:
+                continue
+            try:
+                await self.kernel.forget_flows(address.ip)
+            except DriverError as err:  # they time out on their own eventually
+                log.warning("endpoint %s: %s", short(endpoint.id), err)
+
+    async def network(self, network: Network, *, best_effort: bool = False) -> None:
+        """Remove every trace of ``network``: endpoints, rules, bridge (or only the addresses
+        pybridge added to a bridge the user owns), then the record. Safe to repeat.
+
+        ``best_effort`` (rollback of a failed create) carries on past failing steps and always
+        drops the record, so the same request can be retried; the next firewall apply or
+        start-up removes whatever a failed step left.
+
+        Otherwise the rules go before the answer, and a bridge named by pybridge only loses its
+        addresses (and so its routes) before the record goes, and is deleted just after the
+        answer: the kernel needs 30-70 ms to delete a bridge, and nothing needs to wait for
+        that. A crash in between leaves an unrecorded pyb-* bridge, which start-up removes.
+        A bridge pybridge did not create keeps its other addresses and gets its settings back
+        (BridgeSettings)."""
+        await self.state.put_network(network.with_changes(state="deleting"))
+        await faults.point("network.delete.recorded")
+        bridge_after_answer = (
+            not best_effort
+            and not self.background.inline
+            and network.bridge_owned
+            and is_pybridge_bridge(network.bridge)
+        )
+        steps: list[Callable[[], Awaitable[None]]] = [
+            functools.partial(self.endpoint, e, wait=not bridge_after_answer)
+            for e in self.state.endpoints_of(network.id)
+        ]
+        steps += [
+            # Waited for even when the bridge goes later: once Docker has its answer, it may
+            # give the subnet (or the bridge name) to another network at once, which stale
+            # rules (masquerade, isolation drops) would catch.
+            self.writer.write,
+            functools.partial(faults.point, "network.delete.firewall"),
+            functools.partial(
+                self.bridges.remove, network, delete_after_answer=bridge_after_answer
+            ),
+            functools.partial(faults.point, "network.delete.bridge"),
+        ]
+        for step in steps:
+            try:
+                await step()
+            except DriverError as err:
+                if not best_effort:
+                    raise
+                log.warning("while removing network %s: %s", short(network.id), err)
+        await self.state.drop_network(network.id)
+        if bridge_after_answer:
+            await self.bridges.delete_after_answer(network.bridge)

@@ -1,0 +1,122 @@
+"""The network driver's records in memory, written through to the store.
+
+Persist, then act: each ``put_*``/``drop_*`` is on disk before the in-memory view (and so
+whatever acts on it, the firewall writer above all) sees the change. The queries answer the
+questions the rest of the driver asks of its networks and endpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from .errors import NotFound
+from .interfaces import NetworkStore
+from .model import Endpoint, IPAddress, IPNetwork, Network, PortMapping
+from .naming import short
+from .rules import NetworkRules, firewall_views
+
+
+class State:
+    def __init__(self, store: NetworkStore) -> None:
+        self.store = store
+        self.networks: dict[str, Network] = {}
+        self.endpoints: dict[str, Endpoint] = {}
+
+    async def load(self) -> None:
+        self.networks = {n.id: n for n in await self.store.load_networks()}
+        self.endpoints = {e.id: e for e in await self.store.load_endpoints()}
+
+    # -- changes: on disk first ---------------------------------------------------------------
+
+    async def put_network(self, network: Network) -> None:
+        await self.store.put_network(network)
+        self.networks[network.id] = network
+
+    async def drop_network(self, network_id: str) -> None:
+        """Forget a network, and its endpoints with it (the store deletes them too)."""
+        await self.store.delete_network(network_id)
+        self.networks.pop(network_id, None)
+        for endpoint in self.endpoints_of(network_id):
+            del self.endpoints[endpoint.id]
+
+    async def put_endpoint(self, endpoint: Endpoint) -> None:
+        await self.store.put_endpoint(endpoint)
+        self.endpoints[endpoint.id] = endpoint
+
+    async def drop_endpoint(self, endpoint_id: str) -> None:
+        await self.store.delete_endpoint(endpoint_id)
+        self.endpoints.pop(endpoint_id, None)
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def ready_network(self, network_id: str) -> Network:
+        """The network, if it is ready to serve requests."""
+        network = self.networks.get(network_id)
+        if network is None or network.state != "ready":
+            raise NotFound(
+                f"network {short(network_id)} is not known to pybridge (was it created before "
+                "pybridge's state directory was reset?); remove it and create it again"
+            )
+        return network
+
+    def endpoint_on(self, network_id: str, endpoint_id: str) -> Endpoint | None:
+        """The endpoint, only if it belongs to that network (ids from Docker must agree)."""
+        endpoint = self.endpoints.get(endpoint_id)
+        if endpoint is None or endpoint.network_id != network_id:
+            return None
+        return endpoint
+
+    def endpoints_of(self, network_id: str) -> list[Endpoint]:
+        return [e for e in self.endpoints.values() if e.network_id == network_id]
+
+    def firewall_views(self) -> list[NetworkRules]:
+        return firewall_views(self.networks.values(), self.endpoints.values())
+
+    def mappings_of_others(self, endpoint_id: str) -> Iterator[PortMapping]:
+        """Every host port published for an endpoint other than ``endpoint_id``."""
+        for endpoint in self.endpoints.values():
+            if endpoint.id != endpoint_id:
+                yield from endpoint.mappings
+
+    def publisher_of(self, mapping: PortMapping) -> Endpoint | None:
+        """The endpoint that publishes ``mapping``."""
+        for endpoint in self.endpoints.values():
+            if mapping in endpoint.mappings:
+                return endpoint
+        return None
+
+    def addresses_in_pool(self, pool_id: str) -> set[IPAddress] | None:
+        """The addresses endpoints use in pybridge IPAM pool ``pool_id``, or None if no network
+        of this driver has a subnet from that pool. A read-only view for the IPAM driver."""
+        from_pool: dict[str, list[IPNetwork]] = {}  # network id -> its subnets from that pool
+        for network in self.networks.values():
+            for subnet in network.subnets:
+                if subnet.ipam_pool == pool_id:
+                    from_pool.setdefault(network.id, []).append(subnet.pool)
+        if not from_pool:
+            return None
+        used: set[IPAddress] = set()
+        for endpoint in self.endpoints.values():
+            subnets = from_pool.get(endpoint.network_id)
+            if not subnets:
+                continue
+            for address in (endpoint.address, endpoint.address_v6):
+                if address is not None and any(address.ip in pool for pool in subnets):
+                    used.add(address.ip)
+        return used
+
+    def owned_addresses(self, endpoints: Sequence[Endpoint]) -> list[tuple[str, IPAddress]]:
+        """(pool id, address) of the endpoints' addresses that pybridge's IPAM gave."""
+        owned = []
+        for endpoint in endpoints:
+            network = self.networks.get(endpoint.network_id)
+            if network is None:
+                continue
+            for address in (endpoint.address, endpoint.address_v6):
+                if address is None:
+                    continue
+                for subnet in network.subnets:
+                    if subnet.ipam_pool is not None and address.ip in subnet.pool:
+                        owned.append((subnet.ipam_pool, address.ip))
+                        break
+        return owned

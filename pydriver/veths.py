@@ -1,0 +1,96 @@
+"""An endpoint in the kernel: a veth pair, one end on its network's bridge, the other handed to
+Docker for the container. Also its MAC and whether its addresses fit its network (pure)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+from .background import Background
+from .errors import BridgeFull, Conflict, InvalidRequest
+from .interfaces import MAX_BRIDGE_PORTS, Kernel
+from .model import Endpoint, IPAddress, Network
+from .naming import bridge_mac, endpoint_mac, short
+
+log = logging.getLogger(__name__)
+
+# MACs tried per endpoint: a bridge holds at most 1023 ports, so 64 draws of 40 hashed bits
+# all hitting a taken one does not happen.
+MAC_ATTEMPTS = 64
+
+
+def free_mac(network: Network, endpoint_id: str, address: IPAddress | None, taken: set[str]) -> str:
+    """The MAC derived from the address (or the endpoint id), or, if another endpoint of
+    the network (``taken``) or the bridge has it, the next of a fixed sequence: the same
+    address gets the same MAC whenever it is free, whatever restarts in between."""
+    taken = taken | {bridge_mac(network.id)}
+    for attempt in range(MAC_ATTEMPTS):
+        mac = endpoint_mac(endpoint_id, address, attempt)
+        if mac not in taken:
+            if attempt:
+                log.info(
+                    "endpoint %s: MAC for %s taken; using %s", short(endpoint_id), address, mac
+                )
+            return mac
+    raise Conflict(f"no free MAC address for endpoint {short(endpoint_id)}")
+
+
+def check_addresses(
+    network: Network,
+    address: ipaddress.IPv4Interface | None,
+    address_v6: ipaddress.IPv6Interface | None,
+) -> None:
+    """Refuse an endpoint address outside its network's subnets of that family."""
+    for given, subnets in ((address, network.subnets_v4), (address_v6, network.subnets_v6)):
+        if given is None:
+            continue
+        if subnets and not any(given.ip in s.pool for s in subnets):
+            pools = ", ".join(str(s.pool) for s in subnets)
+            raise InvalidRequest(f"address {given.ip} is outside the network's subnets ({pools})")
+
+
+class Veths:
+    def __init__(self, kernel: Kernel, background: Background) -> None:
+        self.kernel = kernel
+        self.background = background
+
+    async def ensure(self, network: Network, endpoint: Endpoint, *, fresh: bool) -> None:
+        """The endpoint's pair, on the bridge, up (in hairpin mode unless the network is
+        internal). ``fresh``: a pair already there is a leftover of an interrupted attempt,
+        made again so that both ends are ours."""
+        mtu = network.options.mtu
+        names = (endpoint.host_veth, endpoint.container_veth, endpoint.mac_address, mtu)
+        hairpin = not network.internal
+
+        async def create() -> bool:
+            while True:
+                # Created, enslaved, up and in hairpin mode in one trip to the netlink thread.
+                try:
+                    return await self.kernel.ensure_veth(
+                        *names, master=network.bridge, hairpin=hairpin
+                    )
+                except BridgeFull:
+                    # Veths of removed containers leave the bridge in the background, oldest
+                    # first: a bridge near its limit may be full of those. Each one that goes
+                    # frees a port.
+                    if not await self.background.wait_for_one():
+                        raise BridgeFull(
+                            f"network {short(network.id)} is full: its bridge "
+                            f"{network.bridge} already has {MAX_BRIDGE_PORTS} interfaces, the "
+                            "most a Linux bridge can hold; remove a container from it first"
+                        ) from None
+
+        created = await create()
+        if fresh and not created:
+            await self.kernel.delete_link(endpoint.host_veth)
+            await self.kernel.delete_link(endpoint.container_veth)
+            created = await create()
+        if not created:
+            await self.kernel.set_link(endpoint.host_veth, master=network.bridge, up=True, mtu=mtu)
+            if hairpin:
+                await self.kernel.set_hairpin(endpoint.host_veth)
+
+    async def delete(self, endpoint: Endpoint) -> None:
+        # Deleting the host end removes the pair wherever the other end is.
+        await self.kernel.delete_link(endpoint.host_veth)
+        await self.kernel.delete_link(endpoint.container_veth)
