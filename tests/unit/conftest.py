@@ -1,4 +1,5 @@
-"""Shared fixtures: a NetworkDriver (and IpamDriver) over fakes and a real state database."""
+"""Shared fixtures: a NetworkDriver (and IpamDriver) over fakes and a real state database; and
+the driver's concerns one by one over fakes alone (``parts``)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,20 @@ from pathlib import Path
 
 import pytest
 
+from pydriver.background import Background
+from pydriver.bridges import Bridges
 from pydriver.driver import NetworkDriver
+from pydriver.eviction import Eviction
+from pydriver.firewall_writer import FirewallWriter
 from pydriver.ipamdriver import IpamDriver
+from pydriver.locks import KeyedLock
 from pydriver.model import IPAddress
+from pydriver.removal import Removal
+from pydriver.state import State
 from pydriver.store import SqliteStore
+from pydriver.veths import Veths
 
-from .fakes import FakeFirewall, FakeHostPorts, FakeKernel, FakeSysctl
+from .fakes import FakeFirewall, FakeHostPorts, FakeKernel, FakeStore, FakeSysctl
 
 
 def make_driver(
@@ -101,3 +110,61 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     environment = Env(state_dir, kernel, firewall, sysctl, store, driver, ipam, host_ports)
     yield environment
     environment.close()
+
+
+@dataclass
+class Parts:
+    """The network driver's concerns wired as NetworkDriver wires them, over fakes and an
+    in-memory store, background work inline; ``released`` collects what eviction gives back
+    to the IPAM."""
+
+    store: FakeStore
+    kernel: FakeKernel
+    firewall: FakeFirewall
+    sysctl: FakeSysctl
+    host_ports: FakeHostPorts
+    state: State
+    locks: KeyedLock
+    writer: FirewallWriter
+    background: Background
+    bridges: Bridges
+    veths: Veths
+    removal: Removal
+    eviction: Eviction
+    released: list[tuple[str, IPAddress]]
+
+
+@pytest.fixture
+async def parts() -> AsyncIterator[Parts]:
+    store, kernel, firewall = FakeStore(), FakeKernel(), FakeFirewall()
+    sysctl, host_ports = FakeSysctl(), FakeHostPorts()
+    state = State(store)
+    locks = KeyedLock()
+    writer = FirewallWriter(firewall.apply, state.firewall_views, firewall.drift)
+    background = Background(writer, inline=True)
+    bridges = Bridges(kernel, sysctl, firewall, background)
+    veths = Veths(kernel, background)
+    removal = Removal(state, kernel, host_ports, writer, background, bridges, veths)
+    released: list[tuple[str, IPAddress]] = []
+
+    async def release(addresses: Sequence[tuple[str, IPAddress]]) -> None:
+        released.extend(addresses)
+
+    eviction = Eviction(state, kernel, locks, removal, release)
+    yield Parts(
+        store,
+        kernel,
+        firewall,
+        sysctl,
+        host_ports,
+        state,
+        locks,
+        writer,
+        background,
+        bridges,
+        veths,
+        removal,
+        eviction,
+        released,
+    )
+    await background.close()

@@ -60,6 +60,28 @@ async def test_writer_reports_failures_to_whoever_waits() -> None:
     await writer.stop()
 
 
+async def test_writer_writes_a_state_once() -> None:
+    """A request for the very state last written needs no write (start-up, say, where the
+    endpoints of vanished containers went with one write and reconcile asks again); a forced
+    one is made anyway (self-healing), and one after a failed write is made again."""
+    firewall = SlowFirewall()
+    views = [NetworkRules("b0")]
+    writer = FirewallWriter(firewall.apply, lambda: list(views))
+    await writer.write()
+    await writer.write()
+    assert firewall.writes == [1]
+    await writer.write(force=True)
+    assert firewall.writes == [1, 1]
+    views.append(NetworkRules("b1"))
+    firewall.fail = HostError("iptables-restore refused")
+    with pytest.raises(HostError):
+        await writer.write()
+    firewall.fail = None
+    await writer.write()  # the same state as the failed write: made now
+    assert firewall.writes == [1, 1, 2]
+    await writer.stop()
+
+
 async def test_writer_survives_an_unexpected_exception() -> None:
     """A bug in a write (not a DriverError) must not kill the writer: the waiter gets a plain
     sentence, and the next write goes through."""

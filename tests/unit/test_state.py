@@ -1,0 +1,133 @@
+"""The driver's records in memory, written through to the store (state.py), and the firewall's
+view of them (rules.firewall_views)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from pydriver.errors import HostError, NotFound
+from pydriver.model import Endpoint, Network, PortMapping, Subnet
+from pydriver.naming import container_veth_name, host_veth_name
+from pydriver.rules import firewall_view, firewall_views
+from pydriver.state import State
+
+from .fakes import FakeStore, hexid
+
+NET, NET2 = hexid("state-net"), hexid("state-net-2")
+EP1, EP2, EP3 = hexid("state-ep-1"), hexid("state-ep-2"), hexid("state-ep-3")
+
+
+def network(network_id: str = NET, subnet: str = "10.50.0.0/24", **changes: object) -> Network:
+    pool = ipaddress.ip_network(subnet)
+    gateway = ipaddress.ip_interface(f"{pool[1]}/{pool.prefixlen}")
+    record = Network(
+        id=network_id,
+        bridge="pyb-" + network_id[:11],
+        bridge_owned=True,
+        subnets_v4=(Subnet(pool, gateway, ipam_pool=str(pool)),),
+        subnets_v6=(),
+    )
+    return record.with_changes(**changes)
+
+
+def endpoint(endpoint_id: str, address: str, network_id: str = NET, **changes: object) -> Endpoint:
+    record = Endpoint(
+        id=endpoint_id,
+        network_id=network_id,
+        host_veth=host_veth_name(endpoint_id),
+        container_veth=container_veth_name(endpoint_id),
+        mac_address="02:50:0a:32:00:02",
+        mac_generated=True,
+        address=ipaddress.IPv4Interface(address),
+    )
+    return record.with_changes(**changes)
+
+
+def mapping(host_port: int, container: str = "10.50.0.2") -> PortMapping:
+    return PortMapping("tcp", None, host_port, ipaddress.ip_address(container), 80)
+
+
+async def test_every_change_is_stored_before_it_is_seen() -> None:
+    store = FakeStore()
+    state = State(store)
+    await state.put_network(network())
+    await state.put_endpoint(endpoint(EP1, "10.50.0.2/24"))
+    assert [n.id for n in await store.load_networks()] == [NET]
+    assert [e.id for e in await store.load_endpoints()] == [EP1]
+    # What the store refused is not seen either.
+    store.fail["put_endpoint"] = HostError("disk full")
+    with pytest.raises(HostError):
+        await state.put_endpoint(endpoint(EP2, "10.50.0.3/24"))
+    assert set(state.endpoints) == {EP1}
+    store.fail["delete_endpoint"] = HostError("disk full")
+    with pytest.raises(HostError):
+        await state.drop_endpoint(EP1)
+    assert set(state.endpoints) == {EP1}
+    # A restart sees what was stored.
+    again = State(store)
+    await again.load()
+    assert again.networks == state.networks and again.endpoints == state.endpoints
+
+
+async def test_dropping_a_network_drops_its_endpoints_as_the_store_does() -> None:
+    store = FakeStore()
+    state = State(store)
+    await state.put_network(network())
+    await state.put_network(network(NET2, "10.60.0.0/24"))
+    await state.put_endpoint(endpoint(EP1, "10.50.0.2/24"))
+    await state.put_endpoint(endpoint(EP2, "10.60.0.2/24", NET2))
+    await state.drop_network(NET)
+    assert set(state.networks) == {NET2}
+    assert set(state.endpoints) == {EP2}
+    assert [e.id for e in await store.load_endpoints()] == [EP2]
+
+
+async def test_queries() -> None:
+    state = State(FakeStore())
+    await state.put_network(network())
+    await state.put_network(network(NET2, "10.60.0.0/24", state="creating"))
+    one = endpoint(EP1, "10.50.0.2/24", mappings=(mapping(8080),))
+    two = endpoint(EP2, "10.50.0.3/24", mappings=(mapping(8081, "10.50.0.3"),))
+    await state.put_endpoint(one)
+    await state.put_endpoint(two)
+    assert state.ready_network(NET).id == NET
+    with pytest.raises(NotFound, match="is not known to pybridge"):
+        state.ready_network(NET2)  # still being created
+    assert state.endpoint_on(NET, EP1) == one
+    assert state.endpoint_on(NET2, EP1) is None  # the ids Docker sends must agree
+    assert state.endpoints_of(NET) == [one, two]
+    assert list(state.mappings_of_others(EP1)) == [mapping(8081, "10.50.0.3")]
+    assert state.publisher_of(mapping(8080)) == one
+    assert state.publisher_of(mapping(9999)) is None
+
+
+async def test_addresses_of_pybridge_ipam_pools() -> None:
+    state = State(FakeStore())
+    await state.put_network(network())
+    pool = ipaddress.ip_network("10.60.0.0/24")
+    gateway = ipaddress.ip_interface("10.60.0.1/24")
+    # Docker's own IPAM gave this one: no pybridge pool is named.
+    await state.put_network(network(NET2, subnets_v4=(Subnet(pool, gateway),)))
+    await state.put_endpoint(endpoint(EP1, "10.50.0.2/24"))
+    await state.put_endpoint(endpoint(EP2, "10.60.0.2/24", NET2))
+    assert state.addresses_in_pool("10.50.0.0/24") == {ipaddress.ip_address("10.50.0.2")}
+    assert state.addresses_in_pool("10.60.0.0/24") is None  # not pybridge's pool
+    owned = state.owned_addresses([state.endpoints[EP1], state.endpoints[EP2]])
+    assert owned == [("10.50.0.0/24", ipaddress.ip_address("10.50.0.2"))]
+
+
+async def test_the_firewall_sees_every_network_but_those_being_deleted() -> None:
+    state = State(FakeStore())
+    await state.put_network(network())
+    await state.put_network(network(NET2, "10.60.0.0/24", state="deleting"))
+    await state.put_endpoint(endpoint(EP1, "10.50.0.2/24", mappings=(mapping(8080),)))
+    await state.put_endpoint(endpoint(EP3, "10.60.0.2/24", NET2, mappings=(mapping(8081),)))
+    assert state.firewall_views() == [firewall_view(state.networks[NET], [mapping(8080)])]
+    assert firewall_views(state.networks.values(), state.endpoints.values()) == (
+        state.firewall_views()
+    )
+    view = state.firewall_views()[0]
+    assert view.gateways == (ipaddress.ip_address("10.50.0.1"),)
+    assert view.subnets_v4 == (ipaddress.ip_network("10.50.0.0/24"),)
