@@ -34,6 +34,7 @@ from .netlink import Netlink
 from .ports import DEFAULT_EPHEMERAL_RANGE
 from .pruning import Plan, confirmed
 from .report import Names, docker_names, format_table, port_rows
+from .sandboxes import sandbox_released
 from .server import Api, make_app, make_failure_app, make_metrics_app
 from .store import Store, read_state
 from .sysctl import Sysctl
@@ -335,6 +336,7 @@ async def serve(args: argparse.Namespace) -> int:
         host_ports=host_ports,
         ephemeral_range=ephemeral_range(),
         release_addresses=release_addresses,
+        sandbox_released=sandbox_released,
     )
     # Each sees the other through one narrow function: the IPAM driver reads which addresses
     # the network driver's endpoints use; the network driver gives back addresses of

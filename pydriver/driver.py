@@ -82,7 +82,7 @@ MAC_ATTEMPTS = 64
 # again before it is reported: the kernel tears a dead container's namespace down (veths
 # last) asynchronously, so the old endpoint of a container dockerd is restarting right now
 # may show its veth for a moment.
-DYING_VETH_WAIT = 2.0
+DYING_VETH_WAIT = 5.0
 
 
 class Kernel(Protocol):
@@ -134,6 +134,8 @@ class HostPortsPort(Protocol):
 PortHolder = Callable[[str, int], Awaitable[str | None]]
 # Gives (IPAM pool id, address) pairs back to pybridge's IPAM (IpamDriver.release_owned).
 AddressReleaser = Callable[[Sequence[tuple[str, IPAddress]]], Awaitable[None]]
+# Whether Docker has destroyed the sandbox of this SandboxKey (see sandboxes.py).
+SandboxCheck = Callable[[str], Awaitable[bool]]
 
 
 class SysctlPort(Protocol):
@@ -226,10 +228,12 @@ class NetworkDriver:
         ephemeral_range: tuple[int, int] = DEFAULT_EPHEMERAL_RANGE,
         eager: bool = False,
         release_addresses: AddressReleaser | None = None,
+        sandbox_released: SandboxCheck | None = None,
     ) -> None:
         # eager: do at once what is otherwise left to the background (tests over fakes).
         self.eager = eager
         self.release_addresses = release_addresses
+        self.sandbox_released = sandbox_released
         self.dying_veth_wait = DYING_VETH_WAIT
         self.store = store
         self.kernel = kernel
@@ -311,17 +315,22 @@ class NetworkDriver:
 
     async def _container_gone(self, endpoint: Endpoint) -> bool:
         """A joined endpoint whose host-side veth is gone lost its container: the pair dies
-        with the container's network namespace. (Docker's netns files are no evidence: dockerd
-        leaves empty ones behind, and a managed plugin cannot see them at all.) An endpoint
-        not yet joined is never gone by this test. Call it under the endpoint's network lock,
-        so no Join or Leave runs meanwhile."""
+        with the container's network namespace. So did one whose sandbox Docker destroyed (its
+        namespace is no longer mounted on its SandboxKey; the kernel may take seconds more to
+        tear the namespace and the veth down). An endpoint not yet joined is never gone by
+        these tests. Call it under the endpoint's network lock, so no Join or Leave runs
+        meanwhile."""
         if endpoint.state != "ready" or not endpoint.sandbox_key:
             return False
         try:
-            return not await self.kernel.exists(endpoint.host_veth)
+            if not await self.kernel.exists(endpoint.host_veth):
+                return True
         except DriverError as err:
             log.warning("cannot check the veth of endpoint %s: %s", short(endpoint.id), err)
             return False
+        if self.sandbox_released is None:
+            return False
+        return await self.sandbox_released(endpoint.sandbox_key)
 
     async def _evict(self, endpoint: Endpoint, why: str) -> None:
         """Remove an endpoint whose container is gone (``_container_gone``): its record, host
@@ -1020,7 +1029,7 @@ class NetworkDriver:
             for e in self.endpoints.values()
             if e.id != endpoint.id and _publishes_any(e.mappings, bindings)
         ]
-        why = f"its host ports are wanted by endpoint {short(endpoint.id)}, veth gone"
+        why = f"its host ports are wanted by endpoint {short(endpoint.id)}"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.dying_veth_wait
         while True:

@@ -334,3 +334,14 @@ async def test_forget_flows_removes_only_the_flows_of_an_address(nl: Netlink, ne
         assert await nl.forget_flows(ipaddress.ip_address("10.213.77.2")) == 0
     finally:
         run(["ip", "netns", "del", peer], check=False)
+
+
+async def test_a_sandbox_file_with_a_namespace_mounted_is_not_released(netns: str) -> None:
+    """What dockerd's netns files look like: a namespace bind-mounted on a file (here `ip netns
+    add`'s own), and once unmounted, the empty file left behind."""
+    from pydriver.sandboxes import sandbox_released
+
+    key = f"/run/netns/{netns}"
+    assert not await sandbox_released(key)
+    run(["umount", key])
+    assert await sandbox_released(key)
