@@ -46,8 +46,6 @@ def outside_route_to(outside: OutsideHost, subnet: str) -> Iterator[None]:
         outside.exec("ip", "route", "del", subnet, check=False)
 
 
-
-
 def test_bridge_name_option(d: Docker) -> None:
     name = "pbt-br" + d.prefix[-4:]
     net = d.network("-o", f"com.docker.network.bridge.name={name}")

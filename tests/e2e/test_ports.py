@@ -43,8 +43,6 @@ def tcp_from_host(ip: str, port: int, timeout: float = 3.0) -> str:
         return ""
 
 
-
-
 def udp_from(outside: OutsideHost, ip: str, port: int) -> str:
     code = (
         "import socket,sys; fam=socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET;"
@@ -53,8 +51,6 @@ def udp_from(outside: OutsideHost, ip: str, port: int) -> str:
         "print(s.recvfrom(200)[0].decode().strip())"
     )
     return outside.exec("python3", "-c", code, ip, str(port), check=False).strip()
-
-
 
 
 def ports_json() -> list[dict[str, object]]:

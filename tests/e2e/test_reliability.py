@@ -59,8 +59,6 @@ def histogram_over(name: str, bound: str) -> tuple[float, float]:
     return total - below, total
 
 
-
-
 def state_endpoints() -> list[str]:
     code = (
         "from pydriver.store import read_state; from pathlib import Path; import json;"

@@ -231,8 +231,20 @@ def test_a_managed_plugin_that_cannot_start_says_why_on_every_call(
     state = tmp_path / "state"
     state.write_text("not a directory")  # the state directory cannot be opened
     proc = subprocess.Popen(
-        ["ip", "netns", "exec", netns, sys.executable, "-m", "pydriver.cli", "serve",
-         "--socket", str(sock), "--state-dir", str(state)],
+        [
+            "ip",
+            "netns",
+            "exec",
+            netns,
+            sys.executable,
+            "-m",
+            "pydriver.cli",
+            "serve",
+            "--socket",
+            str(sock),
+            "--state-dir",
+            str(state),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -268,9 +280,22 @@ def test_metrics_that_cannot_be_served_do_not_stop_the_driver(netns: str, tmp_pa
     must not keep the driver from serving."""
     sock = tmp_path / "pb.sock"
     proc = subprocess.Popen(
-        ["ip", "netns", "exec", netns, sys.executable, "-m", "pydriver.cli", "serve",
-         "--socket", str(sock), "--state-dir", str(tmp_path / "state"),
-         "--metrics-address", str(tmp_path / "missing" / "metrics.sock")],
+        [
+            "ip",
+            "netns",
+            "exec",
+            netns,
+            sys.executable,
+            "-m",
+            "pydriver.cli",
+            "serve",
+            "--socket",
+            str(sock),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--metrics-address",
+            str(tmp_path / "missing" / "metrics.sock"),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -292,9 +317,22 @@ def test_a_metrics_address_typo_is_refused_before_anything_starts(
 ) -> None:
     sock = tmp_path / "pb.sock"
     proc = subprocess.Popen(
-        ["ip", "netns", "exec", netns, sys.executable, "-m", "pydriver.cli", "serve",
-         "--socket", str(sock), "--state-dir", str(tmp_path / "state"),
-         "--metrics-address", "127.0.0.1:93270"],
+        [
+            "ip",
+            "netns",
+            "exec",
+            netns,
+            sys.executable,
+            "-m",
+            "pydriver.cli",
+            "serve",
+            "--socket",
+            str(sock),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--metrics-address",
+            "127.0.0.1:93270",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
