@@ -186,7 +186,8 @@ class Docker:
 
     def network_info(self, network: str) -> dict[str, object]:
         data = json.loads(docker("network", "inspect", network))
-        assert isinstance(data, list) and data
+        assert isinstance(data, list)
+        assert data
         return dict(data[0])
 
     def rm_container(self, name: str) -> None:

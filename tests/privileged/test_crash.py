@@ -155,7 +155,8 @@ def lifecycle(docker: Dockerd, sandbox: str) -> list[str]:
     docker.call("IpamDriver.ReleasePool", {"PoolID": pool["PoolID"]})
     docker.call("NetworkDriver.DeleteNetwork", {"NetworkID": nid})
     assert len(set(handed_out)) == len(handed_out), handed_out
-    assert gateway == "10.213.70.1/24" and address == "10.213.70.2/24", handed_out
+    assert gateway == "10.213.70.1/24", handed_out
+    assert address == "10.213.70.2/24", handed_out
     return middle
 
 
@@ -174,10 +175,13 @@ def test_kill_9_at_every_point_then_docker_retries(point: str, tmp_path: Path) -
             # Nothing left: kernel, firewall and state are empty again.
             assert plugin.consistent() == []
             links = run(["ip", "netns", "exec", ns, "ip", "-o", "link", "show"]).stdout
-            assert "pyb-" not in links and "pyv" not in links and "pyc" not in links
+            assert "pyb-" not in links
+            assert "pyv" not in links
+            assert "pyc" not in links
             assert "PYBRIDGE" not in run(["ip", "netns", "exec", ns, "iptables-nft-save"]).stdout
             networks, endpoints = read_state(plugin.state)
-            assert networks == [] and endpoints == []
+            assert networks == []
+            assert endpoints == []
         finally:
             plugin.stop()
 

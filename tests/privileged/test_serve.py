@@ -113,7 +113,8 @@ def test_serve_lifecycle(netns: str, tmp_path: Path, sig: signal.Signals) -> Non
         assert proc.returncode == 0, out
         assert not sock.exists()
         assert (state / "state.db").exists()
-        assert "listening on" in out and "stopped" in out
+        assert "listening on" in out
+        assert "stopped" in out
         assert "Plugin.Activate" in out  # one log line per request
     finally:
         if proc.poll() is None:
@@ -153,7 +154,8 @@ def test_state_is_loaded_and_reconciled_before_binding(netns: str, tmp_path: Pat
         addrs = run(
             ["ip", "netns", "exec", netns, "ip", "-o", "addr", "show", "dev", bridge]
         ).stdout
-        assert bridge in links and "10.213.60.1/24" in addrs
+        assert bridge in links
+        assert "10.213.60.1/24" in addrs
         assert "pyb-00000000000" not in links
         body = json.dumps({"NetworkID": network_id}).encode()
         assert post(sock, "NetworkDriver.DeleteNetwork", body) == (200, {})
@@ -215,8 +217,10 @@ def test_json_logs(netns: str, tmp_path: Path) -> None:
     entries = [json.loads(line) for line in plugin.log.read_text().splitlines() if line]
     requests = [e for e in entries if e["logger"] == "pydriver.requests"]
     delete = next(e for e in requests if e["method"] == "NetworkDriver.DeleteNetwork")
-    assert delete["network"] == network_id and delete["outcome"] == "ok"
-    assert isinstance(delete["duration_ms"], float) and delete["level"] == "info"
+    assert delete["network"] == network_id
+    assert delete["outcome"] == "ok"
+    assert isinstance(delete["duration_ms"], float)
+    assert delete["level"] == "info"
     join = next(e for e in requests if e["method"] == "NetworkDriver.Join")
     assert join["outcome"].startswith("error(invalid)")
 

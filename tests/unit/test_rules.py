@@ -703,7 +703,8 @@ def test_chains_of_an_older_version_are_removed() -> None:
     assert f"-D {FORWARD_CHAIN}" not in filter_part  # our chain is reset, not edited
     assert filter_part.index(":PYBRIDGE-OLD - [0:0]") < filter_part.index("-X PYBRIDGE-OLD")
     teardown = render_restore([], 4, save)
-    assert "-X PYBRIDGE-OLD" in teardown and f"-X {FORWARD_CHAIN}" in teardown
+    assert "-X PYBRIDGE-OLD" in teardown
+    assert f"-X {FORWARD_CHAIN}" in teardown
 
 
 # ---------------------------------------------------------------------------------------------
