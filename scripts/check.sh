@@ -27,7 +27,7 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
     echo "$want" >"$stamp"
 fi
 
-LINTED=(pydriver tests bench conftest.py)
+LINTED=(pydriver tests bench conftest.py plugin/lock.py)
 if [ "$PART" != unit ]; then
     echo "[check] ruff check";  "$VENV/bin/ruff" check "${LINTED[@]}"
     echo "[check] ruff format"; "$VENV/bin/ruff" format --check "${LINTED[@]}"
