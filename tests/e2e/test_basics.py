@@ -7,16 +7,8 @@ import json
 import re
 import subprocess
 
-from tests.e2e.conftest import (
-    DRIVER,
-    Docker,
-    Plugin,
-    default_routes,
-    docker,
-    free_subnet,
-    ping,
-    wait_for,
-)
+from tests.e2e.conftest import DRIVER, Docker, Plugin, default_routes, free_subnet, ping
+from tests.harness import docker, wait_for
 from tests.hostenv import OutsideHost, all_addresses, firewall_dump, link_names, routes
 
 

@@ -10,12 +10,11 @@ from tests.e2e.conftest import (
     ECHO_TCP,
     Docker,
     default_routes,
-    docker,
-    docker_fails,
     ping,
     tcp_from,
     tcp_from_container,
 )
+from tests.harness import docker, docker_fails
 from tests.hostenv import OutsideHost, firewall_dump
 
 

@@ -9,7 +9,8 @@ import socket
 
 import pytest
 
-from tests.e2e.conftest import DRIVER, Docker, docker_fails, plugin_socket
+from tests.e2e.conftest import DRIVER, Docker, plugin_socket
+from tests.harness import docker_fails
 from tests.hostenv import OutsideHost
 
 HEX = "ab" * 32

@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-from tests.e2e.conftest import (
-    DRIVER,
-    Docker,
-    cannot_ping,
-    default_routes,
-    docker,
-    free_subnet,
-    ping,
-)
+from tests.e2e.conftest import DRIVER, Docker, cannot_ping, default_routes, free_subnet, ping
+from tests.harness import docker
 from tests.hostenv import OutsideHost, firewall_dump
 
 

@@ -17,17 +17,15 @@ import pytest
 
 from tests.e2e.conftest import (
     ECHO_TCP,
-    IMAGE,
     MODE,
     Docker,
     Plugin,
     default_routes,
-    docker,
     free_subnet,
     tcp_from,
     tcp_from_container,
-    wait_for,
 )
+from tests.harness import IMAGE, docker, wait_for
 from tests.hostenv import OutsideHost, firewall_dump, run
 
 PYDRIVER = [sys.executable, "-m", "pydriver.cli"]

@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from pydriver.store import read_pools, read_state
-from tests.e2e.conftest import DRIVER, MODE, Docker, Plugin, docker, free_subnet, plugin_socket
+from tests.e2e.conftest import DRIVER, MODE, Docker, Plugin, free_subnet, plugin_socket
 from tests.fakedocker import FakeDocker
+from tests.harness import docker
 from tests.hostenv import post_raw
 
 STATE = Path("/var/lib/pydriver")

@@ -16,18 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import (
-    DRIVER,
-    IMAGE,
-    Docker,
-    Plugin,
-    docker,
-    ping,
-    plugin_pid,
-    plugin_socket,
-    tcp_from,
-    wait_for,
-)
+from tests.e2e.conftest import DRIVER, Docker, Plugin, ping, plugin_pid, plugin_socket, tcp_from
+from tests.harness import IMAGE, docker, wait_for
 from tests.hostenv import ROOT, OutsideHost, firewall_dump, link_names, run
 
 DOCKERD = ROOT / "scripts" / "dockerd-service.sh"

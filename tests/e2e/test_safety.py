@@ -12,16 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.e2e.conftest import (
-    DRIVER,
-    ECHO_TCP,
-    MODE,
-    Docker,
-    cannot_ping,
-    free_subnet,
-    ping,
-    wait_for,
-)
+from tests.e2e.conftest import DRIVER, ECHO_TCP, MODE, Docker, cannot_ping, free_subnet, ping
+from tests.harness import wait_for
 from tests.hostenv import OUTSIDE_NS_IF, OutsideHost, firewall_dump, link_names, run
 
 # A hostile container: may change its own routes, and accepts replies from 127.0.0.1.
