@@ -305,7 +305,7 @@ def docker_network_ids() -> set[str] | None:
     return set(done.stdout.split())
 
 
-async def diagnose(
+async def diagnose(  # noqa: C901 (issue 15 item 3: doctor rebuilt as small checks)
     socket_path: str, state_dir: Path, backend_setting: str, ask_docker: bool = True
 ) -> Report:
     report = Report()

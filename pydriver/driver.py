@@ -1156,7 +1156,7 @@ class NetworkDriver:
 
         await self._in_background(forget(), "forgetting flows of published ports")
 
-    async def _choose(
+    async def _choose(  # noqa: C901 (issue 15 item 1: the driver split)
         self, request: PortRequest, taken: PortIndex, endpoint: Endpoint
     ) -> list[Mapping]:
         """Pick a host port for one binding and reserve it on every address it covers.

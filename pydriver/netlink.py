@@ -423,7 +423,6 @@ class _NetlinkCore:
                 raise HostError(f"could not delete interface {name}: {_describe(err)}") from None
         return True
 
-
     # -- connection tracking -------------------------------------------------------------------
 
     async def _ct(self) -> AsyncConntrack:

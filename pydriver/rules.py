@@ -154,6 +154,15 @@ class NetworkRules:
 def render_chain_rules(networks: Sequence[NetworkRules], family: Family) -> dict[str, list[str]]:
     """The rules of pybridge's chains, per table, as iptables-save lines (without the header)."""
     networks = sorted(networks, key=lambda n: n.bridge)
+    return {
+        "filter": _forward_rules(networks),
+        "mangle": _isolation_rules(networks),
+        "nat": _nat_rules(networks, family),
+        "raw": _raw_rules(networks, family),
+    }
+
+
+def _forward_rules(networks: Sequence[NetworkRules]) -> list[str]:
     fwd: list[str] = []
     for net in networks:
         b = net.bridge
@@ -167,7 +176,10 @@ def render_chain_rules(networks: Sequence[NetworkRules], family: Family) -> dict
         fwd.append(f"-A {FORWARD_CHAIN} -o {b} -j DROP")
     for net in networks:
         fwd.append(f"-A {FORWARD_CHAIN} -i {net.bridge} -j {'DROP' if net.internal else 'ACCEPT'}")
+    return fwd
 
+
+def _isolation_rules(networks: Sequence[NetworkRules]) -> list[str]:
     # Traffic within one network is left to filter (ICC), so no drop below can match a
     # bridge that happens to be named like Docker's (br-x, docker0).
     iso = [f"-A {ISOLATION_CHAIN} -i {n.bridge} -o {n.bridge} -j RETURN" for n in networks]
@@ -188,7 +200,10 @@ def render_chain_rules(networks: Sequence[NetworkRules], family: Family) -> dict
         b = net.bridge
         iso.append(f"-A {ISOLATION_CHAIN} ! -i {b} -o {b} -j DROP")
         iso += [f"-A {ISOLATION_CHAIN} -i {b} -o {p} -j DROP" for p in DOCKER_BRIDGE_PATTERNS]
+    return iso
 
+
+def _raw_rules(networks: Sequence[NetworkRules], family: Family) -> list[str]:
     # Nothing addressed to loopback, or claiming to come from it, comes from anywhere but the
     # host itself (route_localnet on a bridge also lifts the kernel's check of the source).
     raw = [
@@ -210,7 +225,10 @@ def render_chain_rules(networks: Sequence[NetworkRules], family: Family) -> dict
         if family == 6:
             raw.append(f"-A {RAW_CHAIN} -d fe80::/10 -i {b} -p ipv6-icmp -j RETURN")
         raw.append(f"-A {RAW_CHAIN} -i {b} -m addrtype --dst-type LOCAL -j DROP")
+    return raw
 
+
+def _nat_rules(networks: Sequence[NetworkRules], family: Family) -> list[str]:
     # No published port is reachable from an internal network, not even through its gateway.
     dnat = [f"-A {DNAT_CHAIN} -i {n.bridge} -j RETURN" for n in networks if n.internal]
     post: list[str] = []
@@ -236,7 +254,7 @@ def render_chain_rules(networks: Sequence[NetworkRules], family: Family) -> dict
             )
             if net.masquerade:
                 post.append(f"-A {POSTROUTING_CHAIN} -s {subnet} ! -o {b} -j MASQUERADE")
-    return {"filter": fwd, "mangle": iso, "nat": dnat + post, "raw": raw}
+    return dnat + post
 
 
 def _dnat_rule(m: Mapping) -> str:

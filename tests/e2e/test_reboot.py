@@ -13,15 +13,14 @@ from tests.e2e.conftest import (
     MODE,
     PLUGIN_NAME,
     Docker,
-    docker,
     free_subnet,
     ping,
     plugin_socket,
     tcp_from,
     tcp_from_container,
-    wait_for,
 )
 from tests.e2e.reboot import boot, power_off, running_daemon
+from tests.harness import docker, wait_for
 from tests.hostenv import OutsideHost, run
 
 

@@ -206,7 +206,9 @@ def test_status(served: Plugin) -> None:
     assert endpoint["addresses"] == ["10.213.80.2/24"]
     assert endpoint["mac_address"] == "02:50:0a:d5:50:02"
     text = status(served)
-    assert BRIDGE in text and "10.213.80.2/24" in text and "pyv" + ENDPOINT[:12] in text
+    assert BRIDGE in text
+    assert "10.213.80.2/24" in text
+    assert "pyv" + ENDPOINT[:12] in text
 
 
 def test_networks_docker_does_not_know_are_found_and_pruned(served: Plugin) -> None:

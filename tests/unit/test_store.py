@@ -123,7 +123,8 @@ async def test_pools_and_addresses(tmp_path: Path) -> None:
         # they were given and to what request.
         (loaded,) = await store.load_pools()
         assert loaded.replayable == {int(address): answer}
-        assert loaded.replayable_pool and loaded.pool_recorded_at == 1000.0
+        assert loaded.replayable_pool
+        assert loaded.pool_recorded_at == 1000.0
         await store.acknowledge(pool.id)
         await store.acknowledge(pool.id, str(address))
         (loaded,) = await store.load_pools()
@@ -198,7 +199,8 @@ async def test_schema_2_is_migrated_and_its_pending_answers_count_as_expired(
             int(ipaddress.ip_address("10.1.0.1")): PendingAnswer("gateway"),
             int(ipaddress.ip_address("10.1.0.2")): PendingAnswer("dynamic"),
         }
-        assert pool.replayable_pool and pool.pool_recorded_at is None
+        assert pool.replayable_pool
+        assert pool.pool_recorded_at is None
         assert not pool.pool_replayable(0.0)
         assert pool.claim_replay(None, gateway=True, now=0.0) is None
         assert len(pool.allocated) == 3
@@ -276,10 +278,13 @@ async def test_rows_that_cannot_be_read_are_set_aside_and_the_rest_served(
         ("pools", "10.2.0.0/24"),
         ("addresses", "10.2.0.0/24"),
     ]
-    assert rows[0][2] == '{"id": broken' and "JSONDecodeError" in rows[0][3]
+    assert rows[0][2] == '{"id": broken'
+    assert "JSONDecodeError" in rows[0][3]
     assert rows[1][3] == f"its network {NET} cannot be read"
-    assert rows[2][2] == bad_bytes and "UnicodeDecodeError" in rows[2][3]
-    assert "10.2.0.999" in rows[3][3] and rows[4][2] == "10.2.0.999"
+    assert rows[2][2] == bad_bytes
+    assert "UnicodeDecodeError" in rows[2][3]
+    assert "10.2.0.999" in rows[3][3]
+    assert rows[4][2] == "10.2.0.999"
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 5
     assert all("set aside" in r.getMessage() for r in caplog.records)
     # Nothing left that cannot be read; the next start serves the same and moves nothing.
@@ -343,8 +348,10 @@ async def test_read_only_readers_skip_what_cannot_be_read(tmp_path: Path) -> Non
     assert _check_database(state, report)
     (problem,) = [f for f in report.findings if not f.ok]
     assert problem.what.startswith("4 row(s) of pybridge's state could not be read and were set")
-    assert "network " + NET[:40] in problem.what and "address 10.1.0.0/24" in problem.what
-    assert "DELETE FROM quarantine" in problem.fix and "docker network rm" in problem.fix
+    assert "network " + NET[:40] in problem.what
+    assert "address 10.1.0.0/24" in problem.what
+    assert "DELETE FROM quarantine" in problem.fix
+    assert "docker network rm" in problem.fix
 
 
 async def test_an_unreadable_ula_prefix_is_set_aside_and_replaced(tmp_path: Path) -> None:
@@ -354,7 +361,8 @@ async def test_an_unreadable_ula_prefix_is_set_aside_and_replaced(tmp_path: Path
         await store.set_meta(ULA_META_KEY, "fd00:zz::/48")
         ipam = IpamDriver(store, FakeKernel().routes)
         await ipam.load()
-        assert ipam.ula_prefix is not None and ipam.ula_prefix.prefixlen == 48
+        assert ipam.ula_prefix is not None
+        assert ipam.ula_prefix.prefixlen == 48
         assert await store.get_meta(ULA_META_KEY) == str(ipam.ula_prefix)
     finally:
         store.close()
@@ -426,7 +434,8 @@ def test_serve_refuses_a_newer_database_in_one_sentence(tmp_path: Path) -> None:
     )
     assert done.returncode == 1
     errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
-    assert len(errors) == 1 and errors[0].endswith(
+    assert len(errors) == 1
+    assert errors[0].endswith(
         f"is from a newer pybridge (schema 99, this version knows {SCHEMA_VERSION}); run that "
         "version or a newer one"
     )
@@ -454,7 +463,8 @@ def test_quick_check_names_damage(tmp_path: Path) -> None:
         result = sync.quick_check()
     finally:
         sync.close()
-    assert result != "ok" and result
+    assert result != "ok"
+    assert result
 
 
 async def test_read_pools_for_prune(tmp_path: Path) -> None:
