@@ -322,6 +322,36 @@ def _removal(chains: Sequence[str], rules: list[str]) -> list[str]:
     return refs + [f":{c} - [0:0]" for c in chains] + [f"-X {c}" for c in chains]
 
 
+@dataclass(frozen=True)
+class _Table:
+    """One table as render_restore and drift see it: what is there, and what pybridge wants."""
+
+    name: str
+    chains: set[str]  # chain names present
+    rules: list[str]  # rule lines present
+    own: tuple[str, ...]  # pybridge's chains it should have (none when there are no networks)
+    stale: list[str]  # PYBRIDGE-* chains present that it should not have
+    wanted: list[str]  # the rules pybridge's chains should hold
+
+    @property
+    def jumps(self) -> list[Jump]:
+        """The jumps into pybridge's chains this table should have."""
+        return [j for j in JUMPS if j.table == self.name and j.target in self.own]
+
+
+def _tables(networks: Sequence[NetworkRules], family: Family, current_save: str) -> list[_Table]:
+    """Every table pybridge has (or had) chains in, or that the current rules show."""
+    current = parse_save(current_save)
+    want = render_chain_rules(networks, family) if networks else {}
+    tables = []
+    for table in sorted(set(OWN_CHAINS) | set(current)):
+        names, rules = current.get(table, (set(), []))
+        own = OWN_CHAINS.get(table, ()) if networks else ()
+        stale = sorted(c for c in names if c.startswith(CHAIN_PREFIX) and c not in own)
+        tables.append(_Table(table, names, rules, own, stale, want.get(table, [])))
+    return tables
+
+
 def render_restore(networks: Sequence[NetworkRules], family: Family, current_save: str) -> str:
     """The complete ``iptables-restore --noflush`` input that makes the host match ``networks``.
 
@@ -329,23 +359,17 @@ def render_restore(networks: Sequence[NetworkRules], family: Family, current_sav
     PYBRIDGE-* that this version does not use (left by an older one) are removed too. Returns
     "" when nothing needs doing (no networks and nothing of ours present).
     """
-    current = parse_save(current_save)
     out: list[str] = []
-    chain_rules = render_chain_rules(networks, family) if networks else {}
-    for table in sorted(set(OWN_CHAINS) | set(current)):
-        names, rules = current.get(table, (set(), []))
-        own = OWN_CHAINS.get(table, ()) if networks else ()
-        stale = sorted(c for c in names if c.startswith(CHAIN_PREFIX) and c not in own)
-        if not own and not stale:
+    for t in _tables(networks, family, current_save):
+        if not t.own and not t.stale:
             continue
-        out.append(f"*{table}")
-        out += [f":{chain} - [0:0]" for chain in own]
-        out += chain_rules.get(table, [])
-        for jump in JUMPS:
-            if jump.table == table and jump.target in own:
-                out += _jump_fixes(jump, rules)
+        out.append(f"*{t.name}")
+        out += [f":{chain} - [0:0]" for chain in t.own]
+        out += t.wanted
+        for jump in t.jumps:
+            out += _jump_fixes(jump, t.rules)
         # References from our own chains were just reset; only foreign ones remain.
-        out += _removal(stale, [r for r in rules if r.split()[1] not in own])
+        out += _removal(t.stale, [r for r in t.rules if r.split()[1] not in t.own])
         out.append("COMMIT")
     return "\n".join(out) + "\n" if out else ""
 
@@ -353,32 +377,26 @@ def render_restore(networks: Sequence[NetworkRules], family: Family, current_sav
 def drift(networks: Sequence[NetworkRules], family: Family, current_save: str) -> list[str]:
     """How the host's rules differ from what pybridge wants, one line per problem; [] when
     they match. Used to repair the firewall when someone else flushed or reloaded it."""
-    current = parse_save(current_save)
-    want = render_chain_rules(networks, family) if networks else {}
     problems: list[str] = []
-    for table in sorted(set(OWN_CHAINS) | set(current)):
-        names, rules = current.get(table, (set(), []))
-        own = OWN_CHAINS.get(table, ()) if networks else ()
-        stale = sorted(c for c in names if c.startswith(CHAIN_PREFIX) and c not in own)
-        if stale:
-            problems.append(f"{table}: leftover chain(s) {', '.join(stale)}")
-        if not own:
+    for t in _tables(networks, family, current_save):
+        if t.stale:
+            problems.append(f"{t.name}: leftover chain(s) {', '.join(t.stale)}")
+        if not t.own:
             continue
-        missing_chains = [c for c in own if c not in names]
+        missing_chains = [c for c in t.own if c not in t.chains]
         if missing_chains:
-            problems.append(f"{table}: chain(s) {', '.join(missing_chains)} missing")
-        have = [r for r in rules if r.split()[1] in own]
-        wanted = want.get(table, [])
-        if have != wanted:
-            missing = sum(1 for r in wanted if r not in have)
-            extra = sum(1 for r in have if r not in wanted)
+            problems.append(f"{t.name}: chain(s) {', '.join(missing_chains)} missing")
+        have = [r for r in t.rules if r.split()[1] in t.own]
+        if have != t.wanted:
+            missing = sum(1 for r in t.wanted if r not in have)
+            extra = sum(1 for r in have if r not in t.wanted)
             detail = (
                 f"{missing} missing, {extra} unexpected" if missing or extra else "out of order"
             )
-            problems.append(f"{table}: pybridge rules differ ({detail})")
-        for jump in JUMPS:
-            if jump.table == table and jump.target in own and _jump_fixes(jump, rules):
-                problems.append(f"{table}: jump '{jump.spec}' missing, duplicated or out of place")
+            problems.append(f"{t.name}: pybridge rules differ ({detail})")
+        for jump in t.jumps:
+            if _jump_fixes(jump, t.rules):
+                problems.append(f"{t.name}: jump '{jump.spec}' missing, duplicated or out of place")
     return problems
 
 

@@ -3,46 +3,20 @@ on the plugin's socket (as dockerd would send it) and through the docker CLI."""
 
 from __future__ import annotations
 
-import http.client
 import json
-import socket
 
 import pytest
 
 from tests.e2e.conftest import DRIVER, Docker, plugin_socket
 from tests.harness import docker_fails
-from tests.hostenv import OutsideHost
+from tests.hostenv import OutsideHost, post_raw
 
 HEX = "ab" * 32
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str) -> None:
-        super().__init__("localhost", timeout=10)
-        self.path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(10)
-        sock.connect(self.path)
-        self.sock = sock
-
-
 def call(method: str, body: bytes) -> tuple[int, dict[str, object]]:
-    conn = UnixHTTPConnection(plugin_socket())
-    try:
-        # Like dockerd: POST, no Content-Type, the Accept header of the plugin protocol.
-        conn.request(
-            "POST",
-            "/" + method,
-            body=body,
-            headers={"Accept": "application/vnd.docker.plugins.v1.2+json"},
-        )
-        resp = conn.getresponse()
-        data = resp.read()
-    finally:
-        conn.close()
-    return resp.status, json.loads(data)
+    """Like dockerd: POST, no Content-Type, the Accept header of the plugin protocol."""
+    return post_raw(plugin_socket(), method, body, timeout=10)
 
 
 BAD_REQUESTS = [

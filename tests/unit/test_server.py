@@ -22,10 +22,10 @@ from aiohttp import web
 
 from pydriver import protocol as p
 from pydriver import server
-from pydriver.doctor import plugin_facts
 from pydriver.errors import DriverError, HostError
 from pydriver.naming import bridge_name, container_veth_name, host_veth_name
 from pydriver.peers import Peer, peer_credentials
+from pydriver.prune import plugin_facts
 from pydriver.server import Api, make_app
 
 from .conftest import Env
@@ -785,7 +785,7 @@ def test_callers_keep_the_most_recent_few() -> None:
 
 
 async def test_prune_sees_pybridge_and_its_callers(client: Client) -> None:
-    """The tool side of Pybridge.Status (doctor.plugin_facts): pybridge's pid as it says it and
+    """The tool side of Pybridge.Status (prune.plugin_facts): pybridge's pid as it says it and
     as seen through the socket agree (one pid namespace), and this process is its caller."""
     await client.ok("/Plugin.Activate")
     facts = await asyncio.to_thread(plugin_facts, client.path)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pydriver import protocol as p
-from pydriver.doctor import Report, _check_database
+from pydriver.checks import check_database
 from pydriver.errors import Conflict, HostError
 from pydriver.ipam import HostRoute, PendingAnswer, Pool
 from pydriver.ipamdriver import ULA_META_KEY, IpamDriver
@@ -30,10 +30,12 @@ from pydriver.store import (
     DB_NAME,
     SCHEMA_VERSION,
     PoolRecord,
+    StateHealth,
     Store,
     SyncStore,
     read_pools,
     read_state,
+    state_health,
 )
 
 from .fakes import FakeKernel, hexid
@@ -329,9 +331,9 @@ async def test_read_only_readers_skip_what_cannot_be_read(tmp_path: Path) -> Non
     networks, endpoints = read_state(state)  # status, ports and doctor use this
     assert [n.id for n in networks] == [OTHER_NET]
     assert sorted(e.id for e in endpoints) == sorted([OTHER_EP, BAD_EP])
-    report = Report()
-    assert _check_database(state, report)
-    problems = [f for f in report.findings if not f.ok]
+    findings = check_database(state_health(state))
+    assert findings[0].kind == "state-intact"
+    problems = [f for f in findings if not f.ok]
     assert len(problems) == 1
     assert problems[0].what.startswith("2 row(s) of pybridge's state cannot be read: network ")
     assert "pool 10.1.0.0/24" in problems[0].what
@@ -344,14 +346,32 @@ async def test_read_only_readers_skip_what_cannot_be_read(tmp_path: Path) -> Non
         await store.load_pools()
     finally:
         store.close()
-    report = Report()
-    assert _check_database(state, report)
-    (problem,) = [f for f in report.findings if not f.ok]
+    findings = check_database(state_health(state))
+    assert findings[0].kind == "state-intact"
+    (problem,) = [f for f in findings if not f.ok]
     assert problem.what.startswith("4 row(s) of pybridge's state could not be read and were set")
     assert "network " + NET[:40] in problem.what
     assert "address 10.1.0.0/24" in problem.what
     assert "DELETE FROM quarantine" in problem.fix
     assert "docker network rm" in problem.fix
+
+
+async def test_state_health_as_doctor_reads_it(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    assert state_health(state) == StateHealth(state / DB_NAME, found=False)
+    await fill(state)
+    health = state_health(state)
+    assert (health.found, health.error, health.integrity) == (True, None, "ok")
+    assert (health.schema_version, health.set_aside) == (SCHEMA_VERSION, ())
+    corrupt(state, "UPDATE meta SET value='x' WHERE key='schema_version'")
+    assert state_health(state).schema_version is None  # unknown, not a crash
+    corrupt(state, "DELETE FROM meta WHERE key='schema_version'")
+    assert state_health(state).schema_version is None
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / DB_NAME).write_bytes(b"not sqlite at all" * 100)
+    junk = state_health(tmp_path / "junk")
+    assert junk.error == "file is not a database"
+    assert not (tmp_path / "junk" / f"{DB_NAME}-wal").exists()  # read-only: nothing written
 
 
 async def test_an_unreadable_ula_prefix_is_set_aside_and_replaced(tmp_path: Path) -> None:
