@@ -129,7 +129,8 @@ def test_rows_set_aside_and_rows_waiting_to_be() -> None:
     assert kinds(found) == ["state-intact", "rows-set-aside", "rows-unreadable"]
     kept, waiting = problems(found)
     assert kept.what.startswith("7 row(s) of pybridge's state could not be read and were set")
-    assert kept.what.endswith("; and 2 more") and f"network {NET[:40]}" in kept.what
+    assert kept.what.endswith("; and 2 more")
+    assert f"network {NET[:40]}" in kept.what
     assert f"sqlite3 {DB} 'DELETE FROM quarantine'" in kept.fix
     assert waiting.what.startswith("1 row(s) of pybridge's state cannot be read: pool 10.1.0.0")
     assert "\x1b" not in waiting.what  # a damaged row's text never reaches the terminal raw
@@ -176,7 +177,8 @@ def test_backend_unknown() -> None:
 
 def test_backends() -> None:
     [mismatch] = checks.check_backends("legacy", "nft", {})
-    assert mismatch.kind == "backend-mismatch" and mismatch.what.startswith(
+    assert mismatch.kind == "backend-mismatch"
+    assert mismatch.what.startswith(
         "Docker's rules are in iptables-nft but pybridge's are in iptables-legacy"
     )
     assert "--firewall-backend=nft" in mismatch.fix
@@ -213,7 +215,8 @@ def test_firewall_in_place_drifted_or_unreadable() -> None:
     found = checks.check_firewall(Rules(4, good), [], False)
     assert "IPv4 firewall: filter: leftover chain(s) PYBRIDGE-FORWARD" in [f.what for f in found]
     [unreadable] = checks.check_firewall(Rules(4, error="iptables-nft-save failed: x"), VIEWS, True)
-    assert unreadable.kind == "firewall-unreadable" and not unreadable.ok
+    assert unreadable.kind == "firewall-unreadable"
+    assert not unreadable.ok
 
 
 def test_drift_names_each_kind_of_difference() -> None:

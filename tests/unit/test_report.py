@@ -117,7 +117,8 @@ def test_findings_as_text() -> None:
         "1 problem(s) found",
     ]
     assert findings_text(FINDINGS[:1]).splitlines()[-1] == "healthy"
-    assert healthy(FINDINGS[:1]) and not healthy(FINDINGS)
+    assert healthy(FINDINGS[:1])
+    assert not healthy(FINDINGS)
 
 
 def test_findings_as_json_keep_their_shape() -> None:

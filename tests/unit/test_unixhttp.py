@@ -78,7 +78,8 @@ def test_request_returns_once_the_server_is_done(sock_dir: Path) -> None:
     assert (answer_.status, answer_.json(), answer_.listener) == (200, {"a": 1}, os.getpid())
     head = seen[0].decode()
     assert head.startswith("POST /X.Y HTTP/1.1\r\n")
-    assert "Content-Length: 2\r\n" in head and "Accept: x\r\n" in head
+    assert "Content-Length: 2\r\n" in head
+    assert "Accept: x\r\n" in head
     assert "Content-Type" not in head  # as dockerd: no Content-Type
 
 
@@ -120,7 +121,7 @@ def test_what_is_not_pybridge(sock_dir: Path, reply: bytes) -> None:
 
 def test_probe_of_a_socket_nobody_serves(sock_dir: Path) -> None:
     assert probe(str(sock_dir / "none.sock")) == Probe(error="No such file or directory")
-    with pytest.raises(OSError):
+    with pytest.raises(FileNotFoundError, match="No such file"):
         call_pybridge(str(sock_dir / "none.sock"), "Plugin.Activate")
 
 
