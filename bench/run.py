@@ -5,6 +5,9 @@ the same machine; medians over the repetitions and the ratio pybridge/bridge are
 Plugin-level figures (latency per protocol call, firewall apply, memory, start-up) come from a
 separate pybridge instance in a throwaway network namespace, driven straight on its socket with
 real kernel objects. Results go to docs/benchmarks.md (see --help).
+
+Run from the checkout as a module, `python -m bench.run` (scripts/bench.sh does): it shares
+the tests' harness (tests/harness.py and the modules it names) as an ordinary package.
 """
 
 from __future__ import annotations
@@ -28,18 +31,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests import harness
+from tests.harness import IMAGE, build_image, wait_for
+from tests.hostenv import leak_guard
+from tests.privileged.serving import Plugin, netns
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tests.hostenv import leak_guard, run  # noqa: E402
-from tests.image import IMAGE, build_image  # noqa: E402
-from tests.privileged.serving import Plugin, netns  # noqa: E402
-
 DRIVERS = ("pybridge", "bridge")
 
 
 def docker(*args: str, timeout: float = 300) -> str:
-    return run(["docker", *args], timeout=timeout).stdout.strip()
+    return harness.docker(*args, timeout=timeout)
 
 
 def seconds(fn: Callable[[], object]) -> float:
@@ -135,11 +137,12 @@ class Scenarios:
             template = f'{{{{(index .NetworkSettings.Networks "{net}").IPAddress}}}}'
             ip = docker("inspect", "-f", template, server)
             docker("exec", "-d", server, "pbtest-echo", "sink", "5000")
-            deadline = time.monotonic() + 10
-            while ":5000 " not in docker("exec", server, "netstat", "-ltn"):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the stream receiver did not start")
-                time.sleep(0.1)
+
+            def listening() -> bool:
+                return ":5000 " in docker("exec", server, "netstat", "-ltn")
+
+            if not wait_for(listening, timeout=10, interval=0.1):
+                raise RuntimeError("the stream receiver did not start")
             yield client, ip
         finally:
             docker("rm", "-f", server, client)

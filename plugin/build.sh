@@ -30,10 +30,14 @@ PIP="${PYTHON:-python3} -m pip"
 rm -rf "$WHEELS"
 mkdir -p "$WHEELS"
 $PIP wheel -q --no-deps -w "$WHEELS" "$ROOT"
+# Exactly the wheels plugin/requirements.lock names, checked against its hashes (pip refuses
+# any other file), so two builds of one commit install the same dependencies. To change them:
+# python3 plugin/lock.py.
 $PIP download -q --dest "$WHEELS" --only-binary=:all: --python-version 3.11 \
     --implementation cp --abi cp311 --platform "manylinux2014_$(uname -m)" \
     --platform "manylinux_2_17_$(uname -m)" --platform "manylinux_2_28_$(uname -m)" \
-    --platform any "aiohttp>=3.9" "pyroute2>=0.9.2"
+    --platform any --require-hashes -r "$ROOT/plugin/requirements.lock"
+cp "$ROOT/plugin/requirements.lock" "$WHEELS/requirements.lock"
 
 say "building the root filesystem on $BASE"
 DOCKER_BUILDKIT=0 docker build -q --build-arg "BASE=$BASE" -t "$ROOTFS_IMAGE" \

@@ -19,9 +19,8 @@ from pathlib import Path
 from aiohttp import web
 
 from . import __version__
+from .dockerapi import docker_names
 from .doctor import doctor as run_doctor
-from .doctor import format_status, status_data
-from .doctor import prune as run_prune
 from .driver import NetworkDriver
 from .errors import DriverError
 from .firewall import IptablesFirewall, detect_backend
@@ -32,8 +31,19 @@ from .metrics import Metrics
 from .model import IPAddress
 from .netlink import Netlink
 from .ports import DEFAULT_EPHEMERAL_RANGE
+from .prune import prune as run_prune
 from .pruning import Plan, confirmed
-from .report import Names, docker_names, format_table, port_rows
+from .report import (
+    Names,
+    findings_json,
+    findings_text,
+    format_ports,
+    format_status,
+    healthy,
+    port_rows,
+    status_data,
+)
+from .sandboxes import sandbox_released
 from .server import Api, make_app, make_failure_app, make_metrics_app
 from .store import SqliteStore, read_state
 from .sysctl import Sysctl
@@ -181,11 +191,11 @@ def status_command(args: argparse.Namespace) -> int:
 
 
 def doctor_command(args: argparse.Namespace) -> int:
-    report = run_doctor(
+    findings = run_doctor(
         args.socket, Path(args.state_dir), args.firewall_backend, not args.no_docker
     )
-    print(report.json() if args.json else report.text())
-    return 0 if report.healthy else 1
+    print(findings_json(findings) if args.json else findings_text(findings))
+    return 0 if healthy(findings) else 1
 
 
 def prune_command(args: argparse.Namespace) -> int:
@@ -231,7 +241,7 @@ def ports_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     elif rows:
-        print(format_table(rows))
+        print(format_ports(rows))
     else:
         print("pybridge publishes no ports")
     return 0
@@ -336,6 +346,7 @@ async def serve(args: argparse.Namespace) -> int:
         port_holder=port_holder,
         ephemeral_range=ephemeral_range(),
         release_addresses=release_addresses,
+        sandbox_released=sandbox_released,
     )
     # Each sees the other through one narrow function: the IPAM driver reads which addresses
     # the network driver's endpoints use; the network driver gives back addresses of

@@ -1,7 +1,8 @@
-"""The Docker daemon as `pydriver prune` sees it: which endpoint the docker CLI talks to (its
-context, DOCKER_HOST), which process serves that socket, and the daemon's networks and
-plugins, read from the Engine API on that very socket. Only operator commands use this; the
-plugin itself never calls Docker."""
+"""The Docker daemon as pydriver's operator commands see it. For `pydriver prune`: which
+endpoint the docker CLI talks to (its context, DOCKER_HOST), which process serves that socket,
+and the daemon's networks and plugins, read from the Engine API on that very socket. For
+`doctor`, `status` and `ports`: the network ids and names the docker CLI lists (best effort).
+Only operator commands use this; the plugin itself never calls Docker."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from typing import Any
 
 from .errors import DriverError
 from .logs import escape
-from .peers import peer_credentials, serving_processes
+from .peers import serving_processes
 from .pruning import DaemonFacts, DockerNetwork
+from .report import Names
+from .unixhttp import UnixConnection
 
 TIMEOUT = 20.0
 
@@ -46,27 +49,7 @@ def docker_host() -> str:
     return host
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    """HTTP on a Unix socket; remembers who listens on it (SO_PEERCRED) at each connect."""
-
-    def __init__(self, path: str) -> None:
-        super().__init__("docker", timeout=TIMEOUT)
-        self.socket_path = path
-        self.listeners: set[int] = set()
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.socket_path)
-            self.listeners.add(peer_credentials(sock).pid)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-
-
-def _get(conn: _UnixConnection, path: str) -> Any:
+def _get(conn: UnixConnection, path: str) -> Any:
     conn.request("GET", path, headers={"Accept": "application/json"})
     response = conn.getresponse()
     data = response.read()
@@ -117,7 +100,7 @@ def look_at(host: str, path: str) -> DaemonFacts:
     """Ask the daemon listening on ``path`` for its networks and plugins, and find out which
     process answers: the one holding the other end of the connection (this finds dockerd
     behind systemd socket activation too), else the one that listens (SO_PEERCRED)."""
-    conn = _UnixConnection(path)
+    conn = UnixConnection(path, TIMEOUT, host="docker")
     try:
         networks = _networks(_get(conn, "/networks"), path)
         # The connection is kept alive: its other end is in the process serving it.
@@ -145,3 +128,36 @@ def look_at(host: str, path: str) -> DaemonFacts:
         plugin_ids=plugins,
         networks=networks,
     )
+
+
+def _cli(*argv: str) -> str:
+    return subprocess.run(
+        ["docker", *argv], capture_output=True, text=True, timeout=TIMEOUT, check=True
+    ).stdout
+
+
+def docker_network_ids() -> set[str] | None:
+    """Network ids the daemon the docker CLI talks to knows, or None if it cannot be asked."""
+    try:
+        return set(_cli("network", "ls", "-q", "--no-trunc").split())
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def docker_names() -> Names:
+    """Container and network names, by endpoint and network id, as the docker CLI shows them
+    (best effort: none if it cannot)."""
+    containers: dict[str, str] = {}
+    networks: dict[str, str] = {}
+    try:
+        ids = _cli("ps", "-q", "--no-trunc").split()
+        for info in json.loads(_cli("inspect", *ids)) if ids else []:
+            name = str(info.get("Name", "")).lstrip("/")
+            for net_name, net in (info.get("NetworkSettings", {}).get("Networks") or {}).items():
+                if net.get("EndpointID"):
+                    containers[net["EndpointID"]] = name
+                if net.get("NetworkID"):
+                    networks[net["NetworkID"]] = net_name
+    except (OSError, subprocess.SubprocessError, ValueError):
+        pass
+    return Names(containers, networks)

@@ -44,6 +44,7 @@ from .interfaces import (
     NetworkStore,
     PortHolder,
     PortReservations,
+    SandboxCheck,
 )
 from .ipam import ADDRESS_SPACES, pool_id_for
 from .locks import NETWORKS_LOCK, PORTS_LOCK, KeyedLock
@@ -105,6 +106,7 @@ class NetworkDriver:
         inline_background: bool = False,
         release_addresses: AddressReleaser | None = None,
         dying_veth_wait: float = DYING_VETH_WAIT,
+        sandbox_released: SandboxCheck | None = None,
     ) -> None:
         """``inline_background``: run at once what is otherwise left to the background (tests
         over fakes, which then need not wait for it). ``release_addresses``: gives addresses
@@ -127,7 +129,9 @@ class NetworkDriver:
             self.bridges,
             self.veths,
         )
-        self.eviction = Eviction(self.state, kernel, self._locks, self.removal, release_addresses)
+        self.eviction = Eviction(
+            self.state, kernel, self._locks, self.removal, release_addresses, sandbox_released
+        )
         self.publisher = Publisher(
             self.state,
             kernel,

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Sequence
 
 from .errors import DriverError
-from .interfaces import AddressReleaser, Kernel
+from .interfaces import AddressReleaser, Kernel, SandboxCheck
 from .locks import KeyedLock
 from .model import Endpoint, IPAddress, Network
 from .naming import endpoint_mac, short
@@ -32,24 +32,33 @@ class Eviction:
         locks: KeyedLock,
         removal: Removal,
         release_addresses: AddressReleaser | None,
+        sandbox_released: SandboxCheck | None = None,
     ) -> None:
         self.state = state
         self.kernel = kernel
         self.locks = locks
         self.removal = removal
         self.release_addresses = release_addresses
+        self.sandbox_released = sandbox_released
 
     async def container_gone(self, endpoint: Endpoint) -> bool:
-        """A joined endpoint whose host-side veth is gone lost its container. An endpoint not
-        yet joined is never gone by this test. Call it under the endpoint's network lock, so
-        no Join or Leave runs meanwhile."""
+        """A joined endpoint whose host-side veth is gone lost its container: the pair dies
+        with the container's network namespace. So did one whose sandbox Docker destroyed (its
+        namespace is no longer mounted on its SandboxKey; the kernel may take seconds more to
+        tear the namespace and the veth down). An endpoint not yet joined is never gone by
+        these tests. Call it under the endpoint's network lock, so no Join or Leave runs
+        meanwhile."""
         if endpoint.state != "ready" or not endpoint.sandbox_key:
             return False
         try:
-            return not await self.kernel.exists(endpoint.host_veth)
+            if not await self.kernel.exists(endpoint.host_veth):
+                return True
         except DriverError as err:
             log.warning("cannot check the veth of endpoint %s: %s", short(endpoint.id), err)
             return False
+        if self.sandbox_released is None:
+            return False
+        return await self.sandbox_released(endpoint.sandbox_key)
 
     async def remove_gone(
         self, endpoints: Sequence[Endpoint], *, release_addresses: bool = True

@@ -54,15 +54,7 @@ async def detect_backend(setting: str = "auto") -> Backend:
             "no iptables tools found (iptables-nft-restore or iptables-legacy-restore); "
             "install the iptables package"
         )
-    with_docker = []
-    for backend in candidates:
-        if backend == "legacy" and not await asyncio.to_thread(_legacy_filter_exists):
-            continue  # reading it would create an empty legacy table on the host
-        result = await run([tool(backend, 4, "save"), "-t", "filter"])
-        if result.returncode == 0 and (
-            ":DOCKER-USER" in result.stdout or ":DOCKER " in result.stdout
-        ):
-            with_docker.append(backend)
+    with_docker = await docker_backends()
     if len(with_docker) == 1:
         return with_docker[0]
     default = await _path_iptables_backend()
@@ -71,6 +63,28 @@ async def detect_backend(setting: str = "auto") -> Backend:
     if default in candidates:
         return default
     return candidates[0]
+
+
+async def readable_backends() -> list[Backend]:
+    """The installed flavours whose rules can be read without side effects: reading legacy
+    tables that do not exist would create them (empty) on the host."""
+    return [
+        b
+        for b in available_backends()
+        if b != "legacy" or await asyncio.to_thread(_legacy_filter_exists)
+    ]
+
+
+async def docker_backends() -> list[Backend]:
+    """The flavours whose filter table holds Docker's chains (DOCKER or DOCKER-USER)."""
+    found = []
+    for backend in await readable_backends():
+        result = await run([tool(backend, 4, "save"), "-t", "filter"])
+        if result.returncode == 0 and (
+            ":DOCKER-USER" in result.stdout or ":DOCKER " in result.stdout
+        ):
+            found.append(backend)
+    return found
 
 
 def _legacy_filter_exists() -> bool:

@@ -140,6 +140,8 @@ PortHolder = Callable[[str, int], Awaitable[str | None]]
 RoutesProvider = Callable[[], Awaitable[list[HostRoute]]]
 # Gives (IPAM pool id, address) pairs back to pybridge's IPAM (IpamDriver.release_owned).
 AddressReleaser = Callable[[Sequence[tuple[str, IPAddress]]], Awaitable[None]]
+# Whether Docker has destroyed the sandbox of this SandboxKey (sandboxes.sandbox_released).
+SandboxCheck = Callable[[str], Awaitable[bool]]
 # The addresses that endpoints known to pybridge's network driver use in an IPAM pool, or
 # None when the pool backs no pybridge network (State.addresses_in_pool).
 EndpointAddresses = Callable[[str], Collection[IPAddress] | None]
@@ -156,4 +158,5 @@ __all__ = [
     "PortHolder",
     "PortReservations",
     "RoutesProvider",
+    "SandboxCheck",
 ]

@@ -64,18 +64,7 @@ def parse_network_options(
     generic: dict[str, str], *, enable_ipv4: bool = True, enable_ipv6: bool = False
 ) -> NetworkOptions:
     """``enable_ipv4``/``enable_ipv6``: what the daemon decided (the request's flags)."""
-    unknown = sorted(
-        k for k in generic if k not in SUPPORTED and k != MTU_SHORT and k not in DAEMON_FLAGS
-    )
-    if unknown:
-        names = ", ".join(_clip(k) for k in unknown[:5])
-        if len(unknown) > 5:
-            names += f" and {len(unknown) - 5} more"
-        noun = "option" if len(unknown) == 1 else "options"
-        raise Unsupported(
-            f"pybridge does not support the network {noun} {names}; "
-            f"supported options are {', '.join(SUPPORTED)}"
-        )
+    _refuse_unknown(generic)
     for key, applied in ((ENABLE_IPV4, enable_ipv4), (ENABLE_IPV6, enable_ipv6)):
         if _parse_bool(generic, key, applied) != applied:
             # A daemon before 28 passes the option on without applying it.
@@ -99,16 +88,7 @@ def parse_network_options(
             "settings of every interface; choose another name"
         )
 
-    mtu = None
-    raw_mtu = generic.get(MTU) or generic.get(MTU_SHORT)
-    if raw_mtu:
-        # Digits only, as Go's strconv.Atoi in Docker's own driver (int() takes " 1_400").
-        mtu = int(raw_mtu) if _DIGITS_RE.fullmatch(raw_mtu) else -1
-        if not MIN_MTU <= mtu <= MAX_MTU:
-            raise InvalidRequest(
-                f"{MTU} {_clip(raw_mtu)!r} is not valid; it must be a whole number from "
-                f"{MIN_MTU} to {MAX_MTU}"
-            )
+    mtu = _parse_mtu(generic)
 
     host_binding = None
     raw_binding = generic.get(HOST_BINDING_IPV4)
@@ -135,6 +115,35 @@ def parse_network_options(
         mtu=mtu,
         container_iface_prefix=prefix,
     )
+
+
+def _refuse_unknown(generic: dict[str, str]) -> None:
+    unknown = sorted(
+        k for k in generic if k not in SUPPORTED and k != MTU_SHORT and k not in DAEMON_FLAGS
+    )
+    if unknown:
+        names = ", ".join(_clip(k) for k in unknown[:5])
+        if len(unknown) > 5:
+            names += f" and {len(unknown) - 5} more"
+        noun = "option" if len(unknown) == 1 else "options"
+        raise Unsupported(
+            f"pybridge does not support the network {noun} {names}; "
+            f"supported options are {', '.join(SUPPORTED)}"
+        )
+
+
+def _parse_mtu(generic: dict[str, str]) -> int | None:
+    raw_mtu = generic.get(MTU) or generic.get(MTU_SHORT)
+    if not raw_mtu:
+        return None
+    # Digits only, as Go's strconv.Atoi in Docker's own driver (int() takes " 1_400").
+    mtu = int(raw_mtu) if _DIGITS_RE.fullmatch(raw_mtu) else -1
+    if not MIN_MTU <= mtu <= MAX_MTU:
+        raise InvalidRequest(
+            f"{MTU} {_clip(raw_mtu)!r} is not valid; it must be a whole number from "
+            f"{MIN_MTU} to {MAX_MTU}"
+        )
+    return mtu
 
 
 def _parse_bool(generic: dict[str, str], key: str, default: bool) -> bool:

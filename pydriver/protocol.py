@@ -928,3 +928,30 @@ def parse_status_reply(body: Mapping[str, Any]) -> Status:
         state_file=(state_file[0], state_file[1]) if state_file else None,
         callers=tuple(callers),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests pydriver's own commands send (doctor's probe, prune's removals): (method, body)
+# ---------------------------------------------------------------------------------------------
+
+
+def activate_request() -> tuple[str, dict[str, Any]]:
+    return "Plugin.Activate", {}
+
+
+def implements(reply: object) -> tuple[str, ...]:
+    """The APIs a Plugin.Activate reply names (none when it is not such a reply)."""
+    names = reply.get("Implements") if isinstance(reply, dict) else None
+    return tuple(n for n in names if isinstance(n, str)) if isinstance(names, list) else ()
+
+
+def delete_endpoint_request(network_id: str, endpoint_id: str) -> tuple[str, dict[str, Any]]:
+    return "NetworkDriver.DeleteEndpoint", {"NetworkID": network_id, "EndpointID": endpoint_id}
+
+
+def delete_network_request(network_id: str) -> tuple[str, dict[str, Any]]:
+    return "NetworkDriver.DeleteNetwork", {"NetworkID": network_id}
+
+
+def release_pool_request(pool_id: str) -> tuple[str, dict[str, Any]]:
+    return "IpamDriver.ReleasePool", {"PoolID": pool_id}

@@ -30,7 +30,7 @@ DATAGRAM_PROTOCOLS = {"udp": 17, "sctp": 132}
 # again before it is reported: the kernel tears a dead container's namespace down (veths
 # last) asynchronously, so the old endpoint of a container dockerd is restarting right now
 # may show its veth for a moment.
-DYING_VETH_WAIT = 2.0
+DYING_VETH_WAIT = 5.0
 
 
 def publishes_any(mappings: Iterable[PortMapping], bindings: Iterable[PortBinding]) -> bool:
@@ -180,7 +180,7 @@ class Publisher:
             for e in self.state.endpoints.values()
             if e.id != endpoint.id and publishes_any(e.mappings, bindings)
         ]
-        why = f"its host ports are wanted by endpoint {short(endpoint.id)}, veth gone"
+        why = f"its host ports are wanted by endpoint {short(endpoint.id)}"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.dying_veth_wait
         while True:
@@ -223,7 +223,9 @@ class Publisher:
 
         await self.background.run(forget(), "forgetting flows of published ports")
 
-    async def _reserve_binding(self, request: PortRequest, taken: PortIndex) -> list[PortMapping]:
+    async def _reserve_binding(  # noqa: C901 (one loop over candidate ports, two ways to fail)
+        self, request: PortRequest, taken: PortIndex
+    ) -> list[PortMapping]:
         """Pick a host port for one binding and reserve it on every address it covers.
 
         May try every port of a range (or of the ephemeral range), so each try costs a lookup

@@ -1,15 +1,15 @@
-"""Read-only reports for operators, from pybridge's state (the `ports` command)."""
+"""What the operator commands print (pure): `ports` and `status` from pybridge's state, and
+`doctor`'s findings, as aligned text tables or JSON for scripts."""
 
 from __future__ import annotations
 
 import json
-import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .checks import Finding
 from .model import Endpoint, Network
-
-DOCKER_TIMEOUT = 20
 
 
 @dataclass(frozen=True)
@@ -20,40 +20,16 @@ class Names:
     networks: dict[str, str]
 
 
-def docker_names() -> Names:
-    """Ask the docker CLI for names (best effort: an empty answer if it cannot).
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Lines of columns padded to their widest cell, two spaces apart, no trailing blanks."""
+    lines = [tuple(header), *(tuple(r) for r in rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return [
+        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)).rstrip() for line in lines
+    ]
 
-    Only this operator command does this; the plugin itself never calls Docker."""
-    containers: dict[str, str] = {}
-    networks: dict[str, str] = {}
-    try:
-        ids = subprocess.run(
-            ["docker", "ps", "-q", "--no-trunc"],
-            capture_output=True,
-            text=True,
-            timeout=DOCKER_TIMEOUT,
-            check=True,
-        ).stdout.split()
-        if ids:
-            out = subprocess.run(
-                ["docker", "inspect", *ids],
-                capture_output=True,
-                text=True,
-                timeout=DOCKER_TIMEOUT,
-                check=True,
-            ).stdout
-            for info in json.loads(out):
-                name = str(info.get("Name", "")).lstrip("/")
-                for net_name, net in (
-                    info.get("NetworkSettings", {}).get("Networks") or {}
-                ).items():
-                    if net.get("EndpointID"):
-                        containers[net["EndpointID"]] = name
-                    if net.get("NetworkID"):
-                        networks[net["NetworkID"]] = net_name
-    except (OSError, subprocess.SubprocessError, ValueError):
-        pass
-    return Names(containers, networks)
+
+# -- ports --------------------------------------------------------------------------------------
 
 
 def port_rows(
@@ -80,22 +56,135 @@ def port_rows(
     return rows
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    header = ("CONTAINER", "NETWORK", "ENDPOINT", "PROTO", "HOST", "", "CONTAINER PORT")
-    lines = [header]
-    for r in rows:
-        lines.append(
-            (
-                r["container"] or "-",
-                r["network"] or r["network_id"][:12],
-                r["endpoint_id"][:12],
-                r["proto"],
-                r["host"],
-                "->",
-                r["target"],
-            )
-        )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+def format_ports(rows: list[dict[str, Any]]) -> str:
     return "\n".join(
-        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)).rstrip() for line in lines
+        table(
+            ("CONTAINER", "NETWORK", "ENDPOINT", "PROTO", "HOST", "", "CONTAINER PORT"),
+            [
+                (
+                    r["container"] or "-",
+                    r["network"] or r["network_id"][:12],
+                    r["endpoint_id"][:12],
+                    r["proto"],
+                    r["host"],
+                    "->",
+                    r["target"],
+                )
+                for r in rows
+            ],
+        )
+    )
+
+
+# -- status -------------------------------------------------------------------------------------
+
+
+def status_data(networks: list[Network], endpoints: list[Endpoint], names: Names) -> dict[str, Any]:
+    return {
+        "networks": [
+            {
+                "id": n.id,
+                "name": names.networks.get(n.id),
+                "bridge": n.bridge,
+                "bridge_owned": n.bridge_owned,
+                "state": n.state,
+                "subnets": [
+                    {"subnet": str(s.pool), "gateway": str(s.gateway.ip) if s.gateway else None}
+                    for s in n.subnets
+                ],
+                "internal": n.internal,
+                "options": n.raw_options,
+            }
+            for n in networks
+        ],
+        "endpoints": [
+            {
+                "id": e.id,
+                "network_id": e.network_id,
+                "container": names.containers.get(e.id),
+                "addresses": [str(a) for a in (e.address, e.address_v6) if a is not None],
+                "mac_address": e.mac_address,
+                "veth": e.host_veth,
+                "sandbox": e.sandbox_key,
+                "state": e.state,
+            }
+            for e in endpoints
+        ],
+        "ports": port_rows(networks, endpoints, names),
+    }
+
+
+def _network_row(n: dict[str, Any]) -> tuple[str, ...]:
+    subnets = ", ".join(
+        s["subnet"] + (f" gw {s['gateway']}" if s["gateway"] else "") for s in n["subnets"]
+    )
+    options = (["internal"] if n["internal"] else []) + [
+        f"{k}={v}" for k, v in sorted(n["options"].items())
+    ]
+    bridge = n["bridge"] + ("" if n["bridge_owned"] else " (yours)")
+    return (n["id"][:12], n["name"] or "-", bridge, subnets, ", ".join(options) or "-")
+
+
+def _endpoint_row(e: dict[str, Any]) -> tuple[str, ...]:
+    addresses = ", ".join(e["addresses"]) or "-"
+    return (
+        e["id"][:12],
+        e["container"] or "-",
+        e["network_id"][:12],
+        addresses,
+        e["mac_address"],
+        e["veth"],
+    )
+
+
+def format_status(data: dict[str, Any]) -> str:
+    out = [f"networks: {len(data['networks'])}"]
+    if data["networks"]:
+        out += table(
+            ("NETWORK", "NAME", "BRIDGE", "SUBNETS", "OPTIONS"),
+            [_network_row(n) for n in data["networks"]],
+        )
+    out += ["", f"endpoints: {len(data['endpoints'])}"]
+    if data["endpoints"]:
+        out += table(
+            ("ENDPOINT", "CONTAINER", "NETWORK", "ADDRESSES", "MAC", "VETH"),
+            [_endpoint_row(e) for e in data["endpoints"]],
+        )
+    out += ["", f"published ports: {len(data['ports'])}"]
+    if data["ports"]:
+        out += table(
+            ("CONTAINER", "PROTO", "HOST", "", "CONTAINER PORT"),
+            [
+                (r["container"] or r["endpoint_id"][:12], r["proto"], r["host"], "->", r["target"])
+                for r in data["ports"]
+            ],
+        )
+    return "\n".join(out)
+
+
+# -- doctor -------------------------------------------------------------------------------------
+
+
+def healthy(findings: Sequence[Finding]) -> bool:
+    return all(f.ok for f in findings)
+
+
+def findings_text(findings: Sequence[Finding]) -> str:
+    lines = []
+    for f in findings:
+        lines.append(("ok       " if f.ok else "PROBLEM  ") + f.what)
+        if f.fix:
+            lines.append("         fix: " + f.fix)
+    problems = sum(1 for f in findings if not f.ok)
+    lines.append("healthy" if not problems else f"{problems} problem(s) found")
+    return "\n".join(lines)
+
+
+def findings_json(findings: Sequence[Finding]) -> str:
+    return json.dumps(
+        {
+            "healthy": healthy(findings),
+            "findings": [{"ok": f.ok, "what": f.what, "fix": f.fix} for f in findings],
+        },
+        indent=2,
     )

@@ -184,6 +184,15 @@ def firewall_views(
 def render_chain_rules(networks: Sequence[NetworkRules], family: Family) -> dict[str, list[str]]:
     """The rules of pybridge's chains, per table, as iptables-save lines (without the header)."""
     networks = sorted(networks, key=lambda n: n.bridge)
+    return {
+        "filter": _forward_rules(networks),
+        "mangle": _isolation_rules(networks),
+        "nat": _nat_rules(networks, family),
+        "raw": _raw_rules(networks, family),
+    }
+
+
+def _forward_rules(networks: Sequence[NetworkRules]) -> list[str]:
     fwd: list[str] = []
     for net in networks:
         b = net.bridge
@@ -197,7 +206,10 @@ def render_chain_rules(networks: Sequence[NetworkRules], family: Family) -> dict
         fwd.append(f"-A {FORWARD_CHAIN} -o {b} -j DROP")
     for net in networks:
         fwd.append(f"-A {FORWARD_CHAIN} -i {net.bridge} -j {'DROP' if net.internal else 'ACCEPT'}")
+    return fwd
 
+
+def _isolation_rules(networks: Sequence[NetworkRules]) -> list[str]:
     # Traffic within one network is left to filter (ICC), so no drop below can match a
     # bridge that happens to be named like Docker's (br-x, docker0).
     iso = [f"-A {ISOLATION_CHAIN} -i {n.bridge} -o {n.bridge} -j RETURN" for n in networks]
@@ -218,7 +230,10 @@ def render_chain_rules(networks: Sequence[NetworkRules], family: Family) -> dict
         b = net.bridge
         iso.append(f"-A {ISOLATION_CHAIN} ! -i {b} -o {b} -j DROP")
         iso += [f"-A {ISOLATION_CHAIN} -i {b} -o {p} -j DROP" for p in DOCKER_BRIDGE_PATTERNS]
+    return iso
 
+
+def _raw_rules(networks: Sequence[NetworkRules], family: Family) -> list[str]:
     # Nothing addressed to loopback, or claiming to come from it, comes from anywhere but the
     # host itself (route_localnet on a bridge also lifts the kernel's check of the source).
     raw = [
@@ -240,7 +255,10 @@ def render_chain_rules(networks: Sequence[NetworkRules], family: Family) -> dict
         if family == 6:
             raw.append(f"-A {RAW_CHAIN} -d fe80::/10 -i {b} -p ipv6-icmp -j RETURN")
         raw.append(f"-A {RAW_CHAIN} -i {b} -m addrtype --dst-type LOCAL -j DROP")
+    return raw
 
+
+def _nat_rules(networks: Sequence[NetworkRules], family: Family) -> list[str]:
     # No published port is reachable from an internal network, not even through its gateway.
     dnat = [f"-A {DNAT_CHAIN} -i {n.bridge} -j RETURN" for n in networks if n.internal]
     post: list[str] = []
@@ -266,7 +284,7 @@ def render_chain_rules(networks: Sequence[NetworkRules], family: Family) -> dict
             )
             if net.masquerade:
                 post.append(f"-A {POSTROUTING_CHAIN} -s {subnet} ! -o {b} -j MASQUERADE")
-    return {"filter": fwd, "mangle": iso, "nat": dnat + post, "raw": raw}
+    return dnat + post
 
 
 def _dnat_rule(m: PortMapping) -> str:
@@ -334,6 +352,36 @@ def _removal(chains: Sequence[str], rules: list[str]) -> list[str]:
     return refs + [f":{c} - [0:0]" for c in chains] + [f"-X {c}" for c in chains]
 
 
+@dataclass(frozen=True)
+class _Table:
+    """One table as render_restore and drift see it: what is there, and what pybridge wants."""
+
+    name: str
+    chains: set[str]  # chain names present
+    rules: list[str]  # rule lines present
+    own: tuple[str, ...]  # pybridge's chains it should have (none when there are no networks)
+    stale: list[str]  # PYBRIDGE-* chains present that it should not have
+    wanted: list[str]  # the rules pybridge's chains should hold
+
+    @property
+    def jumps(self) -> list[Jump]:
+        """The jumps into pybridge's chains this table should have."""
+        return [j for j in JUMPS if j.table == self.name and j.target in self.own]
+
+
+def _tables(networks: Sequence[NetworkRules], family: Family, current_save: str) -> list[_Table]:
+    """Every table pybridge has (or had) chains in, or that the current rules show."""
+    current = parse_save(current_save)
+    want = render_chain_rules(networks, family) if networks else {}
+    tables = []
+    for table in sorted(set(OWN_CHAINS) | set(current)):
+        names, rules = current.get(table, (set(), []))
+        own = OWN_CHAINS.get(table, ()) if networks else ()
+        stale = sorted(c for c in names if c.startswith(CHAIN_PREFIX) and c not in own)
+        tables.append(_Table(table, names, rules, own, stale, want.get(table, [])))
+    return tables
+
+
 def render_restore(networks: Sequence[NetworkRules], family: Family, current_save: str) -> str:
     """The complete ``iptables-restore --noflush`` input that makes the host match ``networks``.
 
@@ -341,23 +389,17 @@ def render_restore(networks: Sequence[NetworkRules], family: Family, current_sav
     PYBRIDGE-* that this version does not use (left by an older one) are removed too. Returns
     "" when nothing needs doing (no networks and nothing of ours present).
     """
-    current = parse_save(current_save)
     out: list[str] = []
-    chain_rules = render_chain_rules(networks, family) if networks else {}
-    for table in sorted(set(OWN_CHAINS) | set(current)):
-        names, rules = current.get(table, (set(), []))
-        own = OWN_CHAINS.get(table, ()) if networks else ()
-        stale = sorted(c for c in names if c.startswith(CHAIN_PREFIX) and c not in own)
-        if not own and not stale:
+    for t in _tables(networks, family, current_save):
+        if not t.own and not t.stale:
             continue
-        out.append(f"*{table}")
-        out += [f":{chain} - [0:0]" for chain in own]
-        out += chain_rules.get(table, [])
-        for jump in JUMPS:
-            if jump.table == table and jump.target in own:
-                out += _jump_fixes(jump, rules)
+        out.append(f"*{t.name}")
+        out += [f":{chain} - [0:0]" for chain in t.own]
+        out += t.wanted
+        for jump in t.jumps:
+            out += _jump_fixes(jump, t.rules)
         # References from our own chains were just reset; only foreign ones remain.
-        out += _removal(stale, [r for r in rules if r.split()[1] not in own])
+        out += _removal(t.stale, [r for r in t.rules if r.split()[1] not in t.own])
         out.append("COMMIT")
     return "\n".join(out) + "\n" if out else ""
 
@@ -365,32 +407,26 @@ def render_restore(networks: Sequence[NetworkRules], family: Family, current_sav
 def drift(networks: Sequence[NetworkRules], family: Family, current_save: str) -> list[str]:
     """How the host's rules differ from what pybridge wants, one line per problem; [] when
     they match. Used to repair the firewall when someone else flushed or reloaded it."""
-    current = parse_save(current_save)
-    want = render_chain_rules(networks, family) if networks else {}
     problems: list[str] = []
-    for table in sorted(set(OWN_CHAINS) | set(current)):
-        names, rules = current.get(table, (set(), []))
-        own = OWN_CHAINS.get(table, ()) if networks else ()
-        stale = sorted(c for c in names if c.startswith(CHAIN_PREFIX) and c not in own)
-        if stale:
-            problems.append(f"{table}: leftover chain(s) {', '.join(stale)}")
-        if not own:
+    for t in _tables(networks, family, current_save):
+        if t.stale:
+            problems.append(f"{t.name}: leftover chain(s) {', '.join(t.stale)}")
+        if not t.own:
             continue
-        missing_chains = [c for c in own if c not in names]
+        missing_chains = [c for c in t.own if c not in t.chains]
         if missing_chains:
-            problems.append(f"{table}: chain(s) {', '.join(missing_chains)} missing")
-        have = [r for r in rules if r.split()[1] in own]
-        wanted = want.get(table, [])
-        if have != wanted:
-            missing = sum(1 for r in wanted if r not in have)
-            extra = sum(1 for r in have if r not in wanted)
+            problems.append(f"{t.name}: chain(s) {', '.join(missing_chains)} missing")
+        have = [r for r in t.rules if r.split()[1] in t.own]
+        if have != t.wanted:
+            missing = sum(1 for r in t.wanted if r not in have)
+            extra = sum(1 for r in have if r not in t.wanted)
             detail = (
                 f"{missing} missing, {extra} unexpected" if missing or extra else "out of order"
             )
-            problems.append(f"{table}: pybridge rules differ ({detail})")
-        for jump in JUMPS:
-            if jump.table == table and jump.target in own and _jump_fixes(jump, rules):
-                problems.append(f"{table}: jump '{jump.spec}' missing, duplicated or out of place")
+            problems.append(f"{t.name}: pybridge rules differ ({detail})")
+        for jump in t.jumps:
+            if _jump_fixes(jump, t.rules):
+                problems.append(f"{t.name}: jump '{jump.spec}' missing, duplicated or out of place")
     return problems
 
 

@@ -536,6 +536,11 @@ def _kind(value: object) -> AnswerKind:
     return "specific" if value == "specific" else "dynamic"
 
 
+def _read_only(path: Path) -> sqlite3.Connection:
+    """A connection that cannot write (safe while pybridge runs)."""
+    return sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=5)
+
+
 def read_state(state_dir: Path) -> tuple[list[Network], list[Endpoint]]:
     """Networks and endpoints from a state directory, read-only (safe while pybridge runs).
     Rows that cannot be decoded are skipped, as pybridge itself does (see ``unreadable``)."""
@@ -543,7 +548,7 @@ def read_state(state_dir: Path) -> tuple[list[Network], list[Endpoint]]:
     if not path.exists():
         raise HostError(f"no pybridge state at {path}; is --state-dir right?")
     try:
-        db = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=5)
+        db = _read_only(path)
     except sqlite3.Error as err:
         raise HostError(f"cannot read the state database {path}: {err}") from None
     try:
@@ -574,7 +579,7 @@ def read_pools(state_dir: Path) -> list[PoolRecord]:
     if not path.exists():
         raise HostError(f"no pybridge state at {path}; is --state-dir right?")
     try:
-        db = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=5)
+        db = _read_only(path)
     except sqlite3.Error as err:
         raise HostError(f"cannot read the state database {path}: {err}") from None
     try:
@@ -629,6 +634,39 @@ def unreadable(db: sqlite3.Connection) -> list[SetAside]:
         except _Unreadable as err:
             found.append(SetAside("pools", _text(raw_key), str(err)))
     return found
+
+
+@dataclass(frozen=True)
+class StateHealth:
+    """A state database as `pydriver doctor` judges it, read without writing anything."""
+
+    path: Path
+    found: bool = True
+    error: str | None = None  # why it cannot be read at all
+    integrity: str = "ok"  # SQLite's integrity_check: "ok", or what is damaged
+    schema_version: int | None = None  # None: not recorded, or not a number
+    set_aside: tuple[SetAside, ...] = ()  # rows that cannot be decoded (read only if intact)
+
+
+def state_health(state_dir: Path) -> StateHealth:
+    path = state_dir / DB_NAME
+    if not path.exists():
+        return StateHealth(path, found=False)
+    try:
+        db = _read_only(path)
+        try:
+            integrity = str(db.execute("PRAGMA integrity_check").fetchone()[0])
+            row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            set_aside = tuple(unreadable(db)) if integrity == "ok" else ()
+        finally:
+            db.close()
+    except sqlite3.Error as err:
+        return StateHealth(path, error=str(err))
+    try:
+        version = int(row[0]) if row is not None else None
+    except (TypeError, ValueError):
+        version = None
+    return StateHealth(path, integrity=integrity, schema_version=version, set_aside=set_aside)
 
 
 class SqliteStore:

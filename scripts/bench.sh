@@ -14,4 +14,4 @@ command -v gcc >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[test]"
 "$ROOT/scripts/pybridge-service.sh" restart >/dev/null
-exec "$VENV/bin/python" "$ROOT/bench/run.py" "$@"
+exec "$VENV/bin/python" -m bench.run "$@"

@@ -29,8 +29,8 @@ fi
 # dockerd 28's packages (downloaded only) bring Compose v2, which the compose test uses too.
 DOCKERD_VERSION=28 "$ROOT/scripts/dockerd-service.sh" fetch
 
-echo "[test] ruff";  "$VENV/bin/ruff" check pydriver tests bench
-echo "[test] mypy";  "$VENV/bin/mypy"
+# The fast lane first: lint, format, types, unit tests with the coverage floor.
+PYDRIVER_VENV="$VENV" "$ROOT/scripts/check.sh"
 echo "[test] pytest against dockerd $(docker version --format '{{.Server.Version}}')"
 "$VENV/bin/pytest" "$@"
 

@@ -141,6 +141,8 @@ def check_reply(status: int, reply: Any) -> None:
     if status != 200:
         assert set(reply) == {"Err"}, reply
         message = reply["Err"]
-        assert isinstance(message, str) and message
-        assert "Traceback" not in message and "\n" not in message, message
+        assert isinstance(message, str)
+        assert message
+        assert "Traceback" not in message, message
+        assert "\n" not in message, message
         assert len(message) < 1000, len(message)

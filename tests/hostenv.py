@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -14,31 +13,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydriver.unixhttp import request
+
 ROOT = Path(__file__).resolve().parents[1]
+# What dockerd's plugin client sends besides Content-Length.
+DOCKERD_HEADERS = {
+    "Host": "plugin.moby.localhost",
+    "Accept": "application/vnd.docker.plugins.v1.2+json",
+}
 
 
 def post_raw(path: str, method: str, body: bytes = b"", timeout: float = 30) -> tuple[int, Any]:
     """POST on a Unix socket as dockerd does (no Content-Type): (status, decoded JSON).
     OSError if the connection fails or closes without an answer."""
-    sock = socket.socket(socket.AF_UNIX)
-    sock.settimeout(timeout)
-    try:
-        sock.connect(path)
-        sock.sendall(
-            f"POST /{method} HTTP/1.1\r\nHost: plugin.moby.localhost\r\n"
-            "Accept: application/vnd.docker.plugins.v1.2+json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-            + body
-        )
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    finally:
-        sock.close()
-    head, _, payload = data.partition(b"\r\n\r\n")
-    if not head:
-        raise ConnectionError("no answer")
-    return int(head.split()[1]), json.loads(payload)
+    answer = request(path, "POST", f"/{method}", body, DOCKERD_HEADERS, timeout=timeout)
+    return answer.status, answer.json()
 
 
 OUTSIDE_NS = "pbt-outside"

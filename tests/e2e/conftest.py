@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import IMAGE, build_image, docker, remove_network, wait_for
 from tests.hostenv import (
     ROOT,
     OutsideHost,
@@ -25,8 +26,6 @@ from tests.hostenv import (
     routes,
     run,
 )
-from tests.image import IMAGE as IMAGE
-from tests.image import build_image
 
 SERVICE = ROOT / "scripts" / "pybridge-service.sh"
 # PYBRIDGE_MODE=service (default): the host service; =managed: the managed plugin
@@ -69,17 +68,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/e2e/" in str(item.fspath):
             item.add_marker(pytest.mark.e2e)
-
-
-def docker(*args: str, check: bool = True, timeout: float = 120) -> str:
-    return run(["docker", *args], check=check, timeout=timeout).stdout.strip()
-
-
-def docker_fails(*args: str, timeout: float = 120) -> str:
-    """Run a docker command that must fail; return its error output."""
-    result = run(["docker", *args], check=False, timeout=timeout)
-    assert result.returncode != 0, f"docker {' '.join(args)} succeeded but should have failed"
-    return result.stderr.strip()
 
 
 class Plugin:
@@ -186,7 +174,8 @@ class Docker:
 
     def network_info(self, network: str) -> dict[str, object]:
         data = json.loads(docker("network", "inspect", network))
-        assert isinstance(data, list) and data
+        assert isinstance(data, list)
+        assert data
         return dict(data[0])
 
     def rm_container(self, name: str) -> None:
@@ -205,24 +194,6 @@ class Docker:
             remove_network(net)
         self.containers.clear()
         self.networks.clear()
-
-
-def remove_network(name: str) -> None:
-    """`docker network rm`, tolerating a dockerd that still counts endpoints of containers just
-    removed. dockerd 20.10 can lose count for good under many parallel starts (seen in CI: every
-    Leave and DeleteEndpoint answered, no container attached, "has active endpoints" until
-    dockerd restarts and recounts)."""
-
-    def removed() -> bool:
-        result = run(["docker", "network", "rm", name], check=False)
-        return result.returncode == 0 or "No such network" in result.stderr
-
-    if wait_for(removed, timeout=10, interval=0.5):
-        return
-    attached = docker("network", "inspect", "-f", "{{len .Containers}}", name, check=False)
-    if attached == "0":
-        run([str(ROOT / "scripts" / "dockerd-service.sh"), "restart"], timeout=180)
-        wait_for(removed, timeout=10, interval=0.5)
 
 
 def default_routes(d: Docker, container: str, family: str = "-4") -> list[str]:
@@ -341,12 +312,3 @@ def d(environment: None) -> Iterator[Docker]:
 @pytest.fixture(scope="session")
 def plugin(environment: None) -> Plugin:
     return Plugin()
-
-
-def wait_for(predicate: object, timeout: float = 10.0, interval: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if callable(predicate) and predicate():
-            return True
-        time.sleep(interval)
-    return False

@@ -161,7 +161,8 @@ def power_off(daemon: Daemon) -> None:
         if is_pybridge_bridge(name) or is_pybridge_veth(name) or DOCKER_BRIDGE.fullmatch(name):
             run(["ip", "link", "del", name], check=False)
     _flush_firewall()
-    Path("/proc/sys/net/ipv4/ip_forward").write_text("0\n")
+    for forwarding in ("ipv4/ip_forward", "ipv6/conf/all/forwarding"):
+        Path(f"/proc/sys/net/{forwarding}").write_text("0\n")
 
 
 def boot(*, service: bool) -> None:

@@ -9,17 +9,8 @@ import re
 
 import pytest
 
-from tests.e2e.conftest import (
-    DRIVER,
-    IMAGE,
-    Docker,
-    default_routes,
-    docker,
-    docker_fails,
-    free_subnet,
-    ping,
-    wait_for,
-)
+from tests.e2e.conftest import DRIVER, Docker, default_routes, free_subnet, ping
+from tests.harness import IMAGE, docker, docker_fails, wait_for
 from tests.hostenv import link_names, run
 
 IPAMS = {"docker-ipam": [], "pybridge-ipam": ["--ipam-driver", DRIVER]}

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import DRIVER, IMAGE, docker, wait_for
+from tests.e2e.conftest import DRIVER
+from tests.harness import IMAGE, docker, wait_for
 from tests.hostenv import ROOT, OutsideHost, firewall_dump, link_names
 
 COMPOSE_FILE = ROOT / "examples" / "compose.yml"

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from tests.e2e.conftest import (
@@ -12,12 +10,11 @@ from tests.e2e.conftest import (
     ECHO_TCP,
     Docker,
     default_routes,
-    docker,
-    docker_fails,
     ping,
     tcp_from,
     tcp_from_container,
 )
+from tests.harness import docker, docker_fails
 from tests.hostenv import OutsideHost, firewall_dump
 
 
@@ -30,10 +27,9 @@ def server_major() -> int:
 
 
 @pytest.fixture
-def docker28(environment: None) -> Iterator[None]:
+def docker28(environment: None) -> None:
     if server_major() < 28:
         pytest.skip("needs dockerd 28 or later (--ipv4=false)")
-    yield
 
 
 def v6_config(d: Docker, network: str) -> tuple[str, str]:
@@ -52,9 +48,11 @@ def check_ipv6_only(d: Docker, outside: OutsideHost, network: str, port: int) ->
     # Only IPv6: no IPv4 address, no IPv4 route out.
     assert d.ip(web, network) == ""
     web6, client6 = d.ip6(web, network), d.ip6(client, network)
-    assert web6 and client6
+    assert web6
+    assert client6
     prefix = subnet.split("::/")[0]
-    assert web6.startswith(prefix) and client6.startswith(prefix), (subnet, web6, client6)
+    assert web6.startswith(prefix), (subnet, web6)
+    assert client6.startswith(prefix), (subnet, client6)
     inet = d.exec(client, "ip", "-o", "-4", "addr", "show", "dev", "eth0", check=False)
     assert " inet " not in f" {inet}", inet
     assert default_routes(d, client, "-4") == []
@@ -91,7 +89,8 @@ def test_ipv6_only_network_with_pybridge_ipam(
     # No subnet given: pybridge's IPAM picks a /64 of its unique-local /48.
     net = d.network("--ipam-driver", DRIVER, "--ipv4=false", "--ipv6")
     subnet, _ = v6_config(d, net)
-    assert subnet.startswith("fd") and subnet.endswith("::/64"), subnet
+    assert subnet.startswith("fd"), subnet
+    assert subnet.endswith("::/64"), subnet
     check_ipv6_only(d, outside, net, 18291)
 
 

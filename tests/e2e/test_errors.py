@@ -3,45 +3,20 @@ on the plugin's socket (as dockerd would send it) and through the docker CLI."""
 
 from __future__ import annotations
 
-import http.client
 import json
-import socket
 
 import pytest
 
-from tests.e2e.conftest import DRIVER, Docker, docker_fails, plugin_socket
-from tests.hostenv import OutsideHost
+from tests.e2e.conftest import DRIVER, Docker, plugin_socket
+from tests.harness import docker_fails
+from tests.hostenv import OutsideHost, post_raw
 
 HEX = "ab" * 32
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str) -> None:
-        super().__init__("localhost", timeout=10)
-        self.path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(10)
-        sock.connect(self.path)
-        self.sock = sock
-
-
 def call(method: str, body: bytes) -> tuple[int, dict[str, object]]:
-    conn = UnixHTTPConnection(plugin_socket())
-    try:
-        # Like dockerd: POST, no Content-Type, the Accept header of the plugin protocol.
-        conn.request(
-            "POST",
-            "/" + method,
-            body=body,
-            headers={"Accept": "application/vnd.docker.plugins.v1.2+json"},
-        )
-        resp = conn.getresponse()
-        data = resp.read()
-    finally:
-        conn.close()
-    return resp.status, json.loads(data)
+    """Like dockerd: POST, no Content-Type, the Accept header of the plugin protocol."""
+    return post_raw(plugin_socket(), method, body, timeout=10)
 
 
 BAD_REQUESTS = [
@@ -95,7 +70,8 @@ def test_bad_requests_get_one_clear_sentence(
     assert set(reply) == {"Err"}
     message = str(reply["Err"])
     assert fragment in message, message
-    assert "Traceback" not in message and "\n" not in message
+    assert "Traceback" not in message
+    assert "\n" not in message
     # ... and the plugin is still there.
     assert call("Plugin.Activate", b"") == (200, {"Implements": ["NetworkDriver", "IpamDriver"]})
 
@@ -112,7 +88,8 @@ def test_empty_bodies_are_accepted(environment: None) -> None:
         {"Scope": "local", "ConnectivityScope": "local", "GwAllocChecker": False},
     )
     status, spaces = call("IpamDriver.GetDefaultAddressSpaces", b"")
-    assert status == 200 and set(spaces) == {
+    assert status == 200
+    assert set(spaces) == {
         "LocalDefaultAddressSpace",
         "GlobalDefaultAddressSpace",
     }

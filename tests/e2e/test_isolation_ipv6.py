@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-from tests.e2e.conftest import (
-    DRIVER,
-    Docker,
-    cannot_ping,
-    default_routes,
-    docker,
-    free_subnet,
-    ping,
-)
+from tests.e2e.conftest import DRIVER, Docker, cannot_ping, default_routes, free_subnet, ping
+from tests.harness import docker
 from tests.hostenv import OutsideHost, firewall_dump
 
 
@@ -62,7 +55,9 @@ def test_dual_stack_with_pybridge_ipam_automatic_v6(d: Docker) -> None:
     net = d.network("--ipam-driver", DRIVER, "--ipv6")
     configs = d.network_info(net)["IPAM"]["Config"]  # type: ignore[index]
     v6 = [c for c in configs if ":" in c["Subnet"]]
-    assert v6 and v6[0]["Subnet"].startswith("fd") and v6[0]["Subnet"].endswith("::/64")
+    assert v6
+    assert v6[0]["Subnet"].startswith("fd")
+    assert v6[0]["Subnet"].endswith("::/64")
     a, b = d.run(net), d.run(net)
     ping(d, a, d.ip6(b, net))
 

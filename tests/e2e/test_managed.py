@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import sys
 
-from tests.e2e.conftest import DRIVER, PLUGIN_NAME, Docker, docker, ping, wait_for
+from tests.e2e.conftest import DRIVER, PLUGIN_NAME, Docker, ping
+from tests.harness import docker, wait_for
 from tests.hostenv import ROOT, OutsideHost, run
 
 UPGRADE = ROOT / "plugin" / "upgrade.sh"

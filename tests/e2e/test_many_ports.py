@@ -7,8 +7,9 @@ import os
 import re
 import time
 
-from tests.e2e.conftest import MODE, Docker, plugin_pid, tcp_from, wait_for
+from tests.e2e.conftest import MODE, Docker, plugin_pid, tcp_from
 from tests.e2e.test_ports import published_for
+from tests.harness import wait_for
 from tests.hostenv import OutsideHost, firewall_dump
 
 FIRST, LAST = 20000, 22999  # 3000 ports

@@ -13,12 +13,11 @@ from tests.e2e.conftest import (
     Docker,
     cannot_ping,
     default_routes,
-    docker,
     free_subnet,
     ping,
     tcp_from_container,
-    wait_for,
 )
+from tests.harness import docker, wait_for
 from tests.hostenv import OutsideHost, link_names, run
 
 
@@ -44,8 +43,6 @@ def outside_route_to(outside: OutsideHost, subnet: str) -> Iterator[None]:
         yield
     finally:
         outside.exec("ip", "route", "del", subnet, check=False)
-
-
 
 
 def test_bridge_name_option(d: Docker) -> None:

@@ -17,17 +17,15 @@ import pytest
 
 from tests.e2e.conftest import (
     ECHO_TCP,
-    IMAGE,
     MODE,
     Docker,
     Plugin,
     default_routes,
-    docker,
     free_subnet,
     tcp_from,
     tcp_from_container,
-    wait_for,
 )
+from tests.harness import IMAGE, docker, wait_for
 from tests.hostenv import OutsideHost, firewall_dump, run
 
 PYDRIVER = [sys.executable, "-m", "pydriver.cli"]
@@ -43,8 +41,6 @@ def tcp_from_host(ip: str, port: int, timeout: float = 3.0) -> str:
         return ""
 
 
-
-
 def udp_from(outside: OutsideHost, ip: str, port: int) -> str:
     code = (
         "import socket,sys; fam=socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET;"
@@ -53,8 +49,6 @@ def udp_from(outside: OutsideHost, ip: str, port: int) -> str:
         "print(s.recvfrom(200)[0].decode().strip())"
     )
     return outside.exec("python3", "-c", code, ip, str(port), check=False).strip()
-
-
 
 
 def ports_json() -> list[dict[str, object]]:
@@ -81,7 +75,8 @@ def host_listener(port: int) -> Iterator[int]:
         [sys.executable, "-c", code, str(port)], stdout=subprocess.PIPE, text=True
     )
     try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
         yield proc.pid
     finally:
         proc.kill()
@@ -175,16 +170,13 @@ def test_ephemeral_ports(d: Docker, outside: OutsideHost) -> None:
     port_range = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
     low, high = (int(v) for v in port_range.split())
     host_ports = [int(str(r["host"]).rsplit(":", 1)[1]) for r in rows]
-    assert len(set(host_ports)) == 2 and all(low <= p <= high for p in host_ports)
+    assert len(set(host_ports)) == 2
+    assert all(low <= p <= high for p in host_ports)
     for port in host_ports:
         assert tcp_from(outside, outside.host_ip, port, outside.ip) == outside.ip
     # The ports are held: a host process cannot take them.
-    with pytest.raises(OSError):
-        s = socket.socket()
-        try:
-            s.bind(("0.0.0.0", host_ports[0]))
-        finally:
-            s.close()
+    with socket.socket() as s, pytest.raises(OSError, match="Address already in use"):
+        s.bind(("0.0.0.0", host_ports[0]))
 
 
 def test_host_binding_ipv4_option(d: Docker, outside: OutsideHost) -> None:

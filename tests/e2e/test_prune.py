@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from pydriver.store import read_pools, read_state
-from tests.e2e.conftest import DRIVER, MODE, Docker, Plugin, docker, free_subnet, plugin_socket
+from tests.e2e.conftest import DRIVER, MODE, Docker, Plugin, free_subnet, plugin_socket
 from tests.fakedocker import FakeDocker
+from tests.harness import docker
 from tests.hostenv import post_raw
 
 STATE = Path("/var/lib/pydriver")
@@ -113,13 +114,15 @@ def test_prune_removes_only_what_the_daemon_using_pybridge_forgot(
         finally:
             plugin.start()
         before = state()
-        assert gone in before[0] and kept_id in before[0]
+        assert gone in before[0]
+        assert kept_id in before[0]
         assert {subnet, kept_subnet} <= before[1]
 
         with FakeDocker(short_dir / "docker.sock") as fake:  # a daemon knowing no network
             result = prune("--yes", docker_host=fake.host)
         assert result.returncode == 1, result
-        assert "pybridge on" in result.stderr and len(result.stderr.splitlines()) == 1
+        assert "pybridge on" in result.stderr
+        assert len(result.stderr.splitlines()) == 1
         assert state() == before
 
         # dockerd calls pybridge (a host service records its pid).

@@ -12,16 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.e2e.conftest import (
-    DRIVER,
-    ECHO_TCP,
-    MODE,
-    Docker,
-    cannot_ping,
-    free_subnet,
-    ping,
-    wait_for,
-)
+from tests.e2e.conftest import DRIVER, ECHO_TCP, MODE, Docker, cannot_ping, free_subnet, ping
+from tests.harness import wait_for
 from tests.hostenv import OUTSIDE_NS_IF, OutsideHost, firewall_dump, link_names, run
 
 # A hostile container: may change its own routes, and accepts replies from 127.0.0.1.
@@ -53,7 +45,8 @@ def host_server(address: str, port: int) -> Iterator[None]:
         [sys.executable, "-c", _SERVER, address, str(port)], stdout=subprocess.PIPE, text=True
     )
     try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
         yield
     finally:
         proc.kill()
@@ -257,5 +250,6 @@ def test_network_rm_answers_once_its_rules_are_gone(d: Docker) -> None:
     assert bridge in firewall_dump()
     d.cleanup()
     dump = firewall_dump()
-    assert bridge not in dump and subnet not in dump
+    assert bridge not in dump
+    assert subnet not in dump
     assert wait_for(lambda: bridge not in link_names(), timeout=10)

@@ -7,7 +7,8 @@ import json
 import secrets
 import time
 
-from tests.e2e.conftest import Plugin, plugin_socket, wait_for
+from tests.e2e.conftest import Plugin, plugin_socket
+from tests.harness import wait_for
 from tests.hostenv import link_names, post_raw
 
 NETWORKS = 100

@@ -263,7 +263,9 @@ def check(s: Scene, *, v6: bool) -> None:
     for port in (80, 81):
         assert connect(s.outside, one.ip, port) == "", port
     if v6:
-        assert one.ip6 and two.ip6 and theirs.ip6
+        assert one.ip6
+        assert two.ip6
+        assert theirs.ip6
         assert connect(one.ns, two.ip6, 81) == one.ip6
         assert connect(one.ns, OUTSIDE_IP6, OUTSIDE_PORT) == OUTSIDE_HOST_IP6
         for port in (80, 81):

@@ -190,6 +190,20 @@ def test_backend_mismatch(served: Plugin) -> None:
     ), problems(report)
 
 
+def test_backend_mismatch_found_by_the_chain_pybridge_itself_looks_for(served: Plugin) -> None:
+    """Docker's rules are recognised as pybridge's own backend detection recognises them: a
+    DOCKER chain is enough (doctor used to look for DOCKER-USER only)."""
+    served.stop()
+    in_ns(served, "iptables-nft", "-N", "DOCKER")
+    served.start(PYDRIVER_FIREWALL_BACKEND="legacy")
+    code, report = doctor(served, "--firewall-backend", "legacy")
+    assert code == 1
+    assert any(
+        "Docker's rules are in iptables-nft but pybridge's are in iptables-legacy" in p
+        for p in problems(report)
+    ), problems(report)
+
+
 def status(served: Plugin, *flags: str) -> str:
     """`pydriver status --no-names` in the plugin's namespace, as an operator runs it."""
     argv = [sys.executable, "-m", "pydriver.cli", "status", "--state-dir", str(served.state)]
@@ -206,7 +220,9 @@ def test_status(served: Plugin) -> None:
     assert endpoint["addresses"] == ["10.213.80.2/24"]
     assert endpoint["mac_address"] == "02:50:0a:d5:50:02"
     text = status(served)
-    assert BRIDGE in text and "10.213.80.2/24" in text and "pyv" + ENDPOINT[:12] in text
+    assert BRIDGE in text
+    assert "10.213.80.2/24" in text
+    assert "pyv" + ENDPOINT[:12] in text
 
 
 def test_networks_docker_does_not_know_are_found_and_pruned(served: Plugin) -> None:

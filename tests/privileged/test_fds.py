@@ -106,7 +106,8 @@ def test_running_out_of_descriptors_fails_the_request_cleanly(tmp_path: Path) ->
             _, endpoints = read_state(plugin.state)
             assert [m.host_port for m in endpoints[0].mappings] == list(range(21000, 21005))
             assert plugin.consistent() == []
-            assert held(ns, 21004) and not held(ns, 22000)
+            assert held(ns, 21004)
+            assert not held(ns, 22000)
 
             set_limit(pid, baseline + 400)
             call(

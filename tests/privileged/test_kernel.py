@@ -69,7 +69,10 @@ async def test_bridge_is_idempotent_and_refuses_non_bridges(nl: Netlink, netns: 
     await nl.ensure_address("pyb-test", gw)  # EEXIST is success
     await nl.set_link("pyb-test", up=True)
     link = await nl.get_link("pyb-test")
-    assert link is not None and link.kind == "bridge" and link.mtu == 1400 and link.up
+    assert link is not None
+    assert link.kind == "bridge"
+    assert link.mtu == 1400
+    assert link.up
     assert link.mac == "02:00:00:00:00:aa"
     assert await nl.link_addresses("pyb-test") == [gw]
     assert any(r.destination == gw.network and r.device == "pyb-test" for r in await nl.routes())
@@ -90,9 +93,14 @@ async def test_veth_pair(nl: Netlink) -> None:
     host = await nl.get_link("pyvaaaaaaaaaaaa")
     peer = await nl.get_link("pycaaaaaaaaaaaa")
     bridge = await nl.get_link("pyb-test")
-    assert host is not None and peer is not None and bridge is not None
-    assert host.master == bridge.index and host.up and host.mtu == 1300
-    assert peer.mac == "02:11:22:33:44:55" and peer.mtu == 1300
+    assert host is not None
+    assert peer is not None
+    assert bridge is not None
+    assert host.master == bridge.index
+    assert host.up
+    assert host.mtu == 1300
+    assert peer.mac == "02:11:22:33:44:55"
+    assert peer.mtu == 1300
     assert await nl.delete_link("pyvaaaaaaaaaaaa")
     assert await nl.get_link("pycaaaaaaaaaaaa") is None  # the pair goes together
 
@@ -248,7 +256,8 @@ async def test_driver_datapath_with_forward_drop(
         assert "10.213.42." not in in_ns(netns, "ip", "-o", "addr", "show")
         await driver.settle()
         links = in_ns(netns, "ip", "-o", "link", "show")
-        assert "pyb-" not in links and "pyv" not in links
+        assert "pyb-" not in links
+        assert "pyv" not in links
         assert "PYBRIDGE" not in in_ns(netns, tool(backend, 4, "save"))
         assert "10.213.42." not in in_ns(netns, "ip", "-o", "addr", "show")
     finally:
@@ -327,11 +336,13 @@ async def test_forget_flows_removes_only_the_flows_of_an_address(nl: Netlink, ne
             in_ns(peer, sys.executable, "-c", send)
         in_ns(peer, "busybox", "ping", "-I", "10.213.77.3", "-c", "1", "-W", "2", "10.213.77.1")
         before = _flows(netns)
-        assert any(" 5000 " in f for f in before) and any(" 5001 " in f for f in before), before
+        assert any(" 5000 " in f for f in before), before
+        assert any(" 5001 " in f for f in before), before
 
         assert await nl.forget_flows(ipaddress.ip_address("10.213.77.1"), 17, 5000) == 1
         after = _flows(netns)
-        assert not any(" 5000 " in f for f in after) and any(" 5001 " in f for f in after)
+        assert not any(" 5000 " in f for f in after)
+        assert any(" 5001 " in f for f in after)
         # Flows to a port of any address (set up before a DNAT rule for it existed).
         assert await nl.forget_port_flows(17, 5001) == 1
         assert not any(" 5001 " in f for f in _flows(netns))
@@ -343,3 +354,14 @@ async def test_forget_flows_removes_only_the_flows_of_an_address(nl: Netlink, ne
         assert await nl.forget_flows(ipaddress.ip_address("10.213.77.2")) == 0
     finally:
         run(["ip", "netns", "del", peer], check=False)
+
+
+async def test_a_sandbox_file_with_a_namespace_mounted_is_not_released(netns: str) -> None:
+    """What dockerd's netns files look like: a namespace bind-mounted on a file (here `ip netns
+    add`'s own), and once unmounted, the empty file left behind."""
+    from pydriver.sandboxes import sandbox_released
+
+    key = f"/run/netns/{netns}"
+    assert not await sandbox_released(key)
+    run(["umount", key])
+    assert await sandbox_released(key)

@@ -4,11 +4,11 @@ own side must fail, and what users rely on must keep working. Each test runs a m
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import secrets
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -144,7 +144,8 @@ async def test_network_rm_answers_once_its_rules_are_gone(backend: Backend, tmp_
         # Not a moment for the background to run: the answer must come after the rules went.
         for family in (4, 6):
             save = in_ns(host.ns, tool(backend, family, "save"))
-            assert "pyb-pbtgone" not in save and "10.213.66." not in save
+            assert "pyb-pbtgone" not in save
+            assert "10.213.66." not in save
             assert "PYBRIDGE" in save  # the other network's rules are there
         assert "10.213.66." not in in_ns(host.ns, "ip", "-o", "addr", "show")
         await host.driver.delete_network(p.parse_network_ref({"NetworkID": keep.id}))
@@ -167,12 +168,16 @@ async def test_an_adopted_bridge_gets_its_settings_back(tmp_path: Path) -> None:
         await host.container(net, "10.213.67.10")
         assert (sysctl.read(ra), sysctl.read(localnet)) == ("0", "1")
         link = await host.nl.get_link(name)
-        assert link is not None and link.mtu == 1400 and link.up
+        assert link is not None
+        assert link.mtu == 1400
+        assert link.up
         await host.driver.delete_network(p.parse_network_ref({"NetworkID": net.id}))
         await host.driver.settle()
         assert (sysctl.read(ra), sysctl.read(localnet)) == ("2", "0")
         link = await host.nl.get_link(name)
-        assert link is not None and link.mtu == 9000 and not link.up
+        assert link is not None
+        assert link.mtu == 9000
+        assert not link.up
         assert await host.nl.link_addresses(name) == []
 
 
@@ -280,13 +285,13 @@ async def test_a_container_cannot_pass_as_the_hosts_loopback(
         net = await host.network("10.213.68")
         attacker = await host.container(net, "10.213.68.10")
         port = 5558
-        listener = subprocess.Popen(
-            ["ip", "netns", "exec", host.ns, sys.executable, "-c", _UDP_LOG, str(port), "3"],
+        listener = await asyncio.create_subprocess_exec(
+            *["ip", "netns", "exec", host.ns, sys.executable, "-c", _UDP_LOG, str(port), "3"],
             stdout=subprocess.PIPE,
-            text=True,
         )
-        time.sleep(0.5)
+        await asyncio.sleep(0.5)
         for source in ("127.0.0.2", attacker.ip):  # the spoofed one, then a control
             in_ns(attacker.ns, sys.executable, "-c", _SPOOF, source, net.gateway, str(port))
-        received, _ = listener.communicate(timeout=15)
+        output, _ = await asyncio.wait_for(listener.communicate(), timeout=15)
+        received = output.decode()
         assert received.split() == [attacker.ip] * 3, received

@@ -113,7 +113,8 @@ def test_serve_lifecycle(netns: str, tmp_path: Path, sig: signal.Signals) -> Non
         assert proc.returncode == 0, out
         assert not sock.exists()
         assert (state / "state.db").exists()
-        assert "listening on" in out and "stopped" in out
+        assert "listening on" in out
+        assert "stopped" in out
         assert "Plugin.Activate" in out  # one log line per request
     finally:
         if proc.poll() is None:
@@ -153,7 +154,8 @@ def test_state_is_loaded_and_reconciled_before_binding(netns: str, tmp_path: Pat
         addrs = run(
             ["ip", "netns", "exec", netns, "ip", "-o", "addr", "show", "dev", bridge]
         ).stdout
-        assert bridge in links and "10.213.60.1/24" in addrs
+        assert bridge in links
+        assert "10.213.60.1/24" in addrs
         assert "pyb-00000000000" not in links
         body = json.dumps({"NetworkID": network_id}).encode()
         assert post(sock, "NetworkDriver.DeleteNetwork", body) == (200, {})
@@ -215,8 +217,10 @@ def test_json_logs(netns: str, tmp_path: Path) -> None:
     entries = [json.loads(line) for line in plugin.log.read_text().splitlines() if line]
     requests = [e for e in entries if e["logger"] == "pydriver.requests"]
     delete = next(e for e in requests if e["method"] == "NetworkDriver.DeleteNetwork")
-    assert delete["network"] == network_id and delete["outcome"] == "ok"
-    assert isinstance(delete["duration_ms"], float) and delete["level"] == "info"
+    assert delete["network"] == network_id
+    assert delete["outcome"] == "ok"
+    assert isinstance(delete["duration_ms"], float)
+    assert delete["level"] == "info"
     join = next(e for e in requests if e["method"] == "NetworkDriver.Join")
     assert join["outcome"].startswith("error(invalid)")
 
@@ -231,8 +235,20 @@ def test_a_managed_plugin_that_cannot_start_says_why_on_every_call(
     state = tmp_path / "state"
     state.write_text("not a directory")  # the state directory cannot be opened
     proc = subprocess.Popen(
-        ["ip", "netns", "exec", netns, sys.executable, "-m", "pydriver.cli", "serve",
-         "--socket", str(sock), "--state-dir", str(state)],
+        [
+            "ip",
+            "netns",
+            "exec",
+            netns,
+            sys.executable,
+            "-m",
+            "pydriver.cli",
+            "serve",
+            "--socket",
+            str(sock),
+            "--state-dir",
+            str(state),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -268,9 +284,22 @@ def test_metrics_that_cannot_be_served_do_not_stop_the_driver(netns: str, tmp_pa
     must not keep the driver from serving."""
     sock = tmp_path / "pb.sock"
     proc = subprocess.Popen(
-        ["ip", "netns", "exec", netns, sys.executable, "-m", "pydriver.cli", "serve",
-         "--socket", str(sock), "--state-dir", str(tmp_path / "state"),
-         "--metrics-address", str(tmp_path / "missing" / "metrics.sock")],
+        [
+            "ip",
+            "netns",
+            "exec",
+            netns,
+            sys.executable,
+            "-m",
+            "pydriver.cli",
+            "serve",
+            "--socket",
+            str(sock),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--metrics-address",
+            str(tmp_path / "missing" / "metrics.sock"),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -292,9 +321,22 @@ def test_a_metrics_address_typo_is_refused_before_anything_starts(
 ) -> None:
     sock = tmp_path / "pb.sock"
     proc = subprocess.Popen(
-        ["ip", "netns", "exec", netns, sys.executable, "-m", "pydriver.cli", "serve",
-         "--socket", str(sock), "--state-dir", str(tmp_path / "state"),
-         "--metrics-address", "127.0.0.1:93270"],
+        [
+            "ip",
+            "netns",
+            "exec",
+            netns,
+            sys.executable,
+            "-m",
+            "pydriver.cli",
+            "serve",
+            "--socket",
+            str(sock),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--metrics-address",
+            "127.0.0.1:93270",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -255,6 +255,7 @@ class FakeFirewall:
     applied: list[list[NetworkRules]] = field(default_factory=list)
     fail: DriverError | None = None
     damaged: list[str] = field(default_factory=list)  # what drift() reports until next apply
+    forced: int = 0  # writes with force=True (a repair)
     forward_policy_dropped: list[Family] = field(default_factory=list)
     on_apply: Callable[[], object] | None = None  # called after each write (to see the order)
 
@@ -265,6 +266,7 @@ class FakeFirewall:
         if self.fail is not None:
             raise self.fail
         self.applied.append(list(networks))
+        self.forced += force
         if self.on_apply is not None:
             self.on_apply()
         self.damaged = []

@@ -192,7 +192,8 @@ async def test_a_full_range_asks_for_one_holder_the_last_busy_port(net: Env) -> 
         "no free host port in 20000-20999/tcp for container port 80 (last: host port "
         "0.0.0.0:20999/tcp is already in use by squatter (pid 20999))"
     )
-    assert env.host_ports.held == set() and env.driver.endpoints[EP1].mappings == ()
+    assert env.host_ports.held == set()
+    assert env.driver.endpoints[EP1].mappings == ()
     with pytest.raises(Conflict, match=r"20500/tcp is already in use by squatter \(pid 20500\)"):
         await program(env, EP1, entry(80, 20500, 20500))
     assert holder.calls == [20999, 20500]

@@ -70,7 +70,8 @@ async def test_a_new_bridge_is_pybridges_and_an_existing_one_is_adopted(parts: P
     owned, foreign, previous = await parts.bridges.take(
         ours.bridge, NET, ours.subnets, [], False, NetworkOptions()
     )
-    assert owned and foreign == ()
+    assert owned
+    assert foreign == ()
     parts.kernel.add_link("br0", "bridge", up=True)
     gateway = ours.subnets[0].gateway
     assert gateway is not None
@@ -78,7 +79,8 @@ async def test_a_new_bridge_is_pybridges_and_an_existing_one_is_adopted(parts: P
     owned, foreign, previous = await parts.bridges.take(
         "br0", NET, ours.subnets, [], False, NetworkOptions(mtu=9000)
     )
-    assert not owned and foreign == (gateway,)
+    assert not owned
+    assert foreign == (gateway,)
     assert (previous.mtu, previous.accept_ra, previous.route_localnet) == (1500, "1", "0")
 
 
@@ -102,7 +104,8 @@ async def test_a_bridge_deleted_after_the_answer_loses_its_addresses_first(
     assert parts.kernel.addresses[ours.bridge] == []  # and with them its routes
     assert ours.bridge in parts.kernel.names()
     await parts.bridges.delete_after_answer(ours.bridge)  # inline here
-    assert ours.bridge not in parts.kernel.names() and not parts.bridges.leaving
+    assert ours.bridge not in parts.kernel.names()
+    assert not parts.bridges.leaving
 
 
 # -- removal --------------------------------------------------------------------------------------
@@ -131,7 +134,8 @@ async def test_endpoints_go_with_one_firewall_write_then_their_flows(parts: Part
     await parts.removal.endpoints([one, two], wait=False)
     assert order == ["rules", "flows 10.50.0.2", "flows 10.50.0.3"]
     assert parts.firewall.last[0].mappings == ()
-    assert parts.state.endpoints == {} and await parts.store.load_endpoints() == []
+    assert parts.state.endpoints == {}
+    assert await parts.store.load_endpoints() == []
     assert parts.host_ports.held == set()
     assert not {one.host_veth, two.host_veth} & parts.kernel.names()
 
@@ -159,7 +163,8 @@ async def test_a_network_goes_with_its_endpoints_and_rules(parts: Parts) -> None
     await parts.state.put_endpoint(one)
     await parts.veths.ensure(ours, one, fresh=True)
     await parts.removal.network(ours)
-    assert parts.state.networks == {} and parts.state.endpoints == {}
+    assert parts.state.networks == {}
+    assert parts.state.endpoints == {}
     assert await parts.store.load_networks() == []
     assert parts.firewall.last == []
     assert parts.kernel.names() == set()

@@ -1042,13 +1042,16 @@ async def test_collector_needs_two_scans_and_spares_live_endpoints(env: Env, tmp
     await _joined(env, EP_1, str(tmp_path / "netns" / "missing"), "10.50.0.2/24")
     await _joined(env, EP_2, "/var/run/docker/netns/abc", "10.50.0.3/24")
     suspects, removed = await env.driver.collect_garbage(set(), now=0)
-    assert suspects == set() and removed == []
+    assert suspects == set()
+    assert removed == []
     # Its veth vanished with the container's namespace: gone, after two scans in a row.
     await env.kernel.delete_link(host_veth_name(EP_1))
     suspects, removed = await env.driver.collect_garbage(set(), now=0)
-    assert suspects == {EP_1} and removed == []
+    assert suspects == {EP_1}
+    assert removed == []
     suspects, removed = await env.driver.collect_garbage(suspects, now=0)
-    assert [e.id for e in removed] == [EP_1] and suspects == set()
+    assert [e.id for e in removed] == [EP_1]
+    assert suspects == set()
     assert set(env.driver.endpoints) == {EP_2}
 
 

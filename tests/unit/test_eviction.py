@@ -104,5 +104,6 @@ async def test_every_path_removes_a_gone_endpoint_the_same_way(
     # forgotten), then the address, which a new container may get, went back to the IPAM.
     assert "flows of 10.50.0.2" in events
     writes = [e for e in events[: events.index("flows of 10.50.0.2")] if e.startswith("rules")]
-    assert writes and writes[-1] == "rules"
+    assert writes
+    assert writes[-1] == "rules"
     assert "10.50.0.2" not in allocated(env, pool_id)

@@ -311,6 +311,30 @@ async def test_program_waits_briefly_for_a_veth_the_kernel_is_removing(env: Env)
     assert published(env) == {EP2: [18100]}
 
 
+async def test_program_evicts_an_owner_whose_sandbox_docker_destroyed(env: Env) -> None:
+    """dockerd unmounted the old container's namespace from its SandboxKey (its cleanup after
+    a crash, before it restarts the container); on a busy host the kernel may take seconds more
+    to tear the namespace, and the veth, down: no need to wait for that."""
+    released: set[str] = set()
+
+    async def sandbox_released(key: str) -> bool:
+        return key in released
+
+    env.driver.eviction.sandbox_released = sandbox_released
+    env.driver.publisher.dying_veth_wait = 0.0
+    await network(env, pybridge_ipam=False)
+    await start(env, EP1, "10.50.0.2/24", port=18100)
+    old_key = env.driver.endpoints[EP1].sandbox_key
+    assert old_key is not None
+    await start(env, EP2, "10.50.0.3/24")
+    with pytest.raises(Conflict):  # its sandbox is still there: live
+        await program(env, EP2, 18100)
+    released.add(old_key)
+    await program(env, EP2, 18100)
+    assert published(env) == {EP2: [18100]}
+    assert EP1 not in env.driver.endpoints
+
+
 async def test_program_never_evicts_an_owner_not_joined(env: Env) -> None:
     await network(env, pybridge_ipam=False)
     await create(env, EP1, "10.50.0.2/24")

@@ -49,7 +49,8 @@ def test_running_out_is_an_error_not_an_unsupported_protocol(
     assert str(err.value).startswith("cannot hold host port 0.0.0.0:18081/tcp: ")
     if code == errno.EMFILE:
         assert OUT_OF_FDS in str(err.value)
-        assert "RLIMIT_NOFILE" in str(err.value) and "LimitNOFILE=" in str(err.value)
+        assert "RLIMIT_NOFILE" in str(err.value)
+        assert "LimitNOFILE=" in str(err.value)
     assert not ports.held(mapping)
 
 
@@ -115,7 +116,8 @@ def test_the_real_kernel_under_a_low_limit() -> None:
     result = json.loads(done.stdout)
     assert 10 < result["held"] < 40
     assert result["error"].startswith("cannot hold host port 127.0.0.1:")
-    assert OUT_OF_FDS in result["error"] and "RLIMIT_NOFILE, is 40)" in result["error"]
+    assert OUT_OF_FDS in result["error"]
+    assert "RLIMIT_NOFILE, is 40)" in result["error"]
     assert result["failed_key_held"] is False
     assert result["raised"] == [40, result["hard"]]
 
@@ -202,4 +204,5 @@ async def test_running_out_at_start_up_is_reported_as_such(
     driver = await env.restart(host_ports=LimitedHostPorts(capacity=1))
     repairs = await driver.reconcile()
     out = [r for r in repairs if OUT_OF_FDS in r]
-    assert len(out) == 3 and not any("another program" in r for r in out)
+    assert len(out) == 3
+    assert not any("another program" in r for r in out)

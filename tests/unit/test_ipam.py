@@ -6,7 +6,7 @@ import asyncio
 import ipaddress
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -307,7 +307,7 @@ def test_make_ula_prefix() -> None:
     assert prefix.subnet_of(net("fc00::/7"))  # type: ignore[arg-type]
     assert make_ula_prefix(b"\x00" * 5) == net("fd00::/48")
     assert make_ula_prefix(b"\xff" * 8) == net("fdff:ffff:ffff::/48")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="need 5 random bytes"):
         make_ula_prefix(b"\x01\x02")
 
 
@@ -380,7 +380,7 @@ def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stores]:
 
 
 @pytest.fixture
-async def open_ipam(stores: Stores, routes: FakeRoutes) -> AsyncIterator[OpenIpam]:
+async def open_ipam(stores: Stores, routes: FakeRoutes) -> OpenIpam:
     """Opens a fresh store + IpamDriver on the same state (a daemon restart)."""
 
     async def opener() -> IpamDriver:
@@ -388,7 +388,7 @@ async def open_ipam(stores: Stores, routes: FakeRoutes) -> AsyncIterator[OpenIpa
         await ipam.load()
         return ipam
 
-    yield opener
+    return opener
 
 
 def pool_req(
@@ -666,7 +666,8 @@ def test_replay_only_within_the_retry_window(now: float) -> None:
     expired = pl.expire_replays(now)
     assert {str(a) for a, _ in expired} == {"10.216.0.1", "10.216.0.2", "10.216.0.3", "10.216.0.77"}
     assert pl.expire_replays(now) == []
-    assert pl.unacknowledged == {} and len(pl.unclaimed) == 4
+    assert pl.unacknowledged == {}
+    assert len(pl.unclaimed) == 4
     assert len(pl.allocated) == 4
 
 
@@ -774,7 +775,8 @@ async def test_retries_after_a_restart_get_the_same_answers(daemon: Restartable)
     # An automatic pool is never given again (a retry cannot be told from another network's
     # request): the retry gets another subnet and the first stays taken.
     again_id, again_subnet, _ = await ipam.request_pool(pool_req())
-    assert again_id != auto_id and not again_subnet.overlaps(auto_subnet)
+    assert again_id != auto_id
+    assert not again_subnet.overlaps(auto_subnet)
     # ... and nothing is handed out twice.
     with pytest.raises(Conflict):
         await ipam.request_address(addr_req(pool_id, str(gateway.ip)))
@@ -797,7 +799,8 @@ async def test_an_answer_docker_may_hold_goes_to_no_other_request(daemon: Restar
         (await ipam.request_address(addr_req(pool_id)))[0],
         (await ipam.request_address(named_req(pool_id, "db")))[0],
     ]
-    assert sent not in others and len(set(others)) == 2
+    assert sent not in others
+    assert len(set(others)) == 2
     # After the window it is not released either: it stays allocated (a leak is safe).
     daemon.clock.now += 3600
     ipam = await daemon.open()

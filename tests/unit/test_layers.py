@@ -38,7 +38,18 @@ LOGIC = (
     "veths",
 )
 # The adapters, and what only adapters use.
-ADAPTERS = {"netlink", "hostports", "store", "firewall", "sysctl", "process", "server", "cli"}
+ADAPTERS = {
+    "netlink",
+    "hostports",
+    "store",
+    "firewall",
+    "sysctl",
+    "sandboxes",
+    "process",
+    "unixhttp",
+    "server",
+    "cli",
+}
 FORBIDDEN = {"pyroute2", "aiohttp", "sqlite3", "subprocess", "socket"}
 
 
@@ -72,6 +83,17 @@ def test_logic_imports_no_adapter(module: str) -> None:
 
 def test_every_module_is_placed() -> None:
     """A new module is either logic or an adapter (or a tool): say which."""
-    tools = {"__init__", "doctor", "dockerapi", "faults", "logs", "peers", "pruning", "report"}
+    tools = {
+        "__init__",
+        "checks",
+        "doctor",
+        "dockerapi",
+        "faults",
+        "logs",
+        "peers",
+        "prune",
+        "pruning",
+        "report",
+    }
     modules = {path.stem for path in PACKAGE.glob("*.py")}
     assert modules == set(LOGIC) | ADAPTERS | tools, modules ^ (set(LOGIC) | ADAPTERS | tools)

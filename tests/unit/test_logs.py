@@ -99,7 +99,8 @@ def test_escape_every_control_character() -> None:
     assert escape("\u2028\u2029\u202e\u2066") == "\\u2028\\u2029\\u202e\\u2066"
     assert escape("plain text, ünïcödé, 10.0.0.1/24 \\n") == "plain text, ünïcödé, 10.0.0.1/24 \\n"
     for code in range(0x10000):
-        assert "\n" not in escape(chr(code)) and len(escape(chr(code)).splitlines()) == 1
+        assert "\n" not in escape(chr(code))
+        assert len(escape(chr(code)).splitlines()) == 1
 
 
 def test_overlong_values_are_cut_in_both_formats() -> None:
@@ -111,7 +112,8 @@ def test_overlong_values_are_cut_in_both_formats() -> None:
     rec = record("pool %s", long)
     rec.pool = long
     entry = json.loads(JsonFormatter().format(rec))
-    assert len(entry["message"]) < 600 and len(entry["pool"]) < 600
+    assert len(entry["message"]) < 600
+    assert len(entry["pool"]) < 600
     assert entry["pool"].endswith("more characters]")
 
 
@@ -130,10 +132,12 @@ def test_a_traceback_cannot_forge_a_line() -> None:
         text = TextFormatter().format(record("internal error in %s", "x", exc=err))
     first, *rest = text.split("\n")
     assert LINE_START.match(first)
-    assert rest and all(line.startswith("  | ") for line in rest)
+    assert rest
+    assert all(line.startswith("  | ") for line in rest)
     assert any(line.startswith("  | Traceback") for line in rest)
     assert not any(LINE_START.match(line) for line in rest)
-    assert "\r" not in text and "\\rmore" in text
+    assert "\r" not in text
+    assert "\\rmore" in text
 
 
 def test_mapping_arguments_are_handled() -> None:

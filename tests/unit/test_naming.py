@@ -83,7 +83,8 @@ def test_endpoint_mac_follows_the_address() -> None:
     # IPv6: a hash of the whole address, the same for any endpoint id
     v6 = n.endpoint_mac("ab" * 32, ipaddress.ip_address("fd00::1:2"))
     assert v6 == n.endpoint_mac("cd" * 32, ipaddress.ip_address("fd00::1:2"))
-    assert MAC_RE.match(v6) and v6.startswith("02:")
+    assert MAC_RE.match(v6)
+    assert v6.startswith("02:")
 
 
 def test_ipv6_macs_use_the_whole_address() -> None:

@@ -60,9 +60,12 @@ def test_both_ends_of_a_real_connection(sock_dir: Path) -> None:
 
 
 def test_not_a_unix_socket_or_no_peer_is_an_oserror() -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, pytest.raises(OSError):
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp,
+        pytest.raises(OSError, match="not a Unix socket"),
+    ):
         peer_credentials(udp)
-    with socket.socket(socket.AF_UNIX) as lone, pytest.raises(OSError):
+    with socket.socket(socket.AF_UNIX) as lone, pytest.raises(OSError, match="has no peer"):
         peer_credentials(lone)
 
 
@@ -87,7 +90,8 @@ def test_socket_activation_the_server_is_the_process_that_accepted(sock_dir: Pat
             assert peer_credentials(client).pid == os.getpid()
             assert serving_processes(client) == frozenset({child.pid})
             inode = connection_peer_inode(client)
-            assert inode is not None and socket_holders(inode) == frozenset({child.pid})
+            assert inode is not None
+            assert socket_holders(inode) == frozenset({child.pid})
     finally:
         child.kill()
         child.wait()

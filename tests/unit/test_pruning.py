@@ -126,8 +126,10 @@ def test_another_daemon_is_refused_naming_both_pids() -> None:
         )
     message = str(err.value)
     assert f"was last called by pid {DOCKERD} (dockerd)" in message
-    assert "(pid 8123)" in message and HOST_SOCKET in message
-    assert "unix:///var/run/docker.sock" in message and "removes nothing" in message
+    assert "(pid 8123)" in message
+    assert HOST_SOCKET in message
+    assert "unix:///var/run/docker.sock" in message
+    assert "removes nothing" in message
 
 
 def test_last_caller_gone_gives_the_way_out() -> None:
@@ -247,7 +249,8 @@ def test_stale_networks_and_pools() -> None:
 
 def test_nothing_stale() -> None:
     plan = stale([network(KEPT, "10.1.0.0/24")], [], [], [DockerNetwork(KEPT, ())], NOW)
-    assert plan.empty and plan.lines() == []
+    assert plan.empty
+    assert plan.lines() == []
 
 
 def test_a_second_look_drops_what_docker_now_knows() -> None:
@@ -259,7 +262,8 @@ def test_a_second_look_drops_what_docker_now_knows() -> None:
         [],
         NOW,
     )
-    assert len(plan.networks) == 2 and len(plan.pools) == 1
+    assert len(plan.networks) == 2
+    assert len(plan.pools) == 1
     later = plan.still_unknown(
         [DockerNetwork(KEPT, ("10.1.0.0/24",)), DockerNetwork("x", ("10.2.0.0/24",))]
     )

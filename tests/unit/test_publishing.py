@@ -71,7 +71,8 @@ async def test_revoking_gives_ports_back_and_forgets_datagram_flows(parts: Parts
     await ports.publish(network(), one, (binding(53, 5353, "udp"), binding(80, 8080)))
     parts.kernel.calls.clear()
     await ports.revoke(parts.state.endpoints[EP1])
-    assert parts.state.endpoints[EP1].mappings == () and parts.host_ports.held == set()
+    assert parts.state.endpoints[EP1].mappings == ()
+    assert parts.host_ports.held == set()
     assert parts.firewall.last[0].mappings == ()
     # UDP flows outlive the rule; TCP ones end by themselves.
     assert [c for c in parts.kernel.calls if c[0] == "forget_flows"] == [

@@ -703,7 +703,8 @@ def test_chains_of_an_older_version_are_removed() -> None:
     assert f"-D {FORWARD_CHAIN}" not in filter_part  # our chain is reset, not edited
     assert filter_part.index(":PYBRIDGE-OLD - [0:0]") < filter_part.index("-X PYBRIDGE-OLD")
     teardown = render_restore([], 4, save)
-    assert "-X PYBRIDGE-OLD" in teardown and f"-X {FORWARD_CHAIN}" in teardown
+    assert "-X PYBRIDGE-OLD" in teardown
+    assert f"-X {FORWARD_CHAIN}" in teardown
 
 
 # ---------------------------------------------------------------------------------------------
@@ -868,3 +869,91 @@ def test_raw_chain_keeps_internal_networks_off_the_hosts_addresses() -> None:
         f"-A {RAW_CHAIN} -d fe80::/10 -i {OURS_B} -p ipv6-icmp -j RETURN",
         f"-A {RAW_CHAIN} -i {OURS_B} -m addrtype --dst-type LOCAL -j DROP",
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# drift: what the self-healing check sees
+# ---------------------------------------------------------------------------------------------
+
+
+def without(save: str, *lines: str) -> str:
+    """``save`` less ``lines`` (each must be there once)."""
+    kept = save.splitlines()
+    for line in lines:
+        assert kept.count(line) == 1, line
+        kept.remove(line)
+    return "\n".join(kept) + "\n"
+
+
+def test_drift_is_empty_when_the_host_has_exactly_our_rules() -> None:
+    assert drift([NET_A], 4, SAVE_WITH_PYBRIDGE) == []
+    # No networks and nothing of ours: nothing to say either.
+    assert drift([], 4, DOCKER_SAVE_V4) == []
+
+
+def test_drift_counts_a_rule_someone_deleted() -> None:
+    (icc,) = [r for r in render_chain_rules([NET_A], 4)["filter"] if f"-i {OURS_A} -o" in r]
+    assert drift([NET_A], 4, without(SAVE_WITH_PYBRIDGE, icc)) == [
+        "filter: pybridge rules differ (1 missing, 0 unexpected)"
+    ]
+
+
+def test_drift_counts_a_rule_someone_added_to_our_chain() -> None:
+    extra = f"-A {FORWARD_CHAIN} -i eth0 -j ACCEPT"
+    save = SAVE_WITH_PYBRIDGE.replace("COMMIT", f"{extra}\nCOMMIT", 1)
+    assert parse_save(save)["filter"][1][-1] == extra
+    assert drift([NET_A], 4, save) == ["filter: pybridge rules differ (0 missing, 1 unexpected)"]
+
+
+def test_drift_sees_our_rules_out_of_order() -> None:
+    """Rule order decides verdicts (the final DROP must come last): same rules, other order,
+    is damage."""
+    rules = render_chain_rules([NET_A], 4)["mangle"]
+    first, second = rules[0], rules[1]
+    save = SAVE_WITH_PYBRIDGE.replace(first, "@@").replace(second, first).replace("@@", second)
+    assert drift([NET_A], 4, save) == ["mangle: pybridge rules differ (out of order)"]
+
+
+def test_drift_after_a_flush_of_one_table_names_the_chain_its_rules_and_its_jump() -> None:
+    """`iptables -t raw -F; iptables -t raw -X`: chain, rules and jump gone; the rest fine."""
+    raw = render_chain_rules([NET_A], 4)["raw"]
+    save = without(
+        SAVE_WITH_PYBRIDGE, f":{RAW_CHAIN} - [0:0]", f"-A PREROUTING -j {RAW_CHAIN}", *raw
+    )
+    assert drift([NET_A], 4, save) == [
+        f"raw: chain(s) {RAW_CHAIN} missing",
+        f"raw: pybridge rules differ ({len(raw)} missing, 0 unexpected)",
+        f"raw: jump '-A PREROUTING -j {RAW_CHAIN}' missing, duplicated or out of place",
+    ]
+
+
+def test_drift_sees_a_duplicated_jump() -> None:
+    jump = f"-A POSTROUTING -j {POSTROUTING_CHAIN}"
+    save = SAVE_WITH_PYBRIDGE.replace(jump, f"{jump}\n{jump}")
+    assert drift([NET_A], 4, save) == [f"nat: jump '{jump}' missing, duplicated or out of place"]
+
+
+def test_drift_names_chains_left_by_an_older_version_and_ours_once_no_network_needs_them() -> None:
+    old = save_with_chain("filter", "PYBRIDGE-OLD")
+    assert drift([NET_A], 4, old) == ["filter: leftover chain(s) PYBRIDGE-OLD"]
+    assert drift([], 4, SAVE_WITH_PYBRIDGE) == [
+        f"filter: leftover chain(s) {FORWARD_CHAIN}",
+        f"mangle: leftover chain(s) {ISOLATION_CHAIN}",
+        f"nat: leftover chain(s) {DNAT_CHAIN}, {POSTROUTING_CHAIN}",
+        f"raw: leftover chain(s) {RAW_CHAIN}",
+    ]
+
+
+def test_drift_of_a_host_that_has_none_of_our_rules_yet() -> None:
+    problems = drift([NET_A], 4, DOCKER_SAVE_V4)
+    for table, chains in (("filter", FORWARD_CHAIN), ("raw", RAW_CHAIN)):
+        assert f"{table}: chain(s) {chains} missing" in problems
+    assert f"nat: chain(s) {DNAT_CHAIN}, {POSTROUTING_CHAIN} missing" in problems
+    assert len([p for p in problems if "jump" in p]) == len(JUMPS)
+
+
+def save_with_chain(table: str, chain: str) -> str:
+    """SAVE_WITH_PYBRIDGE with an empty chain ``chain`` declared in ``table``."""
+    lines = SAVE_WITH_PYBRIDGE.splitlines()
+    at = lines.index(f"*{table}") + 1
+    return "\n".join([*lines[:at], f":{chain} - [0:0]", *lines[at:]]) + "\n"

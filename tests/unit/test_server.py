@@ -22,10 +22,10 @@ from aiohttp import web
 
 from pydriver import protocol as p
 from pydriver import server
-from pydriver.doctor import plugin_facts
 from pydriver.errors import DriverError, HostError
 from pydriver.naming import bridge_name, container_veth_name, host_veth_name
 from pydriver.peers import Peer, peer_credentials
+from pydriver.prune import plugin_facts
 from pydriver.server import Api, make_app
 
 from .conftest import Env
@@ -323,12 +323,17 @@ async def test_docker_supplied_mac_is_not_echoed(client: Client) -> None:
     assert reply == {"Interface": {}}
 
 
+def corpus_lines(name: str) -> list[str]:
+    return (
+        (Path(__file__).resolve().parent.parent / "data" / "corpus" / name).read_text().splitlines()
+    )
+
+
 @pytest.mark.parametrize("name", ["dockerd-20.10.24.jsonl", "dockerd-26.1.5.jsonl"])
 async def test_corpus_replay(client: Client, name: str) -> None:
     """Replay every recorded request in order. The only errors are the recorder's own IPAM
     pool (10.215.0.0/24), which pybridge's IPAM never handed out; afterwards nothing is left."""
-    corpus = Path(__file__).resolve().parent.parent / "data" / "corpus" / name
-    for line in corpus.read_text().splitlines():
+    for line in corpus_lines(name):
         record = json.loads(line)
         if "path" not in record:
             continue
@@ -451,7 +456,8 @@ async def test_ipv6_only_network_without_a_gateway(client: Client) -> None:
     assert env.kernel.addresses.get(bridge_name(NET), []) == []
     await client.ok("/NetworkDriver.CreateEndpoint", v6_endpoint())
     join = await client.ok("/NetworkDriver.Join", join_28())
-    assert "Gateway" not in join and "GatewayIPv6" not in join
+    assert "Gateway" not in join
+    assert "GatewayIPv6" not in join
 
 
 async def test_ipv4_false_without_ipv6_is_one_sentence(client: Client) -> None:
@@ -619,7 +625,8 @@ async def test_rollback_of_a_failed_join_in_docker_29(client: Client) -> None:
     await client.ok("/NetworkDriver.CreateEndpoint", create_endpoint_body(NET, EP))
     env.kernel.fail["exists"] = HostError("injected: netlink is unwell")
     status, reply = await client.call("/NetworkDriver.Join", join_body(NET, EP))
-    assert status == 500 and "injected" in reply["Err"]
+    assert status == 500
+    assert "injected" in reply["Err"]
     del env.kernel.fail["exists"]
     for path in (
         "/NetworkDriver.RevokeExternalConnectivity",  # harmless too
@@ -774,13 +781,15 @@ def test_callers_keep_the_most_recent_few() -> None:
     callers.saw(transports[0])  # evicted, then seen again: it is the newest
     pids = [c.pid for c in callers.callers()]
     assert len(pids) == server.Callers.LIMIT
-    assert pids[-1] == 100 and 101 not in pids and 102 not in pids
+    assert pids[-1] == 100
+    assert 101 not in pids
+    assert 102 not in pids
     callers.saw(None)  # a request whose connection is already gone
     assert len(callers.callers()) == server.Callers.LIMIT
 
 
 async def test_prune_sees_pybridge_and_its_callers(client: Client) -> None:
-    """The tool side of Pybridge.Status (doctor.plugin_facts): pybridge's pid as it says it and
+    """The tool side of Pybridge.Status (prune.plugin_facts): pybridge's pid as it says it and
     as seen through the socket agree (one pid namespace), and this process is its caller."""
     await client.ok("/Plugin.Activate")
     facts = await asyncio.to_thread(plugin_facts, client.path)

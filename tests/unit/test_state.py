@@ -68,7 +68,8 @@ async def test_every_change_is_stored_before_it_is_seen() -> None:
     # A restart sees what was stored.
     again = State(store)
     await again.load()
-    assert again.networks == state.networks and again.endpoints == state.endpoints
+    assert again.networks == state.networks
+    assert again.endpoints == state.endpoints
 
 
 async def test_dropping_a_network_drops_its_endpoints_as_the_store_does() -> None:

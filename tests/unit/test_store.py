@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pydriver import protocol as p
-from pydriver.doctor import Report, _check_database
+from pydriver.checks import check_database
 from pydriver.errors import Conflict, HostError
 from pydriver.ipam import Pool, UnacknowledgedAnswer
 from pydriver.ipamdriver import ULA_META_KEY, IpamDriver
@@ -33,9 +33,11 @@ from pydriver.store import (
     SCHEMA_VERSION,
     PoolRecord,
     SqliteStore,
+    StateHealth,
     SyncStore,
     read_pools,
     read_state,
+    state_health,
 )
 
 from .fakes import FakeKernel, FakeStore, hexid
@@ -132,7 +134,8 @@ async def test_pools_and_addresses(any_store: SqliteStore | FakeStore) -> None:
     # they were given and to what request.
     (loaded,) = await store.load_pools()
     assert loaded.unacknowledged == {int(address): answer}
-    assert loaded.pool_unacknowledged and loaded.pool_recorded_at == 1000.0
+    assert loaded.pool_unacknowledged
+    assert loaded.pool_recorded_at == 1000.0
     await store.acknowledge(pool.id)
     await store.acknowledge(pool.id, str(address))
     (loaded,) = await store.load_pools()
@@ -221,7 +224,8 @@ async def test_schema_2_is_migrated_and_its_unacknowledged_answers_count_as_expi
             int(ipaddress.ip_address("10.1.0.1")): UnacknowledgedAnswer("gateway"),
             int(ipaddress.ip_address("10.1.0.2")): UnacknowledgedAnswer("dynamic"),
         }
-        assert pool.pool_unacknowledged and pool.pool_recorded_at is None
+        assert pool.pool_unacknowledged
+        assert pool.pool_recorded_at is None
         assert not pool.pool_may_be_replayed(0.0)
         assert pool.claim_replay(None, gateway=True, now=0.0) is None
         assert len(pool.allocated) == 3
@@ -299,10 +303,13 @@ async def test_rows_that_cannot_be_read_are_set_aside_and_the_rest_served(
         ("pools", "10.2.0.0/24"),
         ("addresses", "10.2.0.0/24"),
     ]
-    assert rows[0][2] == '{"id": broken' and "JSONDecodeError" in rows[0][3]
+    assert rows[0][2] == '{"id": broken'
+    assert "JSONDecodeError" in rows[0][3]
     assert rows[1][3] == f"its network {NET} cannot be read"
-    assert rows[2][2] == bad_bytes and "UnicodeDecodeError" in rows[2][3]
-    assert "10.2.0.999" in rows[3][3] and rows[4][2] == "10.2.0.999"
+    assert rows[2][2] == bad_bytes
+    assert "UnicodeDecodeError" in rows[2][3]
+    assert "10.2.0.999" in rows[3][3]
+    assert rows[4][2] == "10.2.0.999"
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 5
     assert all("set aside" in r.getMessage() for r in caplog.records)
     # Nothing left that cannot be read; the next start serves the same and moves nothing.
@@ -347,9 +354,9 @@ async def test_read_only_readers_skip_what_cannot_be_read(tmp_path: Path) -> Non
     networks, endpoints = read_state(state)  # status, ports and doctor use this
     assert [n.id for n in networks] == [OTHER_NET]
     assert sorted(e.id for e in endpoints) == sorted([OTHER_EP, BAD_EP])
-    report = Report()
-    assert _check_database(state, report)
-    problems = [f for f in report.findings if not f.ok]
+    findings = check_database(state_health(state))
+    assert findings[0].kind == "state-intact"
+    problems = [f for f in findings if not f.ok]
     assert len(problems) == 1
     assert problems[0].what.startswith("2 row(s) of pybridge's state cannot be read: network ")
     assert "pool 10.1.0.0/24" in problems[0].what
@@ -362,12 +369,32 @@ async def test_read_only_readers_skip_what_cannot_be_read(tmp_path: Path) -> Non
         await store.load_pools()
     finally:
         store.close()
-    report = Report()
-    assert _check_database(state, report)
-    (problem,) = [f for f in report.findings if not f.ok]
+    findings = check_database(state_health(state))
+    assert findings[0].kind == "state-intact"
+    (problem,) = [f for f in findings if not f.ok]
     assert problem.what.startswith("4 row(s) of pybridge's state could not be read and were set")
-    assert "network " + NET[:40] in problem.what and "address 10.1.0.0/24" in problem.what
-    assert "DELETE FROM quarantine" in problem.fix and "docker network rm" in problem.fix
+    assert "network " + NET[:40] in problem.what
+    assert "address 10.1.0.0/24" in problem.what
+    assert "DELETE FROM quarantine" in problem.fix
+    assert "docker network rm" in problem.fix
+
+
+async def test_state_health_as_doctor_reads_it(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    assert state_health(state) == StateHealth(state / DB_NAME, found=False)
+    await fill(state)
+    health = state_health(state)
+    assert (health.found, health.error, health.integrity) == (True, None, "ok")
+    assert (health.schema_version, health.set_aside) == (SCHEMA_VERSION, ())
+    corrupt(state, "UPDATE meta SET value='x' WHERE key='schema_version'")
+    assert state_health(state).schema_version is None  # unknown, not a crash
+    corrupt(state, "DELETE FROM meta WHERE key='schema_version'")
+    assert state_health(state).schema_version is None
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / DB_NAME).write_bytes(b"not sqlite at all" * 100)
+    junk = state_health(tmp_path / "junk")
+    assert junk.error == "file is not a database"
+    assert not (tmp_path / "junk" / f"{DB_NAME}-wal").exists()  # read-only: nothing written
 
 
 async def test_an_unreadable_ula_prefix_is_set_aside_and_replaced(tmp_path: Path) -> None:
@@ -377,7 +404,8 @@ async def test_an_unreadable_ula_prefix_is_set_aside_and_replaced(tmp_path: Path
         await store.set_meta(ULA_META_KEY, "fd00:zz::/48")
         ipam = IpamDriver(store, FakeKernel().routes)
         await ipam.load()
-        assert ipam.ula_prefix is not None and ipam.ula_prefix.prefixlen == 48
+        assert ipam.ula_prefix is not None
+        assert ipam.ula_prefix.prefixlen == 48
         assert await store.get_meta(ULA_META_KEY) == str(ipam.ula_prefix)
     finally:
         store.close()
@@ -449,7 +477,8 @@ def test_serve_refuses_a_newer_database_in_one_sentence(tmp_path: Path) -> None:
     )
     assert done.returncode == 1
     errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
-    assert len(errors) == 1 and errors[0].endswith(
+    assert len(errors) == 1
+    assert errors[0].endswith(
         f"is from a newer pybridge (schema 99, this version knows {SCHEMA_VERSION}); run that "
         "version or a newer one"
     )
@@ -477,7 +506,8 @@ def test_quick_check_names_damage(tmp_path: Path) -> None:
         result = sync.quick_check()
     finally:
         sync.close()
-    assert result != "ok" and result
+    assert result != "ok"
+    assert result
 
 
 async def test_read_pools_for_prune(tmp_path: Path) -> None:
