@@ -50,7 +50,7 @@ from .ipam import ADDRESS_SPACES, pool_id_for
 from .locks import NETWORKS_LOCK, PORTS_LOCK, KeyedLock
 from .model import BridgeSettings, Endpoint, IPInterface, Network, Subnet
 from .naming import bridge_name, container_veth_name, host_veth_name, short
-from .options import parse_network_options
+from .options import check_endpoint_options, parse_network_options
 from .ports import DEFAULT_EPHEMERAL_RANGE
 from .protocol import (
     CreateEndpointRequest,
@@ -199,7 +199,10 @@ class NetworkDriver:
 
     async def create_network(self, req: CreateNetworkRequest) -> None:
         options = parse_network_options(
-            req.generic_options, enable_ipv4=req.enable_ipv4, enable_ipv6=req.enable_ipv6
+            req.generic_options,
+            enable_ipv4=req.enable_ipv4,
+            enable_ipv6=req.enable_ipv6,
+            internal=req.internal,
         )
         if not req.ipv4_data and not req.ipv6_data:
             if not req.enable_ipv4 and not req.enable_ipv6:
@@ -284,6 +287,7 @@ class NetworkDriver:
 
     async def create_endpoint(self, req: CreateEndpointRequest) -> str | None:
         """Create the veth pair. Returns the MAC address to report, if pybridge chose it."""
+        check_endpoint_options(req.driver_options)
         async with self._locks.hold(req.network_id):
             network = self.state.ready_network(req.network_id)
             existing = self.state.endpoints.get(req.endpoint_id)

@@ -12,9 +12,17 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Protocol = Literal["tcp", "udp", "sctp"]
 State = Literal["creating", "ready", "deleting"]
 Family = Literal[4, 6]
-# Per-interface sysctls pybridge sets on a bridge: net.ipv4.conf.B.route_localnet and
-# net.ipv6.conf.B.accept_ra.
-InterfaceSetting = Literal["route_localnet", "accept_ra"]
+# Per-interface sysctls pybridge sets on a bridge: net.ipv4.conf.B.route_localnet,
+# net.ipv6.conf.B.accept_ra and, for an isolated IPv6 network, net.ipv6.conf.B.disable_ipv6.
+InterfaceSetting = Literal["route_localnet", "accept_ra", "disable_ipv6"]
+# How a network's containers reach, and are reached from, beyond their bridge, per address
+# family (Docker's com.docker.network.bridge.gateway_mode_ipv4/_ipv6; rules.py has the rules):
+# "nat" masquerades egress and lets nothing in but published host ports; "nat-unprotected"
+# also lets hosts that route to the subnet reach every container port; "routed" does not
+# masquerade and lets them reach published container ports (no host port); "isolated"
+# (internal networks only) puts no address of the family on the bridge.
+GatewayMode = Literal["nat", "nat-unprotected", "routed", "isolated"]
+GATEWAY_MODES: tuple[GatewayMode, ...] = ("nat", "nat-unprotected", "routed", "isolated")
 
 
 @dataclass(frozen=True)
@@ -82,7 +90,15 @@ class PortMapping:
     def family(self) -> Family:
         return 4 if self.container_ip.version == 4 else 6
 
+    @property
+    def direct(self) -> bool:
+        """A publication of a routed network: the container's own address and port are opened
+        to whoever routes to it, and no host port is used (host_port 0, host_ip None)."""
+        return self.host_port == 0
+
     def host_text(self) -> str:
+        if self.direct:
+            return "-"
         if self.host_ip is None:
             return f"{'0.0.0.0' if self.family == 4 else '[::]'}:{self.host_port}"  # noqa: S104
         if self.family == 6:
@@ -95,6 +111,8 @@ class PortMapping:
         return f"{self.container_ip}:{self.container_port}"
 
     def describe(self) -> str:
+        if self.direct:
+            return f"{self.container_text()}/{self.proto} (routed: no host port)"
         return f"{self.host_text()}/{self.proto} -> {self.container_text()}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -157,6 +175,21 @@ class NetworkOptions:
     host_binding_ipv4: IPAddress | None = None
     mtu: int | None = None
     container_iface_prefix: str = "eth"
+    gateway_mode_v4: GatewayMode = "nat"
+    gateway_mode_v6: GatewayMode = "nat"
+    # No IPv4 address on the bridge (the containers' gateway is elsewhere on its LAN).
+    inhibit_ipv4: bool = False
+    # Host interfaces that may reach published container ports at the containers' addresses.
+    trusted_host_interfaces: tuple[str, ...] = ()
+    # Source address of traffic leaving the network (SNAT instead of MASQUERADE).
+    host_ipv4: ipaddress.IPv4Address | None = None
+    host_ipv6: ipaddress.IPv6Address | None = None
+
+    def gateway_mode(self, family: Family) -> GatewayMode:
+        return self.gateway_mode_v4 if family == 4 else self.gateway_mode_v6
+
+    def host_address(self, family: Family) -> IPAddress | None:
+        return self.host_ipv4 if family == 4 else self.host_ipv6
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -166,11 +199,19 @@ class NetworkOptions:
             "host_binding_ipv4": str(self.host_binding_ipv4) if self.host_binding_ipv4 else None,
             "mtu": self.mtu,
             "container_iface_prefix": self.container_iface_prefix,
+            "gateway_mode_v4": self.gateway_mode_v4,
+            "gateway_mode_v6": self.gateway_mode_v6,
+            "inhibit_ipv4": self.inhibit_ipv4,
+            "trusted_host_interfaces": list(self.trusted_host_interfaces),
+            "host_ipv4": str(self.host_ipv4) if self.host_ipv4 else None,
+            "host_ipv6": str(self.host_ipv6) if self.host_ipv6 else None,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> NetworkOptions:
+        # Records of an older pybridge have none of the gateway-mode fields: their defaults.
         hb = data.get("host_binding_ipv4")
+        host4, host6 = data.get("host_ipv4"), data.get("host_ipv6")
         return cls(
             bridge_name=data.get("bridge_name"),
             enable_ip_masquerade=bool(data.get("enable_ip_masquerade", True)),
@@ -178,7 +219,22 @@ class NetworkOptions:
             host_binding_ipv4=ipaddress.ip_address(hb) if hb else None,
             mtu=data.get("mtu"),
             container_iface_prefix=data.get("container_iface_prefix") or "eth",
+            gateway_mode_v4=_gateway_mode(data.get("gateway_mode_v4")),
+            gateway_mode_v6=_gateway_mode(data.get("gateway_mode_v6")),
+            inhibit_ipv4=bool(data.get("inhibit_ipv4", False)),
+            trusted_host_interfaces=tuple(data.get("trusted_host_interfaces") or ()),
+            host_ipv4=ipaddress.IPv4Address(host4) if host4 else None,
+            host_ipv6=ipaddress.IPv6Address(host6) if host6 else None,
         )
+
+
+def _gateway_mode(value: object) -> GatewayMode:
+    for mode in GATEWAY_MODES:
+        if value == mode:
+            return mode
+    if value is None:
+        return "nat"
+    raise ValueError(f"unknown gateway mode {value!r}")
 
 
 @dataclass(frozen=True)
@@ -190,6 +246,7 @@ class BridgeSettings:
     accept_ra: str | None = None
     mtu: int | None = None
     up: bool | None = None
+    disable_ipv6: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -197,6 +254,7 @@ class BridgeSettings:
             "accept_ra": self.accept_ra,
             "mtu": self.mtu,
             "up": self.up,
+            "disable_ipv6": self.disable_ipv6,
         }
 
     @classmethod
@@ -208,6 +266,7 @@ class BridgeSettings:
             accept_ra=data.get("accept_ra"),
             mtu=int(mtu) if mtu is not None else None,
             up=bool(up) if up is not None else None,
+            disable_ipv6=data.get("disable_ipv6"),
         )
 
 
@@ -238,6 +297,23 @@ class Network:
     @property
     def subnets(self) -> tuple[Subnet, ...]:
         return self.subnets_v4 + self.subnets_v6
+
+    def gateway_on_bridge(self, family: Family) -> bool:
+        """Whether the family's gateway address goes on the bridge: not for an isolated
+        family, nor for IPv4 with inhibit_ipv4 (that gateway is elsewhere on the LAN)."""
+        if self.options.gateway_mode(family) == "isolated":
+            return False
+        return not (family == 4 and self.options.inhibit_ipv4)
+
+    @property
+    def bridge_addresses(self) -> tuple[IPInterface, ...]:
+        """The addresses pybridge puts on the bridge: the gateways of the families that have
+        one there."""
+        return tuple(
+            s.gateway
+            for s in self.subnets
+            if s.gateway is not None and self.gateway_on_bridge(4 if s.pool.version == 4 else 6)
+        )
 
     @property
     def gateway_v4(self) -> ipaddress.IPv4Address | None:

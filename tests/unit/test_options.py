@@ -208,9 +208,9 @@ def test_invalid_host_binding(value: str) -> None:
 
 def test_unknown_option() -> None:
     with pytest.raises(Unsupported) as info:
-        o.parse_network_options({"com.docker.network.bridge.gateway_mode_ipv4": "routed"})
+        o.parse_network_options({"com.docker.network.bridge.gateway_mode": "routed"})
     message = str(info.value)
-    assert "option com.docker.network.bridge.gateway_mode_ipv4;" in message
+    assert "option com.docker.network.bridge.gateway_mode;" in message
     for supported in o.SUPPORTED:
         assert supported in message
 
@@ -265,3 +265,189 @@ def test_ip_family_options_an_older_daemon_did_not_apply_are_refused() -> None:
     )
     with pytest.raises(InvalidRequest, match="must be true or false"):
         o.parse_network_options({o.ENABLE_IPV4: "maybe"})
+
+
+# -- Docker 28's options ----------------------------------------------------------------------
+
+
+def test_every_key_of_dockers_bridge_driver_is_accepted() -> None:
+    """Each key some Docker version's bridge driver reads (moby v28.5.2
+    libnetwork/drivers/bridge/labels.go, netlabel/labels.go) is accepted with a valid value;
+    before, pybridge refused the Docker 28 ones by name."""
+    opts = o.parse_network_options(
+        {
+            o.GATEWAY_MODE_IPV4: "nat-unprotected",
+            o.GATEWAY_MODE_IPV6: "routed",
+            o.INHIBIT_IPV4: "true",
+            o.TRUSTED_HOST_INTERFACES: "eth1:flannel.1",
+            o.HOST_IPV4: "192.0.2.5",
+            o.HOST_IPV6: "2001:db8::5",
+            o.DEFAULT_BRIDGE: "false",
+            o.ADVERTISE_ADDR_NMSGS: "2",
+            o.ADVERTISE_ADDR_MS: "500",
+            o.HOST_BINDING_IPV4: "2001:db8::7",
+        },
+        enable_ipv6=True,
+    )
+    assert opts == NetworkOptions(
+        gateway_mode_v4="nat-unprotected",
+        gateway_mode_v6="routed",
+        inhibit_ipv4=True,
+        trusted_host_interfaces=("eth1", "flannel.1"),
+        host_ipv4=ipaddress.IPv4Address("192.0.2.5"),
+        host_ipv6=ipaddress.IPv6Address("2001:db8::5"),
+        host_binding_ipv4=ipaddress.ip_address("2001:db8::7"),
+    )
+    assert NetworkOptions.from_dict(opts.to_dict()) == opts
+    assert opts.gateway_mode(4) == "nat-unprotected"
+    assert opts.gateway_mode(6) == "routed"
+    assert opts.host_address(6) == ipaddress.IPv6Address("2001:db8::5")
+
+
+def test_records_of_an_older_pybridge_have_the_defaults() -> None:
+    old = NetworkOptions().to_dict()
+    for key in ("gateway_mode_v4", "gateway_mode_v6", "inhibit_ipv4", "host_ipv4"):
+        del old[key]
+    assert NetworkOptions.from_dict(old) == NetworkOptions()
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("mode", ["nat", "nat-unprotected", "routed"])
+def test_gateway_modes(family: int, mode: str) -> None:
+    opts = o.parse_network_options({o.GATEWAY_MODE_KEYS[family]: mode})  # type: ignore[index]
+    assert opts.gateway_mode(family) == mode  # type: ignore[arg-type]
+    assert opts.gateway_mode(10 - family) == "nat"  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("key", [o.GATEWAY_MODE_IPV4, o.GATEWAY_MODE_IPV6])
+def test_isolated_only_on_internal_networks(key: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        o.parse_network_options({key: "isolated"})
+    assert str(info.value) == (
+        f"{key}=isolated can only be used for an internal network; add --internal"
+    )
+    opts = o.parse_network_options({key: "isolated"}, internal=True)
+    assert "isolated" in (opts.gateway_mode_v4, opts.gateway_mode_v6)
+
+
+@pytest.mark.parametrize("value", ["NAT", "bridge", "nat ", "routed,nat", "unprotected"])
+def test_unknown_gateway_modes(value: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        o.parse_network_options({o.GATEWAY_MODE_IPV4: value})
+    assert str(info.value) == (
+        f"{o.GATEWAY_MODE_IPV4} {value!r} is not valid; use nat, nat-unprotected, routed or "
+        "isolated"
+    )
+
+
+def test_gateway_skips() -> None:
+    """GwAllocCheck's answer, as Docker's own bridge driver gives it (GetSkipGwAlloc)."""
+
+    def skips(generic: dict[str, str], internal: bool) -> tuple[bool, bool]:
+        options = o.parse_network_options(generic, internal=internal)
+        return o.gateway_skips(options, internal=internal)
+
+    assert skips({}, False) == (False, False)
+    assert skips({}, True) == (False, False)
+    assert skips({o.GATEWAY_MODE_IPV4: "isolated"}, True) == (True, False)
+    assert skips({o.GATEWAY_MODE_IPV6: "isolated"}, True) == (False, True)
+    assert skips({o.GATEWAY_MODE_IPV4: "routed"}, False) == (False, False)
+    assert skips({o.INHIBIT_IPV4: "true"}, False) == (False, False)
+    assert skips({o.INHIBIT_IPV4: "true"}, True) == (True, False)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("eth1", ("eth1",)),
+        ("eth1:eth2", ("eth1", "eth2")),
+        (":eth1::eth2:", ("eth1", "eth2")),
+        ("eth1:eth1", ("eth1",)),
+        (":", ()),
+    ],
+)
+def test_trusted_host_interfaces(raw: str, expected: tuple[str, ...]) -> None:
+    opts = o.parse_network_options({o.TRUSTED_HOST_INTERFACES: raw})
+    assert opts.trusted_host_interfaces == expected
+
+
+@pytest.mark.parametrize("name", ["eth+", "a" * 16, "eth 1", "eth1\n", "eth/1", "*"])
+def test_invalid_trusted_host_interfaces(name: str) -> None:
+    # "eth+" would be an iptables wildcard: every interface whose name starts with eth.
+    with pytest.raises(InvalidRequest) as info:
+        o.parse_network_options({o.TRUSTED_HOST_INTERFACES: f"eth0:{name}"})
+    assert str(info.value).startswith(f"{o.TRUSTED_HOST_INTERFACES}: {name!r} is not a valid")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        (o.HOST_IPV4, "2001:db8::1", "is not an IPv4 address"),
+        (o.HOST_IPV4, "nope", "is not an IPv4 address"),
+        (o.HOST_IPV4, "192.0.2.0/24", "is not an IPv4 address"),
+        (o.HOST_IPV4, "0.0.0.0", "is not valid; give the address to use as source"),
+        (o.HOST_IPV6, "192.0.2.1", "is not an IPv6 address"),
+        (o.HOST_IPV6, "::ffff:192.0.2.1", "is not an IPv6 address"),
+        (o.HOST_IPV6, "fe80::1%eth0", "is not an IPv6 address"),
+        (o.HOST_IPV6, "::", "is not valid; give the address to use as source"),
+        (o.HOST_BINDING_IPV4, "fe80::1%eth0", "is not an IP address"),
+    ],
+)
+def test_invalid_addresses(key: str, value: str, message: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        o.parse_network_options({key: value})
+    assert str(info.value).startswith(f"{key} {value!r} ")
+    assert message in str(info.value)
+
+
+def test_ipv4_mapped_addresses_are_their_ipv4_address() -> None:
+    opts = o.parse_network_options(
+        {o.HOST_IPV4: "::ffff:192.0.2.5", o.HOST_BINDING_IPV4: "::ffff:127.0.0.1"}
+    )
+    assert opts.host_ipv4 == ipaddress.IPv4Address("192.0.2.5")
+    assert opts.host_binding_ipv4 == ipaddress.IPv4Address("127.0.0.1")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "limits"),
+    [
+        (o.ADVERTISE_ADDR_NMSGS, "4", "from 0 to 3"),
+        (o.ADVERTISE_ADDR_NMSGS, "-1", "from 0 to 3"),
+        (o.ADVERTISE_ADDR_NMSGS, "two", "from 0 to 3"),
+        (o.ADVERTISE_ADDR_MS, "99", "from 100 to 2000 milliseconds"),
+        (o.ADVERTISE_ADDR_MS, "2001", "from 100 to 2000 milliseconds"),
+        (o.ADVERTISE_ADDR_MS, "1s", "from 100 to 2000 milliseconds"),
+    ],
+)
+def test_advertise_addr_values_are_checked_as_docker_does(
+    key: str, value: str, limits: str
+) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        o.parse_network_options({key: value})
+    assert str(info.value) == f"{key} {value!r} is not valid; it must be a whole number {limits}"
+    assert o.parse_network_options({key: "3" if "nmsgs" in key else "2000"}) == NetworkOptions()
+
+
+@pytest.mark.parametrize("key", [o.INHIBIT_IPV4, o.DEFAULT_BRIDGE])
+def test_more_booleans(key: str) -> None:
+    with pytest.raises(InvalidRequest, match="must be true or false"):
+        o.parse_network_options({key: "yes"})
+
+
+def test_default_bridge_is_dockers_alone() -> None:
+    with pytest.raises(InvalidRequest) as info:
+        o.parse_network_options({o.DEFAULT_BRIDGE: "true"})
+    assert "cannot be that network" in str(info.value)
+
+
+def test_endpoint_options() -> None:
+    o.check_endpoint_options({})
+    o.check_endpoint_options({o.ENDPOINT_SYSCTLS: "net.ipv4.conf.IFNAME.log_martians=1"})
+    o.check_endpoint_options({"com.example.anything": "x"})  # as Docker's bridge: ignored
+    with pytest.raises(InvalidRequest) as info:
+        o.check_endpoint_options({o.ENDPOINT_IFNAME: "lan7"})
+    assert str(info.value) == (
+        f"driver option {o.ENDPOINT_IFNAME}=lan7 cannot be honoured by a network plugin: "
+        "Docker does not pass the interface name on to it; leave it out (the network's "
+        f"{o.CONTAINER_IFACE_PREFIX} sets the name's prefix)"
+    )
