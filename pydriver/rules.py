@@ -66,17 +66,52 @@ NAT:
         -s 127.0.0.0/8 -o B -j MASQUERADE                             127.0.0.1:PORT (IPv4)
         -s SUBNET -o B -m conntrack --ctstate DNAT -j MASQUERADE      hairpin
         -s SUBNET ! -o B -j MASQUERADE                                egress (unless disabled)
+        (host_ipv4/host_ipv6: -j SNAT --to-source HOST_IP instead, for egress only: hairpin and
+        127.0.0.1 must come from the bridge's own address, which the container routes back to)
 
 The filter side then also has, per network that is not internal, right after the replies rule:
         -o B -m conntrack --ctstate DNAT -j ACCEPT                    published ports
+
+*Gateway modes* (Docker's gateway_mode_ipv4 / gateway_mode_ipv6) change a network's rules of
+that family only; the rules above are mode "nat". Who may open a connection to a container's
+own address, in each mode (replies and published host ports aside):
+
+    nat              nobody from outside the network; a host interface named in
+                     trusted_host_interfaces (T) reaches the published container ports:
+        mangle   -d CIP -i T -o B -p PROTO -m PROTO --dport CPORT -j RETURN
+        filter   -d CIP -i T -o B -p PROTO -m PROTO --dport CPORT -j ACCEPT
+    nat-unprotected  anyone who routes to the subnet, every port, except other container
+                     networks (pybridge's X, Docker's bridges): pybridge keeps them apart in
+                     every mode, where Docker lets theirs in:
+        mangle   -i X -o B -j DROP ; -i docker0 -o B -j DROP ; -i br-+ -o B -j DROP
+                 (instead of ! -i B -o B -j DROP)
+        filter   -o B -j ACCEPT                                       (instead of -o B -j DROP)
+    routed           anyone who routes to the subnet (other networks too, as Docker lets its
+                     own), to the published container ports and to ping; no NAT of the family
+                     at all (no masquerade, no DNAT: the host port of -p is ignored, as Docker
+                     does, so nothing is published on host addresses); unpublished ports stay
+                     closed:
+        mangle   -d CIP -o B -p PROTO -m PROTO --dport CPORT -j RETURN
+                 -o B -p icmp -m icmp --icmp-type 8 -j RETURN         (IPv6: ipv6-icmp, 128)
+        filter   the same two, -j ACCEPT
+      Only echo requests are let in, where Docker lets every ICMP type in: errors about a
+      connection are RELATED and pass anyway.
+    isolated         (internal networks only) no address of the family on the bridge (IPv6:
+                     disable_ipv6, not even link-local), so the raw table returns none of the
+                     host's addresses and no neighbour discovery to it either.
+
+The openings of every network (routed and trusted ports, echo requests) come in mangle before
+any network's drops, so whether another network reaches them does not depend on the bridges'
+names (a routed network named br-x would otherwise be caught by the drops towards Docker's).
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .model import Endpoint, Family, IPAddress, IPNetwork, Network, PortMapping
+from .model import Endpoint, Family, GatewayMode, IPAddress, IPNetwork, Network, PortMapping
 
 RAW_CHAIN = "PYBRIDGE-PREROUTING"
 FORWARD_CHAIN = "PYBRIDGE-FORWARD"
@@ -130,6 +165,11 @@ JUMPS: tuple[Jump, ...] = (
 # Docker's own bridges: docker0 and br-<12 hex> for user-defined bridge networks.
 DOCKER_BRIDGE_PATTERNS = ("docker0", "br-+")
 LOOPBACK: dict[Family, str] = {4: "127.0.0.0/8", 6: "::1/128"}
+# Echo requests, which routed networks let in (as iptables-save writes them).
+ECHO_REQUEST: dict[Family, str] = {
+    4: "-p icmp -m icmp --icmp-type 8",
+    6: "-p ipv6-icmp -m icmp6 --icmpv6-type 128",
+}
 
 
 @dataclass(frozen=True)
@@ -146,9 +186,22 @@ class NetworkRules:
     # The gateway addresses on the bridge (both families): all an internal network may reach
     # of the host.
     gateways: tuple[IPAddress, ...] = ()
+    mode_v4: GatewayMode = "nat"
+    mode_v6: GatewayMode = "nat"
+    # Host interfaces that reach published container ports directly (mode nat).
+    trusted: tuple[str, ...] = ()
+    # The source address of egress (SNAT), per family; None: MASQUERADE.
+    snat_v4: ipaddress.IPv4Address | None = None
+    snat_v6: ipaddress.IPv6Address | None = None
 
     def subnets(self, family: Family) -> tuple[IPNetwork, ...]:
         return self.subnets_v4 if family == 4 else self.subnets_v6
+
+    def mode(self, family: Family) -> GatewayMode:
+        return self.mode_v4 if family == 4 else self.mode_v6
+
+    def snat(self, family: Family) -> IPAddress | None:
+        return self.snat_v4 if family == 4 else self.snat_v6
 
 
 def firewall_view(network: Network, mappings: Sequence[PortMapping] = ()) -> NetworkRules:
@@ -161,7 +214,12 @@ def firewall_view(network: Network, mappings: Sequence[PortMapping] = ()) -> Net
         icc=network.options.enable_icc,
         masquerade=network.options.enable_ip_masquerade,
         mappings=tuple(mappings),
-        gateways=tuple(s.gateway.ip for s in network.subnets if s.gateway is not None),
+        gateways=tuple(a.ip for a in network.bridge_addresses),
+        mode_v4=network.options.gateway_mode_v4,
+        mode_v6=network.options.gateway_mode_v6,
+        trusted=network.options.trusted_host_interfaces,
+        snat_v4=network.options.host_ipv4,
+        snat_v6=network.options.host_ipv6,
     )
 
 
@@ -185,14 +243,44 @@ def render_chain_rules(networks: Sequence[NetworkRules], family: Family) -> dict
     """The rules of pybridge's chains, per table, as iptables-save lines (without the header)."""
     networks = sorted(networks, key=lambda n: n.bridge)
     return {
-        "filter": _forward_rules(networks),
-        "mangle": _isolation_rules(networks),
+        "filter": _forward_rules(networks, family),
+        "mangle": _isolation_rules(networks, family),
         "nat": _nat_rules(networks, family),
         "raw": _raw_rules(networks, family),
     }
 
 
-def _forward_rules(networks: Sequence[NetworkRules]) -> list[str]:
+def _host(address: IPAddress) -> str:
+    return f"{address}/{address.max_prefixlen}"
+
+
+def _openings(net: NetworkRules, family: Family) -> list[str]:
+    """The matches (without chain and target) of what a network of ``family``'s mode lets in
+    to its containers' own addresses from beyond its bridge, besides replies and published
+    host ports: routed networks' published container ports and echo requests, and in mode
+    nat the published container ports from its trusted host interfaces."""
+    if net.internal:
+        return []
+    b = net.bridge
+    mode = net.mode(family)
+    mappings = [m for m in net.mappings if m.family == family]
+    if mode == "routed":
+        ports = sorted({(m.container_ip, m.proto, m.container_port) for m in mappings if m.direct})
+        opened = [f"-d {_host(ip)} -o {b} -p {pr} -m {pr} --dport {port}" for ip, pr, port in ports]
+        return [*opened, f"-o {b} {ECHO_REQUEST[family]}"]
+    if mode == "nat" and net.trusted:
+        ports = sorted(
+            {(m.container_ip, m.proto, m.container_port) for m in mappings if not m.direct}
+        )
+        return [
+            f"-d {_host(ip)} -i {t} -o {b} -p {pr} -m {pr} --dport {port}"
+            for t in net.trusted
+            for ip, pr, port in ports
+        ]
+    return []
+
+
+def _forward_rules(networks: Sequence[NetworkRules], family: Family) -> list[str]:
     fwd: list[str] = []
     for net in networks:
         b = net.bridge
@@ -203,13 +291,16 @@ def _forward_rules(networks: Sequence[NetworkRules]) -> list[str]:
             # Published ports (pybridge's DNAT), from anywhere, hairpin included.
             fwd.append(f"-A {FORWARD_CHAIN} -o {b} -m conntrack --ctstate DNAT -j ACCEPT")
         fwd.append(f"-A {FORWARD_CHAIN} -i {b} -o {b} -j {'ACCEPT' if net.icc else 'DROP'}")
-        fwd.append(f"-A {FORWARD_CHAIN} -o {b} -j DROP")
+        fwd += [f"-A {FORWARD_CHAIN} {match} -j ACCEPT" for match in _openings(net, family)]
+        # nat-unprotected: whatever mangle let in from outside the network, every port.
+        unprotected = not net.internal and net.mode(family) == "nat-unprotected"
+        fwd.append(f"-A {FORWARD_CHAIN} -o {b} -j {'ACCEPT' if unprotected else 'DROP'}")
     for net in networks:
         fwd.append(f"-A {FORWARD_CHAIN} -i {net.bridge} -j {'DROP' if net.internal else 'ACCEPT'}")
     return fwd
 
 
-def _isolation_rules(networks: Sequence[NetworkRules]) -> list[str]:
+def _isolation_rules(networks: Sequence[NetworkRules], family: Family) -> list[str]:
     # Traffic within one network is left to filter (ICC), so no drop below can match a
     # bridge that happens to be named like Docker's (br-x, docker0).
     iso = [f"-A {ISOLATION_CHAIN} -i {n.bridge} -o {n.bridge} -j RETURN" for n in networks]
@@ -224,11 +315,20 @@ def _isolation_rules(networks: Sequence[NetworkRules]) -> list[str]:
                 f"-A {ISOLATION_CHAIN} -i {b} ! -o {b} -j DROP",
             ]
     iso.append(f"-A {ISOLATION_CHAIN} -m conntrack --ctstate RELATED,ESTABLISHED,DNAT -j RETURN")
+    # What the gateway modes open, for every network before any network's drops.
+    for net in networks:
+        iso += [f"-A {ISOLATION_CHAIN} {match} -j RETURN" for match in _openings(net, family)]
+    others = [n.bridge for n in networks if not n.internal]
     for net in networks:
         if net.internal:
             continue
         b = net.bridge
-        iso.append(f"-A {ISOLATION_CHAIN} ! -i {b} -o {b} -j DROP")
+        if net.mode(family) == "nat-unprotected":
+            # Open to the outside, not to the other container networks.
+            iso += [f"-A {ISOLATION_CHAIN} -i {x} -o {b} -j DROP" for x in others if x != b]
+            iso += [f"-A {ISOLATION_CHAIN} -i {p} -o {b} -j DROP" for p in DOCKER_BRIDGE_PATTERNS]
+        else:
+            iso.append(f"-A {ISOLATION_CHAIN} ! -i {b} -o {b} -j DROP")
         iso += [f"-A {ISOLATION_CHAIN} -i {b} -o {p} -j DROP" for p in DOCKER_BRIDGE_PATTERNS]
     return iso
 
@@ -252,7 +352,7 @@ def _raw_rules(networks: Sequence[NetworkRules], family: Family) -> list[str]:
             for gw in net.gateways
             if gw.version == family
         ]
-        if family == 6:
+        if family == 6 and net.mode_v6 != "isolated":  # (isolated: no link-local address)
             raw.append(f"-A {RAW_CHAIN} -d fe80::/10 -i {b} -p ipv6-icmp -j RETURN")
         raw.append(f"-A {RAW_CHAIN} -i {b} -m addrtype --dst-type LOCAL -j DROP")
     return raw
@@ -267,10 +367,12 @@ def _nat_rules(networks: Sequence[NetworkRules], family: Family) -> list[str]:
             continue
         b = net.bridge
         mappings = sorted(
-            (m for m in net.mappings if m.family == family),
+            (m for m in net.mappings if m.family == family and not m.direct),
             key=lambda m: (m.proto, m.host_port, str(m.host_ip or "")),
         )
         dnat += [_dnat_rule(m) for m in mappings]
+        if net.mode(family) == "routed":
+            continue  # no NAT of this family at all: containers keep their own addresses
         if family == 4:
             # 127.0.0.1:PORT from the host: DNAT'd in OUTPUT, routed out the bridge
             # (route_localnet), and given the bridge's address so the container can answer.
@@ -283,7 +385,9 @@ def _nat_rules(networks: Sequence[NetworkRules], family: Family) -> list[str]:
                 "-j MASQUERADE"
             )
             if net.masquerade:
-                post.append(f"-A {POSTROUTING_CHAIN} -s {subnet} ! -o {b} -j MASQUERADE")
+                source = net.snat(family)
+                target = f"SNAT --to-source {source}" if source else "MASQUERADE"
+                post.append(f"-A {POSTROUTING_CHAIN} -s {subnet} ! -o {b} -j {target}")
     return dnat + post
 
 

@@ -7,6 +7,7 @@ diff line by line against the layout documented at the top of pydriver/rules.py.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 from collections.abc import Sequence
@@ -957,3 +958,209 @@ def save_with_chain(table: str, chain: str) -> str:
     lines = SAVE_WITH_PYBRIDGE.splitlines()
     at = lines.index(f"*{table}") + 1
     return "\n".join([*lines[:at], f":{chain} - [0:0]", *lines[at:]]) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Gateway modes and Docker 28's other options (issue 14), each family
+# ---------------------------------------------------------------------------------------------
+
+SUBNET4 = ipaddress.ip_network("10.216.1.0/24")
+SUBNET6 = ipaddress.ip_network("fd00:216:1::/64")
+CIP4 = ipaddress.ip_address("10.216.1.2")
+CIP6 = ipaddress.ip_address("fd00:216:1::2")
+# -p 8080:80 and -p 127.0.0.1:8081:81 as a NAT network publishes them, and -p 53:53/udp
+NAT_MAPPINGS = (
+    PortMapping("tcp", None, 8080, CIP4, 80),
+    PortMapping("tcp", ipaddress.ip_address("127.0.0.1"), 8081, CIP4, 81),
+    PortMapping("tcp", None, 8080, CIP6, 80),
+    PortMapping("udp", None, 5353, CIP4, 53),
+)
+# ... and as a routed network does: the container ports, no host port.
+DIRECT_MAPPINGS = (
+    PortMapping("tcp", None, 0, CIP4, 80),
+    PortMapping("tcp", None, 0, CIP4, 81),
+    PortMapping("tcp", None, 0, CIP6, 80),
+    PortMapping("udp", None, 0, CIP4, 53),
+)
+
+
+def dual(**changes: object) -> NetworkRules:
+    base = NetworkRules(
+        bridge=OURS_B,
+        subnets_v4=(SUBNET4,),
+        subnets_v6=(SUBNET6,),
+        gateways=(ipaddress.ip_address("10.216.1.1"), ipaddress.ip_address("fd00:216:1::1")),
+    )
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def check_both_families(name: str, nets: Sequence[NetworkRules]) -> dict[Family, str]:
+    texts: dict[Family, str] = {}
+    for family, save in ((4, DOCKER_SAVE_V4), (6, DOCKER_SAVE_V6)):
+        text = render_restore(nets, family, save)  # type: ignore[arg-type]
+        check_consistent(nets, family, text)  # type: ignore[arg-type]
+        check_golden(f"{name}.v{family}", text)
+        texts[family] = text  # type: ignore[index]
+    return texts
+
+
+def test_nat_unprotected() -> None:
+    """Every port of the containers is open to whoever routes to the subnet, not to the other
+    container networks (NET_A, Docker's bridges)."""
+    nets = [NET_A, dual(mode_v4="nat-unprotected", mode_v6="nat-unprotected")]
+    texts = check_both_families("gateway_nat_unprotected", nets)
+    for family, text in texts.items():
+        rules = parse_save(text)
+        assert f"-A {FORWARD_CHAIN} -o {OURS_B} -j ACCEPT" in rules["filter"][1]
+        assert f"-A {FORWARD_CHAIN} -o {OURS_B} -j DROP" not in rules["filter"][1]
+        mangle = rules["mangle"][1]
+        assert f"-A {ISOLATION_CHAIN} ! -i {OURS_B} -o {OURS_B} -j DROP" not in mangle
+        for source in (OURS_A, "docker0", "br-+"):
+            assert f"-A {ISOLATION_CHAIN} -i {source} -o {OURS_B} -j DROP" in mangle
+        # NET_A stays protected; NAT as in mode nat.
+        assert f"-A {ISOLATION_CHAIN} ! -i {OURS_A} -o {OURS_A} -j DROP" in mangle or family == 6
+        subnet = SUBNET4 if family == 4 else SUBNET6
+        assert f"-s {subnet} ! -o {OURS_B} -j MASQUERADE" in text
+
+
+def test_routed() -> None:
+    """No NAT of the family at all, and the published container ports (and echo requests)
+    open to whoever routes to the subnet; nothing else."""
+    nets = [dual(mode_v4="routed", mode_v6="routed", mappings=DIRECT_MAPPINGS)]
+    texts = check_both_families("gateway_routed", nets)
+    v4 = parse_save(texts[4])
+    assert v4["nat"][1] == []  # no DNAT, no masquerade, no hairpin, no loopback NAT
+    assert v4["filter"][1] == [
+        f"-A {FORWARD_CHAIN} -o {OURS_B} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        f"-A {FORWARD_CHAIN} -o {OURS_B} -m conntrack --ctstate DNAT -j ACCEPT",
+        f"-A {FORWARD_CHAIN} -i {OURS_B} -o {OURS_B} -j ACCEPT",
+        f"-A {FORWARD_CHAIN} -d 10.216.1.2/32 -o {OURS_B} -p tcp -m tcp --dport 80 -j ACCEPT",
+        f"-A {FORWARD_CHAIN} -d 10.216.1.2/32 -o {OURS_B} -p tcp -m tcp --dport 81 -j ACCEPT",
+        f"-A {FORWARD_CHAIN} -d 10.216.1.2/32 -o {OURS_B} -p udp -m udp --dport 53 -j ACCEPT",
+        f"-A {FORWARD_CHAIN} -o {OURS_B} -p icmp -m icmp --icmp-type 8 -j ACCEPT",
+        f"-A {FORWARD_CHAIN} -o {OURS_B} -j DROP",
+        f"-A {FORWARD_CHAIN} -i {OURS_B} -j ACCEPT",
+    ]
+    v6 = parse_save(texts[6])
+    assert v6["nat"][1] == []
+    assert (
+        f"-A {ISOLATION_CHAIN} -d fd00:216:1::2/128 -o {OURS_B} -p tcp -m tcp --dport 80 -j RETURN"
+    ) in v6["mangle"][1]
+    assert (
+        f"-A {ISOLATION_CHAIN} -o {OURS_B} -p ipv6-icmp -m icmp6 --icmpv6-type 128 -j RETURN"
+    ) in v6["mangle"][1]
+
+
+def test_routed_openings_come_before_every_networks_drops() -> None:
+    """A routed network named like Docker's bridges (br-x) is reached at its published ports by
+    other networks as any other routed network is: its openings precede NET_A's drop towards
+    br-+."""
+    routed = dual(bridge="br-routed", mode_v4="routed", mappings=DIRECT_MAPPINGS)
+    mangle = render_chain_rules([NET_A, routed], 4)["mangle"]
+    opening = mangle.index(
+        f"-A {ISOLATION_CHAIN} -d 10.216.1.2/32 -o br-routed -p tcp -m tcp --dport 80 -j RETURN"
+    )
+    assert opening < mangle.index(f"-A {ISOLATION_CHAIN} -i {OURS_A} -o br-+ -j DROP")
+
+
+def test_modes_per_family() -> None:
+    """IPv4 routed, IPv6 nat: each family's rules follow its own mode."""
+    nets = [
+        dual(
+            mode_v4="routed",
+            mappings=(
+                PortMapping("tcp", None, 0, CIP4, 80),
+                PortMapping("tcp", None, 8080, CIP6, 80),
+            ),
+        )
+    ]
+    texts = check_both_families("gateway_routed_v4_nat_v6", nets)
+    assert "MASQUERADE" not in texts[4]
+    assert "DNAT --to-destination" not in texts[4]
+    assert f"-s {SUBNET6} ! -o {OURS_B} -j MASQUERADE" in texts[6]
+    assert "--dport 8080 -j DNAT --to-destination [fd00:216:1::2]:80" in texts[6]
+    assert "icmp" not in texts[6]
+
+
+def test_isolated() -> None:
+    """An internal network with isolated families: no gateway on the bridge (the view has
+    none), so the host answers none of its addresses, and IPv6 has no neighbour discovery
+    to the bridge either."""
+    nets = [dual(internal=True, mode_v4="isolated", mode_v6="isolated", gateways=())]
+    texts = check_both_families("gateway_isolated", nets)
+    for text in texts.values():
+        raw = parse_save(text)["raw"][1]
+        assert raw[2:] == [f"-A {RAW_CHAIN} -i {OURS_B} -m addrtype --dst-type LOCAL -j DROP"]
+        assert "RETURN" not in "\n".join(raw)
+
+
+def test_trusted_host_interfaces() -> None:
+    """Mode nat: the trusted interfaces reach the published container ports (each once, on
+    the container's address), nothing else; other modes and internal networks ignore them."""
+    nets = [dual(trusted=("eth1", "flannel.1"), mappings=NAT_MAPPINGS)]
+    texts = check_both_families("trusted_host_interfaces", nets)
+    filter_v4 = parse_save(texts[4])["filter"][1]
+    opened = [r for r in filter_v4 if " -i eth1 " in r or " -i flannel.1 " in r]
+    assert opened == [
+        f"-A {FORWARD_CHAIN} -d 10.216.1.2/32 -i {t} -o {OURS_B} -p {p} -m {p} --dport {port} "
+        "-j ACCEPT"
+        for t in ("eth1", "flannel.1")
+        for p, port in (("tcp", 80), ("tcp", 81), ("udp", 53))
+    ]
+    assert filter_v4.index(opened[-1]) < filter_v4.index(f"-A {FORWARD_CHAIN} -o {OURS_B} -j DROP")
+    for mode in ("routed", "nat-unprotected"):
+        other = render_chain_rules([dual(trusted=("eth1",), mode_v4=mode)], 4)
+        assert "eth1" not in str(other)
+    internal = render_chain_rules([dual(trusted=("eth1",), internal=True)], 4)
+    assert "eth1" not in str(internal)
+
+
+def test_host_ip_snat() -> None:
+    nets = [
+        dual(
+            snat_v4=ipaddress.IPv4Address("192.0.2.5"),
+            snat_v6=ipaddress.IPv6Address("2001:db8::5"),
+            mappings=NAT_MAPPINGS,
+        )
+    ]
+    texts = check_both_families("host_ip_snat", nets)
+    assert f"-s {SUBNET4} ! -o {OURS_B} -j SNAT --to-source 192.0.2.5" in texts[4]
+    assert f"-s {SUBNET6} ! -o {OURS_B} -j SNAT --to-source 2001:db8::5" in texts[6]
+    # Hairpin and the host's 127.0.0.1 keep the bridge's address.
+    assert f"-s {SUBNET4} -o {OURS_B} -m conntrack --ctstate DNAT -j MASQUERADE" in texts[4]
+    assert f"-s 127.0.0.0/8 -o {OURS_B} -j MASQUERADE" in texts[4]
+    # Neither without masquerading, nor when routed.
+    for changes in ({"masquerade": False}, {"mode_v4": "routed"}):
+        text = render_restore([dataclasses.replace(nets[0], **changes)], 4, "")
+        assert "SNAT" not in text
+
+
+def test_firewall_view_of_each_option() -> None:
+    """What the firewall is told about a network with Docker 28's options: its modes, trusted
+    interfaces and source addresses, and only the gateways that sit on the bridge."""
+    from pydriver.model import Network, NetworkOptions, Subnet
+    from pydriver.rules import firewall_view
+
+    options = NetworkOptions(
+        gateway_mode_v4="isolated",
+        gateway_mode_v6="routed",
+        trusted_host_interfaces=("eth1",),
+        host_ipv4=ipaddress.IPv4Address("192.0.2.5"),
+    )
+    network = Network(
+        id="n",
+        bridge=OURS_B,
+        bridge_owned=True,
+        subnets_v4=(Subnet(SUBNET4, ipaddress.ip_interface("10.216.1.1/24")),),
+        subnets_v6=(Subnet(SUBNET6, ipaddress.ip_interface("fd00:216:1::1/64")),),
+        options=options,
+        internal=True,
+    )
+    view = firewall_view(network)
+    assert (view.mode_v4, view.mode_v6) == ("isolated", "routed")
+    assert view.trusted == ("eth1",)
+    assert view.snat(4) == ipaddress.IPv4Address("192.0.2.5")
+    assert view.snat(6) is None
+    assert view.gateways == (ipaddress.ip_address("fd00:216:1::1"),)
+    inhibited = network.with_changes(options=NetworkOptions(inhibit_ipv4=True))
+    assert firewall_view(inhibited).gateways == (ipaddress.ip_address("fd00:216:1::1"),)
