@@ -4,15 +4,21 @@ Docker sends one binding per container port (a `-p 8000-8010:80-90` range arrive
 expanded); a binding may ask for one host port, a host port range to choose from
 (`-p 8000-8010:80`), or any port (`-p 80`, `-P`: HostPort 0). pybridge publishes with DNAT
 rules alone, so it must also pick ephemeral ports and refuse conflicts itself.
+
+In a routed family (gateway mode routed) a binding publishes no host port: the container's
+own address and port are opened to whoever routes to them, the host address and port of `-p`
+being ignored, as Docker does (moby v28.5.2 port_mapping_linux.go, configurePortBindingIPv4/6
+and attemptBindHostPorts).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import ipaddress
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from .errors import InvalidRequest
-from .model import IPAddress, PortBinding, PortMapping
+from .model import Family, IPAddress, PortBinding, PortMapping
 
 __all__ = [
     "DEFAULT_EPHEMERAL_RANGE",
@@ -20,17 +26,25 @@ __all__ = [
     "PortMapping",
     "PortRequest",
     "find_conflict",
+    "held",
     "overlaps",
     "plan",
 ]
 DEFAULT_EPHEMERAL_RANGE = (32768, 60999)
 
 
+def held(mappings: Iterable[PortMapping]) -> list[PortMapping]:
+    """The mappings that hold a host port (a routed publication holds none)."""
+    return [m for m in mappings if not m.direct]
+
+
 def overlaps(a: PortMapping, b: PortMapping) -> bool:
     """Whether two mappings claim the same host port (same protocol, family and address, or a
-    wildcard on either side)."""
+    wildcard on either side). A routed publication claims none."""
     return (
-        a.proto == b.proto
+        not a.direct
+        and not b.direct
+        and a.proto == b.proto
         and a.family == b.family
         and a.host_port == b.host_port
         and (a.host_ip is None or b.host_ip is None or a.host_ip == b.host_ip)
@@ -42,12 +56,18 @@ class PortRequest:
     """One binding, resolved to its targets; the host port is still to be chosen."""
 
     binding: PortBinding
-    # (host address or None, container address) per family the binding covers
+    # (host address or None, container address) per NAT family the binding covers
     targets: tuple[tuple[IPAddress | None, IPAddress], ...]
+    # The container's address in each routed family the binding covers: no host port.
+    direct: tuple[IPAddress, ...] = ()
 
     @property
     def ephemeral(self) -> bool:
         return self.binding.host_port == 0
+
+    @property
+    def needs_host_port(self) -> bool:
+        return bool(self.targets)
 
     def candidates(self, ephemeral_range: tuple[int, int], start: int) -> Iterator[int]:
         """Host ports to try, in order. Ephemeral ports start after ``start`` and wrap."""
@@ -61,14 +81,36 @@ class PortRequest:
             yield low + (offset + step) % size
 
     def mappings(self, host_port: int) -> list[PortMapping]:
+        proto, port = self.binding.proto, self.binding.port
         return [
-            PortMapping(self.binding.proto, host_ip, host_port, container_ip, self.binding.port)
-            for host_ip, container_ip in self.targets
+            *(
+                PortMapping(proto, host, host_port, container, port)
+                for host, container in self.targets
+            ),
+            *(PortMapping(proto, None, 0, container, port) for container in self.direct),
         ]
 
 
-def _unspecified(address: IPAddress | None) -> bool:
-    return address is None or address.is_unspecified
+ANY_IPV4 = ipaddress.IPv4Address("0.0.0.0")  # noqa: S104 (an address, not a bind)
+
+
+def covers(
+    family: Family, host_ip: IPAddress | None, default_host_ip: IPAddress | None
+) -> tuple[bool, IPAddress | None]:
+    """Whether a binding with ``host_ip`` (None: `-p` without an address) publishes on host
+    addresses of ``family``, and on which one (None: every address of the family), as Docker
+    reads it. An address given covers its own family only (0.0.0.0 every IPv4 address, :: every
+    IPv6 one). Without one, the network's host_binding_ipv4 decides, 0.0.0.0 when unset: an
+    IPv4 address covers IPv4 alone, except 0.0.0.0, which covers every IPv6 address too; an
+    IPv6 address covers IPv6 alone (:: every IPv6 address)."""
+    if host_ip is not None:
+        if host_ip.version != family:
+            return False, None
+        return True, None if host_ip.is_unspecified else host_ip
+    chosen = default_host_ip if default_host_ip is not None else ANY_IPV4
+    if chosen.version == family:
+        return True, None if chosen.is_unspecified else chosen
+    return family == 6 and chosen.is_unspecified, None
 
 
 def plan(
@@ -78,48 +120,47 @@ def plan(
     default_host_ip: IPAddress | None = None,
     *,
     leave_unserved: bool = False,
+    routed: Collection[Family] = (),
 ) -> list[PortRequest]:
-    """Resolve which host address family each binding publishes on.
+    """Resolve which host address family each binding publishes on (``covers``), on the host
+    addresses of each NAT family and, in a ``routed`` family, at the container's own address
+    whatever host address and port the binding names.
 
-    No host address: every IPv4 address (or the network's host_binding_ipv4) and, when the
-    container has an IPv6 address, every IPv6 address. A host address: that family only.
-
-    A binding for a family with no container address here is refused, unless
+    A binding that covers no family the container has an address of here is refused, unless
     ``leave_unserved``: another endpoint of the container is that family's gateway (Docker
     28+'s no_proxy_6to4) and publishes it, so it is skipped.
     """
-    containers = {4: container_v4, 6: container_v6}
+    containers: dict[Family, IPAddress | None] = {4: container_v4, 6: container_v6}
     requests = []
     for binding in bindings:
-        host_ip = binding.host_ip if binding.host_ip is not None else default_host_ip
-        if leave_unserved and host_ip is not None and containers[host_ip.version] is None:
-            continue
-        if host_ip is not None and host_ip.version == 6 and host_ip.is_loopback:
-            raise InvalidRequest(
-                f"cannot publish {binding.proto} port {binding.port} on [::1]: IPv6 loopback "
-                "cannot be forwarded to a container; use 127.0.0.1 or a host address"
-            )
         targets: list[tuple[IPAddress | None, IPAddress]] = []
-        if host_ip is None or _unspecified(host_ip):
-            wanted = {4, 6} if host_ip is None else {host_ip.version}
-            if 4 in wanted and container_v4 is not None:
-                targets.append((None, container_v4))
-            if 6 in wanted and container_v6 is not None:
-                targets.append((None, container_v6))
-        elif host_ip.version == 4 and container_v4 is not None:
-            targets.append((host_ip, container_v4))
-        elif host_ip.version == 6 and container_v6 is not None:
-            targets.append((host_ip, container_v6))
-        if not targets and leave_unserved:
-            continue
-        if not targets:
-            family = "IPv6" if host_ip is not None and host_ip.version == 6 else "IPv4"
-            where = f"[{host_ip}]" if family == "IPv6" else host_ip or "this host"
+        direct: list[IPAddress] = []
+        for family in (4, 6):
+            covered, host_ip = covers(family, binding.host_ip, default_host_ip)
+            container = containers[family]
+            if not covered or (container is None and leave_unserved):
+                continue
+            if family in routed:
+                direct += [container] if container is not None else []
+            elif host_ip is not None and host_ip.version == 6 and host_ip.is_loopback:
+                raise InvalidRequest(
+                    f"cannot publish {binding.proto} port {binding.port} on [::1]: IPv6 "
+                    "loopback cannot be forwarded to a container; use 127.0.0.1 or a host "
+                    "address"
+                )
+            elif container is not None:
+                targets.append((host_ip, container))
+        if not targets and not direct:
+            if leave_unserved:
+                continue
+            shown = binding.host_ip if binding.host_ip is not None else default_host_ip
+            family_name = "IPv6" if shown is not None and shown.version == 6 else "IPv4"
+            where = f"[{shown}]" if family_name == "IPv6" else shown or "this host"
             raise InvalidRequest(
                 f"cannot publish {binding.proto} port {binding.port} on {where}: the "
-                f"container has no {family} address on this network"
+                f"container has no {family_name} address on this network"
             )
-        requests.append(PortRequest(binding, tuple(targets)))
+        requests.append(PortRequest(binding, tuple(targets), tuple(direct)))
     return requests
 
 
@@ -134,12 +175,16 @@ class PortIndex:
             self.add(mapping)
 
     def add(self, mapping: PortMapping) -> None:
+        if mapping.direct:
+            return  # no host port
         key = (mapping.proto, mapping.family, mapping.host_port)
         self._by_port.setdefault(key, []).append(mapping)
 
     def conflict(self, candidate: Iterable[PortMapping]) -> PortMapping | None:
         """A published mapping that claims the same host port as one of ``candidate``."""
         for mine in candidate:
+            if mine.direct:
+                continue
             for other in self._by_port.get((mine.proto, mine.family, mine.host_port), ()):
                 if overlaps(mine, other):
                     return other

@@ -19,7 +19,7 @@ from .firewall_writer import FirewallWriter
 from .interfaces import Kernel, PortHolder, PortReservations
 from .model import Endpoint, Network, PortBinding, PortMapping
 from .naming import short
-from .ports import PortIndex, PortRequest, plan
+from .ports import PortIndex, PortRequest, held, plan
 from .state import State
 
 log = logging.getLogger(__name__)
@@ -105,14 +105,15 @@ class Publisher:
             v6,
             network.options.host_binding_ipv4,
             leave_unserved=other_gateway,
+            routed=[f for f in (4, 6) if network.options.gateway_mode(f) == "routed"],
         )
         taken = PortIndex(self.state.mappings_of_others(endpoint.id))
-        for old in endpoint.mappings:
+        for old in held(endpoint.mappings):
             self.host_ports.release(old)
         chosen: list[PortMapping] = []
         try:
             for request in requests:
-                mappings = await self._reserve_binding(request, taken)
+                mappings = await self._take(endpoint, request, taken)
                 chosen.extend(mappings)
                 for mapping in mappings:
                     taken.add(mapping)
@@ -124,9 +125,9 @@ class Publisher:
             await self.background.write_firewall_soon()
             await faults.point("ports.publish.firewall")
         except BaseException:
-            for mapping in chosen:
+            for mapping in held(chosen):
                 self.host_ports.release(mapping)
-            for old in endpoint.mappings:  # put the previous publication back as it was
+            for old in held(endpoint.mappings):  # put the previous publication back as it was
                 try:
                     self.host_ports.reserve(old)
                 except DriverError as err:  # its rule stays; start-up tries again
@@ -147,11 +148,29 @@ class Publisher:
                 len(bindings) - len(requests),
             )
 
+    async def _take(
+        self, endpoint: Endpoint, request: PortRequest, taken: PortIndex
+    ) -> list[PortMapping]:
+        """One binding's mappings, with the host port it needs reserved."""
+        binding = request.binding
+        if request.direct and binding.host_port:
+            log.info(
+                "endpoint %s: host port %d of %s/%d ignored where the network routes (gateway "
+                "mode routed): the container's own port is published",
+                short(endpoint.id),
+                binding.host_port,
+                binding.proto,
+                binding.port,
+            )
+        if not request.needs_host_port:
+            return request.mappings(0)  # routed alone: the container's port, nothing on the host
+        return await self._reserve_binding(request, taken)
+
     async def revoke(self, endpoint: Endpoint) -> None:
         """Stop publishing the endpoint's ports."""
         await self.state.put_endpoint(endpoint.with_changes(mappings=()))
         await faults.point("ports.revoke.recorded")
-        for mapping in endpoint.mappings:
+        for mapping in held(endpoint.mappings):
             self.host_ports.release(mapping)
         await self.background.write_firewall_soon()
         await self._forget_datagram_flows(gone=endpoint.mappings, new=())
@@ -160,7 +179,7 @@ class Publisher:
         """Hold the endpoint's published host ports again (start-up); what could not be held,
         and who has it (its DNAT rule stays: the container keeps its port)."""
         problems: list[str] = []
-        for mapping in endpoint.mappings:
+        for mapping in held(endpoint.mappings):
             try:
                 self.host_ports.reserve(mapping)
             except PortInUse as err:
@@ -206,7 +225,8 @@ class Publisher:
         the container. Both are forgotten once the rules are written, just after the answer
         (as Docker does for its own ports)."""
         gone = [m for m in gone if m.proto in DATAGRAM_PROTOCOLS]
-        new = [m for m in new if m.proto in DATAGRAM_PROTOCOLS]
+        # (A routed publication has no host port of its own to have flows to pybridge's socket.)
+        new = [m for m in new if m.proto in DATAGRAM_PROTOCOLS and not m.direct]
         if not gone and not new:
             return
 
@@ -250,7 +270,7 @@ class Publisher:
                 continue
             reserved: list[PortMapping] = []
             try:
-                for mapping in mappings:
+                for mapping in held(mappings):
                     self.host_ports.reserve(mapping)
                     reserved.append(mapping)
             except BaseException as err:

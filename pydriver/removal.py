@@ -17,6 +17,7 @@ from .firewall_writer import FirewallWriter
 from .interfaces import Kernel, PortReservations
 from .model import Endpoint, Network
 from .naming import is_pybridge_bridge, short
+from .ports import held
 from .state import State
 from .veths import Veths
 
@@ -52,7 +53,7 @@ class Removal:
             # Forget first: if we crash after this, reconcile removes the veth as an orphan.
             await self.state.drop_endpoint(endpoint.id)
             await faults.point("endpoint.delete.forgotten")
-            for mapping in endpoint.mappings:
+            for mapping in held(endpoint.mappings):
                 self.host_ports.release(mapping)
         if any(endpoint.mappings for endpoint in endpoints):
             # Their DNAT rules go first: until then a new flow could still be NATed to them.

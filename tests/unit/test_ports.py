@@ -314,3 +314,134 @@ async def test_restart_reports_a_port_taken_while_down(net: Env) -> None:
 def test_ipv6_loopback_is_refused_clearly() -> None:
     with pytest.raises(InvalidRequest, match=r"\[::1\]: IPv6 loopback cannot be forwarded"):
         plan([binding(80, 8080, host_ip="::1")], V4, V6)
+
+
+# -- host_binding_ipv4 and gateway mode routed (issue 14) ---------------------------------------
+
+
+def ip(text: str) -> Any:
+    return ipaddress.ip_address(text)
+
+
+@pytest.mark.parametrize(
+    ("host_ip", "default", "expected"),
+    [
+        # -p 8080:80 with the network's host_binding_ipv4 (Docker's defHostIP)
+        (None, None, ((None, V4), (None, V6))),
+        (None, "0.0.0.0", ((None, V4), (None, V6))),  # every IPv4 and IPv6 address
+        (None, "::", ((None, V6),)),  # every IPv6 address only
+        (None, "2001:db8::7", (("2001:db8::7", V6),)),
+        (None, "192.0.2.9", (("192.0.2.9", V4),)),
+        # an address given covers its own family alone, whatever the default
+        ("0.0.0.0", "::", ((None, V4),)),
+        ("::", "0.0.0.0", ((None, V6),)),
+        ("192.0.2.2", "2001:db8::7", (("192.0.2.2", V4),)),
+    ],
+)
+def test_plan_host_addresses_as_docker_reads_them(
+    host_ip: str | None, default: str | None, expected: tuple[tuple[str | None, Any], ...]
+) -> None:
+    [req] = plan([binding(80, 8080, host_ip=host_ip)], V4, V6, ip(default) if default else None)
+    assert req.targets == tuple((ip(h) if h else None, c) for h, c in expected)
+    assert req.direct == ()
+
+
+def test_plan_in_a_routed_family_opens_the_container_port_whatever_the_host_address() -> None:
+    [req] = plan([binding(80, 8080)], V4, V6, routed=[4])
+    assert (req.targets, req.direct) == (((None, V6),), (V4,))
+    assert req.mappings(8080) == [
+        PortMapping("tcp", None, 8080, V6, 80),
+        PortMapping("tcp", None, 0, V4, 80),
+    ]
+    [req] = plan([binding(80, 8080, host_ip="127.0.0.1")], V4, V6, routed=[4, 6])
+    assert (req.targets, req.direct, req.needs_host_port) == ((), (V4,), False)
+    # Not even IPv6 loopback is refused there: the host address plays no part.
+    [req] = plan([binding(80, 8080, host_ip="::1")], V4, V6, routed=[6])
+    assert (req.targets, req.direct) == ((), (V6,))
+    # The default host address decides the families as in NAT (2001:db8::7: IPv6 only).
+    [req] = plan([binding(80, 8080)], V4, V6, ip("2001:db8::7"), routed=[4, 6])
+    assert req.direct == (V6,)
+
+
+def test_routed_publications_claim_no_host_port() -> None:
+    a = PortMapping("tcp", None, 0, V4, 80)
+    b = PortMapping("tcp", None, 0, ipaddress.ip_address("10.50.0.3"), 80)
+    assert a.direct
+    assert not overlaps(a, b)
+    assert not overlaps(a, a)
+    assert find_conflict([a], [b, PortMapping("tcp", None, 8080, V4, 80)]) is None
+    assert a.describe() == "10.50.0.2:80/tcp (routed: no host port)"
+    assert a.host_text() == "-"
+
+
+async def routed_net(env: Env, **generic: str) -> None:
+    body = create_network_body(
+        NET2,
+        "10.60.0.0/24",
+        "10.60.0.1/24",
+        v6_subnet="fd00:60::/64",
+        v6_gateway="fd00:60::1/64",
+        generic=generic,
+    )
+    await env.driver.create_network(p.parse_create_network(body))
+    for endpoint, last in ((EP1, 2), (EP2, 3)):
+        await start(env, NET2, endpoint, f"10.60.0.{last}/24", address_v6=f"fd00:60::{last}/64")
+
+
+async def test_a_routed_network_publishes_container_ports_and_holds_no_host_port(
+    env: Env,
+) -> None:
+    """Docker's routed mode ignores -p's host port: no DNAT, no host port reserved, so two
+    containers publish the same port and neither conflicts with a host process on it."""
+    await routed_net(
+        env,
+        **{
+            "com.docker.network.bridge.gateway_mode_ipv4": "routed",
+            "com.docker.network.bridge.gateway_mode_ipv6": "routed",
+        },
+    )
+    env.host_ports.busy[("tcp", 8080)] = "nginx (pid 7)"
+    await program(env, NET2, EP1, entry(80, 8080))
+    await program(env, NET2, EP2, entry(80, 8080), entry(53, 0, proto=17))
+    assert published(env, EP1) == [
+        "10.60.0.2:80/tcp (routed: no host port)",
+        "[fd00:60::2]:80/tcp (routed: no host port)",
+    ]
+    assert "10.60.0.3:53/udp (routed: no host port)" in published(env, EP2)
+    assert env.host_ports.held == set()
+    assert all(m.direct for view in env.firewall.last for m in view.mappings)
+    # No flows of a host port to forget; the container's UDP flows go with the publication.
+    env.kernel.calls.clear()
+    await revoke(env, NET2, EP2)
+    assert ("forget_flows", "10.60.0.3 17/53") in env.kernel.calls
+    assert not [c for c in env.kernel.calls if c[0] == "forget_port_flows"]
+    driver = await env.restart()
+    await driver.reconcile()
+    assert env.host_ports.held == set()  # nothing to hold again either
+
+
+async def test_routed_ipv4_and_nat_ipv6_publish_each_their_way(env: Env) -> None:
+    await routed_net(env, **{"com.docker.network.bridge.gateway_mode_ipv4": "routed"})
+    await program(env, NET2, EP1, entry(80, 8080))
+    assert published(env, EP1) == [
+        "[::]:8080/tcp -> [fd00:60::2]:80",
+        "10.60.0.2:80/tcp (routed: no host port)",
+    ]
+    assert [m.family for m in env.host_ports.held] == [6]
+
+
+@pytest.mark.parametrize(
+    ("default", "expected"),
+    [
+        ("0.0.0.0", ["0.0.0.0:8080/tcp -> 10.60.0.2:80", "[::]:8080/tcp -> [fd00:60::2]:80"]),
+        ("::", ["[::]:8080/tcp -> [fd00:60::2]:80"]),
+        ("2001:db8::7", ["[2001:db8::7]:8080/tcp -> [fd00:60::2]:80"]),
+    ],
+)
+async def test_host_binding_ipv4_takes_ipv6_and_the_unspecified_addresses(
+    env: Env, default: str, expected: list[str]
+) -> None:
+    """Before, 0.0.0.0 published IPv4 only and an IPv6 address could not be given."""
+    await routed_net(env, **{"com.docker.network.bridge.host_binding_ipv4": default})
+    await program(env, NET2, EP1, entry(80, 8080))
+    assert published(env, EP1) == expected
