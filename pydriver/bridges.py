@@ -19,6 +19,7 @@ from .model import (
     Network,
     NetworkOptions,
     Subnet,
+    addresses_on_bridge,
 )
 from .naming import bridge_mac, is_pybridge_bridge, is_pybridge_veth, short
 
@@ -94,7 +95,7 @@ class Bridges:
         link = await self.kernel.get_link(name)
         if link is None:
             return True, (), BridgeSettings()
-        foreign = await self.check_adoption(link, subnets, routes, network_id)
+        foreign = await self.check_adoption(link, subnets, routes, network_id, options)
         return False, foreign, await self.settings_before(link, internal, options)
 
     async def check_adoption(
@@ -103,6 +104,7 @@ class Bridges:
         subnets: tuple[Subnet, ...],
         routes: Sequence[HostRoute],
         network_id: str,
+        options: NetworkOptions,
     ) -> tuple[IPInterface, ...]:
         """Refuse to take over an existing interface that is not free for a network; returns
         the gateway addresses that are already on it (they stay when the network goes)."""
@@ -140,14 +142,20 @@ class Bridges:
         present = await self.kernel.link_addresses(name)
         for address in present:
             if address.version == 6 and address.ip.is_link_local:
-                continue  # every IPv6 interface has one
+                continue  # every IPv6 interface has one (isolated: disable_ipv6 takes it away)
             if not any(address.ip in s.pool for s in subnets):
                 raise Conflict(
                     f"bridge {name} has the address {address}, outside the network's subnets; "
                     "pybridge adopts only a bridge with no addresses but the network's own: "
                     "choose another bridge name or subnet"
                 )
-        return tuple(s.gateway for s in subnets if s.gateway is not None and s.gateway in present)
+            if options.gateway_mode(4 if address.version == 4 else 6) == "isolated":
+                raise Conflict(
+                    f"bridge {name} has the address {address}, but gateway mode isolated keeps "
+                    f"the host off the network's IPv{address.version} subnet: remove the "
+                    "address or choose another bridge name"
+                )
+        return tuple(a for a in addresses_on_bridge(subnets, options) if a in present)
 
     async def settings_before(
         self, link: Link, internal: bool, options: NetworkOptions
@@ -159,28 +167,38 @@ class Bridges:
         route_localnet = (
             None if internal else await self.settings.interface_setting(name, "route_localnet")
         )
+        disable_ipv6 = (
+            await self.settings.interface_setting(name, "disable_ipv6")
+            if options.gateway_mode_v6 == "isolated"
+            else None
+        )
         return BridgeSettings(
             route_localnet=route_localnet if route_localnet not in (None, "1") else None,
             accept_ra=accept_ra if accept_ra not in (None, "0") else None,
             mtu=link.mtu if options.mtu and link.mtu != options.mtu else None,
             up=False if not link.up else None,
+            disable_ipv6=disable_ipv6 if disable_ipv6 not in (None, "1") else None,
         )
 
     # -- making it work ------------------------------------------------------------------------
 
     async def ensure(self, network: Network) -> None:
-        """The bridge, up, with pybridge's settings and the gateway addresses."""
+        """The bridge, up, with pybridge's settings and the gateway addresses (of the families
+        that have theirs on the bridge: not an isolated one, nor IPv4 with inhibit_ipv4)."""
         mtu = network.options.mtu
         await self.kernel.ensure_bridge(network.bridge, bridge_mac(network.id), mtu)
         if mtu:
             await self.kernel.set_link(network.bridge, mtu=mtu)
         await self.settings.disable_accept_ra(network.bridge)
+        if network.options.gateway_mode_v6 == "isolated":
+            # Not even a link-local address: the host is not on the network at all over IPv6
+            # (as Docker does, before the bridge comes up and would get one).
+            await self.settings.disable_ipv6(network.bridge)
         if not network.internal:
             # Lets 127.0.0.1:PORT reach published ports (DNAT'd in OUTPUT, routed out here).
             await self.settings.enable_route_localnet(network.bridge)
-        for subnet in network.subnets:
-            if subnet.gateway is not None:
-                await self.kernel.ensure_address(network.bridge, subnet.gateway)
+        for address in network.bridge_addresses:
+            await self.kernel.ensure_address(network.bridge, address)
         await self.kernel.set_link(network.bridge, up=True)
 
     async def ensure_forwarding(self, network: Network) -> None:
@@ -203,10 +221,9 @@ class Bridges:
         if network.bridge_owned and not delete_after_answer:
             await self.kernel.delete_link(network.bridge)
             return
-        for subnet in network.subnets:
-            gateway = subnet.gateway
-            if gateway is not None and gateway not in network.foreign_addresses:
-                await self.kernel.remove_address(network.bridge, gateway)
+        for address in network.bridge_addresses:
+            if address not in network.foreign_addresses:
+                await self.kernel.remove_address(network.bridge, address)
         if not network.bridge_owned:
             await self.restore_settings(network)
 
@@ -235,6 +252,10 @@ class Bridges:
         if saved.accept_ra is not None:
             await self.settings.restore_interface_setting(
                 network.bridge, "accept_ra", saved.accept_ra
+            )
+        if saved.disable_ipv6 is not None:
+            await self.settings.restore_interface_setting(
+                network.bridge, "disable_ipv6", saved.disable_ipv6
             )
         if saved.mtu is not None:
             await self.kernel.set_link(network.bridge, mtu=saved.mtu)

@@ -50,12 +50,13 @@ from .ipam import ADDRESS_SPACES, pool_id_for
 from .locks import NETWORKS_LOCK, PORTS_LOCK, KeyedLock
 from .model import BridgeSettings, Endpoint, IPInterface, Network, Subnet
 from .naming import bridge_name, container_veth_name, host_veth_name, short
-from .options import check_endpoint_options, parse_network_options
+from .options import check_endpoint_options, gateway_skips, parse_network_options
 from .ports import DEFAULT_EPHEMERAL_RANGE
 from .protocol import (
     CreateEndpointRequest,
     CreateNetworkRequest,
     EndpointRef,
+    GwAllocCheckRequest,
     IPData,
     JoinRequest,
     NetworkRef,
@@ -196,6 +197,20 @@ class NetworkDriver:
         return await self.eviction.collect(suspects, now, unjoined_grace)
 
     # -- networks ------------------------------------------------------------------------------
+
+    def gw_alloc_check(self, req: GwAllocCheckRequest) -> tuple[bool, bool]:
+        """Docker 28+, before it allocates a new network's gateways: whether to skip the IPv4
+        and the IPv6 one (options.gateway_skips). The options are checked here as in
+        CreateNetwork, so a bad one fails `docker network create` before any address is
+        taken. Older daemons never ask: they allocate both, and a gateway of an isolated
+        family then simply stays off the bridge."""
+        options = parse_network_options(
+            req.generic_options,
+            enable_ipv4=req.enable_ipv4,
+            enable_ipv6=req.enable_ipv6,
+            internal=req.internal,
+        )
+        return gateway_skips(options, internal=req.internal)
 
     async def create_network(self, req: CreateNetworkRequest) -> None:
         options = parse_network_options(
@@ -398,7 +413,10 @@ class NetworkDriver:
         return JoinResult(
             src_name=endpoint.container_veth,
             dst_prefix=network.options.container_iface_prefix,
-            # Internal networks give no default route: they must not look like a way out.
+            # Internal networks give no default route: they must not look like a way out (an
+            # isolated family is always internal). inhibit_ipv4 keeps the IPv4 gateway out of
+            # the bridge, not out of Join: containers route via it, elsewhere on the LAN, as
+            # with Docker's own driver (moby v28.5.2 setup_ipv4_linux.go:54-57).
             gateway=None if network.internal else network.gateway_v4,
             gateway_v6=None if network.internal else network.gateway_v6,
             internal=network.internal,

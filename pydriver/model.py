@@ -191,6 +191,13 @@ class NetworkOptions:
     def host_address(self, family: Family) -> IPAddress | None:
         return self.host_ipv4 if family == 4 else self.host_ipv6
 
+    def gateway_on_bridge(self, family: Family) -> bool:
+        """Whether the family's gateway address goes on the bridge: not for an isolated
+        family, nor for IPv4 with inhibit_ipv4 (that gateway is elsewhere on the LAN)."""
+        if self.gateway_mode(family) == "isolated":
+            return False
+        return not (family == 4 and self.inhibit_ipv4)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "bridge_name": self.bridge_name,
@@ -270,6 +277,18 @@ class BridgeSettings:
         )
 
 
+def addresses_on_bridge(
+    subnets: tuple[Subnet, ...], options: NetworkOptions
+) -> tuple[IPInterface, ...]:
+    """The gateways of ``subnets`` that go on the bridge: those of the families that have
+    one there."""
+    return tuple(
+        s.gateway
+        for s in subnets
+        if s.gateway is not None and options.gateway_on_bridge(4 if s.pool.version == 4 else 6)
+    )
+
+
 @dataclass(frozen=True)
 class Network:
     id: str
@@ -298,22 +317,10 @@ class Network:
     def subnets(self) -> tuple[Subnet, ...]:
         return self.subnets_v4 + self.subnets_v6
 
-    def gateway_on_bridge(self, family: Family) -> bool:
-        """Whether the family's gateway address goes on the bridge: not for an isolated
-        family, nor for IPv4 with inhibit_ipv4 (that gateway is elsewhere on the LAN)."""
-        if self.options.gateway_mode(family) == "isolated":
-            return False
-        return not (family == 4 and self.options.inhibit_ipv4)
-
     @property
     def bridge_addresses(self) -> tuple[IPInterface, ...]:
-        """The addresses pybridge puts on the bridge: the gateways of the families that have
-        one there."""
-        return tuple(
-            s.gateway
-            for s in self.subnets
-            if s.gateway is not None and self.gateway_on_bridge(4 if s.pool.version == 4 else 6)
-        )
+        """The addresses pybridge puts on the bridge (NetworkOptions.gateway_on_bridge)."""
+        return addresses_on_bridge(self.subnets, self.options)
 
     @property
     def gateway_v4(self) -> ipaddress.IPv4Address | None:

@@ -123,10 +123,14 @@ class ProgramExternalRequest:
 
 @dataclass(frozen=True)
 class GwAllocCheckRequest:
-    """Docker 28+ asks this before allocating gateways, only of a driver whose capabilities
-    say GwAllocChecker (pybridge's do not); Options are CreateNetwork's."""
+    """Docker 28+ asks this before it allocates a new network's gateway addresses, of a
+    driver whose capabilities say GwAllocChecker; its Options are CreateNetwork's (moby
+    v28.5.2 libnetwork/controller.go:622-627, drivers/remote/driver.go:175-184)."""
 
-    options: dict[str, Any]
+    generic_options: dict[str, str]
+    enable_ipv4: bool = True
+    enable_ipv6: bool = False
+    internal: bool = False
 
 
 @dataclass(frozen=True)
@@ -360,18 +364,28 @@ def _ip_data_list(body: Mapping[str, Any], name: str, version: int) -> tuple[IPD
     return tuple(result)
 
 
+def _network_options(body: Mapping[str, Any]) -> GwAllocCheckRequest:
+    """What the Options of CreateNetwork and GwAllocCheck say: the -o options and the flags."""
+    options = _object(body, "Options")
+    return GwAllocCheckRequest(
+        generic_options=_string_map(options.get(GENERIC_OPTIONS), f"Options[{GENERIC_OPTIONS!r}]"),
+        enable_ipv4=_bool(options, ENABLE_IPV4, default=True),
+        enable_ipv6=_bool(options, ENABLE_IPV6),
+        internal=_bool(options, INTERNAL),
+    )
+
+
 def parse_create_network(body: Mapping[str, Any]) -> CreateNetworkRequest:
     network_id = _id(body, "NetworkID")
-    options = _object(body, "Options")
-    generic = _string_map(options.get(GENERIC_OPTIONS), f"Options[{GENERIC_OPTIONS!r}]")
+    options = _network_options(body)
     return CreateNetworkRequest(
         network_id=network_id,
-        generic_options=generic,
+        generic_options=options.generic_options,
         ipv4_data=_ip_data_list(body, "IPv4Data", 4),
         ipv6_data=_ip_data_list(body, "IPv6Data", 6),
-        enable_ipv6=_bool(options, ENABLE_IPV6),
-        enable_ipv4=_bool(options, ENABLE_IPV4, default=True),
-        internal=_bool(options, INTERNAL),
+        enable_ipv6=options.enable_ipv6,
+        enable_ipv4=options.enable_ipv4,
+        internal=options.internal,
     )
 
 
@@ -506,7 +520,7 @@ def parse_program_external(body: Mapping[str, Any]) -> ProgramExternalRequest:
 
 
 def parse_gw_alloc_check(body: Mapping[str, Any]) -> GwAllocCheckRequest:
-    return GwAllocCheckRequest(options=_object(body, "Options"))
+    return _network_options(body)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,17 +584,15 @@ def activate_reply() -> dict[str, Any]:
 
 
 def network_capabilities_reply() -> dict[str, Any]:
-    # GwAllocChecker false (Docker 28+ reads it; older ones ignore it): pybridge needs a
-    # gateway address in every subnet (it goes on the bridge and into Join), so Docker must
-    # never skip allocating one, and need not ask (GwAllocCheck) before every network.
-    return {"Scope": "local", "ConnectivityScope": "local", "GwAllocChecker": False}
+    # GwAllocChecker (Docker 28+ reads it; older ones ignore it): Docker asks GwAllocCheck
+    # before allocating a network's gateways, so that an isolated family takes no address
+    # from the pool.
+    return {"Scope": "local", "ConnectivityScope": "local", "GwAllocChecker": True}
 
 
-def gw_alloc_check_reply() -> dict[str, Any]:
-    """Allocate both gateways. Only a daemon that ignored GwAllocChecker false would ask; a 404
-    would fail its `docker network create` (Docker tolerates 404 only for Program/Revoke),
-    whereas this is the answer pybridge always means."""
-    return {"SkipIPv4": False, "SkipIPv6": False}
+def gw_alloc_check_reply(skip_v4: bool, skip_v6: bool) -> dict[str, Any]:
+    """Whether Docker should leave each family's gateway unallocated."""
+    return {"SkipIPv4": skip_v4, "SkipIPv6": skip_v6}
 
 
 def ipam_capabilities_reply() -> dict[str, Any]:

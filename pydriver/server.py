@@ -155,8 +155,7 @@ class Api:
         return p.network_capabilities_reply()
 
     async def gw_alloc_check(self, body: dict[str, Any]) -> dict[str, Any]:
-        p.parse_gw_alloc_check(body)  # validated like any request; the answer never varies
-        return p.gw_alloc_check_reply()
+        return p.gw_alloc_check_reply(*self.driver.gw_alloc_check(p.parse_gw_alloc_check(body)))
 
     async def allocate_network(self, body: dict[str, Any]) -> dict[str, Any]:
         raise DriverError("pybridge is a local-scope driver and cannot serve swarm networks")

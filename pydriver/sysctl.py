@@ -13,7 +13,11 @@ log = logging.getLogger(__name__)
 
 PROC_SYS = Path("/proc/sys")
 FORWARDING: dict[Family, str] = {4: "net.ipv4.ip_forward", 6: "net.ipv6.conf.all.forwarding"}
-_FAMILY_DIR: dict[InterfaceSetting, str] = {"route_localnet": "ipv4", "accept_ra": "ipv6"}
+_FAMILY_DIR: dict[InterfaceSetting, str] = {
+    "route_localnet": "ipv4",
+    "accept_ra": "ipv6",
+    "disable_ipv6": "ipv6",
+}
 
 
 def _read(path: Path) -> str | None:
@@ -69,6 +73,12 @@ class Sysctl:
         path = self._interface_path(ifname, "accept_ra")
         if path.exists():
             await asyncio.to_thread(_ensure, path, "0")
+
+    async def disable_ipv6(self, ifname: str) -> None:
+        # No IPv6 address at all on the interface, not even link-local (gateway mode isolated).
+        path = self._interface_path(ifname, "disable_ipv6")
+        if path.exists():
+            await asyncio.to_thread(_ensure, path, "1")
 
     async def interface_setting(self, ifname: str, setting: InterfaceSetting) -> str | None:
         """The current value, or None when the interface (or IPv6 on it) does not exist."""

@@ -10,7 +10,11 @@ from tests.hostenv import run
 if TYPE_CHECKING:
     from pydriver.model import Family, InterfaceSetting
 
-_FAMILY_DIR: dict[InterfaceSetting, str] = {"route_localnet": "ipv4", "accept_ra": "ipv6"}
+_FAMILY_DIR: dict[InterfaceSetting, str] = {
+    "route_localnet": "ipv4",
+    "accept_ra": "ipv6",
+    "disable_ipv6": "ipv6",
+}
 _FORWARDING: dict[Family, str] = {
     4: "/proc/sys/net/ipv4/ip_forward",
     6: "/proc/sys/net/ipv6/conf/all/forwarding",
@@ -42,6 +46,9 @@ class NetnsSysctl:
 
     async def disable_accept_ra(self, ifname: str) -> None:
         self._write(self._path(ifname, "accept_ra"), "0")
+
+    async def disable_ipv6(self, ifname: str) -> None:
+        self._write(self._path(ifname, "disable_ipv6"), "1")
 
     async def interface_setting(self, ifname: str, setting: InterfaceSetting) -> str | None:
         return self.read(self._path(ifname, setting))

@@ -284,7 +284,11 @@ class FakeFirewall:
 
 
 # What a new interface has (Debian's defaults).
-KERNEL_DEFAULTS: dict[InterfaceSetting, str] = {"route_localnet": "0", "accept_ra": "1"}
+KERNEL_DEFAULTS: dict[InterfaceSetting, str] = {
+    "route_localnet": "0",
+    "accept_ra": "1",
+    "disable_ipv6": "0",
+}
 
 
 @dataclass
@@ -315,6 +319,9 @@ class FakeSysctl:
     async def disable_accept_ra(self, ifname: str) -> None:
         self.accept_ra_disabled.append(ifname)
         self.values[(ifname, "accept_ra")] = "0"
+
+    async def disable_ipv6(self, ifname: str) -> None:
+        self.values[(ifname, "disable_ipv6")] = "1"
 
     async def interface_setting(self, ifname: str, setting: InterfaceSetting) -> str | None:
         return self.values.get((ifname, setting), KERNEL_DEFAULTS[setting])

@@ -665,9 +665,9 @@ def test_other_replies() -> None:
     assert p.network_capabilities_reply() == {
         "Scope": "local",
         "ConnectivityScope": "local",
-        "GwAllocChecker": False,
+        "GwAllocChecker": True,
     }
-    assert p.gw_alloc_check_reply() == {"SkipIPv4": False, "SkipIPv6": False}
+    assert p.gw_alloc_check_reply(True, False) == {"SkipIPv4": True, "SkipIPv6": False}
     assert p.ipam_capabilities_reply()["RequiresMACAddress"] is False
     assert p.address_spaces_reply("L", "G") == {
         "LocalDefaultAddressSpace": "L",
@@ -758,11 +758,15 @@ def test_ipv6_only_network_of_docker_28() -> None:
 
 def test_gw_alloc_check_of_docker_28() -> None:
     # GwAllocCheckerRequest{Options: the CreateNetwork Options} (v28.5.2
-    # libnetwork/drivers/remote/api/api.go:67-74, driver.go:175-184); only sent when
-    # GetCapabilities said GwAllocChecker true, which pybridge never says.
+    # libnetwork/drivers/remote/api/api.go:67-74, driver.go:175-184), sent when
+    # GetCapabilities said GwAllocChecker true: read as CreateNetwork's.
     req = p.parse_gw_alloc_check({"Options": V6_ONLY_28["Options"]})
-    assert req.options["com.docker.network.enable_ipv4"] is False
-    assert p.parse_gw_alloc_check({}).options == {}
+    created = p.parse_create_network(V6_ONLY_28)
+    assert (req.enable_ipv4, req.enable_ipv6, req.internal) == (False, True, False)
+    assert req.generic_options == created.generic_options
+    internal = {"Options": {p.INTERNAL: True, p.GENERIC_OPTIONS: {"k": "v"}}}
+    assert p.parse_gw_alloc_check(internal) == p.GwAllocCheckRequest({"k": "v"}, internal=True)
+    assert p.parse_gw_alloc_check({}) == p.GwAllocCheckRequest({})
     with pytest.raises(InvalidRequest, match="Options must be a JSON object"):
         p.parse_gw_alloc_check({"Options": ["x"]})
 

@@ -96,7 +96,7 @@ async def test_capabilities(client: Client) -> None:
     assert await client.ok("/NetworkDriver.GetCapabilities") == {
         "Scope": "local",
         "ConnectivityScope": "local",
-        "GwAllocChecker": False,
+        "GwAllocChecker": True,
     }
     assert await client.ok("/IpamDriver.GetCapabilities") == {
         "RequiresMACAddress": False,
@@ -448,9 +448,9 @@ async def test_ipv6_only_network_of_docker_28(client: Client) -> None:
 
 async def test_ipv6_only_network_without_a_gateway(client: Client) -> None:
     """Docker leaves the Gateway out only when it was told to skip it (GwAllocCheck, which
-    pybridge never asks for) or an IPAM gave none: the network is made, without an address on
-    its bridge, and Join gives no gateway (Docker then adds docker_gwbridge, as it would for
-    any driver)."""
+    pybridge asks for isolated families only) or an IPAM gave none: the network is made,
+    without an address on its bridge, and Join gives no gateway (Docker then adds
+    docker_gwbridge, as it would for any driver)."""
     env = client.env
     await client.ok("/NetworkDriver.CreateNetwork", ipv6_only_network(gateway=False))
     assert env.kernel.addresses.get(bridge_name(NET), []) == []
@@ -481,15 +481,59 @@ async def test_ip_family_driver_options_of_docker_28_are_accepted(client: Client
     assert client.env.driver.networks[NET].enable_ipv6
 
 
-async def test_gw_alloc_check_is_answered_though_never_asked_for(client: Client) -> None:
-    """pybridge says GwAllocChecker false, so Docker 28+ never sends GwAllocCheck
-    (libnetwork/drivers/remote/driver.go:175-178). If one comes anyway, the answer is the one
-    pybridge always means, allocate both gateways (it puts them on the bridge and in Join),
-    rather than a 404, which Docker would turn into a failed network create."""
-    assert (await client.ok("/NetworkDriver.GetCapabilities"))["GwAllocChecker"] is False
+async def test_gw_alloc_check_skips_the_gateways_of_isolated_families(client: Client) -> None:
+    """Docker 28+ asks GwAllocCheck (GwAllocChecker true) with CreateNetwork's Options before
+    it allocates anything: an isolated family gets no gateway address from the pool, as with
+    Docker's own driver (GetSkipGwAlloc); CreateNetwork then has none, and the bridge and Join
+    have none either. Before, pybridge always answered allocate both."""
+    env = client.env
+    generic = {
+        "com.docker.network.bridge.gateway_mode_ipv4": "isolated",
+        "com.docker.network.bridge.gateway_mode_ipv6": "isolated",
+    }
+    body = create_network_body(
+        NET, gateway=None, v6_subnet="fd00:213:83::/64", generic=generic, internal=True
+    )
+    reply = await client.ok("/NetworkDriver.GwAllocCheck", {"Options": body["Options"]})
+    assert reply == {"SkipIPv4": True, "SkipIPv6": True}
+    await client.ok("/NetworkDriver.CreateNetwork", body)
+    assert env.kernel.addresses.get(bridge_name(NET), []) == []
+    assert env.sysctl.value(bridge_name(NET), "disable_ipv6") == "1"
+    await client.ok(
+        "/NetworkDriver.CreateEndpoint",
+        create_endpoint_body(NET, EP, "10.50.0.2/24", address_v6="fd00:213:83::2/64"),
+    )
+    join = await client.ok("/NetworkDriver.Join", join_body(NET, EP))
+    assert "Gateway" not in join
+    assert "GatewayIPv6" not in join
+    # One family isolated: only its gateway is skipped.
+    one = {"Options": {**body["Options"], p.GENERIC_OPTIONS: {**generic}}}
+    del one["Options"][p.GENERIC_OPTIONS]["com.docker.network.bridge.gateway_mode_ipv4"]
+    assert await client.ok("/NetworkDriver.GwAllocCheck", one) == {
+        "SkipIPv4": False,
+        "SkipIPv6": True,
+    }
+
+
+async def test_gw_alloc_check_refuses_bad_options_before_anything_is_allocated(
+    client: Client,
+) -> None:
     body = {"Options": ipv6_only_network()["Options"]}
-    reply = await client.ok("/NetworkDriver.GwAllocCheck", body)
-    assert reply == {"SkipIPv4": False, "SkipIPv6": False}
+    assert await client.ok("/NetworkDriver.GwAllocCheck", body) == {
+        "SkipIPv4": False,
+        "SkipIPv6": False,
+    }
+    body["Options"]["com.docker.network.generic"] = {
+        "com.docker.network.bridge.gateway_mode_ipv6": "isolated"
+    }
+    status, reply = await client.call("/NetworkDriver.GwAllocCheck", body)
+    assert (status, reply) == (
+        500,
+        {
+            "Err": "com.docker.network.bridge.gateway_mode_ipv6=isolated can only be used for "
+            "an internal network; add --internal"
+        },
+    )
     status, reply = await client.call("/NetworkDriver.GwAllocCheck", {"Options": "x"})
     assert (status, reply) == (500, {"Err": "Options must be a JSON object, not a string"})
     assert client.env.driver.networks == {}
