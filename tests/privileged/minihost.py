@@ -174,18 +174,32 @@ class MiniHost:
         v6: str | None = None,
         internal: bool = False,
         options: dict[str, str] | None = None,
+        gw_alloc_check: bool = False,
     ) -> Net:
-        """A network on PREFIX.0/24 (gateway PREFIX.1), and V6::/64 (gateway V6::1)."""
+        """A network on PREFIX.0/24 (gateway PREFIX.1), and V6::/64 (gateway V6::1).
+        ``gw_alloc_check``: as Docker 28+ creates it, asking GwAllocCheck first and leaving
+        out the gateways it says to skip (older daemons always send both)."""
         network_id = _hex()
+        request_options = {
+            p.GENERIC_OPTIONS: dict(options or {}),
+            p.INTERNAL: internal,
+            p.ENABLE_IPV6: v6 is not None,
+        }
+        skip_v4 = skip_v6 = False
+        if gw_alloc_check:
+            check = p.parse_gw_alloc_check({"Options": request_options})
+            skip_v4, skip_v6 = self.driver.gw_alloc_check(check)
+        v4_data: dict[str, str] = {"Pool": f"{prefix}.0/24"}
+        if not skip_v4:
+            v4_data["Gateway"] = f"{prefix}.1/24"
+        v6_data: dict[str, str] = {"Pool": f"{v6}::/64"}
+        if not skip_v6:
+            v6_data["Gateway"] = f"{v6}::1/64"
         body: dict[str, object] = {
             "NetworkID": network_id,
-            "Options": {
-                p.GENERIC_OPTIONS: dict(options or {}),
-                p.INTERNAL: internal,
-                p.ENABLE_IPV6: v6 is not None,
-            },
-            "IPv4Data": [{"Pool": f"{prefix}.0/24", "Gateway": f"{prefix}.1/24"}],
-            "IPv6Data": [{"Pool": f"{v6}::/64", "Gateway": f"{v6}::1/64"}] if v6 else [],
+            "Options": request_options,
+            "IPv4Data": [v4_data],
+            "IPv6Data": [v6_data] if v6 else [],
         }
         await self.driver.create_network(p.parse_create_network(body))
         return Net(network_id, f"{prefix}.1", f"{v6}::1" if v6 else None, internal)
@@ -302,6 +316,11 @@ class MiniHost:
 def connect(ns: str, ip: str, port: int) -> str:
     """Connect from ``ns``: the address the server saw, or "" if nothing answered."""
     return in_ns(ns, "busybox", "nc", "-w", "1", ip, str(port), check=False).strip()
+
+
+def route_to(ns: str, subnet: str, via: str) -> None:
+    """What a router on the LAN does: send a container subnet to the host."""
+    in_ns(ns, "ip", "-6" if ":" in subnet else "-4", "route", "add", subnet, "via", via)
 
 
 def ping(ns: str, ip: str) -> bool:
