@@ -67,6 +67,16 @@ def answer(ns: str, ip: str, port: int, expected: str) -> str:
         time.sleep(0.2)
 
 
+def pings_soon(ns: str, ip: str) -> bool:
+    """Whether ``ip`` answers a ping from ``ns`` within a few seconds (a link just made)."""
+    deadline = time.monotonic() + 6
+    while not ping(ns, ip):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 def warm_up(host: MiniHost, outside: str | None, *containers: Container) -> None:
     """Let neighbour discovery settle on every hop before a test says something does not
     answer (and the host's pings are allowed whatever the mode): a refusal must come from the
@@ -249,10 +259,7 @@ async def test_inhibit_ipv4_leaves_the_gateway_to_another_router(
         in_ns(host.ns, "ip", "link", "set", "pbt-rt", "master", bridge_of(host, net), "up")
         in_ns(router, "ip", "addr", "add", "10.213.77.1/24", "dev", "eth0")
         in_ns(router, "ip", "link", "set", "eth0", "up")
-        deadline = time.monotonic() + 6
-        while not ping(one.ns, net.gateway) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert ping(one.ns, net.gateway)
+        assert pings_soon(one.ns, net.gateway)
 
 
 @BACKENDS
