@@ -129,18 +129,26 @@ def plan(
     A binding that covers no family the container has an address of here is refused, unless
     ``leave_unserved``: another endpoint of the container is that family's gateway (Docker
     28+'s no_proxy_6to4) and publishes it, so it is skipped.
+
+    Stricter than Docker: a binding on a loopback address (`-p 127.0.0.1:8080:80`) opens
+    nothing in a routed family, where Docker opens the container port to everyone who routes
+    to it; the host, the only one such a binding was meant for, reaches its containers
+    directly anyway.
     """
     containers: dict[Family, IPAddress | None] = {4: container_v4, 6: container_v6}
     requests = []
     for binding in bindings:
         targets: list[tuple[IPAddress | None, IPAddress]] = []
         direct: list[IPAddress] = []
+        local_only = False
         for family in (4, 6):
             covered, host_ip = covers(family, binding.host_ip, default_host_ip)
             container = containers[family]
             if not covered or (container is None and leave_unserved):
                 continue
-            if family in routed:
+            if family in routed and host_ip is not None and host_ip.is_loopback:
+                local_only = True  # (see the docstring)
+            elif family in routed:
                 direct += [container] if container is not None else []
             elif host_ip is not None and host_ip.version == 6 and host_ip.is_loopback:
                 raise InvalidRequest(
@@ -151,7 +159,7 @@ def plan(
             elif container is not None:
                 targets.append((host_ip, container))
         if not targets and not direct:
-            if leave_unserved:
+            if leave_unserved or local_only:
                 continue
             shown = binding.host_ip if binding.host_ip is not None else default_host_ip
             family_name = "IPv6" if shown is not None and shown.version == 6 else "IPv4"

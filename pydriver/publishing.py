@@ -141,6 +141,13 @@ class Publisher:
         )
         for mapping in chosen:
             log.info("endpoint %s publishes %s", short(endpoint.id), mapping.describe())
+        if not other_gateway and len(requests) < len(bindings):
+            log.info(
+                "endpoint %s: %d port binding(s) on a loopback address open nothing where the "
+                "network routes (gateway mode routed): the host reaches the container directly",
+                short(endpoint.id),
+                len(bindings) - len(requests),
+            )
         if other_gateway and len(requests) < len(bindings):
             log.info(
                 "endpoint %s: %d port binding(s) left to the container's other gateway endpoint",

@@ -146,8 +146,12 @@ async def test_routed_opens_published_container_ports_without_nat(
     async with MiniHost(backend, tmp_path) as host:
         modes = {GATEWAY_MODE_IPV4: "routed", GATEWAY_MODE_IPV6: "routed"}
         net = await host.network("10.213.72", v6="fd00:213:72", options=modes)
+        # -p 127.0.0.1:...:81 opens nothing (Docker would open 81 to everyone who routes).
         web = await host.container(
-            net, "10.213.72.10", "fd00:213:72::10", ports=(("", PUBLISHED, 80),)
+            net,
+            "10.213.72.10",
+            "fd00:213:72::10",
+            ports=(("", PUBLISHED, 80), ("127.0.0.1", PUBLISHED + 1, 81)),
         )
         host.serve(web.ns, 80)
         host.serve(web.ns, 81)

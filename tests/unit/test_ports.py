@@ -353,11 +353,13 @@ def test_plan_in_a_routed_family_opens_the_container_port_whatever_the_host_addr
         PortMapping("tcp", None, 8080, V6, 80),
         PortMapping("tcp", None, 0, V4, 80),
     ]
-    [req] = plan([binding(80, 8080, host_ip="127.0.0.1")], V4, V6, routed=[4, 6])
+    [req] = plan([binding(80, 8080, host_ip="192.0.2.2")], V4, V6, routed=[4, 6])
     assert (req.targets, req.direct, req.needs_host_port) == ((), (V4,), False)
-    # Not even IPv6 loopback is refused there: the host address plays no part.
-    [req] = plan([binding(80, 8080, host_ip="::1")], V4, V6, routed=[6])
-    assert (req.targets, req.direct) == ((), (V6,))
+    # Stricter than Docker, which opens the port to everyone: a loopback binding, meant for
+    # the host alone, opens nothing (the host reaches its containers anyway), and is no error.
+    assert plan([binding(80, 8080, host_ip="127.0.0.1")], V4, V6, routed=[4, 6]) == []
+    assert plan([binding(80, 8080, host_ip="::1")], V4, V6, routed=[6]) == []
+    assert plan([binding(80, 8080)], V4, V6, ip("127.0.0.1"), routed=[4]) == []
     # The default host address decides the families as in NAT (2001:db8::7: IPv6 only).
     [req] = plan([binding(80, 8080)], V4, V6, ip("2001:db8::7"), routed=[4, 6])
     assert req.direct == (V6,)
