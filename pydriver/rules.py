@@ -83,8 +83,8 @@ own address, in each mode (replies and published host ports aside):
     nat-unprotected  anyone who routes to the subnet, every port, except other container
                      networks (pybridge's X, Docker's bridges): pybridge keeps them apart in
                      every mode, where Docker lets theirs in:
-        mangle   -i X -o B -j DROP ; -i docker0 -o B -j DROP ; -i br-+ -o B -j DROP
-                 (instead of ! -i B -o B -j DROP)
+        mangle   -i X -o B -j DROP ; -i docker0 -o B -j DROP ; -i br-+ -o B -j DROP ;
+                 -i docker_gwbridge -o B -j DROP        (instead of ! -i B -o B -j DROP)
         filter   -o B -j ACCEPT                                       (instead of -o B -j DROP)
     routed           anyone who routes to the subnet (other networks too, as Docker lets its
                      own), to the published container ports and to ping; no NAT of the family
@@ -164,6 +164,9 @@ JUMPS: tuple[Jump, ...] = (
 
 # Docker's own bridges: docker0 and br-<12 hex> for user-defined bridge networks.
 DOCKER_BRIDGE_PATTERNS = ("docker0", "br-+")
+# ... and the one Docker connects containers to when their networks give them no gateway: what
+# a nat-unprotected network keeps out besides pybridge's own bridges.
+CONTAINER_BRIDGE_PATTERNS = (*DOCKER_BRIDGE_PATTERNS, "docker_gwbridge")
 LOOPBACK: dict[Family, str] = {4: "127.0.0.0/8", 6: "::1/128"}
 # Echo requests, which routed networks let in (as iptables-save writes them).
 ECHO_REQUEST: dict[Family, str] = {
@@ -326,7 +329,9 @@ def _isolation_rules(networks: Sequence[NetworkRules], family: Family) -> list[s
         if net.mode(family) == "nat-unprotected":
             # Open to the outside, not to the other container networks.
             iso += [f"-A {ISOLATION_CHAIN} -i {x} -o {b} -j DROP" for x in others if x != b]
-            iso += [f"-A {ISOLATION_CHAIN} -i {p} -o {b} -j DROP" for p in DOCKER_BRIDGE_PATTERNS]
+            iso += [
+                f"-A {ISOLATION_CHAIN} -i {p} -o {b} -j DROP" for p in CONTAINER_BRIDGE_PATTERNS
+            ]
         else:
             iso.append(f"-A {ISOLATION_CHAIN} ! -i {b} -o {b} -j DROP")
         iso += [f"-A {ISOLATION_CHAIN} -i {b} -o {p} -j DROP" for p in DOCKER_BRIDGE_PATTERNS]

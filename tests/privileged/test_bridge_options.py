@@ -92,6 +92,24 @@ def warm_up(host: MiniHost, outside: str | None, *containers: Container) -> None
             ping(outside, address)
 
 
+def container_on_foreign_bridge(host: MiniHost, bridge: str, prefix: str) -> str:
+    """A namespace behind a bridge pybridge does not manage (Docker's docker0, say): BRIDGE
+    gets PREFIX.1/24, the namespace PREFIX.2 with its default route via it."""
+    ns = netns_add()
+    host.namespaces.append(ns)
+    peer = f"pbt-f{len(host.namespaces)}"
+    in_ns(host.ns, "ip", "link", "add", bridge, "type", "bridge")
+    in_ns(host.ns, "ip", "addr", "add", f"{prefix}.1/24", "dev", bridge)
+    in_ns(host.ns, "ip", "link", "add", peer, "type", "veth", "peer", "name", "eth0")
+    in_ns(host.ns, "ip", "link", "set", "eth0", "netns", ns)
+    in_ns(host.ns, "ip", "link", "set", peer, "master", bridge, "up")
+    in_ns(host.ns, "ip", "link", "set", bridge, "up")
+    in_ns(ns, "ip", "addr", "add", f"{prefix}.2/24", "dev", "eth0")
+    in_ns(ns, "ip", "link", "set", "eth0", "up")
+    in_ns(ns, "ip", "route", "add", "default", "via", f"{prefix}.1")
+    return ns
+
+
 def outside_routing_to(host: MiniHost, *subnets: str) -> str:
     """The outside host, with routes to ``subnets`` via this host, running its own server."""
     outside = host.outside(v6=True)
@@ -125,10 +143,16 @@ async def test_nat_unprotected_opens_every_port_to_the_outside_only(
         assert answer(outside, f"{web.ip6}", 81, OUTSIDE_IP6) == OUTSIDE_IP6
         assert connect(outside, guarded.ip, 81) == ""
         assert connect(outside, f"{guarded.ip6}", 81) == ""
-        # Another container network is not "the outside".
+        # Another container network is not "the outside": pybridge's, nor Docker's.
         assert connect(guarded.ns, web.ip, 81) == ""
         assert connect(guarded.ns, f"{web.ip6}", 81) == ""
         assert not ping(guarded.ns, web.ip)
+        host.serve(host.ns, 5557)
+        for bridge, prefix in (("docker0", "172.31.250"), ("docker_gwbridge", "172.31.251")):
+            foreign = container_on_foreign_bridge(host, bridge, prefix)
+            mine = f"{prefix}.2"
+            assert answer(foreign, f"{prefix}.1", 5557, mine) == mine  # (its network works)
+            assert connect(foreign, web.ip, 81) == "", bridge
         # Egress is NAT as usual.
         assert answer(web.ns, OUTSIDE_IP, OUTSIDE_PORT, OUTSIDE_HOST_IP) == OUTSIDE_HOST_IP
         assert answer(web.ns, OUTSIDE_IP6, OUTSIDE_PORT, OUTSIDE_HOST_IP6) == OUTSIDE_HOST_IP6

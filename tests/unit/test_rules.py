@@ -1015,7 +1015,7 @@ def test_nat_unprotected() -> None:
         assert f"-A {FORWARD_CHAIN} -o {OURS_B} -j DROP" not in rules["filter"][1]
         mangle = rules["mangle"][1]
         assert f"-A {ISOLATION_CHAIN} ! -i {OURS_B} -o {OURS_B} -j DROP" not in mangle
-        for source in (OURS_A, "docker0", "br-+"):
+        for source in (OURS_A, "docker0", "br-+", "docker_gwbridge"):
             assert f"-A {ISOLATION_CHAIN} -i {source} -o {OURS_B} -j DROP" in mangle
         # NET_A stays protected; NAT as in mode nat.
         assert f"-A {ISOLATION_CHAIN} ! -i {OURS_A} -o {OURS_A} -j DROP" in mangle or family == 6
