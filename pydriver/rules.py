@@ -82,7 +82,7 @@ own address, in each mode (replies and published host ports aside):
         filter   -d CIP -i T -o B -p PROTO -m PROTO --dport CPORT -j ACCEPT
     nat-unprotected  anyone who routes to the subnet, every port, except other container
                      networks (pybridge's X, Docker's bridges): pybridge keeps them apart in
-                     every mode, where Docker lets theirs in:
+                     every mode (Docker 28 keeps its own apart too, 29 lets them in):
         mangle   -i X -o B -j DROP ; -i docker0 -o B -j DROP ; -i br-+ -o B -j DROP ;
                  -i docker_gwbridge -o B -j DROP        (instead of ! -i B -o B -j DROP)
         filter   -o B -j ACCEPT                                       (instead of -o B -j DROP)
@@ -98,7 +98,8 @@ own address, in each mode (replies and published host ports aside):
       connection are RELATED and pass anyway.
     isolated         (internal networks only) no address of the family on the bridge (IPv6:
                      disable_ipv6, not even link-local), so the raw table returns none of the
-                     host's addresses and no neighbour discovery to it either.
+                     host's addresses and no neighbour discovery to it either. (An internal
+                     network with inhibit_ipv4 likewise has no IPv4 gateway to return.)
 
 The openings of every network (routed and trusted ports, echo requests) come in mangle before
 any network's drops, so whether another network reaches them does not depend on the bridges'
