@@ -25,6 +25,7 @@ from .driver import NetworkDriver
 from .errors import DriverError
 from .firewall import IptablesFirewall, detect_backend
 from .hostports import SocketReservations, port_holder
+from .instance import claim_state_dir
 from .ipamdriver import IpamDriver
 from .logs import setup_logging
 from .metrics import Metrics
@@ -305,6 +306,14 @@ async def serve(args: argparse.Namespace) -> int:
     else:
         log.info("open file limit: %d (one per published port)", after)
     prepare_socket_path(args.socket)
+    # Kept open (and so locked) until the process ends.
+    managed = _env("PYDRIVER_MANAGED", "") == "1"
+    claim_state_dir(
+        Path(args.state_dir),
+        f"the managed plugin, pid {os.getpid()} in its namespace"
+        if managed
+        else f"the host service, pid {os.getpid()}",
+    )
     store = SqliteStore(Path(args.state_dir))
     damage = await store.quick_check()
     if damage != "ok":

@@ -14,6 +14,26 @@ VENV="${PYDRIVER_VENV:-$ROOT/.venv}"
 cd "$ROOT"
 
 "$ROOT/scripts/install.sh"
+
+# What an interrupted run (killed mid-way: a session's end, a reboot) may have left in dockerd's
+# store: test containers and networks, and above all the managed plugin pybridge:latest, whose
+# name dockerd resolves `-d pybridge` to before it looks at the host service's socket ("could
+# not resolve driver pybridge in registry" for every test). The tests' own names only.
+remove_leftovers() {
+    local containers networks
+    containers="$(docker ps -aq --filter name=pbt)"
+    # shellcheck disable=SC2086
+    [ -z "$containers" ] || docker rm -f $containers >/dev/null || true
+    networks="$(docker network ls -q --filter name=pbt)"
+    # shellcheck disable=SC2086
+    [ -z "$networks" ] || docker network rm $networks >/dev/null || true
+    if docker plugin inspect pybridge:latest >/dev/null 2>&1; then
+        echo "[test] removing the managed plugin pybridge:latest that an interrupted run left"
+        docker plugin disable -f pybridge:latest >/dev/null 2>&1 || true
+        docker plugin rm -f pybridge:latest >/dev/null
+    fi
+}
+remove_leftovers
 # busybox and a C compiler for the test image, docker-compose for the compose example.
 need=()
 command -v busybox >/dev/null || need+=(busybox-static)
@@ -29,10 +49,22 @@ fi
 # dockerd 28's packages (downloaded only) bring Compose v2, which the compose test uses too.
 DOCKERD_VERSION=28 "$ROOT/scripts/dockerd-service.sh" fetch
 
+# When a pass fails: what pybridge and the daemon said (CI keeps only this script's output).
+show_logs() {
+    local log
+    echo "[test] --- the last lines of /var/log/pydriver.log"
+    tail -n 60 /var/log/pydriver.log 2>/dev/null || true
+    for log in /var/log/dockerd.log /var/log/dockerd26.log /var/log/dockerd28.log; do
+        [ -f "$log" ] || continue
+        echo "[test] --- errors and plugin lines of $log"
+        grep -aiE 'level=(error|fatal|panic)|plugin|pybridge' "$log" | tail -n 40 || true
+    done
+}
+
 # The fast lane first: lint, format, types, unit tests with the coverage floor.
 PYDRIVER_VENV="$VENV" "$ROOT/scripts/check.sh"
 echo "[test] pytest against dockerd $(docker version --format '{{.Server.Version}}')"
-"$VENV/bin/pytest" "$@"
+"$VENV/bin/pytest" "$@" || { show_logs; exit 1; }
 
 [ "$#" -eq 0 ] || exit 0
 PHASES="${PYBRIDGE_TEST_PHASES:-managed docker26 docker28}"
@@ -69,7 +101,7 @@ with_managed_plugin() {
     export PYBRIDGE_PLUGIN_BASE
     "$ROOT/plugin/install.sh" pybridge:latest PYDRIVER_METRICS_ADDRESS=127.0.0.1:9327
     echo "[test] pytest $* against the managed plugin on dockerd $(docker version --format '{{.Server.Version}}')"
-    PYBRIDGE_MODE=managed "$VENV/bin/pytest" "$@"
+    PYBRIDGE_MODE=managed "$VENV/bin/pytest" "$@" || { show_logs; exit 1; }
     pop_cleanup
 }
 
@@ -86,9 +118,10 @@ on_daemon() {
     export DOCKERD_VERSION="$1"
     CLEANUPS+=(back_to_default_daemon)
     "$ROOT/scripts/dockerd-service.sh" start
+    remove_leftovers
     "$ROOT/scripts/pybridge-service.sh" restart
     echo "[test] pytest tests/e2e against dockerd $(docker version --format '{{.Server.Version}}')"
-    "$VENV/bin/pytest" tests/e2e
+    "$VENV/bin/pytest" tests/e2e || { show_logs; exit 1; }
     with_managed_plugin "${MANAGED_SUBSET[@]}"
     pop_cleanup
 }

@@ -254,8 +254,53 @@ def environment() -> Iterator[None]:
         raise AssertionError(f"pybridge is not serving {plugin_socket()}: run scripts/install.sh")
     build_image()
     with leak_guard():
+        check_dockerd_uses_pybridge()
         yield
     assert_nothing_left_behind()
+
+
+DOCKERD_LOGS = [
+    Path("/var/log/dockerd.log"),
+    Path("/var/log/dockerd26.log"),
+    Path("/var/log/dockerd28.log"),
+]
+SERVICE_LOG = Path("/var/log/pydriver.log")
+
+
+def _tail(path: Path, lines: int, grep: tuple[str, ...] = ()) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return f"({path} cannot be read)"
+    if grep:
+        text = [line for line in text if any(word in line.lower() for word in grep)]
+    return "\n".join(text[-lines:])
+
+
+def check_dockerd_uses_pybridge() -> None:
+    """One network created and removed before the suite: when dockerd cannot use pybridge
+    (dockerd 20.10 keeps a plugin whose GetCapabilities failed once unregistered until it
+    restarts: 'could not resolve driver'), one failure that shows both logs instead of every
+    test failing with the same line."""
+    name = f"pbt{secrets.token_hex(3)}-probe"
+    created = run(
+        ["docker", "network", "create", "-d", DRIVER, "--subnet", free_subnet(250), name],
+        check=False,
+    )
+    if created.returncode == 0:
+        remove_network(name)
+        return
+    dockerd_log = max(
+        (log for log in DOCKERD_LOGS if log.exists()),
+        key=lambda log: log.stat().st_mtime,
+        default=DOCKERD_LOGS[0],
+    )
+    raise AssertionError(
+        f"dockerd cannot use pybridge: {created.stderr.strip()}\n"
+        f"--- {dockerd_log}, lines about plugins:\n"
+        + _tail(dockerd_log, 40, ("plugin", "pybridge", "capabilit", "driver"))
+        + (f"\n--- {SERVICE_LOG}:\n" + _tail(SERVICE_LOG, 40) if MODE != "managed" else "")
+    )
 
 
 def assert_nothing_left_behind() -> None:

@@ -34,27 +34,28 @@ def netns() -> Iterator[str]:
         run(["ip", "netns", "del", name], check=False)
 
 
+def start_argv(netns: str, sock: Path, state: Path) -> list[str]:
+    return [
+        "ip",
+        "netns",
+        "exec",
+        netns,
+        sys.executable,
+        "-m",
+        "pydriver.cli",
+        "serve",
+        "--socket",
+        str(sock),
+        "--state-dir",
+        str(state),
+        "--log-level",
+        "debug",
+    ]
+
+
 def start(netns: str, sock: Path, state: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            netns,
-            sys.executable,
-            "-m",
-            "pydriver.cli",
-            "serve",
-            "--socket",
-            str(sock),
-            "--state-dir",
-            str(state),
-            "--log-level",
-            "debug",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        start_argv(netns, sock, state), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
 
 
@@ -120,6 +121,55 @@ def test_serve_lifecycle(netns: str, tmp_path: Path, sig: signal.Signals) -> Non
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_one_pybridge_per_state_directory(netns: str, tmp_path: Path) -> None:
+    """The host service and a managed plugin left enabled share /var/lib/pydriver: the second
+    to start refuses to, naming the first (a managed plugin says it on every call), and the
+    first goes on serving."""
+    state = tmp_path / "state"
+    first_sock = tmp_path / "first.sock"
+    first = start(netns, first_sock, state)
+    try:
+        wait_socket(first_sock, first)
+        holder = f"the host service, pid {first.pid}"
+        # The plain pid is the `ip netns exec` one, which execs pydriver: the same process.
+        second = start(netns, tmp_path / "second.sock", state)
+        out, _ = second.communicate(timeout=30)
+        assert second.returncode == 1
+        assert f"another pybridge ({holder}) is running with the state directory {state}" in out
+        managed_sock = tmp_path / "managed.sock"
+        managed = subprocess.Popen(
+            start_argv(netns, managed_sock, state),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYDRIVER_MANAGED": "1"},
+        )
+        try:
+            wait_socket(managed_sock, managed)
+            status, reply = post(managed_sock, "NetworkDriver.CreateNetwork", b'{"NetworkID": "x"}')
+            assert status == 500
+            assert isinstance(reply, dict)
+            assert f"another pybridge ({holder})" in reply["Err"]
+            assert "not both" in reply["Err"]
+        finally:
+            managed.kill()
+            managed.wait()
+        assert post(first_sock, "NetworkDriver.GetCapabilities")[0] == 200
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=20) == 0
+        # Once the first is gone, the directory is free again.
+        again = start(netns, first_sock, state)
+        try:
+            wait_socket(first_sock, again)
+        finally:
+            again.kill()
+            again.wait()
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
 
 
 def test_state_is_loaded_and_reconciled_before_binding(netns: str, tmp_path: Path) -> None:
@@ -261,13 +311,13 @@ def test_a_managed_plugin_that_cannot_start_says_why_on_every_call(
         status, reply = post(sock, "NetworkDriver.CreateNetwork", b'{"NetworkID": "x"}')
         assert status == 500
         assert isinstance(reply, dict)
-        assert reply["Err"].startswith("pybridge could not start: cannot open the state database")
+        assert reply["Err"].startswith("pybridge could not start: cannot open the state directory")
         assert post(sock, "Nothing.Here")[0] == 404
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 1
         assert not sock.exists()
         output = proc.stdout.read() if proc.stdout else ""
-        assert "pybridge is not working: cannot open the state database" in output
+        assert "pybridge is not working: cannot open the state directory" in output
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -276,7 +326,7 @@ def test_a_managed_plugin_that_cannot_start_says_why_on_every_call(
     # Not a managed plugin (a host service under systemd): it exits and says why.
     plain = start(netns, sock, state)
     assert plain.wait(timeout=15) == 1
-    assert "cannot open the state database" in (plain.stdout.read() if plain.stdout else "")
+    assert "cannot open the state directory" in (plain.stdout.read() if plain.stdout else "")
 
 
 def test_metrics_that_cannot_be_served_do_not_stop_the_driver(netns: str, tmp_path: Path) -> None:

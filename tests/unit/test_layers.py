@@ -41,6 +41,7 @@ LOGIC = (
 ADAPTERS = {
     "netlink",
     "hostports",
+    "instance",
     "store",
     "firewall",
     "sysctl",
