@@ -14,7 +14,7 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
 from pyroute2 import AsyncIPRoute
@@ -156,7 +156,9 @@ class _NetlinkCore:
     def __init__(self, netns: str | None = None) -> None:
         self._netns = netns
         self._ipr: AsyncIPRoute | None = None
-        self._conntrack: AsyncConntrack | None = None
+        # One conntrack socket per family: the family is fixed per socket (pyroute2's
+        # nfgen_family), and the kernel refuses an IPv6 filter on an IPv4 one (EINVAL).
+        self._conntrack: dict[int, AsyncConntrack] = {}
         self._lock = asyncio.Lock()
 
     async def open(self) -> None:
@@ -173,9 +175,9 @@ class _NetlinkCore:
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
-        if self._conntrack is not None:
-            self._conntrack.close()
-            self._conntrack = None
+        for conntrack in self._conntrack.values():
+            conntrack.close()
+        self._conntrack.clear()
 
     @property
     def ipr(self) -> AsyncIPRoute:
@@ -412,13 +414,14 @@ class _NetlinkCore:
 
     # -- connection tracking -------------------------------------------------------------------
 
-    async def _ct(self) -> AsyncConntrack:
-        if self._conntrack is None:
+    async def _ct(self, family: int) -> AsyncConntrack:
+        conntrack = self._conntrack.get(family)
+        if conntrack is None:
             kwargs: dict[str, Any] = {"netns": self._netns} if self._netns else {}
-            conntrack = AsyncConntrack(**kwargs)
+            conntrack = AsyncConntrack(nfgen_family=family, **kwargs)
             await conntrack.setup_endpoint()
-            self._conntrack = conntrack
-        return self._conntrack
+            self._conntrack[family] = conntrack
+        return conntrack
 
     async def forget_flows(
         self, address: IPAddress, proto: int | None = None, port: int | None = None
@@ -450,16 +453,15 @@ class _NetlinkCore:
         return await self._forget(f"port {port}", filters)
 
     async def _forget(self, what: str, filters: list[tuple[str, NFCTAttrTuple]]) -> int:
-        conntrack = await self._ct()
-        doomed: dict[Any, Any] = {}
+        doomed: dict[Any, tuple[AsyncConntrack, NFCTAttrTuple]] = {}
         try:
             for direction, match in filters:
-                key = "tuple_orig" if direction == "orig" else "tuple_reply"
-                async for entry in await conntrack.dump_entries(**{key: match}):
-                    doomed[entry.id or id(entry)] = entry
-            for entry in doomed.values():
+                conntrack = await self._ct(match.family)
+                async for key, original in self._matching(conntrack, direction, match):
+                    doomed[key] = (conntrack, original)
+            for conntrack, original in doomed.values():
                 try:
-                    await conntrack.delete(entry)
+                    await conntrack.delete(original)
                 except NetlinkError as err:
                     if err.code != errno.ENOENT:  # gone meanwhile: fine
                         raise
@@ -468,6 +470,27 @@ class _NetlinkCore:
                 f"could not remove the connection-tracking entries of {what}: {_describe(err)}"
             ) from None
         return len(doomed)
+
+    @staticmethod
+    async def _matching(
+        conntrack: AsyncConntrack, direction: str, match: NFCTAttrTuple
+    ) -> AsyncIterator[tuple[tuple[int, object], NFCTAttrTuple]]:
+        """(a key, the original tuple) of each entry whose ``direction`` tuple matches.
+        IPv4: the kernel filters (5.8 and newer; pyroute2 checks again). IPv6: the kernel's
+        tuple filter is not to be trusted (on 6.x it returns nothing for an address that is
+        there), so the family's table is read whole and matched here, as pyroute2 would."""
+        attr = "CTA_TUPLE_ORIG" if direction == "orig" else "CTA_TUPLE_REPLY"
+        if match.family == socket.AF_INET:
+            key = "tuple_orig" if direction == "orig" else "tuple_reply"
+            async for entry in await conntrack.dump_entries(**{key: match}):
+                yield (match.family, entry.id or id(entry)), entry.tuple_orig
+            return
+        async for message in await conntrack.dump():
+            family = message["nfgen_family"]
+            if family != match.family or not match.nla_eq(family, message.get_attr(attr)):
+                continue
+            original = NFCTAttrTuple.from_netlink(family, message.get_attr("CTA_TUPLE_ORIG"))
+            yield (family, message.get_attr("CTA_ID") or id(message)), original
 
 
 class _NetlinkThread:

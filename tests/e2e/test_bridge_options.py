@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
 
 from tests.e2e.conftest import DRIVER, Docker, default_routes, free_subnet, tcp_from
-from tests.harness import IMAGE, docker
+from tests.harness import IMAGE, docker, wait_for
 from tests.hostenv import OUTSIDE_HOST_IF, OutsideHost, run
 
 BUILT_IN = "bridge"
@@ -133,6 +134,23 @@ def source_seen_by_outside(d: Docker, container: str, outside: OutsideHost, v6: 
     return d.exec(container, "nc", "-w", "3", target, str(outside.port), check=False).strip()
 
 
+# pybridge writes a publication's rules just after answering ProgramExternalConnectivity (README,
+# Publishing: a few milliseconds, more on a busy host); Docker's are there before the container
+# starts. The facts compare the steady state of both.
+RULES_GO_LIVE = 0.5
+
+
+def listening(d: Docker, container: str, *ports: int) -> None:
+    """Wait until ``container``'s echo servers listen on ``ports``, then for the rules."""
+
+    def up() -> bool:
+        out = d.exec(container, "netstat", "-ltn", check=False)
+        return all(f":{port} " in out for port in ports)
+
+    assert wait_for(up, timeout=15), f"{container} does not listen on {ports}"
+    time.sleep(RULES_GO_LIVE)
+
+
 def warm_up(outside: OutsideHost, *addresses: str) -> None:
     """Neighbour discovery first (the host's own pings pass in every mode), so a port that
     answers does not look closed because its first IPv6 packet waited."""
@@ -190,6 +208,7 @@ def test_gateway_mode_nat_unprotected(d: Docker, outside: OutsideHost) -> None:
     def scenario(d: Docker, driver: str) -> Facts:
         net = d.network(*create, *mode_options("nat-unprotected", "nat-unprotected"), driver=driver)
         web = d.run(net, *at, "-p", "18300:80", command=ECHO_80_81)
+        listening(d, web, 80, 81)
         with outside_routes(outside, subnet4, subnet6):
             warm_up(outside, web4, web6)
             return {
@@ -217,6 +236,7 @@ def test_gateway_mode_routed(d: Docker, outside: OutsideHost) -> None:
     def scenario(d: Docker, driver: str) -> Facts:
         net = d.network(*create, *mode_options("routed", "routed"), driver=driver)
         web = d.run(net, *at, "-p", "18301:80", "-p", "127.0.0.1:18306:81", command=ECHO_80_81)
+        listening(d, web, 80, 81)
         other_net = d.network("--subnet", free_subnet(122), driver=driver)
         other = d.run(other_net)
         with outside_routes(outside, subnet4, subnet6):
@@ -270,6 +290,7 @@ def test_gateway_modes_per_family(d: Docker, outside: OutsideHost) -> None:
     def scenario(d: Docker, driver: str) -> Facts:
         net = d.network(*create, *mode_options("routed", "nat"), driver=driver)
         web = d.run(net, *at, "-p", "18302:80", command=ECHO_80_81)
+        listening(d, web, 80, 81)
         with outside_routes(outside, subnet4, subnet6):
             warm_up(outside, web4, web6)
             return {
@@ -296,7 +317,8 @@ def test_gateway_mode_isolated(d: Docker) -> None:
     def scenario(d: Docker, driver: str) -> Facts:
         net = d.network("--internal", *create, *mode_options("isolated", "isolated"), driver=driver)
         one = d.run(net, *one_at)
-        d.run(net, *two_at, command=("pbtest-echo", "tcp", "80"))
+        echo = d.run(net, *two_at, command=("pbtest-echo", "tcp", "80"))
+        listening(d, echo, 80)
         refused, error = create_must_fail(d, driver, *mode_options("isolated", "nat"))
         return {
             "bridge addresses": bridge_addresses(d, net, driver),
@@ -337,7 +359,8 @@ def test_inhibit_ipv4(d: Docker) -> None:
     def scenario(d: Docker, driver: str) -> Facts:
         net = d.network(*create, "-o", "com.docker.network.bridge.inhibit_ipv4=true", driver=driver)
         one = d.run(net, *one_at)
-        d.run(net, *two_at, command=("pbtest-echo", "tcp", "80"))
+        echo = d.run(net, *two_at, command=("pbtest-echo", "tcp", "80"))
+        listening(d, echo, 80)
         return {
             "bridge addresses": bridge_addresses(d, net, driver),
             "gateways allocated": gateways_in_inspect(d, net),
@@ -366,8 +389,10 @@ def test_trusted_host_interfaces(d: Docker, outside: OutsideHost) -> None:
         option = f"com.docker.network.bridge.trusted_host_interfaces=eth9:{OUTSIDE_HOST_IF}"
         net = d.network(*trusting, "-o", option, driver=driver)
         web = d.run(net, *web_at, "-p", "18303:80", command=ECHO_80_81)
+        listening(d, web, 80, 81)
         other_net = d.network(*plain, driver=driver)
-        d.run(other_net, *other_at, "-p", "18304:80", command=ECHO_80_81)
+        echo = d.run(other_net, *other_at, "-p", "18304:80", command=ECHO_80_81)
+        listening(d, echo, 80, 81)
         with outside_routes(outside, subnet4, subnet6, plain4, plain6):
             warm_up(outside, web4, web6, other4, other6)
             return {
@@ -438,7 +463,8 @@ def test_host_binding_ipv4(d: Docker, outside: OutsideHost, binding: str) -> Non
     def scenario(d: Docker, driver: str) -> Facts:
         option = f"com.docker.network.bridge.host_binding_ipv4={binding}"
         net = d.network(*create, "-o", option, driver=driver)
-        d.run(net, "-p", "18305:80", command=("pbtest-echo", "tcp", "80"))
+        echo = d.run(net, "-p", "18305:80", command=("pbtest-echo", "tcp", "80"))
+        listening(d, echo, 80)
         warm_up(outside)
         return {
             "IPv4 host address": outside_reaches(outside, outside.host_ip, 18305),

@@ -300,46 +300,60 @@ async def test_a_full_bridge_is_reported_as_such(nl: Netlink, netns: str) -> Non
 
 
 def _flows(ns: str) -> list[str]:
-    """The connection-tracking entries of ``ns``, one line each (orig and reply tuples)."""
+    """The connection-tracking entries of ``ns`` (both families), one line each (orig and
+    reply tuples)."""
     code = (
-        "import asyncio, sys\n"
+        "import asyncio, socket, sys\n"
         "from pyroute2.conntrack import AsyncConntrack\n"
         "async def main():\n"
-        "    ct = AsyncConntrack(netns=sys.argv[1])\n"
-        "    await ct.setup_endpoint()\n"
-        "    async for e in await ct.dump_entries():\n"
-        "        o, r = e.tuple_orig, e.tuple_reply\n"
-        "        print(o.proto, o.saddr, o.daddr, o.dport, r.saddr, r.sport)\n"
-        "    ct.close()\n"
+        "    for family in (socket.AF_INET, socket.AF_INET6):\n"
+        "        ct = AsyncConntrack(nfgen_family=family, netns=sys.argv[1])\n"
+        "        await ct.setup_endpoint()\n"
+        "        async for e in await ct.dump_entries():\n"
+        "            o, r = e.tuple_orig, e.tuple_reply\n"
+        "            print(o.proto, o.saddr, o.daddr, o.dport, r.saddr, r.sport)\n"
+        "        ct.close()\n"
         "asyncio.run(main())\n"
     )
     return run([sys.executable, "-c", code, ns]).stdout.splitlines()
 
 
-async def test_forget_flows_removes_only_the_flows_of_an_address(nl: Netlink, netns: str) -> None:
+@pytest.mark.parametrize(
+    ("prefix", "length", "family"),
+    [("10.213.77.", 24, 2), ("fd00:213:77::", 64, 10)],
+    ids=["ipv4", "ipv6"],
+)
+async def test_forget_flows_removes_only_the_flows_of_an_address(
+    nl: Netlink, netns: str, prefix: str, length: int, family: int
+) -> None:
     """Conntrack entries outlive a container: pybridge deletes those of its addresses (all of
-    them when an endpoint goes, one NATed UDP port when a publication is revoked)."""
+    them when an endpoint goes, one NATed UDP port when a publication is revoked). IPv6 too:
+    the kernel's IPv6 tuple filter finds nothing, so pybridge matches those itself."""
+    host, peer_a, peer_b = (f"{prefix}{n}" for n in (1, 2, 3))
     peer = _netns()
     try:
         in_ns(netns, "ip", "link", "add", "pbt-ct0", "type", "veth", "peer", "name", "pbt-ct1")
         in_ns(netns, "ip", "link", "set", "pbt-ct1", "netns", peer)
-        in_ns(netns, "ip", "addr", "add", "10.213.77.1/24", "dev", "pbt-ct0")
+        in_ns(netns, "ip", "addr", "add", f"{host}/{length}", "dev", "pbt-ct0", *_NODAD[family])
         in_ns(netns, "ip", "link", "set", "pbt-ct0", "up")
-        in_ns(peer, "ip", "addr", "add", "10.213.77.2/24", "dev", "pbt-ct1")
-        in_ns(peer, "ip", "addr", "add", "10.213.77.3/24", "dev", "pbt-ct1")
+        for address in (peer_a, peer_b):
+            in_ns(
+                peer, "ip", "addr", "add", f"{address}/{length}", "dev", "pbt-ct1", *_NODAD[family]
+            )
         in_ns(peer, "ip", "link", "set", "pbt-ct1", "up")
         # A conntrack match makes the namespace track connections.
-        in_ns(netns, "iptables-nft", "-A", "INPUT", "-m", "conntrack", "--ctstate", "NEW")
-        in_ns(peer, "busybox", "ping", "-c", "1", "-W", "2", "10.213.77.1")
+        tool = "iptables-nft" if family == 2 else "ip6tables-nft"
+        in_ns(netns, tool, "-A", "INPUT", "-m", "conntrack", "--ctstate", "NEW")
+        in_ns(peer, "busybox", "ping", "-I", peer_a, "-c", "1", "-W", "2", host)
         for port in (5000, 5001):  # (busybox nc has no UDP mode)
-            send = f"import socket; socket.socket(2, 2).sendto(b'x', ('10.213.77.1', {port}))"
+            send = f"import socket; socket.socket({family}, 2).sendto(b'x', ('{host}', {port}))"
             in_ns(peer, sys.executable, "-c", send)
-        in_ns(peer, "busybox", "ping", "-I", "10.213.77.3", "-c", "1", "-W", "2", "10.213.77.1")
+        in_ns(peer, "busybox", "ping", "-I", peer_b, "-c", "1", "-W", "2", host)
         before = _flows(netns)
         assert any(" 5000 " in f for f in before), before
         assert any(" 5001 " in f for f in before), before
 
-        assert await nl.forget_flows(ipaddress.ip_address("10.213.77.1"), 17, 5000) == 1
+        assert await nl.forget_flows(ipaddress.ip_address(host), 17, 5000) == 1
         after = _flows(netns)
         assert not any(" 5000 " in f for f in after)
         assert any(" 5001 " in f for f in after)
@@ -347,13 +361,16 @@ async def test_forget_flows_removes_only_the_flows_of_an_address(nl: Netlink, ne
         assert await nl.forget_port_flows(17, 5001) == 1
         assert not any(" 5001 " in f for f in _flows(netns))
 
-        assert await nl.forget_flows(ipaddress.ip_address("10.213.77.2")) == 1  # the ping
+        assert await nl.forget_flows(ipaddress.ip_address(peer_a)) == 1  # the ping
         left = _flows(netns)
-        assert not any("10.213.77.2" in f for f in left), left
-        assert any("10.213.77.3" in f for f in left), left  # another address keeps its flows
-        assert await nl.forget_flows(ipaddress.ip_address("10.213.77.2")) == 0
+        assert not any(f" {peer_a} " in f"{f} " for f in left), left
+        assert any(f" {peer_b} " in f"{f} " for f in left), left  # another keeps its flows
+        assert await nl.forget_flows(ipaddress.ip_address(peer_a)) == 0
     finally:
         run(["ip", "netns", "del", peer], check=False)
+
+
+_NODAD = {2: (), 10: ("nodad",)}
 
 
 async def test_a_sandbox_file_with_a_namespace_mounted_is_not_released(netns: str) -> None:
