@@ -50,7 +50,12 @@ from .ipam import ADDRESS_SPACES, pool_id_for
 from .locks import NETWORKS_LOCK, PORTS_LOCK, KeyedLock
 from .model import BridgeSettings, Endpoint, IPInterface, Network, Subnet
 from .naming import bridge_name, container_veth_name, host_veth_name, short
-from .options import check_endpoint_options, gateway_skips, parse_network_options
+from .options import (
+    check_endpoint_options,
+    check_host_binding,
+    gateway_skips,
+    parse_network_options,
+)
 from .ports import DEFAULT_EPHEMERAL_RANGE
 from .protocol import (
     CreateEndpointRequest,
@@ -228,6 +233,7 @@ class NetworkDriver:
                     "with --ipv6"
                 )
             raise InvalidRequest("the network has no subnet; give one with --subnet")
+        check_host_binding(options, has_ipv6=bool(req.ipv6_data))
         async with self._locks.hold(NETWORKS_LOCK), self._locks.hold(req.network_id):
             existing = self.state.networks.get(req.network_id)
             if existing is not None and existing.state == "ready":

@@ -188,6 +188,21 @@ def check_endpoint_options(options: Mapping[str, str]) -> None:
         )
 
 
+def check_host_binding(options: NetworkOptions, *, has_ipv6: bool) -> None:
+    """An IPv6 host_binding_ipv4 on a network without IPv6. Docker's driver carries such ports
+    to the containers' IPv4 addresses through its userland proxy (or, without one, publishes
+    nothing); pybridge has no proxy and publishes a port only in the container's own family,
+    so every `docker run -p` there would fail: say it once, at network create."""
+    binding = options.host_binding_ipv4
+    if binding is not None and binding.version == 6 and not has_ipv6:
+        raise InvalidRequest(
+            f"{HOST_BINDING_IPV4}={binding} is an IPv6 address but the network has no IPv6 "
+            "subnet, and pybridge publishes a port only in the container's own address family "
+            "(it has no userland proxy to carry IPv6 to IPv4): add --ipv6, or use an IPv4 "
+            "address (0.0.0.0 publishes on every IPv4 and IPv6 address)"
+        )
+
+
 def _parse_gateway_mode(generic: Mapping[str, str], family: Family, internal: bool) -> GatewayMode:
     key = GATEWAY_MODE_KEYS[family]
     raw = generic.get(key)

@@ -34,6 +34,10 @@ accept is only final in the table that drops):
                         where there is one, else first: 29's nftables backend has none)
       ingress, for each network first, so no accept below can let traffic into another network:
         -o B -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT     replies
+        -i docker0|br-+|docker_gwbridge -o B -j RETURN                (not internal) Docker's
+            networks: Docker's chains decide what of theirs may use B's published ports or
+            openings (they drop what comes from Docker's --internal networks); pybridge's own
+            bridges named like Docker's get their accepts just before these
         -i B -o B -j ACCEPT                                           ICC (DROP if disabled)
         -o B -j DROP                                                  nothing else gets in
       egress, for each network:
@@ -284,14 +288,54 @@ def _openings(net: NetworkRules, family: Family) -> list[str]:
     return []
 
 
+def _named_like_docker(bridge: str) -> bool:
+    """Whether an interface pattern of Docker's container bridges matches ``bridge``."""
+    return any(
+        bridge.startswith(p[:-1]) if p.endswith("+") else bridge == p
+        for p in CONTAINER_BRIDGE_PATTERNS
+    )
+
+
+def _from_own_bridge(a: str, net: NetworkRules, family: Family) -> list[str]:
+    """What the filter accepts from pybridge's bridge ``a`` into ``net``'s bridge (non-internal)
+    ahead of the RETURNs for Docker's bridge names: the same as the rules below the RETURNs
+    accept from it (published ports; within one network, ICC; the routed openings)."""
+    b = net.bridge
+    rules = [f"-A {FORWARD_CHAIN} -i {a} -o {b} -m conntrack --ctstate DNAT -j ACCEPT"]
+    if a == b:
+        rules.append(f"-A {FORWARD_CHAIN} -i {b} -o {b} -j {'ACCEPT' if net.icc else 'DROP'}")
+        return rules
+    for match in _openings(net, family):
+        if " -i " in f" {match}":
+            continue  # a trusted host interface, not a bridge
+        # Where iptables-save writes -i: after -s/-d, before -o.
+        rules.append(
+            f"-A {FORWARD_CHAIN} {match.replace(f'-o {b}', f'-i {a} -o {b}', 1)} -j ACCEPT"
+        )
+    return rules
+
+
 def _forward_rules(networks: Sequence[NetworkRules], family: Family) -> list[str]:
     fwd: list[str] = []
+    # pybridge's own bridges that Docker's patterns below would catch (named with
+    # bridge.name): what mangle let through from them is theirs to accept, not Docker's.
+    docker_named = [n.bridge for n in networks if _named_like_docker(n.bridge)]
     for net in networks:
         b = net.bridge
         fwd.append(
             f"-A {FORWARD_CHAIN} -o {b} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
         )
         if not net.internal:
+            # New traffic from Docker's own networks (what mangle let in: published ports,
+            # routed openings) is Docker's to accept or not: it drops what comes from its
+            # --internal networks further down FORWARD, and accepts the rest. Accepting it
+            # here would let a container of a Docker internal network out through a port
+            # pybridge publishes. pybridge's own bridges named like Docker's go on below.
+            for a in docker_named:
+                fwd += _from_own_bridge(a, net, family)
+            fwd += [
+                f"-A {FORWARD_CHAIN} -i {p} -o {b} -j RETURN" for p in CONTAINER_BRIDGE_PATTERNS
+            ]
             # Published ports (pybridge's DNAT), from anywhere, hairpin included.
             fwd.append(f"-A {FORWARD_CHAIN} -o {b} -m conntrack --ctstate DNAT -j ACCEPT")
         fwd.append(f"-A {FORWARD_CHAIN} -i {b} -o {b} -j {'ACCEPT' if net.icc else 'DROP'}")
@@ -335,7 +379,7 @@ def _isolation_rules(networks: Sequence[NetworkRules], family: Family) -> list[s
             ]
         else:
             iso.append(f"-A {ISOLATION_CHAIN} ! -i {b} -o {b} -j DROP")
-        iso += [f"-A {ISOLATION_CHAIN} -i {b} -o {p} -j DROP" for p in DOCKER_BRIDGE_PATTERNS]
+        iso += [f"-A {ISOLATION_CHAIN} -i {b} -o {p} -j DROP" for p in CONTAINER_BRIDGE_PATTERNS]
     return iso
 
 

@@ -6,13 +6,15 @@ that something cannot be reached is tried from the side that must not reach it."
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from pathlib import Path
 
 import pytest
 
 from pydriver import protocol as p
-from pydriver.firewall import Backend
+from pydriver.firewall import Backend, IptablesFirewall
+from pydriver.model import PortMapping
 from pydriver.options import (
     GATEWAY_MODE_IPV4,
     GATEWAY_MODE_IPV6,
@@ -22,6 +24,8 @@ from pydriver.options import (
     INHIBIT_IPV4,
     TRUSTED_HOST_INTERFACES,
 )
+from pydriver.rules import NetworkRules
+from tests.hostenv import run
 from tests.privileged.minihost import (
     OUTSIDE_HOST_IP,
     OUTSIDE_HOST_IP6,
@@ -37,6 +41,7 @@ from tests.privileged.minihost import (
     route_to,
 )
 from tests.privileged.netns_sysctl import NetnsSysctl
+from tests.privileged.test_coexistence import docker_bridge, restore
 
 pytestmark = pytest.mark.privileged
 
@@ -395,3 +400,152 @@ async def test_isolated_ipv6_is_given_back_to_an_adopted_bridge(tmp_path: Path) 
         await host.driver.delete_network(p.parse_network_ref({"NetworkID": net.id}))
         await host.driver.settle()
         assert sysctl.read(path) == "0"
+
+
+# -- Docker's own networks and pybridge's openings ---------------------------------------------
+
+# moby v28.5.2 iptabler testdata "hairpin=false,internal=true,icc=true" for bridge BR, plus
+# DOCKER-USER and the two jumps dockerd inserts first when it starts.
+DOCKER28_INTERNAL = """\
+*filter
+:DOCKER - [0:0]
+:DOCKER-BRIDGE - [0:0]
+:DOCKER-CT - [0:0]
+:DOCKER-FORWARD - [0:0]
+:DOCKER-ISOLATION-STAGE-1 - [0:0]
+:DOCKER-ISOLATION-STAGE-2 - [0:0]
+:DOCKER-USER - [0:0]
+-I FORWARD 1 -j DOCKER-FORWARD
+-I FORWARD 1 -j DOCKER-USER
+-A DOCKER-FORWARD -j DOCKER-CT
+-A DOCKER-FORWARD -j DOCKER-ISOLATION-STAGE-1
+-A DOCKER-FORWARD -j DOCKER-BRIDGE
+-A DOCKER-FORWARD -i {br} -o {br} -j ACCEPT
+-A DOCKER-ISOLATION-STAGE-1 ! -s {subnet} -o {br} -j DROP
+-A DOCKER-ISOLATION-STAGE-1 ! -d {subnet} -i {br} -j DROP
+COMMIT
+*nat
+:DOCKER - [0:0]
+-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER
+-A OUTPUT ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j DOCKER
+COMMIT
+"""
+
+# The same bridge as an ordinary (not internal) Docker 28 network: accepted by Docker.
+DOCKER28_OPEN = """\
+*filter
+-F DOCKER-ISOLATION-STAGE-1
+-A DOCKER-FORWARD -i {br} -j ACCEPT
+COMMIT
+"""
+
+
+@BACKENDS
+async def test_a_docker_internal_container_reaches_no_pybridge_port(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """A container on Docker 28's own --internal network connects to its gateway address at a
+    port pybridge publishes (no capabilities needed), and with a route of its own (NET_ADMIN)
+    to a routed network's published container port. Docker drops both for its own ports
+    (DOCKER-ISOLATION-STAGE-1 `-i br ! -d subnet -j DROP`); pybridge leaves traffic from
+    Docker's bridges to Docker's chains, so it is dropped there too."""
+    async with MiniHost(backend, tmp_path) as host:
+        docker = docker_bridge(host, "10.213.95")  # its container: 10.213.95.2
+        in_ns(docker.container.ns, "ip", "route", "del", "default")  # internal: no way out
+        restore(host, backend, DOCKER28_INTERNAL.format(br=docker.bridge, subnet="10.213.95.0/24"))
+        net = await host.network("10.213.96")
+        web = await host.container(net, "10.213.96.10", ports=(("", 18090, 80),))
+        host.serve(web.ns, 80)
+        routed_net = await host.network("10.213.97", options={GATEWAY_MODE_IPV4: "routed"})
+        routed = await host.container(routed_net, "10.213.97.10", ports=(("", 18091, 80),))
+        host.serve(routed.ns, 80)
+        warm_up(host, None, web, routed)
+        theirs = docker.container.ns
+        published = connect(theirs, docker.gateway, 18090)
+        in_ns(theirs, "ip", "route", "add", "10.213.97.0/24", "via", docker.gateway)
+        got = connect(theirs, routed.ip, 80)
+        assert (published, got) == ("", ""), (
+            f"Docker --internal container reached {published=} {got=}"
+        )
+        # Docker's other networks still reach the published port, Docker deciding (its
+        # `-i br -j ACCEPT`): the same host, the network made non-internal.
+        in_ns(theirs, "ip", "route", "del", "10.213.97.0/24")
+        restore(host, backend, DOCKER28_OPEN.format(br=docker.bridge))
+        assert connect(theirs, docker.gateway, 18090) == docker.container.ip
+
+
+@BACKENDS
+async def test_no_pybridge_container_reaches_a_docker_gwbridge_container(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """Containers behind docker_gwbridge (Docker's bridge for containers whose networks give
+    them no way out) are out of a pybridge container's reach, as docker0's are."""
+    async with MiniHost(backend, tmp_path) as host:
+        net = await host.network("10.213.98")
+        mine = await host.container(net, "10.213.98.10")
+        gw = container_on_foreign_bridge(host, "docker_gwbridge", "172.31.252")
+        d0 = container_on_foreign_bridge(host, "docker0", "172.31.253")
+        host.serve(gw, 81)
+        host.serve(d0, 81)
+        warm_up(host, None, mine)
+        assert connect(mine.ns, "172.31.253.2", 81) == ""  # docker0: dropped
+        got = connect(mine.ns, "172.31.252.2", 81)
+        assert got == "", f"pybridge container reached a docker_gwbridge container ({got})"
+
+
+@BACKENDS
+async def test_every_mode_reads_back_as_written(backend: Backend) -> None:
+    """Every rule the gateway modes add must read back from iptables-save as written, or the
+    self-healing check rewrites the chains every cycle."""
+    ns = netns_add()
+    try:
+        ip = ipaddress.ip_address
+        c4, c6 = ip("10.213.60.2"), ip("fd00:213:60::2")
+        maps = (
+            PortMapping("tcp", None, 0, c4, 80),
+            PortMapping("udp", None, 0, c6, 53),
+            PortMapping("tcp", None, 8080, c4, 81),
+            PortMapping("tcp", None, 8080, c6, 81),
+        )
+        nets = [
+            NetworkRules(
+                "pyb-routed",
+                (ipaddress.ip_network("10.213.60.0/24"),),
+                (ipaddress.ip_network("fd00:213:60::/64"),),
+                mappings=maps,
+                mode_v4="routed",
+                mode_v6="routed",
+            ),
+            NetworkRules(
+                "pyb-unprot",
+                (ipaddress.ip_network("10.213.61.0/24"),),
+                (ipaddress.ip_network("fd00:213:61::/64"),),
+                mode_v4="nat-unprotected",
+                mode_v6="nat-unprotected",
+                snat_v4=ipaddress.IPv4Address("198.51.100.9"),
+                snat_v6=ipaddress.IPv6Address("2001:db8::9"),
+            ),
+            NetworkRules(
+                "pyb-trust",
+                (ipaddress.ip_network("10.213.62.0/24"),),
+                (ipaddress.ip_network("fd00:213:62::/64"),),
+                mappings=(
+                    PortMapping("tcp", None, 9090, ip("10.213.62.2"), 80),
+                    PortMapping("tcp", None, 9090, ip("fd00:213:62::2"), 80),
+                ),
+                trusted=("flannel.1", "wg-0_x"),
+            ),
+            NetworkRules(
+                "pyb-iso",
+                (ipaddress.ip_network("10.213.63.0/24"),),
+                (ipaddress.ip_network("fd00:213:63::/64"),),
+                internal=True,
+                mode_v4="isolated",
+                mode_v6="isolated",
+            ),
+        ]
+        firewall = IptablesFirewall(backend, netns=ns)
+        await firewall.apply(nets)
+        assert await firewall.drift(nets) == []
+    finally:
+        run(["ip", "netns", "del", ns], check=False)

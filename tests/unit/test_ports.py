@@ -447,3 +447,29 @@ async def test_host_binding_ipv4_takes_ipv6_and_the_unspecified_addresses(
     await routed_net(env, **{"com.docker.network.bridge.host_binding_ipv4": default})
     await program(env, NET2, EP1, entry(80, 8080))
     assert published(env, EP1) == expected
+
+
+@pytest.mark.parametrize("default", ["::", "2001:db8::7"])
+async def test_an_ipv6_host_binding_on_a_network_without_ipv6_is_refused_at_create(
+    env: Env, default: str
+) -> None:
+    """Docker's driver would proxy such ports to IPv4 containers; pybridge cannot, so it says
+    so when the network is created rather than failing every `docker run -p` on it."""
+    body = create_network_body(
+        NET2,
+        "10.60.0.0/24",
+        "10.60.0.1/24",
+        generic={"com.docker.network.bridge.host_binding_ipv4": default},
+    )
+    with pytest.raises(InvalidRequest, match="has no IPv6 subnet") as refused:
+        await env.driver.create_network(p.parse_create_network(body))
+    assert "add --ipv6, or use an IPv4 address" in str(refused.value)
+    assert NET2 not in env.driver.networks
+    # An IPv4 binding is fine there, and so is an IPv6 one with --ipv6 (the test above).
+    body = create_network_body(
+        NET2,
+        "10.60.0.0/24",
+        "10.60.0.1/24",
+        generic={"com.docker.network.bridge.host_binding_ipv4": "0.0.0.0"},
+    )
+    await env.driver.create_network(p.parse_create_network(body))
