@@ -388,28 +388,73 @@ def _lifecycle(
 
 
 def firewall_apply_times() -> list[Single]:
-    """One batch per family: time to write the rules of 1 and of 100 networks."""
+    """One batch per family: a whole write of 1 and of 100 networks (start-up, healing), and a
+    change (one port mapping more) with 1, 100 and 1000 networks present (issue 17)."""
     import asyncio
+    import dataclasses
 
     from pydriver.firewall import IptablesFirewall
+    from pydriver.model import PortMapping
     from pydriver.rules import NetworkRules
+
+    def views(count: int) -> list[NetworkRules]:
+        return [
+            NetworkRules(
+                f"pyb-{i:011d}", (ipaddress.ip_network(f"10.{221 + i // 256}.{i % 256}.0/24"),)
+            )
+            for i in range(count)
+        ]
 
     out = []
     with netns() as ns:
         for count in (1, 100):
-            views = [
-                NetworkRules(f"pyb-{i:011d}", (ipaddress.ip_network(f"10.221.{i}.0/24"),))
-                for i in range(count)
-            ]
             firewall = IptablesFirewall("nft", netns=ns)
             started = time.perf_counter()
-            asyncio.run(firewall.apply(views, force=True))
+            asyncio.run(firewall.apply(views(count), force=True))
             elapsed = time.perf_counter() - started
             out.append(
                 Single(
-                    f"firewall apply, {count} network(s), both families", f"{elapsed * 1000:.0f} ms"
+                    f"firewall: whole write, {count} network(s), both families",
+                    f"{elapsed * 1000:.0f} ms",
                 )
             )
+    changes = {}
+    for count in (1, 100, 1000):
+        with netns() as ns:
+            firewall = IptablesFirewall("nft", netns=ns)
+            present = views(count)
+
+            async def change(
+                firewall: IptablesFirewall = firewall, present: list[NetworkRules] = present
+            ) -> list[float]:
+                await firewall.apply(present, force=True)
+                times = []
+                for port in range(20):
+                    first = present[0]
+                    subnet = first.subnets_v4[0]
+                    mapping = PortMapping("tcp", None, 20000 + port, subnet[2], 80)
+                    present[0] = dataclasses.replace(first, mappings=(*first.mappings, mapping))
+                    started = time.perf_counter()
+                    await firewall.apply(present)
+                    times.append(time.perf_counter() - started)
+                return times
+
+            changes[count] = statistics.median(asyncio.run(change()))
+        out.append(
+            Single(
+                f"firewall: one port mapping more, {count} network(s) present, both families",
+                f"{changes[count] * 1000:.1f} ms",
+            )
+        )
+    growth = changes[1000] / changes[1]
+    out.append(
+        Single(
+            "firewall: cost of a change, 1000 vs 1 networks present",
+            f"{growth:.2f} times",
+            "does not grow (≤ 1.2)",
+            growth <= 1.2,
+        )
+    )
     return out
 
 
@@ -448,6 +493,79 @@ def startup_time() -> list[Single]:
 
 
 # -- report -------------------------------------------------------------------------------------
+
+
+SCALE = (1, 100, 500)
+
+
+def network_create_rm_at_scale(reps: int) -> list[Single]:
+    """`docker network create` + `rm` of a pybridge network with 1, 100 and 500 pybridge
+    networks present (issue 17: within 1.2 times of the time with 1)."""
+    prefix = "pbb" + secrets.token_hex(2) + "-fill"
+    host_routes = [
+        ipaddress.ip_network(r["dst"], strict=False)
+        for r in json.loads(
+            subprocess.run(
+                ["ip", "-j", "-4", "route"], capture_output=True, text=True, check=True
+            ).stdout
+        )
+        if r.get("dst") not in (None, "default")
+    ]
+
+    def subnet(i: int) -> str:
+        net = ipaddress.ip_network(f"10.{232 + i // 256}.{i % 256}.0/24")
+        if any(net.overlaps(route) for route in host_routes):
+            raise RuntimeError(f"bench subnet {net} overlaps a host route")
+        return str(net)
+
+    present = 0
+    medians: dict[int, float] = {}
+    try:
+        for count in SCALE:
+            while present < count - 1:
+                docker(
+                    "network",
+                    "create",
+                    "-d",
+                    "pybridge",
+                    "--subnet",
+                    subnet(present),
+                    f"{prefix}{present}",
+                )
+                present += 1
+            time.sleep(SETTLE_SECONDS)
+            times = []
+            for rep in range(reps):
+                name = f"{prefix}-x{count}-{rep}"
+                started = time.perf_counter()
+                docker("network", "create", "-d", "pybridge", "--subnet", subnet(600), name)
+                docker("network", "rm", name)
+                times.append(time.perf_counter() - started)
+                time.sleep(SETTLE_SECONDS)
+            medians[count] = statistics.median(times)
+            print(f"  create+rm with {count} present: {medians[count]:.3f} s", file=sys.stderr)
+    finally:
+        for i in range(present):
+            subprocess.run(
+                ["docker", "network", "rm", f"{prefix}{i}"], capture_output=True, check=False
+            )
+    out = [
+        Single(
+            f"`docker network create` + `rm`, {count} pybridge network(s) present",
+            f"{medians[count]:.3f} s",
+        )
+        for count in SCALE
+    ]
+    growth = medians[SCALE[-1]] / medians[SCALE[0]]
+    out.append(
+        Single(
+            f"`docker network create` + `rm`, {SCALE[-1]} vs {SCALE[0]} present",
+            f"{growth:.2f} times",
+            "≤ 1.2",
+            growth <= 1.2,
+        )
+    )
+    return out
 
 
 def machine() -> str:
@@ -523,8 +641,11 @@ def main() -> int:
     with leak_guard():
         print("[bench] docker commands", file=sys.stderr)
         rows = docker_level(args.reps)
+        print("[bench] network create + rm with many networks present", file=sys.stderr)
+        scale = network_create_rm_at_scale(args.reps)
         print("[bench] pybridge itself", file=sys.stderr)
         micro, singles = plugin_level(args.cycles)
+        singles = scale + singles
     text = render(rows, micro, singles, args.reps)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)

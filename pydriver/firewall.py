@@ -21,8 +21,14 @@ from typing import Literal
 
 from .errors import HostError
 from .model import Family
-from .process import run
-from .rules import NetworkRules, drift, render_chain_rules, render_restore
+from .process import CommandResult, run
+from .rules import (
+    NetworkRules,
+    drift,
+    incremental_restore,
+    render_chain_rules,
+    render_restore,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +113,17 @@ async def _path_iptables_backend() -> Backend | None:
     return None
 
 
+def _plan(
+    networks: Sequence[NetworkRules], family: Family, before: dict[str, list[str]] | None
+) -> tuple[dict[str, list[str]], str | None]:
+    """The rules wanted, and the lines that turn ``before`` (what the last write left) into
+    them, change by change; None: write everything."""
+    wanted = render_chain_rules(networks, family) if networks else {}
+    if before is None:
+        return wanted, None
+    return wanted, incremental_restore(before, wanted)
+
+
 class IptablesFirewall:
     """Applies the rendered rule set; serialises applies so batches never interleave."""
 
@@ -122,6 +139,8 @@ class IptablesFirewall:
             (4, 6) if ipv6 and shutil.which(tool(backend, 6, "restore")) else (4,)
         )
         self._lock = asyncio.Lock()
+        # What iptables-restore was last given, per family (tests, diagnostics).
+        self.last_written: dict[Family, str] = {}
 
     async def save(self, family: Family) -> str:
         result = await run([*self._prefix, tool(self.backend, family, "save")])
@@ -136,22 +155,37 @@ class IptablesFirewall:
             await asyncio.gather(*(self._apply(networks, f, force) for f in self.families))
 
     async def _apply(self, networks: Sequence[NetworkRules], family: Family, force: bool) -> None:
-        wanted = render_chain_rules(networks, family) if networks else {}
-        if not force and self._applied.get(family) == wanted:
-            return
-        current = await self.save(family)
-        text = render_restore(networks, family, current)
-        if not text:
-            self._applied[family] = wanted
-            return
+        before = None if force else self._applied.get(family)
+        # Rendering and comparing grow with the rule set: off the event loop.
+        wanted, changes = await asyncio.to_thread(_plan, networks, family, before)
         restore = tool(self.backend, family, "restore")
         argv = [*self._prefix, restore, "-w", "5", "--noflush"]
-        result = await run(argv, stdin=text)
-        if result.returncode != 0:
-            self._applied.pop(family, None)
-            log.error("%s failed on input:\n%s", restore, text)
-            raise HostError(f"{restore} refused pybridge's rules: {result.stderr.strip()}")
+        self._applied.pop(family, None)  # unknown until a write succeeds
+        if changes is not None:
+            result = await self._restore(argv, family, changes) if changes else None
+            if result is None or result.returncode == 0:
+                self._applied[family] = wanted
+                return
+            # Someone changed pybridge's chains since the last write: write them whole.
+            log.warning(
+                "%s refused a change to pybridge's rules (%s); writing them whole",
+                restore,
+                result.stderr.strip(),
+            )
+        # A whole write: at start-up, when forced (healing), after a failed write, when the
+        # chains come or go. It reads what is there first (the jumps are shared with others).
+        current = await self.save(family)
+        text = render_restore(networks, family, current)
+        if text:
+            result = await self._restore(argv, family, text)
+            if result.returncode != 0:
+                log.error("%s failed on input:\n%s", restore, text)
+                raise HostError(f"{restore} refused pybridge's rules: {result.stderr.strip()}")
         self._applied[family] = wanted
+
+    async def _restore(self, argv: list[str], family: Family, text: str) -> CommandResult:
+        self.last_written[family] = text
+        return await run(argv, stdin=text)
 
     async def drop_forwarded_by_default(self, family: Family) -> None:
         """Set the FORWARD policy of the filter table to DROP (see the driver's forwarding)."""

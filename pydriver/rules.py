@@ -112,8 +112,9 @@ names (a routed network named br-x would otherwise be caught by the drops toward
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .model import Endpoint, Family, GatewayMode, IPAddress, IPNetwork, Network, PortMapping
@@ -555,6 +556,58 @@ def render_restore(networks: Sequence[NetworkRules], family: Family, current_sav
         # References from our own chains were just reset; only foreign ones remain.
         out += _removal(t.stale, [r for r in t.rules if r.split()[1] not in t.own])
         out.append("COMMIT")
+    return "\n".join(out) + "\n" if out else ""
+
+
+def _by_chain(rules: Sequence[str]) -> dict[str, list[str]]:
+    chains: dict[str, list[str]] = {}
+    for rule in rules:
+        chains.setdefault(rule.split()[1], []).append(rule)
+    return chains
+
+
+def _edits(chain: str, before: list[str], after: list[str]) -> list[str]:
+    """``iptables-restore`` lines that turn ``before`` into ``after`` in ``chain``, rule by
+    rule: ``-D CHAIN N`` and ``-I CHAIN N RULE``. Worked from the end of the chain back, so
+    the positions of the part not yet done are still those of ``before``."""
+    lines: list[str] = []
+    matcher = difflib.SequenceMatcher(None, before, after, autojunk=False)
+    for tag, i1, i2, j1, j2 in reversed(matcher.get_opcodes()):
+        if tag == "equal":
+            continue
+        lines += [f"-D {chain} {i1 + 1}"] * (i2 - i1)  # each delete moves the next one up
+        prefix = f"-A {chain} "
+        lines += [
+            f"-I {chain} {i1 + 1 + k} {rule[len(prefix) :]}" for k, rule in enumerate(after[j1:j2])
+        ]
+    return lines
+
+
+def incremental_restore(
+    before: Mapping[str, Sequence[str]], after: Mapping[str, Sequence[str]]
+) -> str | None:
+    """The ``iptables-restore --noflush`` input that turns pybridge's chains from ``before``
+    into ``after`` (both as render_chain_rules gives them) by deleting and inserting only the
+    rules that differ: a transaction the size of the change, not of the rule set (a network,
+    an endpoint or a port mapping more or less costs the same at 1 and at 1,000 networks).
+
+    It relies on the chains holding exactly ``before`` (what the last write left; the
+    self-healing check finds and rewrites chains that someone else changed). None when a whole
+    rewrite is needed instead: no rules before or after (the chains and jumps come or go), or
+    a different set of tables. "" when nothing differs."""
+    if not any(before.values()) or not any(after.values()) or set(before) != set(after):
+        return None
+    out: list[str] = []
+    for table in sorted(after):
+        old, new = _by_chain(before[table]), _by_chain(after[table])
+        own = OWN_CHAINS.get(table, ())
+        if (set(old) | set(new)) - set(own):
+            return None  # a rule outside pybridge's chains: not ours to edit
+        lines: list[str] = []
+        for chain in own:
+            lines += _edits(chain, old.get(chain, []), new.get(chain, []))
+        if lines:
+            out += [f"*{table}", *lines, "COMMIT"]
     return "\n".join(out) + "\n" if out else ""
 
 
