@@ -85,7 +85,7 @@ def test_unknown_route_is_404(environment: None) -> None:
 def test_empty_bodies_are_accepted(environment: None) -> None:
     assert call("NetworkDriver.GetCapabilities", b"") == (
         200,
-        {"Scope": "local", "ConnectivityScope": "local", "GwAllocChecker": False},
+        {"Scope": "local", "ConnectivityScope": "local", "GwAllocChecker": True},
     )
     status, spaces = call("IpamDriver.GetDefaultAddressSpaces", b"")
     assert status == 200
