@@ -436,9 +436,12 @@ class _NetlinkCore:
         if proto is not None:
             filters = [("reply", NFCTAttrTuple(family=family, saddr=ip, proto=proto, sport=port))]
         else:
+            # Every flow from it (original source) and every flow it answers (reply source:
+            # flows to it, NATed to it or not). Each dump walks the kernel's whole conntrack
+            # hash table (about 10 ms, however few entries there are), so no third one for
+            # "original destination": a flow to it that was not NATed away is in the second.
             filters = [
                 ("orig", NFCTAttrTuple(family=family, saddr=ip)),
-                ("orig", NFCTAttrTuple(family=family, daddr=ip)),
                 ("reply", NFCTAttrTuple(family=family, saddr=ip)),
             ]
         return await self._forget(ip, filters)
