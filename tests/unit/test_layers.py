@@ -45,6 +45,7 @@ ADAPTERS = {
     "netlink",
     "hostports",
     "instance",
+    "etcdstore",
     "store",
     "firewall",
     "sysctl",
@@ -54,7 +55,7 @@ ADAPTERS = {
     "server",
     "cli",
 }
-FORBIDDEN = {"pyroute2", "aiohttp", "sqlite3", "subprocess", "socket"}
+FORBIDDEN = {"pyroute2", "aiohttp", "aetcd", "sqlite3", "subprocess", "socket"}
 
 
 def imported(module: str) -> set[str]:
