@@ -142,7 +142,7 @@ def _show(value: object) -> str:
 def differences(wanted: Segment, recorded: Segment) -> str | None:
     """One sentence naming what this host asks for that differs from the segment as the
     cluster has it (None when they agree). The VNI and block size are left out when this host
-    did not choose them (0)."""
+    did not choose them (0), and so is the MTU (the first host chose it)."""
     found = []
     for f in fields(Segment):
         if f.name == "name":
@@ -150,6 +150,8 @@ def differences(wanted: Segment, recorded: Segment) -> str | None:
         ours, theirs = getattr(wanted, f.name), getattr(recorded, f.name)
         if f.name in ("vni", "block_size") and ours == 0:
             continue
+        if f.name == "mtu":
+            continue  # the first host's choice; segments.check_underlay tells if ours carries it
         if ours != theirs:
             found.append(f"{_FIELD_NAMES[f.name]} {_show(ours)} (the cluster has {_show(theirs)})")
     if not found:
