@@ -21,7 +21,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Literal
 
 from .errors import InvalidRequest
 from .model import IPAddress, IPNetwork
@@ -32,6 +32,26 @@ DEFAULT_PORT = 2379
 VNI_RANGE = range(1, 4096)
 DEFAULT_VXLAN_PORT = 4789
 SEGMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A key of the cluster store as read."""
+
+    key: str
+    value: bytes
+    mod_revision: int
+    lease: int
+
+
+@dataclass(frozen=True)
+class Change:
+    """A change the watch reports."""
+
+    kind: Literal["put", "delete"]
+    key: str
+    value: bytes
+    revision: int
 
 
 def parse_cluster(text: str) -> list[tuple[str, int]]:

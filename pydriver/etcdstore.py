@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import aetcd
 from aetcd import exceptions as etcd_errors
 
+from .clustermodel import Change, Entry
 from .errors import HostError
 
 T = TypeVar("T")
@@ -32,22 +32,6 @@ class WatchLost(ClusterUnavailable):
 
 class Compacted(WatchLost):
     """The revision to watch from is gone (compacted): read everything again."""
-
-
-@dataclass(frozen=True)
-class Entry:
-    key: str
-    value: bytes
-    mod_revision: int
-    lease: int
-
-
-@dataclass(frozen=True)
-class Change:
-    kind: Literal["put", "delete"]
-    key: str
-    value: bytes
-    revision: int
 
 
 class EtcdStore:

@@ -9,9 +9,10 @@ that cross these interfaces are in model.py; errors they raise are in errors.py.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from typing import Protocol
 
+from .clustermodel import Change, Entry
 from .ipam import AnswerKind, Pool
 from .model import (
     Endpoint,
@@ -161,3 +162,26 @@ __all__ = [
     "RoutesProvider",
     "SandboxCheck",
 ]
+
+
+class ClusterStore(Protocol):
+    """The cluster store (etcdstore.EtcdStore): every call bounded in time, raising HostError
+    (ClusterUnavailable) when it cannot answer."""
+
+    async def get(self, key: str) -> Entry | None: ...
+
+    async def create(self, key: str, value: bytes, lease: int = 0) -> tuple[bool, Entry | None]: ...
+
+    async def put(self, key: str, value: bytes, lease: int = 0) -> int: ...
+
+    async def delete(self, key: str) -> bool: ...
+
+    async def delete_if(self, key: str, value: bytes) -> bool: ...
+
+    async def read_prefix(self, prefix: str) -> tuple[int, list[Entry]]: ...
+
+    async def grant(self, ttl: int) -> int: ...
+
+    async def keep_alive(self, lease: int) -> int: ...
+
+    def watch(self, prefix: str, start_revision: int) -> AsyncIterator[Change]: ...

@@ -13,6 +13,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "pydriver"
 
 # Modules that decide: pure, or talking to the host only through pydriver/interfaces.py.
 LOGIC = (
+    "cluster",
+    "clusterview",
     "segments",
     "tunnel",
     "clustermodel",
