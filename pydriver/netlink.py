@@ -23,7 +23,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from .errors import BridgeFull, Conflict, HostError
 from .interfaces import MAX_BRIDGE_PORTS
-from .model import HostRoute, IPAddress, IPInterface, IPNetwork, Link
+from .model import Family, HostRoute, IPAddress, IPInterface, IPNetwork, Link
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -514,13 +514,12 @@ class _NetlinkCore:
             ]
         return await self._forget(ip, filters)
 
-    async def forget_port_flows(self, proto: int, port: int) -> int:
+    async def forget_port_flows(self, proto: int, port: int, family: Family) -> int:
         """Delete the connection-tracking entries of flows to ``port`` (``proto``) of any
-        address, both families: flows to a host port set up before its DNAT rule existed."""
-        filters = [
-            ("orig", NFCTAttrTuple(family=family, proto=proto, dport=port))
-            for family in (socket.AF_INET, socket.AF_INET6)
-        ]
+        address of ``family``: flows to a host port set up before its DNAT rule existed. (Only
+        the publication's own family: reading IPv6 entries means reading them all.)"""
+        af = socket.AF_INET if family == 4 else socket.AF_INET6
+        filters = [("orig", NFCTAttrTuple(family=af, proto=proto, dport=port))]
         return await self._forget(f"port {port}", filters)
 
     async def _forget(self, what: str, filters: list[tuple[str, NFCTAttrTuple]]) -> int:
@@ -554,14 +553,16 @@ class _NetlinkCore:
         if match.family == socket.AF_INET:
             key = "tuple_orig" if direction == "orig" else "tuple_reply"
             async for entry in await conntrack.dump_entries(**{key: match}):
-                yield (match.family, entry.id or id(entry)), entry.tuple_orig
+                yield (match.family, entry.id or repr(entry.tuple_orig)), entry.tuple_orig
             return
         async for message in await conntrack.dump():
             family = message["nfgen_family"]
             if family != match.family or not match.nla_eq(family, message.get_attr(attr)):
                 continue
             original = NFCTAttrTuple.from_netlink(family, message.get_attr("CTA_TUPLE_ORIG"))
-            yield (family, message.get_attr("CTA_ID") or id(message)), original
+            # The entry's id, else its original tuple (unique in the table; an object's id()
+            # is not, once the object is gone).
+            yield (family, message.get_attr("CTA_ID") or repr(original)), original
 
 
 class _NetlinkThread:
@@ -688,5 +689,5 @@ class Netlink:
     ) -> int:
         return await self._removals.call(self._removals.core.forget_flows(address, proto, port))
 
-    async def forget_port_flows(self, proto: int, port: int) -> int:
-        return await self._removals.call(self._removals.core.forget_port_flows(proto, port))
+    async def forget_port_flows(self, proto: int, port: int, family: Family) -> int:
+        return await self._removals.call(self._removals.core.forget_port_flows(proto, port, family))

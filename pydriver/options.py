@@ -252,6 +252,13 @@ def _parse_interfaces(generic: Mapping[str, str]) -> tuple[str, ...]:
                 "give host interface names (1 to 15 letters, digits, '_', '.' or '-') "
                 "separated by ':'"
             )
+        if name in ("docker0", "docker_gwbridge") or name.startswith("br-"):
+            raise InvalidRequest(
+                f"{TRUSTED_HOST_INTERFACES}: {name} is named like one of Docker's container "
+                "bridges (docker0, docker_gwbridge, br-...), and pybridge leaves traffic from "
+                "those to Docker's own rules, so trusting it would have no effect; rename the "
+                "host interface, or leave it out"
+            )
         if name not in names:
             names.append(name)
     return tuple(names)

@@ -134,6 +134,14 @@ def test_one_pybridge_per_state_directory(netns: str, tmp_path: Path) -> None:
         out, _ = second.communicate(timeout=30)
         assert second.returncode == 1
         assert f"another pybridge ({holder}) is running with the state directory {state}" in out
+        # On the same socket too, and the first one's socket is left alone (it is refused
+        # before it looks at the socket).
+        again = start(netns, first_sock, state)
+        out, _ = again.communicate(timeout=30)
+        assert again.returncode == 1
+        assert "another pybridge" in out
+        assert first_sock.is_socket()
+        assert post(first_sock, "NetworkDriver.GetCapabilities")[0] == 200
         managed_sock = tmp_path / "managed.sock"
         managed = start(netns, managed_sock, state, env={"PYDRIVER_MANAGED": "1"})
         try:
