@@ -16,6 +16,7 @@ from collections.abc import Mapping
 
 from .errors import InvalidRequest, Unsupported
 from .model import GATEWAY_MODES, Family, GatewayMode, IPAddress, NetworkOptions
+from .rules import named_like_docker
 
 BRIDGE_NAME = "com.docker.network.bridge.name"
 ENABLE_IP_MASQUERADE = "com.docker.network.bridge.enable_ip_masquerade"
@@ -252,7 +253,7 @@ def _parse_interfaces(generic: Mapping[str, str]) -> tuple[str, ...]:
                 "give host interface names (1 to 15 letters, digits, '_', '.' or '-') "
                 "separated by ':'"
             )
-        if name in ("docker0", "docker_gwbridge") or name.startswith("br-"):
+        if named_like_docker(name):
             raise InvalidRequest(
                 f"{TRUSTED_HOST_INTERFACES}: {name} is named like one of Docker's container "
                 "bridges (docker0, docker_gwbridge, br-...), and pybridge leaves traffic from "
