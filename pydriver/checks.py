@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from .logs import escape
 from .model import Endpoint, Family, HostRoute, Network
 from .naming import is_pybridge_bridge, is_pybridge_veth
+from .pruning import managed_plugin_id
 from .rules import CHAIN_PREFIX, NetworkRules, drift, parse_save
 from .store import ROW_KIND, SCHEMA_VERSION, SetAside, StateHealth
 
@@ -364,6 +365,33 @@ def check_docker_knows(networks: Sequence[Network], known: Iterable[str] | None)
     ]
 
 
+# The names dockerd reads `-d pybridge` as, for a managed plugin (its reference, normalised).
+_PYBRIDGE_PLUGIN_NAMES = ("pybridge", "pybridge:latest")
+
+
+def check_plugin_name(socket: str, plugins: Sequence[tuple[str, bool]] | None) -> list[Finding]:
+    """A managed plugin named pybridge beside the host service (``socket`` is the host
+    service's): dockerd resolves `-d pybridge` to the managed plugin first, so once dockerd
+    restarts, `docker network create -d pybridge` fails with "could not resolve driver
+    pybridge in registry" (dockerd 20.10), whether the plugin is enabled or not; and two
+    pybridges on one host share /var/lib/pydriver."""
+    if plugins is None or managed_plugin_id(socket) is not None:
+        return []
+    return [
+        problem(
+            "managed-plugin-beside-the-host-service",
+            f"the managed plugin {name} ({'enabled' if enabled else 'disabled'}) is installed "
+            "beside the pybridge host service: dockerd resolves -d pybridge to it, so after "
+            'dockerd restarts, networks with -d pybridge fail ("could not resolve driver '
+            'pybridge in registry"); run one pybridge per host',
+            f"docker plugin disable -f {name}; docker plugin rm {name} (or stop the host "
+            f"service and use -d {name})",
+        )
+        for name, enabled in plugins
+        if name in _PYBRIDGE_PLUGIN_NAMES
+    ]
+
+
 def check_kernel_match(
     networks: Sequence[Network], endpoints: Sequence[Endpoint], links: Mapping[str, str | None]
 ) -> list[Finding]:
@@ -419,6 +447,7 @@ class Facts:
     links: Mapping[str, str | None] = field(default_factory=dict)  # name -> kind
     routes: Sequence[HostRoute] = ()
     docker_networks: frozenset[str] | None = None
+    docker_plugins: Sequence[tuple[str, bool]] | None = None  # managed: (name, enabled)
 
 
 def evaluate(facts: Facts) -> list[Finding]:
@@ -440,6 +469,7 @@ def evaluate(facts: Facts) -> list[Finding]:
     found += check_veths(facts.endpoints, facts.links)
     found += check_stray_links(facts.networks, facts.endpoints, facts.links)
     found += check_docker_knows(facts.networks, facts.docker_networks)
+    found += check_plugin_name(facts.socket, facts.docker_plugins)
     found += check_kernel_match(facts.networks, facts.endpoints, facts.links)
     found += check_routes(facts.networks, facts.routes)
     return found

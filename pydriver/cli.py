@@ -305,8 +305,8 @@ async def serve(args: argparse.Namespace) -> int:
         log.info("open file limit raised from %d to %d (one per published port)", before, after)
     else:
         log.info("open file limit: %d (one per published port)", after)
-    prepare_socket_path(args.socket)
-    # Kept open (and so locked) until the process ends.
+    # Kept open (and so locked) until the process ends. Before the socket is touched: a
+    # second pybridge must not remove a live one's socket on its way to being refused.
     managed = _env("PYDRIVER_MANAGED", "") == "1"
     claim_state_dir(
         Path(args.state_dir),
@@ -314,6 +314,7 @@ async def serve(args: argparse.Namespace) -> int:
         if managed
         else f"the host service, pid {os.getpid()}",
     )
+    prepare_socket_path(args.socket)
     store = SqliteStore(Path(args.state_dir))
     damage = await store.quick_check()
     if damage != "ok":

@@ -161,3 +161,18 @@ def docker_names() -> Names:
     except (OSError, subprocess.SubprocessError, ValueError):
         pass
     return Names(containers, networks)
+
+
+def docker_plugins() -> list[tuple[str, bool]] | None:
+    """The managed plugins of the daemon the docker CLI talks to, as (name, enabled), or None
+    if it cannot be asked."""
+    try:
+        out = _cli("plugin", "ls", "--format", "{{.Name}} {{.Enabled}}")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = []
+    for line in out.splitlines():
+        name, _, enabled = line.strip().rpartition(" ")
+        if name:
+            found.append((name, enabled == "true"))
+    return found

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import protocol as p
 from .checks import Facts, Finding, Probe, Rules, evaluate, state_usable
-from .dockerapi import docker_network_ids
+from .dockerapi import docker_network_ids, docker_plugins
 from .errors import DriverError
 from .firewall import IptablesFirewall, detect_backend, docker_backends, readable_backends
 from .model import Endpoint, Network
@@ -87,6 +87,7 @@ async def gather(
     finally:
         await netlink.close()
     known = await asyncio.to_thread(docker_network_ids) if ask_docker else None
+    plugins = await asyncio.to_thread(docker_plugins) if ask_docker else None
     return replace(
         facts,
         backend=backend,
@@ -98,6 +99,7 @@ async def gather(
         links=links,
         routes=routes,
         docker_networks=frozenset(known) if known is not None else None,
+        docker_plugins=plugins,
     )
 
 

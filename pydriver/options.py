@@ -16,6 +16,7 @@ from collections.abc import Mapping
 
 from .errors import InvalidRequest, Unsupported
 from .model import GATEWAY_MODES, Family, GatewayMode, IPAddress, NetworkOptions
+from .rules import named_like_docker
 
 BRIDGE_NAME = "com.docker.network.bridge.name"
 ENABLE_IP_MASQUERADE = "com.docker.network.bridge.enable_ip_masquerade"
@@ -251,6 +252,13 @@ def _parse_interfaces(generic: Mapping[str, str]) -> tuple[str, ...]:
                 f"{TRUSTED_HOST_INTERFACES}: {_clip(name)!r} is not a valid interface name; "
                 "give host interface names (1 to 15 letters, digits, '_', '.' or '-') "
                 "separated by ':'"
+            )
+        if named_like_docker(name):
+            raise InvalidRequest(
+                f"{TRUSTED_HOST_INTERFACES}: {name} is named like one of Docker's container "
+                "bridges (docker0, docker_gwbridge, br-...), and pybridge leaves traffic from "
+                "those to Docker's own rules, so trusting it would have no effect; rename the "
+                "host interface, or leave it out"
             )
         if name not in names:
             names.append(name)

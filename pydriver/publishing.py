@@ -245,7 +245,7 @@ class Publisher:
                 )
             for mapping in new:
                 await self.kernel.forget_port_flows(
-                    DATAGRAM_PROTOCOLS[mapping.proto], mapping.host_port
+                    DATAGRAM_PROTOCOLS[mapping.proto], mapping.host_port, mapping.family
                 )
 
         await self.background.run(forget(), "forgetting flows of published ports")

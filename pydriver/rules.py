@@ -289,7 +289,7 @@ def _openings(net: NetworkRules, family: Family) -> list[str]:
     return []
 
 
-def _named_like_docker(bridge: str) -> bool:
+def named_like_docker(bridge: str) -> bool:
     """Whether an interface pattern of Docker's container bridges matches ``bridge``."""
     return any(
         bridge.startswith(p[:-1]) if p.endswith("+") else bridge == p
@@ -320,7 +320,7 @@ def _forward_rules(networks: Sequence[NetworkRules], family: Family) -> list[str
     fwd: list[str] = []
     # pybridge's own bridges that Docker's patterns below would catch (named with
     # bridge.name): what mangle let through from them is theirs to accept, not Docker's.
-    docker_named = [n.bridge for n in networks if _named_like_docker(n.bridge)]
+    docker_named = [n.bridge for n in networks if named_like_docker(n.bridge)]
     for net in networks:
         b = net.bridge
         fwd.append(

@@ -451,7 +451,10 @@ def test_host_ipv4_and_host_ipv6(d: Docker, outside: OutsideHost) -> None:
 
     with extra_host_addresses(f"{source4}/24", f"{source6}/64"):
         facts = on_both(d, scenario)
-    same(facts)
+    # Before 27.0 Docker's own driver writes no IPv6 NAT rules unless the daemon runs with
+    # the experimental ip6tables (off here): its IPv6 egress is unanswered, so only pybridge's
+    # IPv6 source is checked there.
+    same(facts, *(("egress source, IPv6",) if server_version() < (27, 0) else ()))
     assert facts[DRIVER] == {"egress source, IPv4": source4, "egress source, IPv6": source6}
 
 

@@ -260,5 +260,22 @@ def test_networks_docker_does_not_know_are_found_and_pruned(served: Plugin) -> N
             assert BRIDGE not in links
             code, report = doctor(served, ask_docker=True, env=env)
             assert (code, problems(report)) == (0, [])
+            # A managed plugin named pybridge:latest beside this (host service) socket: dockerd
+            # would read -d pybridge as it.
+            fake.set(
+                plugins=[
+                    {
+                        "Id": "ab" * 32,
+                        "Name": "pybridge:latest",
+                        "Enabled": False,
+                        "Config": {"Description": "pybridge"},
+                        "Settings": {},
+                        "PluginReference": "pybridge:latest",
+                    }
+                ]
+            )
+            code, report = doctor(served, ask_docker=True, env=env)
+            assert code == 1
+            assert [p for p in problems(report) if "the managed plugin pybridge:latest" in p]
     finally:
         shutil.rmtree(short, ignore_errors=True)

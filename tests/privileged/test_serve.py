@@ -34,28 +34,24 @@ def netns() -> Iterator[str]:
         run(["ip", "netns", "del", name], check=False)
 
 
-def start_argv(netns: str, sock: Path, state: Path) -> list[str]:
+def start_argv(netns: str, sock: Path, state: Path, *extra: str) -> list[str]:
     return [
-        "ip",
-        "netns",
-        "exec",
-        netns,
-        sys.executable,
-        "-m",
-        "pydriver.cli",
-        "serve",
-        "--socket",
-        str(sock),
-        "--state-dir",
-        str(state),
-        "--log-level",
-        "debug",
+        *("ip", "netns", "exec", netns, sys.executable, "-m", "pydriver.cli", "serve"),
+        *("--socket", str(sock), "--state-dir", str(state), "--log-level", "debug"),
+        *extra,
     ]
 
 
-def start(netns: str, sock: Path, state: Path) -> subprocess.Popen[str]:
+def start(
+    netns: str, sock: Path, state: Path, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """`pydriver serve` in ``netns``; ``extra`` arguments, ``env`` added to the environment."""
     return subprocess.Popen(
-        start_argv(netns, sock, state), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        start_argv(netns, sock, state, *extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **env} if env else None,
     )
 
 
@@ -138,14 +134,16 @@ def test_one_pybridge_per_state_directory(netns: str, tmp_path: Path) -> None:
         out, _ = second.communicate(timeout=30)
         assert second.returncode == 1
         assert f"another pybridge ({holder}) is running with the state directory {state}" in out
+        # On the same socket too, and the first one's socket is left alone (it is refused
+        # before it looks at the socket).
+        again = start(netns, first_sock, state)
+        out, _ = again.communicate(timeout=30)
+        assert again.returncode == 1
+        assert "another pybridge" in out
+        assert first_sock.is_socket()
+        assert post(first_sock, "NetworkDriver.GetCapabilities")[0] == 200
         managed_sock = tmp_path / "managed.sock"
-        managed = subprocess.Popen(
-            start_argv(netns, managed_sock, state),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, "PYDRIVER_MANAGED": "1"},
-        )
+        managed = start(netns, managed_sock, state, env={"PYDRIVER_MANAGED": "1"})
         try:
             wait_socket(managed_sock, managed)
             status, reply = post(managed_sock, "NetworkDriver.CreateNetwork", b'{"NetworkID": "x"}')
@@ -284,26 +282,7 @@ def test_a_managed_plugin_that_cannot_start_says_why_on_every_call(
     sock = tmp_path / "pb.sock"
     state = tmp_path / "state"
     state.write_text("not a directory")  # the state directory cannot be opened
-    proc = subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            netns,
-            sys.executable,
-            "-m",
-            "pydriver.cli",
-            "serve",
-            "--socket",
-            str(sock),
-            "--state-dir",
-            str(state),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYDRIVER_MANAGED": "1"},
-    )
+    proc = start(netns, sock, state, env={"PYDRIVER_MANAGED": "1"})
     try:
         wait_socket(sock, proc)
         assert post(sock, "NetworkDriver.GetCapabilities")[0] == 200
@@ -333,26 +312,12 @@ def test_metrics_that_cannot_be_served_do_not_stop_the_driver(netns: str, tmp_pa
     """A metrics address someone else holds (seen: an old plugin process still on the port)
     must not keep the driver from serving."""
     sock = tmp_path / "pb.sock"
-    proc = subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            netns,
-            sys.executable,
-            "-m",
-            "pydriver.cli",
-            "serve",
-            "--socket",
-            str(sock),
-            "--state-dir",
-            str(tmp_path / "state"),
-            "--metrics-address",
-            str(tmp_path / "missing" / "metrics.sock"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    proc = start(
+        netns,
+        sock,
+        tmp_path / "state",
+        "--metrics-address",
+        str(tmp_path / "missing" / "metrics.sock"),
     )
     try:
         wait_socket(sock, proc)
@@ -370,27 +335,7 @@ def test_a_metrics_address_typo_is_refused_before_anything_starts(
     netns: str, tmp_path: Path
 ) -> None:
     sock = tmp_path / "pb.sock"
-    proc = subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            netns,
-            sys.executable,
-            "-m",
-            "pydriver.cli",
-            "serve",
-            "--socket",
-            str(sock),
-            "--state-dir",
-            str(tmp_path / "state"),
-            "--metrics-address",
-            "127.0.0.1:93270",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start(netns, sock, tmp_path / "state", "--metrics-address", "127.0.0.1:93270")
     assert proc.wait(timeout=15) == 1
     assert "--metrics-address '127.0.0.1:93270' is not HOST:PORT" in (
         proc.stdout.read() if proc.stdout else ""

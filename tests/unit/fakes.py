@@ -226,8 +226,8 @@ class FakeKernel:
         self._enter("forget_flows", f"{address}" + (f" {proto}/{port}" if proto else ""))
         return 0
 
-    async def forget_port_flows(self, proto: int, port: int) -> int:
-        self._enter("forget_port_flows", f"{proto}/{port}")
+    async def forget_port_flows(self, proto: int, port: int, family: Family) -> int:
+        self._enter("forget_port_flows", f"{proto}/{port}/v{family}")
         return 0
 
     async def delete_link(self, name: str) -> bool:

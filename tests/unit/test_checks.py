@@ -401,3 +401,18 @@ def test_evaluate_stops_at_the_firewall_when_the_backend_is_unknown() -> None:
         "forwarding-on",
         "backend-unknown",
     ]
+
+
+def test_a_managed_plugin_named_pybridge_beside_the_host_service() -> None:
+    host_socket = "/run/docker/plugins/pybridge.sock"
+    managed_socket = f"/run/docker/plugins/{'ab' * 32}/pybridge.sock"
+    plugins = [("pybridge:latest", False), ("other/plugin:1.0", True)]
+    found = checks.check_plugin_name(host_socket, plugins)
+    assert [f.kind for f in found] == ["managed-plugin-beside-the-host-service"]
+    assert "the managed plugin pybridge:latest (disabled)" in found[0].what
+    assert "could not resolve driver pybridge in registry" in found[0].what
+    assert found[0].fix.startswith("docker plugin disable -f pybridge:latest")
+    # The managed plugin examined itself, Docker not asked, or no such plugin: nothing to say.
+    assert checks.check_plugin_name(managed_socket, plugins) == []
+    assert checks.check_plugin_name(host_socket, None) == []
+    assert checks.check_plugin_name(host_socket, [("myorg/pybridge:2", True)]) == []

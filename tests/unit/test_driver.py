@@ -686,7 +686,7 @@ async def test_publishing_or_revoking_a_udp_port_forgets_its_flows_once_the_rule
     }
     await env.driver.program_external_connectivity(p.parse_program_external(body))
     # Flows to the port from before its DNAT rule (to pybridge's own socket) are forgotten.
-    assert ("forget_port_flows", "17/8053") in env.kernel.calls
+    assert ("forget_port_flows", "17/8053/v4") in env.kernel.calls
     assert env.firewall.last[0].mappings  # (after the rule was written)
     env.kernel.calls.clear()
     await env.driver.revoke_external_connectivity(ref(NET_A, EP_1))

@@ -451,3 +451,13 @@ def test_endpoint_options() -> None:
         "Docker does not pass the interface name on to it; leave it out (the network's "
         f"{o.CONTAINER_IFACE_PREFIX} sets the name's prefix)"
     )
+
+
+@pytest.mark.parametrize("name", ["docker0", "docker_gwbridge", "br-lan", "br-0123456789ab"])
+def test_trusted_interfaces_named_like_dockers_bridges_are_refused(name: str) -> None:
+    """pybridge hands traffic from such interfaces to Docker's rules: trusting one would do
+    nothing, so it says so instead."""
+    with pytest.raises(InvalidRequest, match="named like one of Docker's container bridges"):
+        o.parse_network_options(
+            {"com.docker.network.bridge.trusted_host_interfaces": f"eth1:{name}"}
+        )
