@@ -19,6 +19,8 @@ from pathlib import Path
 from aiohttp import web
 
 from . import __version__
+from .clustermodel import DEFAULT_VXLAN_PORT
+from .clusterstart import join_cluster
 from .dockerapi import docker_names
 from .doctor import doctor as run_doctor
 from .driver import NetworkDriver
@@ -132,6 +134,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=float(_env("PYDRIVER_GC_INTERVAL", "10")),
         help="seconds between scans for endpoints of vanished containers; 0 turns it off "
         "(default 10)",
+    )
+
+    serve.add_argument(
+        "--cluster",
+        default=_env("PYDRIVER_CLUSTER", ""),
+        help="etcd://HOST[:PORT][,HOST[:PORT]...]: take part in a cluster, so that networks "
+        "created with -o pybridge.segment=NAME span the hosts that join them (env "
+        "PYDRIVER_CLUSTER; default: this host alone)",
+    )
+    serve.add_argument(
+        "--advertise-address",
+        default=_env("PYDRIVER_ADVERTISE_ADDRESS", ""),
+        help="the address of this host other hosts reach it at (the tunnels' source; env "
+        "PYDRIVER_ADVERTISE_ADDRESS; default: the address of the default route's interface)",
+    )
+    serve.add_argument(
+        "--vxlan-port",
+        type=int,
+        default=int(_env("PYDRIVER_VXLAN_PORT", str(DEFAULT_VXLAN_PORT))),
+        help=f"UDP port of the tunnels between hosts (env PYDRIVER_VXLAN_PORT; default "
+        f"{DEFAULT_VXLAN_PORT}); the same on every host of the cluster",
     )
 
     names_help = "do not ask the docker CLI for container and network names"
@@ -347,6 +370,19 @@ async def serve(args: argparse.Namespace) -> int:
     async def release_addresses(addresses: Sequence[tuple[str, IPAddress]]) -> None:
         await ipam.release_owned(addresses)
 
+    cluster = None
+    if args.cluster:
+        cluster = await join_cluster(
+            args.cluster,
+            args.advertise_address,
+            args.vxlan_port,
+            Path(args.state_dir),
+            netlink,
+            store,
+            lambda: driver.networks.values(),
+            lambda network_id: driver.state.endpoints_of(network_id),
+        )
+
     driver = NetworkDriver(
         store,
         netlink,
@@ -357,14 +393,22 @@ async def serve(args: argparse.Namespace) -> int:
         ephemeral_range=ephemeral_range(),
         release_addresses=release_addresses,
         sandbox_released=sandbox_released,
+        cluster=cluster,
     )
     # Each sees the other through one narrow function: the IPAM driver reads which addresses
     # the network driver's endpoints use; the network driver gives back addresses of
     # endpoints whose containers are gone.
-    ipam = IpamDriver(store, netlink.routes, endpoint_addresses=driver.state.addresses_in_pool)
+    ipam = IpamDriver(
+        store,
+        netlink.routes,
+        endpoint_addresses=driver.state.addresses_in_pool,
+        segments=cluster,
+    )
     await driver.load()
     await ipam.load()
     repairs = await driver.reconcile()
+    if cluster is not None:
+        await cluster.restore()  # from the state database: etcd may be away
     metrics = Metrics()
     metrics.count_repairs("startup", len(repairs))
     log.info(
@@ -388,6 +432,8 @@ async def serve(args: argparse.Namespace) -> int:
     metrics_runner = await start_metrics(args.metrics_address, metrics, driver, ipam)
     upkeep = Upkeep(driver, ipam, metrics, Intervals(heal=args.heal_interval, gc=args.gc_interval))
     upkeep.start()
+    if cluster is not None:
+        cluster.start()
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -398,6 +444,8 @@ async def serve(args: argparse.Namespace) -> int:
     # Stop accepting first, let in-flight requests finish, then drop the socket file.
     await upkeep.stop()
     await runner.cleanup()
+    if cluster is not None:
+        await cluster.close()  # leaves the tunnels up; the lease ends them elsewhere
     await driver.close()  # background writes and removals still under way
     if metrics_runner is not None:
         await metrics_runner.cleanup()

@@ -88,6 +88,11 @@ class Cluster:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
 
+    @property
+    def is_synced(self) -> bool:
+        """Whether the view holds the cluster's state (it may lag while etcd is away)."""
+        return self._synced.is_set()
+
     async def synced(self) -> None:
         """Return once the view holds the cluster's state (the first read is done)."""
         await self._synced.wait()
@@ -229,7 +234,11 @@ class Cluster:
         compare-and-set teaches this host the winner, so the next try is another block; a
         block this host itself won meanwhile (another of its claims) counts as lost too."""
         view = self.view.segment(segment)
-        taken = {b for b in view.blocks if b.subnet_of(pool)}  # type: ignore[arg-type]
+        taken = {
+            b
+            for b in view.blocks
+            if b.version == pool.version and b.subnet_of(pool)  # type: ignore[arg-type]
+        }
         record = json.dumps({"host": self.host_id}).encode()
         for _ in range(CLAIM_TRIES):
             block = next_claim(pool, prefix, self.host_id, taken)
@@ -246,3 +255,15 @@ class Cluster:
             f"could not claim an address block of {pool} in segment {segment}: other hosts "
             f"took {CLAIM_TRIES} in a row; try again"
         )
+
+    async def claim_this_block(self, segment: str, block: IPNetwork) -> str:
+        """Claim ``block`` itself (for an address asked for by name, ``--ip``); the host that
+        holds it afterwards: this one if the claim was won or it held it already."""
+        holder = self.view.segment(segment).blocks.get(block)
+        if holder is not None:
+            return holder
+        record = json.dumps({"host": self.host_id}).encode()
+        won, other = await self.store.create(block_key(segment, block), record)
+        holder = self.host_id if won or other is None else str(json.loads(other.value)["host"])
+        self.view.segment(segment).blocks[block] = holder
+        return holder

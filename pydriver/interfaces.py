@@ -21,11 +21,13 @@ from .model import (
     InterfaceSetting,
     IPAddress,
     IPInterface,
+    IPNetwork,
     Link,
     Network,
     PortMapping,
 )
 from .rules import NetworkRules
+from .tunnel import Step, TunnelEntries
 
 # BR_MAX_PORTS - 1 (port number 0 is never used): Kernel.ensure_veth raises BridgeFull when a
 # bridge already has this many interfaces.
@@ -148,6 +150,41 @@ SandboxCheck = Callable[[str], Awaitable[bool]]
 # None when the pool backs no pybridge network (State.addresses_in_pool).
 EndpointAddresses = Callable[[str], Collection[IPAddress] | None]
 
+
+class TunnelKernel(Protocol):
+    """The kernel side of a segment's tunnel (netlink.Netlink)."""
+
+    async def ensure_vxlan(
+        self, name: str, vni: int, port: int, local: IPAddress, underlay: str, master: str
+    ) -> bool: ...
+
+    async def tunnel_entries(self, name: str) -> TunnelEntries: ...
+
+    async def apply_tunnel(self, name: str, steps: Sequence[Step]) -> None: ...
+
+    async def delete_link(self, name: str) -> bool: ...
+
+
+class MetaStore(Protocol):
+    """Small records in the state database (store.SqliteStore)."""
+
+    async def get_meta(self, key: str) -> str | None: ...
+
+    async def set_meta(self, key: str, value: str) -> None: ...
+
+
+class SegmentAddresses(Protocol):
+    """Addresses of pools that back networks spanning hosts (clusterhost.ClusterHost)."""
+
+    def pool_segment(self, pool_id: str) -> str | None: ...
+
+    async def address(
+        self, pool_id: str, subnet: IPNetwork, used: Collection[int], wanted: IPAddress | None
+    ) -> IPAddress: ...
+
+    async def release_pool(self, pool_id: str) -> None: ...
+
+
 __all__ = [
     "MAX_BRIDGE_PORTS",
     "AddressReleaser",
@@ -155,12 +192,15 @@ __all__ = [
     "Firewall",
     "Kernel",
     "KernelSettings",
+    "MetaStore",
     "NetworkStore",
     "PoolStore",
     "PortHolder",
     "PortReservations",
     "RoutesProvider",
     "SandboxCheck",
+    "SegmentAddresses",
+    "TunnelKernel",
 ]
 
 
@@ -185,3 +225,5 @@ class ClusterStore(Protocol):
     async def keep_alive(self, lease: int) -> int: ...
 
     def watch(self, prefix: str, start_revision: int) -> AsyncIterator[Change]: ...
+
+    async def close(self) -> None: ...

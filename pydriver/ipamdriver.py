@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterable
 
 from . import faults
 from .errors import Conflict, InvalidRequest, NotFound, Unsupported
-from .interfaces import EndpointAddresses, PoolStore, RoutesProvider
+from .interfaces import EndpointAddresses, PoolStore, RoutesProvider, SegmentAddresses
 from .ipam import (
     GLOBAL_ADDRESS_SPACE,
     LOCAL_ADDRESS_SPACE,
@@ -61,8 +61,12 @@ class IpamDriver:
         routes: RoutesProvider,
         endpoint_addresses: EndpointAddresses = _no_endpoints,
         clock: Callable[[], float] = time.time,
+        segments: SegmentAddresses | None = None,
     ) -> None:
+        """``segments``: pools of networks that span hosts take their addresses from it
+        (clusterhost.py), so that no two hosts hand out the same one."""
         self.store = store
+        self._segments = segments
         self._routes = routes
         self._endpoint_addresses = endpoint_addresses
         self._clock = clock
@@ -194,6 +198,8 @@ class IpamDriver:
                 return
             await self.store.delete_pool(req.pool_id)
             del self.pools[req.pool_id]
+            if self._segments is not None:
+                await self._segments.release_pool(req.pool_id)
 
     def _pool(self, pool_id: str) -> Pool:
         pool = self.pools.get(pool_id)
@@ -226,7 +232,19 @@ class IpamDriver:
                 address = replayed
             else:
                 before = pool.cursor
-                address = pool.allocate(req.address, gateway=req.is_gateway)
+                spans_hosts = (
+                    self._segments is not None
+                    and not req.is_gateway  # the gateway is the same address on every host
+                    and self._segments.pool_segment(pool.id) is not None
+                )
+                if spans_hosts:
+                    assert self._segments is not None
+                    chosen = await self._segments.address(
+                        pool.id, pool.subnet, pool.allocated, req.address
+                    )
+                    address = pool.allocate(chosen)
+                else:
+                    address = pool.allocate(req.address, gateway=req.is_gateway)
                 kind: AnswerKind = (
                     "gateway"
                     if req.is_gateway

@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "pydriver"
 # Modules that decide: pure, or talking to the host only through pydriver/interfaces.py.
 LOGIC = (
     "cluster",
+    "clusterhost",
     "clusterview",
     "segments",
     "tunnel",
@@ -49,6 +50,7 @@ ADAPTERS = {
     "hostports",
     "instance",
     "etcdstore",
+    "clusterstart",
     "store",
     "firewall",
     "sysctl",
