@@ -23,18 +23,19 @@ import asyncio
 import ipaddress
 import json
 import logging
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .blocks import Holdings, block_of, block_prefix, reserved_in
 from .cluster import Cluster
-from .clustermodel import Segment, differences, endpoint_key, member_key
+from .clustermodel import DEFAULT_VXLAN_PORT, Segment, differences, endpoint_key, member_key
 from .errors import Conflict, HostError, InvalidRequest
 from .interfaces import MetaStore, TunnelKernel
 from .model import Endpoint, IPAddress, IPNetwork, Network
 from .naming import short, vxlan_name
 from .protocol import CreateNetworkRequest
+from .rules import TunnelRules
 from .segments import SEGMENT, SegmentOptions, check_underlay, definition
 from .tunnel import plan, wanted
 
@@ -61,6 +62,33 @@ def segment_of(network: Network) -> str | None:
     return network.raw_options.get(SEGMENT)
 
 
+def tunnel_rules(
+    networks: Iterable[Network], members: Mapping[str, Iterable[IPAddress]], port: int
+) -> dict[str, TunnelRules]:
+    """The firewall's view of the tunnels of ``networks`` that span hosts, by network id."""
+    return {
+        network.id: TunnelRules(port, tuple(sorted(members.get(name, ()), key=str)))
+        for network in networks
+        if (name := segment_of(network)) is not None and network.state != "deleting"
+    }
+
+
+def recorded_tunnels(networks: Iterable[Network], record: str | None) -> dict[str, TunnelRules]:
+    """The same, from the record a running pybridge keeps in its state database (for the
+    tools, which have no cluster)."""
+    if not record:
+        return {}
+    try:
+        data = json.loads(record)
+        members = {
+            name: [ipaddress.ip_address(m) for m in found]
+            for name, found in data.get("members", {}).items()
+        }
+        return tunnel_rules(networks, members, int(data.get("vxlan_port", DEFAULT_VXLAN_PORT)))
+    except (ValueError, TypeError, AttributeError):
+        return {}
+
+
 class ClusterHost:
     def __init__(
         self,
@@ -85,6 +113,10 @@ class ClusterHost:
         self.segments: dict[str, Segment] = {}
         self.pools: dict[str, str] = {}  # IPAM pool id -> segment
         self.blocks: dict[str, set[IPNetwork]] = {}  # segment -> blocks held (as recorded)
+        # The other hosts of each segment as last seen: VXLAN is accepted from them (kept, so
+        # that a restart while etcd is away keeps the tunnels open).
+        self.members: dict[str, set[IPAddress]] = {}
+        self.firewall_changed: Callable[[], object] = lambda: None  # the driver's writer
         self._published: dict[str, dict[str, bytes]] = {}  # segment -> endpoint key -> value
         self._tunnel_lock = asyncio.Lock()
         self._claiming: set[tuple[str, IPNetwork]] = set()  # refills under way
@@ -106,6 +138,10 @@ class ClusterHost:
                 name: {ipaddress.ip_network(b) for b in blocks}
                 for name, blocks in data.get("blocks", {}).items()
             }
+            self.members = {
+                name: {ipaddress.ip_address(m) for m in members}
+                for name, members in data.get("members", {}).items()
+            }
         except (ValueError, TypeError, KeyError, AttributeError) as err:
             # Blocks are also in etcd under this host's id: the view gives them back.
             log.error("the cluster record in the state database cannot be read (%s)", err)
@@ -118,6 +154,8 @@ class ClusterHost:
                     "segments": {n: s.to_json() for n, s in self.segments.items()},
                     "pools": self.pools,
                     "blocks": {n: sorted(map(str, b)) for n, b in self.blocks.items()},
+                    "members": {n: sorted(map(str, m)) for n, m in self.members.items()},
+                    "vxlan_port": self.vxlan_port,
                 },
                 sort_keys=True,
             ),
@@ -201,6 +239,8 @@ class ClusterHost:
         )
         self.sync_endpoints(network.id)
         await self.reconcile({segment.name})
+        if self.cluster.is_synced:
+            await self._learn_members({segment.name})
         # A first block now, in the background: the first container start need not wait.
         for subnet in (*network.subnets_v4, *network.subnets_v6):
             held = self.blocks.get(segment.name, ())
@@ -283,6 +323,30 @@ class ClusterHost:
         await self.reconcile(segments)
         for name in segments:
             self._learn_blocks(name)
+        await self._learn_members(segments)
+
+    async def _learn_members(self, segments: Collection[str]) -> None:
+        """The firewall lets VXLAN in from the hosts the cluster lists now."""
+        changed = False
+        local = {name for _, name in self._local_networks()}
+        for name in segments:
+            if name not in local:
+                continue
+            now = {
+                vtep
+                for vtep in self.cluster.view.segment(name).members.values()
+                if vtep != self.underlay.address
+            }
+            if self.members.get(name) != now:
+                self.members[name] = now
+                changed = True
+        if changed:
+            await self._save()
+            self.firewall_changed()
+
+    def tunnels(self) -> dict[str, TunnelRules]:
+        """The firewall's view of each segment network's tunnel, by network id."""
+        return tunnel_rules(self._networks(), self.members, self.vxlan_port)
 
     # -- addresses ---------------------------------------------------------------------------------
 

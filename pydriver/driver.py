@@ -71,6 +71,7 @@ from .protocol import (
 )
 from .publishing import DYING_VETH_WAIT, Publisher
 from .removal import Removal
+from .rules import NetworkRules, firewall_views
 from .segments import SEGMENT, segment_options
 from .startup import Startup
 from .state import State
@@ -125,9 +126,9 @@ class NetworkDriver:
         self.cluster = cluster  # networks that span hosts (pydriver serve --cluster)
         self.state = State(store)
         self._locks = KeyedLock()
-        self.firewall_writer = FirewallWriter(
-            firewall.apply, self.state.firewall_views, firewall.drift
-        )
+        self.firewall_writer = FirewallWriter(firewall.apply, self._firewall_views, firewall.drift)
+        if cluster is not None:
+            cluster.firewall_changed = self.firewall_writer.request
         self.background = Background(self.firewall_writer, inline=inline_background)
         self.bridges = Bridges(kernel, sysctl, firewall, self.background)
         self.veths = Veths(kernel, self.background)
@@ -164,6 +165,13 @@ class NetworkDriver:
             self.removal,
             self.eviction,
             self.publisher,
+        )
+
+    def _firewall_views(self) -> list[NetworkRules]:
+        if self.cluster is None:
+            return self.state.firewall_views()
+        return firewall_views(
+            self.state.networks.values(), self.state.endpoints.values(), self.cluster.tunnels()
         )
 
     @property

@@ -223,16 +223,34 @@ def test_one_segment_on_two_hosts(lab: Lab) -> None:
     took = eventually(lambda: ping(c1, a2), 10)
     assert took < 5
     assert ping(c2, a1)
+    # Kernel objects and rules are what the state says (VXLAN only from the other host).
+    for n, plugin in enumerate(lab.plugins):
+        assert plugin.consistent() == []
+        raw = ns_run(lab.hosts[n], "iptables-nft-save", "-t", "raw")
+        other = f"203.0.113.{2 - n}/32"
+        assert (
+            f"-s {other} -p udp -m udp --dport 4789 -m addrtype --dst-type LOCAL -j RETURN" in raw
+        )
     # The gateway answers locally on each host, never across.
     assert ping(c1, "10.70.0.1")
     assert ping(c2, "10.70.0.1")
 
+    # A LAN neighbour that is no member writes VXLAN frames for the segment to host 1: dropped
+    # (counted by pybridge's rule), the container does not answer.
+    intruder_reaches(lab, ids[0], c1, a1)
+
     # A later host that asks for something else is told what differs, in one sentence.
     status, answer, _ = network(lab.plugins[0], "10.71.0.0/24", "other")
     ok(status, answer)
-    status, answer, _ = network(lab.plugins[1], "10.72.0.0/24", "other")
+    status, answer, other_id = network(lab.plugins[1], "10.72.0.0/24", "other")
     assert "already exists in the cluster with other settings" in answer["Err"]
     assert "10.72.0.0/24 (the cluster has 10.71.0.0/24)" in answer["Err"], answer
+    # Segments are isolated from each other across hosts too.
+    status, answer, other_id = network(lab.plugins[1], "10.71.0.0/24", "other")
+    ok(status, answer)
+    c3, a3 = container(lab, 1, other_id, "10.71.0.0/24")
+    assert not ping(c1, a3, count=2)
+    assert not ping(c3, a1, count=2)
     # One network per segment per host.
     status, answer, _ = network(lab.plugins[0], "10.73.0.0/24", "seg")
     assert "already has a network on this host" in answer["Err"], answer
@@ -265,3 +283,38 @@ def test_without_cluster_a_segment_is_refused(tmp_path: Path) -> None:
     finally:
         plugin.stop()
         run(["ip", "netns", "del", ns], check=False)
+
+
+def intruder_reaches(lab: Lab, network_id: str, target_ns: str, target: str) -> None:
+    """A namespace on the underlay (203.0.113.3, no member) with its own VXLAN device of the
+    segment's VNI, sending to host 1 as if it were a member."""
+    details = ns_run(lab.hosts[0], "ip", "-d", "link", "show", f"pyx-{network_id[:11]}")
+    vni = re.search(r"vxlan id (\d+)", details)
+    assert vni is not None
+    mac = re.search(r"link/ether (\S+)", ns_run(target_ns, "ip", "link", "show", "eth0"))
+    assert mac is not None
+    x = lab.container_ns()
+    ns_run(lab.underlay, "ip", "link", "add", "ux", "type", "veth", "peer", "name", "eth0",
+           "netns", x)  # fmt: skip
+    ns_run(lab.underlay, "ip", "link", "set", "ux", "master", "ul", "up")
+    ns_run(x, "ip", "addr", "add", "203.0.113.3/24", "dev", "eth0")
+    ns_run(x, "ip", "link", "set", "eth0", "up")
+    ns_run(x, "ip", "link", "add", "vx", "type", "vxlan", "id", vni.group(1), "dstport", "4789",
+           "local", "203.0.113.3", "dev", "eth0", "nolearning")  # fmt: skip
+    ns_run(x, "ip", "addr", "add", "10.70.99.99/16", "dev", "vx")
+    ns_run(x, "ip", "link", "set", "vx", "up")
+    ns_run(x, "bridge", "fdb", "append", "00:00:00:00:00:00", "dev", "vx", "dst", "203.0.113.1")
+    ns_run(x, "ip", "neigh", "replace", target, "lladdr", mac.group(1), "dev", "vx", "nud",
+           "permanent")  # fmt: skip
+    # A rule without a target only counts: the intruder's frames that reach the bridge.
+    bridge = f"pyb-{network_id[:11]}"
+    watch = ["-t", "raw", "-I", "PREROUTING", "1", "-i", bridge, "-s", "10.70.99.99/32"]
+    ns_run(lab.hosts[0], "iptables-nft", *watch)
+    assert not ping(x, target, count=2)
+    seen = ns_run(lab.hosts[0], "iptables-nft", "-t", "raw", "-L", "PREROUTING", "1", "-v", "-x",
+                  "-n")  # fmt: skip
+    assert int(seen.split()[0]) == 0, seen
+    counters = ns_run(lab.hosts[0], "iptables-nft", "-t", "raw", "-L", "PYBRIDGE-PREROUTING",
+                      "-v", "-x", "-n")  # fmt: skip
+    drop = next(line for line in counters.splitlines() if "DROP" in line and "4789" in line)
+    assert int(drop.split()[0]) >= 2, counters
