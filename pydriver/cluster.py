@@ -205,9 +205,9 @@ class Cluster:
             return self._agree(wanted, Segment.from_json(found.value.decode()))
         candidates = [wanted.vni] if wanted.vni else vni_candidates(wanted.name)
         for vni in candidates:
-            won, _ = await self.store.create(vni_key(vni), wanted.name.encode())
-            if not won:
-                continue
+            won, holder = await self.store.create(vni_key(vni), wanted.name.encode())
+            if not won and not (holder is not None and holder.value == wanted.name.encode()):
+                continue  # (taken by this segment itself: an earlier try that timed out)
             segment = Segment(**{**wanted.__dict__, "vni": vni})
             created, other = await self.store.create(
                 segment_key(wanted.name), segment.to_json().encode()

@@ -23,13 +23,21 @@ import asyncio
 import ipaddress
 import json
 import logging
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from .blocks import Holdings, block_of, block_prefix, reserved_in
 from .cluster import Cluster
-from .clustermodel import DEFAULT_VXLAN_PORT, Segment, differences, endpoint_key, member_key
+from .clustermodel import (
+    DEFAULT_VXLAN_PORT,
+    Segment,
+    check_segment_name,
+    differences,
+    endpoint_key,
+    member_key,
+    segment_key,
+)
 from .errors import Conflict, HostError, InvalidRequest
 from .interfaces import MetaStore, TunnelKernel
 from .model import Endpoint, IPAddress, IPNetwork, Network
@@ -43,6 +51,8 @@ log = logging.getLogger(__name__)
 
 META_KEY = "cluster"
 WAIT = 2.0  # seconds a Docker request may wait on the cluster, at most (the stated bound)
+RETRY_PAUSE = 0.05
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,25 @@ class Underlay:
     interface: str
     address: IPAddress
     mtu: int
+
+
+async def bounded(call: Callable[[], Awaitable[T]], budget: float | None = None) -> T:
+    """``call()``, tried again while the cluster store cannot answer, for ``budget`` seconds
+    in all (each store call has its own, shorter bound: one slow answer, an etcd busy writing
+    its log, does not fail a request that a second try would pass)."""
+    budget = WAIT if budget is None else budget
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + budget
+    while True:
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await call()
+        except TimeoutError:
+            raise HostError(f"no answer within {budget:g} s") from None
+        except HostError:  # (a refusal, Conflict or InvalidRequest, is no HostError)
+            if loop.time() + RETRY_PAUSE >= deadline:
+                raise
+            await asyncio.sleep(RETRY_PAUSE)
 
 
 def within(block: IPNetwork, pool: IPNetwork) -> bool:
@@ -193,11 +222,8 @@ class ClusterHost:
                     f"({short(network.id)}); a host joins a segment once"
                 )
         try:
-            async with asyncio.timeout(WAIT):
-                segment = await self.cluster.record_segment(want)
-        except (TimeoutError, HostError) as err:
-            if isinstance(err, Conflict):
-                raise
+            segment = await bounded(lambda: self.cluster.record_segment(want))
+        except HostError as err:
             known = self.segments.get(options.name)
             if known is None:
                 raise HostError(
@@ -375,6 +401,32 @@ class ClusterHost:
     def pool_segment(self, pool_id: str) -> str | None:
         return self.pools.get(pool_id)
 
+    async def segment_subnet(self, name: str, *, v6: bool) -> IPNetwork:
+        """The subnet of segment ``name`` of one family, as the cluster has it (what this host
+        knows of it, else one bounded read)."""
+        check_segment_name(name)
+        segment = self.cluster.view.segments.get(name)
+        known = (segment.definition if segment else None) or self.segments.get(name)
+        if known is None:
+            try:
+                found = await bounded(lambda: self.cluster.store.get(segment_key(name)))
+            except HostError as err:
+                raise HostError(
+                    f"pybridge cannot reach the cluster store{self._at()} to read segment "
+                    f"{name}: {err or 'no answer in time'}; give --subnet"
+                ) from None
+            if found is None:
+                raise InvalidRequest(
+                    f"segment {name} does not exist in the cluster yet: the first host creates "
+                    "it with --subnet"
+                )
+            known = Segment.from_json(found.value.decode())
+        for text in known.subnets:
+            subnet = ipaddress.ip_network(text)
+            if (subnet.version == 6) == v6:
+                return subnet
+        raise InvalidRequest(f"segment {name} has no IPv{6 if v6 else 4} subnet")
+
     async def address(
         self, pool_id: str, subnet: IPNetwork, used: Collection[int], wanted: IPAddress | None
     ) -> IPAddress:
@@ -387,11 +439,8 @@ class ClusterHost:
         found = self._holdings(name, subnet, used).allocate(wanted)
         if found is None:
             try:
-                async with asyncio.timeout(WAIT):
-                    block = await self._claim(name, subnet, prefix, wanted)
-            except (TimeoutError, HostError) as err:
-                if isinstance(err, Conflict | InvalidRequest):
-                    raise
+                block = await bounded(lambda: self._claim(name, subnet, prefix, wanted))
+            except HostError:
                 raise HostError(
                     f"pybridge cannot reach the cluster store{self._at()} and holds no free "
                     f"address in segment {name}"

@@ -9,6 +9,7 @@ imports the driver).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -40,6 +41,7 @@ from .protocol import (
     RequestAddressRequest,
     RequestPoolRequest,
 )
+from .segments import SEGMENT
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +130,7 @@ class IpamDriver:
     async def request_pool(self, req: RequestPoolRequest) -> tuple[str, IPNetwork, Ack]:
         """Allocate a pool. Also returns the callback to run once the answer reached Docker."""
         if req.options:
-            names = ", ".join(sorted(o[:60] for o in req.options)[:5])
-            raise Unsupported(
-                f"pybridge IPAM does not support the IPAM option {names}; it takes no --ipam-opt"
-            )
+            req = await self._segment_pool(req)
         # One lock for all pools: choosing a subnet must see every other pool.
         async with self._lock.hold("pools"):
             replayed = self._replayed_pool(req)
@@ -164,6 +163,29 @@ class IpamDriver:
             await faults.point("ipam.pool.recorded")
         log.info("pool %s allocated%s", pool.id, f" (range {req.sub_pool})" if req.sub_pool else "")
         return pool.id, subnet, self._ack(pool.id, None)
+
+    async def _segment_pool(self, req: RequestPoolRequest) -> RequestPoolRequest:
+        """``--ipam-opt pybridge.segment=NAME``: the subnet of segment NAME (so that the hosts
+        after the first need not repeat --subnet), or a check that --subnet is it."""
+        unknown = sorted(o[:60] for o in req.options if o != SEGMENT)
+        if unknown:
+            raise Unsupported(
+                f"pybridge IPAM does not support the IPAM option {', '.join(unknown[:5])}; it "
+                f"takes only --ipam-opt {SEGMENT}=NAME"
+            )
+        if self._segments is None:
+            raise InvalidRequest(
+                f"--ipam-opt {SEGMENT} needs pybridge started in a cluster "
+                "(pydriver serve --cluster etcd://HOST:2379)"
+            )
+        name = req.options[SEGMENT]
+        subnet = await self._segments.segment_subnet(name, v6=req.v6)
+        if req.pool is not None and req.pool != subnet:
+            raise Conflict(
+                f"--subnet {req.pool} is not the subnet of segment {name} ({subnet}); leave "
+                "--subnet out to take the segment's"
+            )
+        return dataclasses.replace(req, pool=subnet, options={})
 
     def _replayed_pool(self, req: RequestPoolRequest) -> Pool | None:
         """A pool allocated just before a crash, never confirmed to Docker, that this request

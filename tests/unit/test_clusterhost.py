@@ -10,6 +10,7 @@ import json
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -131,7 +132,10 @@ async def store() -> MemoryClusterStore:
 
 
 @pytest.fixture
-async def hosts(store: MemoryClusterStore) -> AsyncIterator[list[Host]]:
+async def hosts(
+    store: MemoryClusterStore, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[list[Host]]:
+    monkeypatch.setattr("pydriver.clusterhost.WAIT", 0.3)  # the bound, shortened
     boxes = [make_host(store, n) for n in (1, 2, 3)]
     for box in boxes:
         await box.host.load()
@@ -267,3 +271,35 @@ async def test_restart_with_etcd_away_rebuilds_the_tunnel_from_the_state(
         assert PREFIX + "members/seg/host1" in store.keys
     finally:
         await again.host.close()
+
+
+async def test_later_hosts_take_the_segments_subnet(
+    store: MemoryClusterStore, hosts: list[Host]
+) -> None:
+    await create(hosts[0], request())
+    assert await hosts[1].host.segment_subnet("seg", v6=False) == SUBNET
+    with pytest.raises(InvalidRequest, match="segment seg has no IPv6 subnet"):
+        await hosts[1].host.segment_subnet("seg", v6=True)
+    with pytest.raises(InvalidRequest, match="the first host creates it with --subnet"):
+        await hosts[1].host.segment_subnet("nope", v6=False)
+    await store.set_down(True)
+    with pytest.raises(HostError, match=r"cannot reach the cluster store .* give --subnet"):
+        await hosts[2].host.segment_subnet("nope", v6=False)
+
+
+async def test_a_slow_store_is_tried_again_within_the_bound(
+    store: MemoryClusterStore, hosts: list[Host]
+) -> None:
+    calls = 0
+    original = store.get
+
+    async def first_call_fails(key: str) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise HostError("etcd did not answer within 1 s")
+        return await original(key)
+
+    store.get = first_call_fails  # type: ignore[method-assign]
+    await create(hosts[0], request())
+    assert calls >= 2
