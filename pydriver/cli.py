@@ -20,6 +20,7 @@ from aiohttp import web
 
 from . import __version__
 from .clustermodel import DEFAULT_VXLAN_PORT
+from .clusterreport import format_cluster, gather_cluster
 from .clusterstart import join_cluster
 from .dockerapi import docker_names
 from .doctor import doctor as run_doctor
@@ -210,7 +211,15 @@ def status_command(args: argparse.Namespace) -> int:
     networks, endpoints = read_state(Path(args.state_dir))
     names = Names({}, {}) if args.no_names else docker_names()
     data = status_data(networks, endpoints, names)
-    print(json.dumps(data, indent=2) if args.json else format_status(data))
+    cluster = asyncio.run(gather_cluster(Path(args.state_dir), networks))
+    if args.json:
+        if cluster is not None:
+            data["cluster"] = cluster.to_dict()
+        print(json.dumps(data, indent=2))
+    else:
+        print(format_status(data))
+        if cluster is not None:
+            print("\n".join(format_cluster(cluster)))
     return 0
 
 

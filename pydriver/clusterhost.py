@@ -155,10 +155,9 @@ class ClusterHost:
 
     async def load(self) -> None:
         raw = await self.meta.get_meta(META_KEY)
-        if not raw:
-            return
+        data: Any = {}
         try:
-            data = json.loads(raw)
+            data = json.loads(raw) if raw else {}
             self.segments = {
                 name: Segment.from_json(text) for name, text in data.get("segments", {}).items()
             }
@@ -174,6 +173,9 @@ class ClusterHost:
         except (ValueError, TypeError, KeyError, AttributeError) as err:
             # Blocks are also in etcd under this host's id: the view gives them back.
             log.error("the cluster record in the state database cannot be read (%s)", err)
+            data = {}
+        if (data.get("cluster"), data.get("vtep")) != (self._endpoint, str(self.underlay.address)):
+            await self._save()  # what the tools read: where the cluster is, who this host is
 
     async def _save(self) -> None:
         await self.meta.set_meta(
@@ -185,6 +187,10 @@ class ClusterHost:
                     "blocks": {n: sorted(map(str, b)) for n, b in self.blocks.items()},
                     "members": {n: sorted(map(str, m)) for n, m in self.members.items()},
                     "vxlan_port": self.vxlan_port,
+                    # For the tools (pydriver status, doctor), which read the cluster too.
+                    "cluster": self._endpoint,
+                    "host": self.cluster.host_id,
+                    "vtep": str(self.underlay.address),
                 },
                 sort_keys=True,
             ),

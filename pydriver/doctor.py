@@ -12,6 +12,7 @@ from pathlib import Path
 from . import protocol as p
 from .checks import Facts, Finding, Probe, Rules, evaluate, state_usable
 from .clusterhost import META_KEY, recorded_tunnels
+from .clusterreport import gather_cluster
 from .dockerapi import docker_network_ids, docker_plugins
 from .errors import DriverError
 from .firewall import IptablesFirewall, detect_backend, docker_backends, readable_backends
@@ -74,6 +75,7 @@ async def gather(
         networks,
         endpoints,
         forwarding={family: await sysctl.read(key) for family, key in FORWARDING.items()},
+        cluster=await gather_cluster(state_dir, networks) if state_usable(health) else None,
     )
     try:
         backend = await detect_backend(backend_setting)

@@ -14,6 +14,7 @@ import re
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -246,6 +247,26 @@ def test_one_segment_on_two_hosts(lab: Lab) -> None:
         assert (
             f"-s {other} -p udp -m udp --dport 4789 -m addrtype --dst-type LOCAL -j RETURN" in raw
         )
+    # `pydriver status` shows the cluster: both hosts, the segment, no entry in disagreement.
+    status = json.loads(ns_run(lab.hosts[0], sys.executable, "-m", "pydriver.cli", "status",
+                               "--json", "--no-names", "--state-dir",
+                               str(lab.plugins[0].state)))  # fmt: skip
+    report = status["cluster"]
+    assert report["store_error"] is None
+    assert sorted(report["hosts"].values()) == ["203.0.113.1", "203.0.113.2"]
+    (seg,) = [s for s in report["segments"] if s["name"] == "seg"]
+    assert seg["device"]
+    assert seg["disagreements"] == []
+    assert len(seg["members"]) == 2
+    # A stale entry someone left is reported, then repaired by the upkeep.
+    device = f"pyx-{ids[0][:11]}"
+    ns_run(lab.hosts[0], "ip", "neigh", "replace", "10.70.250.250", "lladdr", "02:00:00:00:00:01",
+           "dev", device, "nud", "permanent")  # fmt: skip
+    text = ns_run(lab.hosts[0], sys.executable, "-m", "pydriver.cli", "status", "--no-names",
+                  "--state-dir", str(lab.plugins[0].state))  # fmt: skip
+    assert "stale neighbour entry 10.70.250.250" in text, text
+    eventually(lambda: "10.70.250.250" not in ns_run(lab.hosts[0], "ip", "neigh", "show", "dev",
+                                                     device), 10)  # fmt: skip
     # The gateway answers locally on each host, never across.
     assert ping(c1, "10.70.0.1")
     assert ping(c2, "10.70.0.1")

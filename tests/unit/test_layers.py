@@ -96,6 +96,7 @@ def test_every_module_is_placed() -> None:
     tools = {
         "__init__",
         "checks",
+        "clusterreport",
         "doctor",
         "dockerapi",
         "faults",
