@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from .clusterreport import ClusterReport
 from .logs import escape
 from .model import Endpoint, Family, HostRoute, Network
-from .naming import is_pybridge_bridge, is_pybridge_veth
+from .naming import VXLAN_PREFIX, is_pybridge_bridge, is_pybridge_veth, vxlan_name
 from .pruning import managed_plugin_id
 from .rules import CHAIN_PREFIX, NetworkRules, drift, parse_save
 from .store import ROW_KIND, SCHEMA_VERSION, SetAside, StateHealth
@@ -334,9 +334,10 @@ def check_veths(endpoints: Sequence[Endpoint], links: Mapping[str, str | None]) 
 def check_stray_links(
     networks: Sequence[Network], endpoints: Sequence[Endpoint], links: Mapping[str, str | None]
 ) -> list[Finding]:
-    """Bridges and veths named like pybridge's that no state refers to."""
+    """Bridges, veths and tunnel devices named like pybridge's that no state refers to."""
     bridges = {n.bridge for n in networks}
     veths = {e.host_veth for e in endpoints} | {e.container_veth for e in endpoints}
+    tunnels = {vxlan_name(n.id) for n in networks}
     return [
         problem(
             "link-stray",
@@ -346,6 +347,7 @@ def check_stray_links(
         for name, kind in sorted(links.items())
         if (kind == "bridge" and is_pybridge_bridge(name) and name not in bridges)
         or (kind == "veth" and is_pybridge_veth(name) and name not in veths)
+        or (kind == "vxlan" and name.startswith(VXLAN_PREFIX) and name not in tunnels)
     ]
 
 

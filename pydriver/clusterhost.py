@@ -41,7 +41,7 @@ from .clustermodel import (
 from .errors import Conflict, HostError, InvalidRequest
 from .interfaces import MetaStore, TunnelKernel
 from .model import Endpoint, IPAddress, IPNetwork, Network
-from .naming import short, vxlan_name
+from .naming import VXLAN_PREFIX, short, vxlan_name
 from .protocol import CreateNetworkRequest
 from .rules import TunnelRules
 from .segments import SEGMENT, SegmentOptions, check_underlay, definition
@@ -510,7 +510,13 @@ class ClusterHost:
 
     async def restore(self) -> None:
         """At start-up, after the driver's reconcile: every segment network's tunnel device
-        and announcements again (from the state database: etcd may be away)."""
+        and announcements again (from the state database: etcd may be away); tunnel devices
+        of networks that are gone (a create rolled back by a crash) removed."""
+        wanted = {vxlan_name(network.id) for network, _ in self._local_networks()}
+        for link in await self.kernel.links():
+            if link.name.startswith(VXLAN_PREFIX) and link.name not in wanted:
+                log.info("removing the tunnel device %s of a network that is gone", link.name)
+                await self.kernel.delete_link(link.name)
         for network, name in self._local_networks():
             segment = self.segments.get(name)
             if segment is None:

@@ -164,6 +164,8 @@ class TunnelKernel(Protocol):
 
     async def delete_link(self, name: str) -> bool: ...
 
+    async def links(self) -> list[Link]: ...
+
 
 class MetaStore(Protocol):
     """Small records in the state database (store.SqliteStore)."""

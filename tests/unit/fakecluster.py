@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from pydriver.clustermodel import Change, Entry
 from pydriver.errors import HostError
-from pydriver.model import IPAddress
+from pydriver.model import IPAddress, Link
 from pydriver.tunnel import FLOOD_MAC, Step, TunnelEntries
 
 
@@ -177,6 +177,9 @@ class FakeTunnelKernel:
     async def delete_link(self, name: str) -> bool:
         self.entries.pop(name, None)
         return self.devices.pop(name, None) is not None
+
+    async def links(self) -> list[Link]:
+        return [Link(i, name, "vxlan", None, 1450, True, "") for i, name in enumerate(self.devices)]
 
 
 @dataclass
