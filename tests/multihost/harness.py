@@ -469,6 +469,8 @@ class DockerHost:
         _kill9(self.anchor)
         self.anchor = None  # the mount namespace goes with its last process
         _remove_cgroups(self.cgroup_parent)
+        # At once: a netns is torn down asynchronously, and a reboot adds the same veth again.
+        run(["ip", "-n", self.underlay.ns, "link", "del", f"{PREFIX}u{self.n}"], check=False)
         if Path(f"/run/netns/{self.ns}").exists():
             run(["ip", "netns", "del", self.ns], check=False)
         shutil.rmtree(self.run_dir, ignore_errors=True)
