@@ -30,6 +30,8 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
               file=sys.stderr)  # fmt: skip
         yield built
     finally:
+        if request.session.testsfailed:
+            _show_logs(built)
         built.down()
         print(f"[multihost] down in {built.timings['down']:.1f} s", file=sys.stderr)
         left = leftovers()
@@ -40,3 +42,13 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
 def cluster_hosts(cluster: Cluster) -> list[DockerHost]:
     """The three hosts (dockerd up, test image loaded, no pybridge running)."""
     return cluster.hosts
+
+
+def _show_logs(cluster: Cluster) -> None:
+    """The ends of the hosts' logs, before down() deletes them with the hosts."""
+    for host in cluster.hosts:
+        for which in ("dockerd", "pydriver"):
+            text = host.log(which, tail=4000)
+            if text:
+                print(f"\n[multihost] --- {host.name} {which}.log (end)\n{text}", file=sys.stderr)
+    print(f"\n[multihost] --- etcd (end)\n{cluster.etcd.log()[-2000:]}", file=sys.stderr)

@@ -444,6 +444,7 @@ class DockerHost:
     def kill_all(self) -> None:
         """SIGKILL every process of this host but the anchor: dockerd, containerd, shims,
         containers (found by netns, mount namespace or cgroup), pybridge. A power cut."""
+        ours = [proc for proc in (self.pybridge, self.dockerd) if proc is not None]
         self.pybridge = self.dockerd = None
         anchor = self.anchor.pid if self.anchor is not None else None
         _kill_matching(
@@ -452,19 +453,24 @@ class DockerHost:
             self.cgroup_parent,
             spare=anchor,
         )
+        for proc in ours:
+            proc.wait(timeout=10)
 
     def reboot(self) -> None:
         """A simulated reboot: everything killed with SIGKILL, the mount namespace (tmpfs
         /run/docker, /run/containerd, plugin sockets) and the netns (links, iptables) gone;
-        then the namespaces again and dockerd, with the same data root and state dir.
-        pybridge is not started (call start_pybridge: on a real host it starts first)."""
+        then the namespaces again, with the same data root and state dir. Neither dockerd nor
+        pybridge is started: call start_pybridge and start_dockerd in the order under test."""
         self.destroy(keep_data=True)
         self.create()
 
-    def destroy(self, keep_data: bool = False) -> None:
-        """Processes killed (gently first), cgroups, netns, mounts and files removed."""
-        self.stop_pybridge()
-        self.stop_dockerd()
+    def destroy(self, keep_data: bool = False, gentle: bool = False) -> None:
+        """Processes killed (SIGKILL: nothing of the host is kept, and dockerd's shutdown
+        waits 10 s for each container that ignores SIGTERM; ``gentle`` stops pybridge and
+        dockerd with SIGTERM first), cgroups, netns, mounts and files removed."""
+        if gentle:
+            self.stop_pybridge()
+            self.stop_dockerd()
         self.kill_all()
         _kill9(self.anchor)
         self.anchor = None  # the mount namespace goes with its last process
