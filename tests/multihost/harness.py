@@ -16,6 +16,7 @@ Everything is named ``pbmh``: netns pbmh-ul and pbmhN, veths pbmhuN, /run/pbmh/h
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -40,6 +41,7 @@ ETCD_IP = f"{UNDERLAY_PREFIX}.254"
 ETCD_PORT = 2379
 ETCD_URL = f"http://{ETCD_IP}:{ETCD_PORT}"
 RUN_DIR = Path("/run/pbmh")
+LOCK_FILE = "/run/lock/pbmh.lock"  # held by the one cluster of this machine
 PLUGIN_SOCKET = "/run/docker/plugins/pybridge.sock"  # inside a host's mount namespace
 # In the environment of every process the harness starts, so a sweep finds them all.
 MARK = b"PBMH_HOST="
@@ -580,7 +582,7 @@ def leftovers() -> list[str]:
     found += [f"link {name}" for name in os.listdir("/sys/class/net") if name.startswith(PREFIX)]
     mounts = Path("/proc/mounts").read_text().splitlines()
     found += [f"mount {line}" for line in mounts if PREFIX in line]
-    found += [f"dir {d}" for d in Path("/var/lib").glob(f"{PREFIX}-*")]
+    found += [f"dir {d}" for d in _dirs()]
     if RUN_DIR.exists():
         found.append(f"dir {RUN_DIR}")
     for pid in _proc_pids():
@@ -628,8 +630,18 @@ def sweep() -> None:
     for ns in _netns_names():
         run(["ip", "netns", "del", ns], check=False)
     shutil.rmtree(RUN_DIR, ignore_errors=True)
-    for d in Path("/var/lib").glob(f"{PREFIX}-*"):
+    for d in _dirs():
         shutil.rmtree(d, ignore_errors=True)
+
+
+def _dirs() -> list[Path]:
+    """The hosts' data roots, and etcd's and the image's temporary directories."""
+    tmp = Path(tempfile.gettempdir())
+    return [
+        *Path("/var/lib").glob(f"{PREFIX}-*"),
+        *tmp.glob(f"{PREFIX}-etcd-*"),
+        *tmp.glob(f"{PREFIX}-image-*"),
+    ]
 
 
 # --- a whole cluster ---------------------------------------------------------------------------
@@ -644,9 +656,11 @@ class Cluster:
         self.etcd = Etcd(self.underlay)
         self.hosts = [DockerHost(n, self.underlay, version) for n in range(1, count + 1)]
         self.timings: dict[str, float] = {}
+        self._lock: int | None = None
 
     def up(self) -> None:
         started = time.monotonic()
+        self._take_lock()
         sweep()
         why_not = self.hosts[0].daemon.available()
         if why_not:
@@ -673,4 +687,23 @@ class Cluster:
             self.underlay.destroy()
         finally:
             sweep()
+            if self._lock is not None:
+                os.close(self._lock)  # releases the flock
+                self._lock = None
         self.timings["down"] = time.monotonic() - started
+
+    def _take_lock(self, timeout: float = 900) -> None:
+        """One cluster at a time on a machine: the names and addresses are fixed, and up()
+        sweeps away whatever carries them."""
+        fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise AssertionError(f"another multi-host run holds {LOCK_FILE}") from None
+                time.sleep(1)
+        self._lock = fd
