@@ -116,6 +116,9 @@ def test_hosts_reach_each_other_on_the_underlay(cluster_hosts: list[DockerHost])
     for other in others:
         out = first.exec_ns("ping", "-c", "1", "-W", "2", other.address).stdout
         assert "1 received" in out, out
+    # A container on a host's default bridge too (masqueraded out of the host's eth0).
+    out = first.docker("run", "--rm", IMAGE, "ping", "-c", "1", "-W", "2", others[0].address)
+    assert "1 packets received" in out, out
     # No way out: the hosts' only route is the underlay's.
     routes = first.exec_ns("ip", "-4", "route").stdout
     assert "default" not in routes, routes
