@@ -344,6 +344,7 @@ class DockerHost:
         env = marked_env(self.name)
         env["PATH"] = ":".join([*map(str, self.daemon.extra_path), env.get("PATH", "")])
         self.socket.unlink(missing_ok=True)
+        self._forget_dead_containerd()
         with open(self.data / "dockerd.log", "ab") as log:
             self.dockerd = subprocess.Popen(
                 self.ns_argv(
@@ -363,12 +364,31 @@ class DockerHost:
         if wait:
             self.wait_dockerd()
 
+    def _forget_dead_containerd(self) -> None:
+        """A dockerd killed with SIGKILL takes its managed containerd along (parent-death
+        signal), but this machine's PID 1 reaps orphans late: kill(pid, 0) still succeeds on
+        the zombie, the next dockerd says "containerd is still running", waits for its socket
+        and exits ("timeout waiting for containerd to start"). A prompt init would have reaped
+        it: forget a pid file whose process is a zombie or gone."""
+        pidfile = self.path("/run/docker/containerd/containerd.pid")
+        try:
+            pid = int(pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return
+        if _state(pid) in (None, "Z"):
+            pidfile.unlink(missing_ok=True)
+
     def wait_dockerd(self, timeout: float = 60) -> None:
         def answers() -> bool:
             assert self.dockerd is not None
             if self.dockerd.poll() is not None:
                 raise AssertionError(f"dockerd of {self.name} exited: {self.log('dockerd')}")
-            return self.docker_result("version", timeout=10).returncode == 0
+            try:
+                return self.docker_result("version", timeout=10).returncode == 0
+            except subprocess.TimeoutExpired:
+                # dockerd accepts API connections before it answers them: after a SIGKILL it
+                # first stops the containers it finds running (10 s for one ignoring SIGTERM).
+                return False
 
         wait_until(f"dockerd of {self.name}", answers, timeout=timeout, step=0.1)
 
@@ -487,6 +507,15 @@ class DockerHost:
 
 
 # --- processes, cgroups and a sweep of leftovers ------------------------------------------------
+
+
+def _state(pid: int) -> str | None:
+    """The state letter of /proc/PID/stat (R, S, Z, ...), None when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
 
 
 def _proc_pids() -> list[int]:

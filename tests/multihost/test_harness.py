@@ -186,3 +186,19 @@ def test_reboot_keeps_the_data_root(cluster_hosts: list[DockerHost]) -> None:
         )
     finally:
         host.docker("rm", "-f", name, check=False)
+
+
+def test_dockerd_kill9_and_restart(cluster_hosts: list[DockerHost]) -> None:
+    host = cluster_hosts[1]
+    name = _name("k")
+    # Stops at once on SIGTERM, which the restarted dockerd sends to what it finds running.
+    loop = "trap 'exit 0' TERM; while :; do sleep 0.2; done"
+    host.docker("run", "-d", "--name", name, IMAGE, "sh", "-c", loop)
+    host.kill9_dockerd()
+    try:
+        host.start_dockerd()
+        assert host.docker("inspect", "-f", "{{.State.Running}}", name) == "false"
+        host.docker("start", name)
+        assert host.docker("inspect", "-f", "{{.State.Running}}", name) == "true"
+    finally:
+        host.docker("rm", "-f", name, check=False)
