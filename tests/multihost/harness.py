@@ -200,9 +200,12 @@ class Etcd:
         binary = shutil.which("etcd")
         if binary is None:
             raise AssertionError("etcd is not installed: apt-get install etcd-server")
-        self._tmp = tempfile.TemporaryDirectory(prefix="pbmh-etcd-")
+        if self._tmp is None:  # (a restart keeps the data)
+            # On tmpfs: etcd's fsyncs on a busy disk would make calls miss pybridge's bounds.
+            shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            self._tmp = tempfile.TemporaryDirectory(prefix="pbmh-etcd-", dir=shm)
         peer = "http://127.0.0.1:2380"  # loopback of the underlay's namespace
-        with open(f"{self._tmp.name}/etcd.log", "wb") as log:
+        with open(f"{self._tmp.name}/etcd.log", "ab") as log:
             self.proc = subprocess.Popen(
                 ["nsenter", f"--net=/run/netns/{self.underlay.ns}", binary,
                  "--name", "e0", "--data-dir", f"{self._tmp.name}/data",
@@ -238,6 +241,15 @@ class Etcd:
     def resume(self) -> None:
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGCONT)
+
+    def kill(self) -> None:
+        """etcd dies (SIGKILL); its data stays for ``restart``."""
+        _kill9(self.proc)
+        self.proc = None
+
+    def restart(self) -> None:
+        """etcd again, on the data it had."""
+        self.start()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -669,6 +681,7 @@ def _dirs() -> list[Path]:
     return [
         *Path("/var/lib").glob(f"{PREFIX}-*"),
         *tmp.glob(f"{PREFIX}-etcd-*"),
+        *Path("/dev/shm").glob(f"{PREFIX}-etcd-*"),
         *tmp.glob(f"{PREFIX}-image-*"),
     ]
 
