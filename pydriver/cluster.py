@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from .blocks import next_claim
 from .clustermodel import (
     PREFIX,
+    Change,
     Segment,
     block_key,
     differences,
@@ -65,6 +66,7 @@ class Cluster:
             str, bytes
         ] = {}  # what goes under the lease (written again with a new one)
         self._pending: dict[str, bytes | None] = {}  # key -> value to write, None: delete
+        self._withdrawn: set[str] = set()  # own leased keys deleted, until the watch says so
         self._wake = asyncio.Event()
         self._synced = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -107,7 +109,8 @@ class Cluster:
         self._wake.set()
 
     def unpublish(self, key: str) -> None:
-        self._leased.pop(key, None)
+        if self._leased.pop(key, None) is not None:
+            self._withdrawn.add(key)
         self._pending[key] = None
         self._wake.set()
 
@@ -180,11 +183,22 @@ class Cluster:
                     touched = self.view.apply(
                         change.kind, change.key, change.value, change.revision
                     )
-                    if touched is not None:
+                    if touched is not None and not self._echo(change):
                         await self._notify({touched})
             except HostError as err:  # WatchLost and Compacted included
                 log.warning("cluster: %s; reading the cluster again", err)
                 await asyncio.sleep(RETRY / 4)
+
+    def _echo(self, change: Change) -> bool:
+        """Whether ``change`` is this host's own write of a leased key coming back (its own
+        containers and membership: nothing for the tunnels to do, and no reason to make every
+        container start and stop wait behind a tunnel check)."""
+        if change.kind == "put":
+            return self._leased.get(change.key) == change.value
+        if change.key in self._withdrawn and change.key not in self._leased:
+            self._withdrawn.discard(change.key)
+            return True
+        return False
 
     async def _notify(self, segments: set[str]) -> None:
         if self._on_change is None or not segments:

@@ -298,9 +298,48 @@ class ClusterHost:
 
     # -- endpoints -------------------------------------------------------------------------------
 
+    def _announcement(self, name: str, endpoint: Endpoint) -> dict[str, bytes]:
+        """The keys announcing ``endpoint`` (one per address) and their values."""
+        value = json.dumps(
+            {
+                "host": self.cluster.host_id,
+                "mac": endpoint.mac_address,
+                "vtep": str(self.underlay.address),
+            },
+            sort_keys=True,
+        ).encode()
+        return {
+            endpoint_key(name, iface.ip): value
+            for iface in (endpoint.address, endpoint.address_v6)
+            if iface is not None
+        }
+
+    def endpoint_ready(self, network: Network, endpoint: Endpoint) -> None:
+        """Announce one endpoint (never waits: the cluster's publisher writes it)."""
+        name = segment_of(network)
+        if name is None:
+            return
+        have = self._published.setdefault(name, {})
+        for key, value in self._announcement(name, endpoint).items():
+            if have.get(key) != value:
+                self.cluster.publish(key, value)
+                have[key] = value
+
+    def endpoint_gone(self, network: Network, endpoint: Endpoint) -> None:
+        """Withdraw one endpoint's announcement (only its own: an address another endpoint
+        announces since stays)."""
+        name = segment_of(network)
+        if name is None:
+            return
+        have = self._published.setdefault(name, {})
+        for key, value in self._announcement(name, endpoint).items():
+            if have.get(key) == value:
+                self.cluster.unpublish(key)
+                del have[key]
+
     def sync_endpoints(self, network_id: str) -> None:
-        """Announce exactly the ready endpoints this host has on ``network_id`` (never waits:
-        the cluster's publisher writes them)."""
+        """Announce exactly the ready endpoints this host has on ``network_id`` (start-up, and
+        the upkeep: endpoints removed without a Docker request)."""
         network = next((n for n, _ in self._local_networks() if n.id == network_id), None)
         if network is None:
             return
@@ -308,19 +347,8 @@ class ClusterHost:
         assert name is not None
         want: dict[str, bytes] = {}
         for endpoint in self._endpoints_of(network_id):
-            if endpoint.state != "ready":
-                continue
-            for iface in (endpoint.address, endpoint.address_v6):
-                if iface is None:
-                    continue
-                want[endpoint_key(name, iface.ip)] = json.dumps(
-                    {
-                        "host": self.cluster.host_id,
-                        "mac": endpoint.mac_address,
-                        "vtep": str(self.underlay.address),
-                    },
-                    sort_keys=True,
-                ).encode()
+            if endpoint.state == "ready":
+                want.update(self._announcement(name, endpoint))
         have = self._published.setdefault(name, {})
         for key, value in want.items():
             if have.get(key) != value:

@@ -400,7 +400,7 @@ class NetworkDriver:
             await self.state.put_endpoint(ready)
             await faults.point("endpoint.create.ready")
             if self.cluster is not None:
-                self.cluster.sync_endpoints(network.id)  # announced, never waited on
+                self.cluster.endpoint_ready(network, ready)  # announced, never waited on
         return ready.mac_address if ready.mac_generated else None
 
     async def delete_endpoint(self, ref: EndpointRef) -> None:
@@ -411,8 +411,9 @@ class NetworkDriver:
                 return
             # Its published ports go too: after a dockerd restart Docker may skip the Revoke.
             await self.removal.endpoint(endpoint, wait=False)
-            if self.cluster is not None:
-                self.cluster.sync_endpoints(ref.network_id)
+            network = self.state.networks.get(ref.network_id)
+            if self.cluster is not None and network is not None:
+                self.cluster.endpoint_gone(network, endpoint)
 
     def endpoint_oper_info(self, ref: EndpointRef) -> dict[str, Any]:
         # Docker calls this often and must never see it fail.
