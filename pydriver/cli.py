@@ -19,6 +19,9 @@ from pathlib import Path
 from aiohttp import web
 
 from . import __version__
+from .clustermodel import DEFAULT_VXLAN_PORT
+from .clusterreport import format_cluster, gather_cluster
+from .clusterstart import join_cluster
 from .dockerapi import docker_names
 from .doctor import doctor as run_doctor
 from .driver import NetworkDriver
@@ -134,6 +137,27 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 10)",
     )
 
+    serve.add_argument(
+        "--cluster",
+        default=_env("PYDRIVER_CLUSTER", ""),
+        help="etcd://HOST[:PORT][,HOST[:PORT]...]: take part in a cluster, so that networks "
+        "created with -o pybridge.segment=NAME span the hosts that join them (env "
+        "PYDRIVER_CLUSTER; default: this host alone)",
+    )
+    serve.add_argument(
+        "--advertise-address",
+        default=_env("PYDRIVER_ADVERTISE_ADDRESS", ""),
+        help="the address of this host other hosts reach it at (the tunnels' source; env "
+        "PYDRIVER_ADVERTISE_ADDRESS; default: the address of the default route's interface)",
+    )
+    serve.add_argument(
+        "--vxlan-port",
+        type=int,
+        default=int(_env("PYDRIVER_VXLAN_PORT", str(DEFAULT_VXLAN_PORT))),
+        help=f"UDP port of the tunnels between hosts (env PYDRIVER_VXLAN_PORT; default "
+        f"{DEFAULT_VXLAN_PORT}); the same on every host of the cluster",
+    )
+
     names_help = "do not ask the docker CLI for container and network names"
     ports = sub.add_parser(
         "ports", help="list the ports pybridge publishes (docker ps cannot show them)"
@@ -187,7 +211,15 @@ def status_command(args: argparse.Namespace) -> int:
     networks, endpoints = read_state(Path(args.state_dir))
     names = Names({}, {}) if args.no_names else docker_names()
     data = status_data(networks, endpoints, names)
-    print(json.dumps(data, indent=2) if args.json else format_status(data))
+    cluster = asyncio.run(gather_cluster(Path(args.state_dir), networks))
+    if args.json:
+        if cluster is not None:
+            data["cluster"] = cluster.to_dict()
+        print(json.dumps(data, indent=2))
+    else:
+        print(format_status(data))
+        if cluster is not None:
+            print("\n".join(format_cluster(cluster)))
     return 0
 
 
@@ -347,6 +379,19 @@ async def serve(args: argparse.Namespace) -> int:
     async def release_addresses(addresses: Sequence[tuple[str, IPAddress]]) -> None:
         await ipam.release_owned(addresses)
 
+    cluster = None
+    if args.cluster:
+        cluster = await join_cluster(
+            args.cluster,
+            args.advertise_address,
+            args.vxlan_port,
+            Path(args.state_dir),
+            netlink,
+            store,
+            lambda: driver.networks.values(),
+            lambda network_id: driver.state.endpoints_of(network_id),
+        )
+
     driver = NetworkDriver(
         store,
         netlink,
@@ -357,14 +402,22 @@ async def serve(args: argparse.Namespace) -> int:
         ephemeral_range=ephemeral_range(),
         release_addresses=release_addresses,
         sandbox_released=sandbox_released,
+        cluster=cluster,
     )
     # Each sees the other through one narrow function: the IPAM driver reads which addresses
     # the network driver's endpoints use; the network driver gives back addresses of
     # endpoints whose containers are gone.
-    ipam = IpamDriver(store, netlink.routes, endpoint_addresses=driver.state.addresses_in_pool)
+    ipam = IpamDriver(
+        store,
+        netlink.routes,
+        endpoint_addresses=driver.state.addresses_in_pool,
+        segments=cluster,
+    )
     await driver.load()
     await ipam.load()
     repairs = await driver.reconcile()
+    if cluster is not None:
+        await cluster.restore()  # from the state database: etcd may be away
     metrics = Metrics()
     metrics.count_repairs("startup", len(repairs))
     log.info(
@@ -388,6 +441,8 @@ async def serve(args: argparse.Namespace) -> int:
     metrics_runner = await start_metrics(args.metrics_address, metrics, driver, ipam)
     upkeep = Upkeep(driver, ipam, metrics, Intervals(heal=args.heal_interval, gc=args.gc_interval))
     upkeep.start()
+    if cluster is not None:
+        cluster.start()
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -398,6 +453,8 @@ async def serve(args: argparse.Namespace) -> int:
     # Stop accepting first, let in-flight requests finish, then drop the socket file.
     await upkeep.stop()
     await runner.cleanup()
+    if cluster is not None:
+        await cluster.close()  # leaves the tunnels up; the lease ends them elsewhere
     await driver.close()  # background writes and removals still under way
     if metrics_runner is not None:
         await metrics_runner.cleanup()

@@ -182,6 +182,15 @@ ECHO_REQUEST: dict[Family, str] = {
 
 
 @dataclass(frozen=True)
+class TunnelRules:
+    """A network that spans hosts: its tunnel's UDP port, and the other hosts of its segment,
+    the only ones whose VXLAN traffic this host accepts on that port."""
+
+    port: int
+    members: tuple[IPAddress, ...] = ()
+
+
+@dataclass(frozen=True)
 class NetworkRules:
     """What the firewall needs to know about one network."""
 
@@ -202,6 +211,7 @@ class NetworkRules:
     # The source address of egress (SNAT), per family; None: MASQUERADE.
     snat_v4: ipaddress.IPv4Address | None = None
     snat_v6: ipaddress.IPv6Address | None = None
+    tunnel: TunnelRules | None = None
 
     def subnets(self, family: Family) -> tuple[IPNetwork, ...]:
         return self.subnets_v4 if family == 4 else self.subnets_v6
@@ -213,8 +223,11 @@ class NetworkRules:
         return self.snat_v4 if family == 4 else self.snat_v6
 
 
-def firewall_view(network: Network, mappings: Sequence[PortMapping] = ()) -> NetworkRules:
-    """What the firewall needs to know about ``network``, whose endpoints publish ``mappings``."""
+def firewall_view(
+    network: Network, mappings: Sequence[PortMapping] = (), tunnel: TunnelRules | None = None
+) -> NetworkRules:
+    """What the firewall needs to know about ``network``, whose endpoints publish ``mappings``
+    (and whose tunnel to other hosts is ``tunnel``, for a network that spans hosts)."""
     return NetworkRules(
         bridge=network.bridge,
         subnets_v4=tuple(s.pool for s in network.subnets_v4),
@@ -229,11 +242,14 @@ def firewall_view(network: Network, mappings: Sequence[PortMapping] = ()) -> Net
         trusted=network.options.trusted_host_interfaces,
         snat_v4=network.options.host_ipv4,
         snat_v6=network.options.host_ipv6,
+        tunnel=tunnel,
     )
 
 
 def firewall_views(
-    networks: Iterable[Network], endpoints: Iterable[Endpoint]
+    networks: Iterable[Network],
+    endpoints: Iterable[Endpoint],
+    tunnels: Mapping[str, TunnelRules] | None = None,
 ) -> list[NetworkRules]:
     """The firewall's view of a state: every network but those being deleted (their rules go
     first), each with the ports its endpoints publish. The one way the service, its checks and
@@ -242,7 +258,7 @@ def firewall_views(
     for endpoint in endpoints:
         mappings.setdefault(endpoint.network_id, []).extend(endpoint.mappings)
     return [
-        firewall_view(network, mappings.get(network.id, ()))
+        firewall_view(network, mappings.get(network.id, ()), (tunnels or {}).get(network.id))
         for network in networks
         if network.state != "deleting"
     ]
@@ -390,6 +406,7 @@ def _raw_rules(networks: Sequence[NetworkRules], family: Family) -> list[str]:
     raw = [
         f"-A {RAW_CHAIN} -d {LOOPBACK[family]} ! -i lo -j DROP",
         f"-A {RAW_CHAIN} -s {LOOPBACK[family]} ! -i lo -j DROP",
+        *_tunnel_rules(networks, family),
     ]
     for net in networks:
         if not net.internal:
@@ -407,6 +424,28 @@ def _raw_rules(networks: Sequence[NetworkRules], family: Family) -> list[str]:
             raw.append(f"-A {RAW_CHAIN} -d fe80::/10 -i {b} -p ipv6-icmp -j RETURN")
         raw.append(f"-A {RAW_CHAIN} -i {b} -m addrtype --dst-type LOCAL -j DROP")
     return raw
+
+
+def _tunnel_rules(networks: Sequence[NetworkRules], family: Family) -> list[str]:
+    """VXLAN to this host only from the other hosts of its segments: anyone else could write
+    frames onto a segment's bridge (any source, any destination) by sending UDP to the port."""
+    ports = sorted({n.tunnel.port for n in networks if n.tunnel is not None})
+    rules = []
+    for port in ports:
+        members = {
+            m
+            for n in networks
+            if n.tunnel is not None and n.tunnel.port == port
+            for m in n.tunnel.members
+            if m.version == family
+        }
+        to_us = f"-p udp -m udp --dport {port} -m addrtype --dst-type LOCAL"
+        rules += [
+            f"-A {RAW_CHAIN} -s {m}/{m.max_prefixlen} {to_us} -j RETURN"
+            for m in sorted(members, key=int)
+        ]
+        rules.append(f"-A {RAW_CHAIN} {to_us} -j DROP")
+    return rules
 
 
 def _nat_rules(networks: Sequence[NetworkRules], family: Family) -> list[str]:
