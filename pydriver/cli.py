@@ -19,8 +19,8 @@ from pathlib import Path
 from aiohttp import web
 
 from . import __version__
-from .clustermodel import DEFAULT_VXLAN_PORT
-from .clusterreport import format_cluster, gather_cluster
+from .clustermodel import DEFAULT_VXLAN_PORT, parse_cluster
+from .clusterreport import forget_host, format_cluster, gather_cluster, read_record
 from .clusterstart import join_cluster
 from .dockerapi import docker_names
 from .doctor import doctor as run_doctor
@@ -180,6 +180,24 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(doctor, "--json", "print JSON for scripts")
     _flag(doctor, "--no-docker", "do not ask the docker CLI which networks exist")
 
+    cluster = sub.add_parser("cluster", help="networks that span hosts: tools")
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True)
+    forget = cluster_sub.add_parser(
+        "forget",
+        help="free the address blocks of a host that is gone for good",
+        description="Free what a host that will never come back still holds in the cluster: "
+        "its address blocks (kept on purpose while it might return, so that its containers' "
+        "addresses are never given twice) and any record of it left. Refused while that host's "
+        "pybridge is up. Host ids: pydriver status.",
+    )
+    forget.add_argument("host", help="the host's id (its state directory's host-id file)")
+    _state_dir_arg(forget)
+    forget.add_argument(
+        "--cluster",
+        default=_env("PYDRIVER_CLUSTER", ""),
+        help="etcd://HOST[:PORT][,...] (default: the cluster this host's pybridge is in)",
+    )
+
     prune = sub.add_parser(
         "prune",
         help="remove networks and IPAM pools the Docker daemon using pybridge no longer knows "
@@ -264,6 +282,31 @@ def prune_command(args: argparse.Namespace) -> int:
             f"left alone: {result.plan.recent_pools} unused IPAM pool(s) requested in the last "
             "minute (a network may be being created with them)"
         )
+    return 0
+
+
+def cluster_command(args: argparse.Namespace) -> int:
+    url = args.cluster
+    if not url:
+        record = read_record(Path(args.state_dir))
+        url = str(record["cluster"]) if record else ""
+    if not url:
+        print("pydriver: this host's pybridge is in no cluster; give --cluster", file=sys.stderr)
+        return 2
+
+    async def forget() -> list[str]:
+        from .etcdstore import EtcdStore  # gRPC only for the cluster's tools
+
+        store = EtcdStore(parse_cluster(url))
+        try:
+            return await forget_host(store, args.host)
+        finally:
+            await store.close()
+
+    removed = asyncio.run(forget())
+    for key in removed:
+        print(f"removed {key}")
+    print(f"host {args.host}: {len(removed)} record(s) freed")
     return 0
 
 
@@ -566,6 +609,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return doctor_command(args)
         if args.command == "prune":
             return prune_command(args)
+        if args.command == "cluster":
+            return cluster_command(args)
     except DriverError as err:
         print(f"pydriver: {err}", file=sys.stderr)
         return 1

@@ -411,15 +411,54 @@ class ClusterHost:
     # -- addresses ---------------------------------------------------------------------------------
 
     def _learn_blocks(self, name: str) -> None:
-        """Blocks the cluster says this host holds (a claim won just before a crash)."""
-        ours = {
-            b
-            for b, host in self.cluster.view.segment(name).blocks.items()
-            if host == self.cluster.host_id
-        }
-        if ours - self.blocks.get(name, set()):
-            self.blocks.setdefault(name, set()).update(ours)
+        """This host's blocks as the cluster has them: one it won just before a crash is
+        added; one the cluster no longer lists (`pydriver cluster forget` was run for this
+        host, or etcd lost its data) is claimed again; one another host holds now is never
+        handed out from here again."""
+        view = self.cluster.view.segment(name)
+        me = self.cluster.host_id
+        mine = self.blocks.setdefault(name, set())
+        changed = False
+        for block, holder in view.blocks.items():
+            if holder == me and block not in mine:
+                mine.add(block)
+                changed = True
+        for block in list(mine):
+            found = view.blocks.get(block)
+            if found is None:
+                self._spawn(self._reclaim(name, block))
+            elif found != me:
+                self._give_up(name, block, found)
+                changed = True
+        if changed:
             self._spawn(self._save())
+
+    def _give_up(self, name: str, block: IPNetwork, holder: str) -> None:
+        self.blocks.get(name, set()).discard(block)
+        log.error(
+            "segment %s: block %s, recorded as this host's, is held by host %s in the "
+            "cluster; no address of it is handed out here any more (was `pydriver cluster "
+            "forget` run for this host?)",
+            name,
+            block,
+            holder,
+        )
+
+    async def _reclaim(self, name: str, block: IPNetwork) -> None:
+        try:
+            holder = await self.cluster.claim_this_block(name, block)
+        except HostError as err:
+            log.warning(
+                "segment %s: block %s could not be claimed again yet (%s)", name, block, err
+            )
+            return
+        if holder != self.cluster.host_id:
+            self._give_up(name, block, holder)
+            await self._save()
+        else:
+            log.warning(
+                "segment %s: block %s was missing from the cluster; claimed again", name, block
+            )
 
     def _holdings(self, name: str, subnet: IPNetwork, used: Collection[int]) -> Holdings:
         segment = self.segments[name]

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from .clusterhost import META_KEY, segment_of
-from .clustermodel import PREFIX, parse_cluster
+from .clustermodel import PREFIX, host_key, parse_cluster
 from .clusterview import ClusterView
-from .errors import DriverError
+from .errors import Conflict, DriverError
+from .interfaces import ClusterStore
 from .model import Network
 from .naming import short, vxlan_name
 from .store import read_meta
@@ -198,3 +199,30 @@ async def gather_cluster(state_dir: Path, networks: Sequence[Network]) -> Cluste
     finally:
         await netlink.close()
     return compare(record, networks, view, entries, error)
+
+
+async def forget_host(store: ClusterStore, host: str) -> list[str]:
+    """Free what a host that is gone for good still holds in the cluster: its address blocks
+    (never freed by themselves: its containers might come back on them), and any member or
+    container record left. Refused while the host is up (its lease keeps hosts/HOST). The
+    keys removed."""
+    if await store.get(host_key(host)) is not None:
+        raise Conflict(
+            f"host {host} is up (it holds a lease in the cluster): stop its pybridge, wait for "
+            "its lease to end (10 s), and try again"
+        )
+    _, entries = await store.read_prefix(PREFIX)
+    removed = []
+    for entry in entries:
+        kind = entry.key[len(PREFIX) :].split("/")[0]
+        try:
+            record = json.loads(entry.value)
+        except ValueError:
+            continue
+        owner = record.get("host") if isinstance(record, dict) else None
+        is_member = kind == "members" and entry.key.rsplit("/", 1)[-1] == host
+        ours = (kind in ("blocks", "endpoints") and owner == host) or is_member
+        # Only while it still says so: never a block another host claimed meanwhile.
+        if ours and await store.delete_if(entry.key, entry.value):
+            removed.append(entry.key)
+    return removed

@@ -292,13 +292,20 @@ def test_a_host_that_dies_leaves_the_others_and_keeps_its_addresses(
     # Its addresses are not handed out while it may come back.
     others = [start(hosts[i % 2], net)[1] for i in range(6)]
     assert a3 not in others
-    # It comes back (pybridge before dockerd, as its unit orders it): reachable again.
+    # An operator frees its blocks (`pydriver cluster forget`, refused while it is up) ...
+    gone = (hosts[2].state_dir / "host-id").read_text().strip()
+    freed = hosts[0].exec_ns(sys.executable, "-m", "pydriver.cli", "cluster", "forget", gone,
+                             "--state-dir", str(hosts[0].state_dir)).stdout  # fmt: skip
+    assert f"/blocks/{net}/" in freed, freed
+    # ... and then it comes back after all (pybridge before dockerd, as its unit orders it):
+    # its blocks are claimed again (or given up, had another host taken them), never shared.
     hosts[2].reboot()
     hosts[2].start_pybridge(env=cluster_env(hosts[2]))
     hosts[2].start_dockerd()
     back, b3 = start(hosts[2], net)
     assert b3 not in others
     eventually("host 3 again", lambda: pings(hosts[0], one, b3), 10)
+    assert "claimed again" in hosts[2].log("pydriver", tail=20000)
     assert pings(hosts[2], back, others[0], 2)
 
 

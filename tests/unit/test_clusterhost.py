@@ -304,3 +304,27 @@ async def test_a_slow_store_is_tried_again_within_the_bound(
     store.get = first_call_fails  # type: ignore[method-assign]
     await create(hosts[0], request())
     assert calls >= 2
+
+
+async def test_blocks_forgotten_in_the_cluster_are_claimed_again_or_given_up(
+    store: MemoryClusterStore, hosts: list[Host]
+) -> None:
+    net = await create(hosts[0], request())
+    mine = await start_container(hosts[0], net)
+    await settle(store, *hosts)
+    (block,) = [b for b in hosts[0].host.blocks["seg"] if mine in b]
+    key = f"{PREFIX}blocks/seg/{str(block).replace('/', '-')}"
+    # Freed in the cluster behind this host's back (an operator's `cluster forget`): claimed again.
+    await store.delete(key)
+    await settle(store, *hosts)
+    for _ in range(20):
+        await asyncio.sleep(0.01)
+    assert json.loads(store.keys[key].value) == {"host": "host1"}
+    # Taken by another host meanwhile: never handed out here again.
+    await store.delete(key)
+    hosts[1].host.cluster.view.segment("seg").blocks.pop(block, None)
+    hosts[0].host.cluster.view.segment("seg").blocks.pop(block, None)
+    await store.put(key, b'{"host": "host2"}')
+    await settle(store, *hosts)
+    assert block not in hosts[0].host.blocks["seg"]
+    assert mine in block

@@ -6,6 +6,8 @@ from __future__ import annotations
 import ipaddress
 import json
 
+import pytest
+
 from pydriver.checks import check_cluster
 from pydriver.clusterreport import compare, format_cluster
 from pydriver.clusterview import ClusterView
@@ -80,3 +82,29 @@ def test_a_missing_device_and_an_unreachable_store() -> None:
     assert [f.kind for f in check_cluster(away)] == ["cluster-unreachable"]
     assert "could not be read: etcd did not answer" in "\n".join(format_cluster(away))
     assert check_cluster(None) == []
+
+
+async def test_forget_frees_a_gone_hosts_blocks_and_nothing_else() -> None:
+    from pydriver.clusterreport import forget_host
+    from pydriver.errors import Conflict
+    from tests.unit.fakecluster import MemoryClusterStore
+
+    store = MemoryClusterStore()
+    lease = await store.grant(10)
+    await store.put("/pybridge/v1/hosts/h2", b'{"vtep": "203.0.113.2"}', lease=lease)
+    await store.put("/pybridge/v1/blocks/seg/10.70.0.0-26", b'{"host": "h2"}')
+    await store.put("/pybridge/v1/blocks/seg/10.70.0.64-26", b'{"host": "h1"}')
+    await store.put("/pybridge/v1/members/seg/h2", b'{"vtep": "203.0.113.2"}')
+    await store.put("/pybridge/v1/segments/seg", b"{}")
+    with pytest.raises(Conflict, match="is up"):
+        await forget_host(store, "h2")
+    await store.expire(lease)  # it stopped: its lease ended
+    removed = await forget_host(store, "h2")
+    assert sorted(removed) == [
+        "/pybridge/v1/blocks/seg/10.70.0.0-26",
+        "/pybridge/v1/members/seg/h2",
+    ]
+    assert sorted(store.keys) == [
+        "/pybridge/v1/blocks/seg/10.70.0.64-26",
+        "/pybridge/v1/segments/seg",
+    ]
