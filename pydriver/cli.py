@@ -65,6 +65,14 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name) or default
 
 
+def _port(text: str) -> int:
+    """A UDP port number (argparse also runs this on the default taken from the environment,
+    so a bad PYDRIVER_VXLAN_PORT is one sentence too)."""
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text[:20]!r} is not a port number (1-65535)")
+    return int(text)
+
+
 def _socket_arg(parser: argparse.ArgumentParser, help_text: str) -> None:
     parser.add_argument(
         "--socket",
@@ -152,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--vxlan-port",
-        type=int,
-        default=int(_env("PYDRIVER_VXLAN_PORT", str(DEFAULT_VXLAN_PORT))),
+        type=_port,
+        default=_env("PYDRIVER_VXLAN_PORT", str(DEFAULT_VXLAN_PORT)),
         help=f"UDP port of the tunnels between hosts (env PYDRIVER_VXLAN_PORT; default "
         f"{DEFAULT_VXLAN_PORT}); the same on every host of the cluster",
     )

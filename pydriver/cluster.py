@@ -65,30 +65,39 @@ class Cluster:
         self._leased: dict[
             str, bytes
         ] = {}  # what goes under the lease (written again with a new one)
-        self._pending: dict[str, bytes | None] = {}  # key -> value to write, None: delete
+        # key -> (value to write, None: delete; a serial telling one request from another)
+        self._pending: dict[str, tuple[bytes | None, int]] = {}
+        self._serial = 0
         self._withdrawn: set[str] = set()  # own leased keys deleted, until the watch says so
         self._wake = asyncio.Event()
         self._synced = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._sync_task: asyncio.Task[None] | None = None
 
     # -- life --------------------------------------------------------------------------------
 
     def start(self) -> None:
         self._leased[host_key(self.host_id)] = json.dumps({"vtep": str(self.vtep)}).encode()
-        self._pending[host_key(self.host_id)] = self._leased[host_key(self.host_id)]
-        for run, name in (
-            (self._session, "session"),
-            (self._sync, "sync"),
-            (self._publisher, "publisher"),
-        ):
+        self._queue(host_key(self.host_id), self._leased[host_key(self.host_id)])
+        for run, name in ((self._session, "session"), (self._publisher, "publisher")):
             self._tasks.append(asyncio.create_task(run(), name=f"pydriver-cluster-{name}"))
+        self._start_sync()
         self._wake.set()
 
+    def _start_sync(self) -> None:
+        """The sync (again: a new read, then a watch). After a lost lease too: a watch can fall
+        silent instead of failing when etcd goes away without a word."""
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+        self._sync_task = asyncio.create_task(self._sync(), name="pydriver-cluster-sync")
+
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks, *([self._sync_task] if self._sync_task else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
+        self._sync_task = None
 
     @property
     def is_synced(self) -> bool:
@@ -105,13 +114,16 @@ class Cluster:
         """Write ``key`` soon (under this host's lease if ``leased``); never waits."""
         if leased:
             self._leased[key] = value
-        self._pending[key] = value
-        self._wake.set()
+        self._queue(key, value)
 
     def unpublish(self, key: str) -> None:
         if self._leased.pop(key, None) is not None:
             self._withdrawn.add(key)
-        self._pending[key] = None
+        self._queue(key, None)
+
+    def _queue(self, key: str, value: bytes | None) -> None:
+        self._serial += 1
+        self._pending[key] = (value, self._serial)
         self._wake.set()
 
     async def _publisher(self) -> None:
@@ -119,7 +131,8 @@ class Cluster:
             await self._wake.wait()
             self._wake.clear()
             while self._pending and self._lease:
-                key, value = next(iter(self._pending.items()))
+                key, request = next(iter(self._pending.items()))
+                value = request[0]
                 try:
                     if value is None:
                         await self.store.delete(key)
@@ -130,12 +143,15 @@ class Cluster:
                     log.warning("cluster: %s; trying again in %g s", err, RETRY)
                     await asyncio.sleep(RETRY)
                     continue
-                if self._pending.get(key) is value:  # not changed meanwhile
+                # Done unless asked for again meanwhile (a new value, or the same one under a
+                # new lease: a write in flight when the lease was replaced went under the old).
+                if self._pending.get(key) is request:
                     del self._pending[key]
 
     # -- the session -------------------------------------------------------------------------
 
     async def _session(self) -> None:
+        first = True
         while True:
             try:
                 self._lease = await self.store.grant(self.lease_ttl)
@@ -144,9 +160,13 @@ class Cluster:
                 await asyncio.sleep(RETRY)
                 continue
             # Everything leased goes again under the new lease.
-            self._pending.update(self._leased)
-            self._wake.set()
+            for key, value in self._leased.items():
+                self._queue(key, value)
+            if not first:
+                self._start_sync()
+            first = False
             await self._keep_alive()
+            self._lease = 0  # lost: nothing is written under it any more
 
     async def _keep_alive(self) -> None:
         """Refresh the lease until it is lost (it expired, or etcd forgot it)."""

@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .blocks import Holdings, block_of, block_prefix, reserved_in
+from .blocks import REFILL_BELOW, Holdings, block_of, block_prefix, reserved_in
 from .cluster import Cluster
 from .clustermodel import (
     DEFAULT_VXLAN_PORT,
@@ -277,7 +277,7 @@ class ClusterHost:
         for subnet in (*network.subnets_v4, *network.subnets_v6):
             held = self.blocks.get(segment.name, ())
             if not any(within(b, subnet.pool) for b in held):
-                prefix = block_prefix(subnet.pool, segment.block_size)
+                prefix = block_prefix(subnet.pool, segment.block_size or None)
                 self._spawn(self._refill(segment.name, subnet.pool, prefix))
 
     async def detach(self, network: Network) -> None:
@@ -464,11 +464,9 @@ class ClusterHost:
         segment = self.segments[name]
         held = tuple(b for b in self.blocks.get(name, ()) if within(b, subnet))
         gateways = [ipaddress.ip_address(g) for g in segment.gateways if g]
-        in_blocks = frozenset(
-            a
-            for a in map(ipaddress.ip_address, used)
-            if a.version == subnet.version and any(a in b for b in held)
-        )
+        # The block's addresses looked up in ``used`` (a set): what grows is the blocks held,
+        # never the addresses used elsewhere in the pool.
+        in_blocks = frozenset(a for b in held for a in b if int(a) in used)
         return Holdings(held, in_blocks, frozenset(reserved_in(subnet, gateways, ())))
 
     def pool_segment(self, pool_id: str) -> str | None:
@@ -500,39 +498,40 @@ class ClusterHost:
                 return subnet
         raise InvalidRequest(f"segment {name} has no IPv{6 if v6 else 4} subnet")
 
-    async def address(
+    def pick(
         self, pool_id: str, subnet: IPNetwork, used: Collection[int], wanted: IPAddress | None
-    ) -> IPAddress:
-        """An address of a segment's pool for a container of this host: from a block this host
-        holds; a block is claimed (at most WAIT seconds) only when none has a free one, or
-        when ``wanted`` is in a block no host holds yet."""
+    ) -> IPAddress | None:
+        """An address of a segment's pool for a container of this host, from the blocks this
+        host holds (never waits); None when they have none (``claim_for`` then). Claims the
+        next block in the background when few are left."""
         name = self.pools[pool_id]
-        segment = self.segments[name]
-        prefix = block_prefix(subnet, segment.block_size)
-        found = self._holdings(name, subnet, used).allocate(wanted)
-        if found is None:
-            try:
-                block = await bounded(lambda: self._claim(name, subnet, prefix, wanted))
-            except HostError:
-                raise HostError(
-                    f"pybridge cannot reach the cluster store{self._at()} and holds no free "
-                    f"address in segment {name}"
-                    + (f" for {wanted}" if wanted else "")
-                    + "; containers can start again once it answers"
-                ) from None
-            if block is None:
-                raise Conflict(f"segment {name} has no free address left in {subnet}")
-            found = self._holdings(name, subnet, used).allocate(wanted)
-            if found is None:
-                raise Conflict(
-                    f"address {wanted} is in use or reserved in segment {name}"
-                    if wanted
-                    else f"segment {name} has no free address left in {subnet}"
-                )
-        holdings = self._holdings(name, subnet, {*used, int(found)})
-        if holdings.needs_another_block():
-            self._spawn(self._refill(name, subnet, prefix))
+        holdings = self._holdings(name, subnet, used)
+        found = holdings.allocate(wanted)
+        if found is not None:
+            capacity = holdings.capacity()
+            if capacity == 0 or holdings.free() - 1 < capacity * REFILL_BELOW:
+                self._spawn(self._refill(name, subnet, self._prefix(name, subnet)))
         return found
+
+    async def claim_for(self, pool_id: str, subnet: IPNetwork, wanted: IPAddress | None) -> None:
+        """A block for ``pick`` to take an address from: the one ``wanted`` is in, or the next
+        free one; waits on the cluster WAIT seconds at most (no IPAM lock is held meanwhile)."""
+        name = self.pools[pool_id]
+        prefix = self._prefix(name, subnet)
+        try:
+            block = await bounded(lambda: self._claim(name, subnet, prefix, wanted))
+        except HostError:
+            raise HostError(
+                f"pybridge cannot reach the cluster store{self._at()} and holds no free "
+                f"address in segment {name}"
+                + (f" for {wanted}" if wanted else "")
+                + "; containers can start again once it answers"
+            ) from None
+        if block is None:
+            raise Conflict(f"segment {name} has no free address left in {subnet}")
+
+    def _prefix(self, name: str, subnet: IPNetwork) -> int:
+        return block_prefix(subnet, self.segments[name].block_size or None)
 
     async def _claim(
         self, name: str, subnet: IPNetwork, prefix: int, wanted: IPAddress | None

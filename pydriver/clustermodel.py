@@ -123,7 +123,7 @@ class Segment:
     vni: int
     vxlan_port: int = DEFAULT_VXLAN_PORT
     mtu: int = 1450
-    block_size: int = 64
+    block_size: int = 0  # addresses per block; 0: chosen for each subnet
     internal: bool = False
     icc: bool = True
 

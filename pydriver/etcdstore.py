@@ -9,6 +9,7 @@ lease keepalive, see the design note)."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any, Literal, TypeVar
 
@@ -16,7 +17,7 @@ import aetcd
 from aetcd import exceptions as etcd_errors
 
 from .clustermodel import Change, Entry
-from .errors import HostError
+from .errors import HostError, InvalidRequest
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT = 1.0
@@ -34,6 +35,29 @@ class Compacted(WatchLost):
     """The revision to watch from is gone (compacted): read everything again."""
 
 
+def grpc_target(endpoints: Sequence[tuple[str, int]]) -> tuple[str, int]:
+    """aetcd's (host, port), from which it makes the gRPC target "host:port". Several
+    endpoints make one target of the ipv4: or ipv6: scheme, "ipv4:A:P,B:P" (a dead first one is
+    passed over), so the last port goes separately; those schemes take addresses only."""
+    if len(endpoints) == 1:
+        return endpoints[0]
+    versions = set()
+    for host, _ in endpoints:
+        try:
+            versions.add(ipaddress.ip_address(host).version)
+        except ValueError:
+            raise InvalidRequest(
+                f"--cluster: {host} is a name; give the etcd members by address when there "
+                "are several (or one name that resolves to them all)"
+            ) from None
+    if len(versions) > 1:
+        raise InvalidRequest("--cluster: give the etcd members all by IPv4 or all by IPv6 address")
+    shown = [f"[{h}]" if ":" in h else h for h, _ in endpoints]
+    scheme = "ipv6:" if versions == {6} else "ipv4:"
+    head = ",".join(f"{h}:{p}" for h, (_, p) in zip(shown[:-1], endpoints[:-1], strict=True))
+    return f"{scheme}{head},{shown[-1]}", endpoints[-1][1]
+
+
 class EtcdStore:
     def __init__(
         self, endpoints: Sequence[tuple[str, int]], timeout: float = DEFAULT_TIMEOUT
@@ -43,11 +67,7 @@ class EtcdStore:
         self.endpoints = list(endpoints)
         self.timeout = timeout
         self._where = ",".join(f"{h}:{p}" for h, p in endpoints)
-        if len(endpoints) == 1:
-            host, port = endpoints[0]
-        else:  # one gRPC target naming every endpoint: a dead first one is passed over
-            host = "ipv4:" + ",".join(f"{h}:{p}" for h, p in endpoints)
-            port = endpoints[0][1]
+        host, port = grpc_target(endpoints)
         self._client = aetcd.Client(host=host, port=port, timeout=max(1, round(timeout)))
 
     async def _bounded(self, what: str, call: Awaitable[T]) -> T:

@@ -230,6 +230,21 @@ class IpamDriver:
         return pool
 
     async def request_address(self, req: RequestAddressRequest) -> tuple[IPInterface, Ack]:
+        answer = await self._request_address(req, claimed=False)
+        if answer is None:
+            # A pool of a network that spans hosts, and no free address in this host's blocks:
+            # a block is claimed from the cluster without holding up every other pool.
+            assert self._segments is not None
+            pool = self._pool(req.pool_id)
+            await self._segments.claim_for(pool.id, pool.subnet, req.address)
+            answer = await self._request_address(req, claimed=True)
+        assert answer is not None
+        return answer
+
+    async def _request_address(
+        self, req: RequestAddressRequest, *, claimed: bool
+    ) -> tuple[IPInterface, Ack] | None:
+        """The address, or None when a block must be claimed first (never once ``claimed``)."""
         async with self._lock.hold("pools"):
             pool = self._pool(req.pool_id)
             if req.address is not None and req.address.version != pool.subnet.version:
@@ -261,9 +276,20 @@ class IpamDriver:
                 )
                 if spans_hosts:
                     assert self._segments is not None
-                    chosen = await self._segments.address(
-                        pool.id, pool.subnet, pool.allocated, req.address
-                    )
+                    if pool.sub_range is not None:
+                        raise InvalidRequest(
+                            "--ip-range is not supported on a network that spans hosts: each "
+                            "host hands out addresses from blocks of the whole subnet"
+                        )
+                    chosen = self._segments.pick(pool.id, pool.subnet, pool.allocated, req.address)
+                    if chosen is None and not claimed:
+                        return None
+                    if chosen is None:
+                        raise Conflict(
+                            f"address {req.address} is in use or reserved in {pool.subnet}"
+                            if req.address
+                            else f"no free address left in {pool.subnet} for this host"
+                        )
                     address = pool.allocate(chosen)
                 else:
                     address = pool.allocate(req.address, gateway=req.is_gateway)

@@ -368,7 +368,8 @@ def _forward_rules(networks: Sequence[NetworkRules], family: Family) -> list[str
 def _isolation_rules(networks: Sequence[NetworkRules], family: Family) -> list[str]:
     # Traffic within one network is left to filter (ICC), so no drop below can match a
     # bridge that happens to be named like Docker's (br-x, docker0).
-    iso = [f"-A {ISOLATION_CHAIN} -i {n.bridge} -o {n.bridge} -j RETURN" for n in networks]
+    iso = _tunnel_forward_drops(networks, family)
+    iso += [f"-A {ISOLATION_CHAIN} -i {n.bridge} -o {n.bridge} -j RETURN" for n in networks]
     # Internal networks: nothing in or out, checked before replies and published ports are
     # let through (an internal container must not reach another network through a DNAT).
     # Written in iptables-save's own order (-i before -o), so saved rules compare equal.
@@ -440,12 +441,31 @@ def _tunnel_rules(networks: Sequence[NetworkRules], family: Family) -> list[str]
             if m.version == family
         }
         to_us = f"-p udp -m udp --dport {port} -m addrtype --dst-type LOCAL"
+        # rpfilter (strict): a member's address arriving where its route does not lead (a
+        # container of this host claiming to be another host) is no member.
         rules += [
-            f"-A {RAW_CHAIN} -s {m}/{m.max_prefixlen} {to_us} -j RETURN"
+            f"-A {RAW_CHAIN} -s {m}/{m.max_prefixlen} {to_us} -m rpfilter -j RETURN"
             for m in sorted(members, key=int)
         ]
         rules.append(f"-A {RAW_CHAIN} {to_us} -j DROP")
     return rules
+
+
+def _tunnel_forward_drops(networks: Sequence[NetworkRules], family: Family) -> list[str]:
+    """Nothing forwarded by this host (a container's traffic, whichever network it is on)
+    goes to a member's tunnel port: masqueraded to this host's address, it would pass the
+    member's check above as this host's own VXLAN."""
+    found = {
+        (m, n.tunnel.port)
+        for n in networks
+        if n.tunnel is not None
+        for m in n.tunnel.members
+        if m.version == family
+    }
+    return [
+        f"-A {ISOLATION_CHAIN} -d {m}/{m.max_prefixlen} -p udp -m udp --dport {port} -j DROP"
+        for m, port in sorted(found, key=lambda f: (int(f[0]), f[1]))
+    ]
 
 
 def _nat_rules(networks: Sequence[NetworkRules], family: Family) -> list[str]:

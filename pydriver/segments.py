@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .blocks import DEFAULT_BLOCK_SIZE, SMALLEST_BLOCK
+from .blocks import SMALLEST_BLOCK, block_prefix
 from .clustermodel import DEFAULT_VXLAN_PORT, VNI_RANGE, Segment, check_segment_name
 from .errors import InvalidRequest
 from .protocol import CreateNetworkRequest
@@ -77,6 +77,16 @@ def definition(
     data = (*req.ipv4_data, *req.ipv6_data)
     if not data:
         raise InvalidRequest(f"a network with {SEGMENT} needs a subnet; give one with --subnet")
+    if any(d.aux_addresses for d in data):
+        raise InvalidRequest(
+            f"--aux-address is not supported on a network with {SEGMENT}: another host would "
+            "hand the address out"
+        )
+    for d in data:
+        try:
+            block_prefix(d.pool, options.block_size or None)
+        except ValueError as err:
+            raise InvalidRequest(f"{BLOCK_SIZE} {options.block_size}: {err}") from None
     return Segment(
         name=options.name,
         subnets=tuple(str(d.pool) for d in data),
@@ -84,7 +94,7 @@ def definition(
         vni=options.vni,
         vxlan_port=vxlan_port,
         mtu=mtu_for(underlay_mtu, underlay_version),
-        block_size=options.block_size or DEFAULT_BLOCK_SIZE,
+        block_size=options.block_size,  # 0: chosen for each subnet (blocks.block_prefix)
         internal=req.internal,
         icc=icc,
     )

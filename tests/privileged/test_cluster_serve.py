@@ -245,7 +245,8 @@ def test_one_segment_on_two_hosts(lab: Lab) -> None:
         raw = ns_run(lab.hosts[n], "iptables-nft-save", "-t", "raw")
         other = f"203.0.113.{2 - n}/32"
         assert (
-            f"-s {other} -p udp -m udp --dport 4789 -m addrtype --dst-type LOCAL -j RETURN" in raw
+            f"-s {other} -p udp -m udp --dport 4789 -m addrtype --dst-type LOCAL -m rpfilter "
+            "-j RETURN" in raw
         )
     # `pydriver status` shows the cluster: both hosts, the segment, no entry in disagreement.
     status = json.loads(ns_run(lab.hosts[0], sys.executable, "-m", "pydriver.cli", "status",
@@ -354,3 +355,71 @@ def intruder_reaches(lab: Lab, network_id: str, target_ns: str, target: str) -> 
                       "-v", "-x", "-n")  # fmt: skip
     drop = next(line for line in counters.splitlines() if "DROP" in line and "4789" in line)
     assert int(drop.split()[0]) >= 2, counters
+
+
+def test_a_container_of_a_member_host_cannot_write_onto_a_segment(lab: Lab) -> None:
+    """A container on host 2, on an ordinary pybridge network with egress, sends VXLAN for
+    host 1's segment: masqueraded to host 2's address (a member's) it would pass host 1's check,
+    so host 2 must not forward it. And to its own host, claiming host 1's address as source:
+    not a member either (rpfilter)."""
+    subnet = "10.70.0.0/16"
+    ids = []
+    for n, plugin in enumerate(lab.plugins):
+        status, answer, network_id = network(plugin, "" if n else subnet, "seg", bool(n))
+        ok(status, answer)
+        ids.append(network_id)
+    c1, a1 = container(lab, 0, ids[0], subnet)
+    c2, a2 = container(lab, 1, ids[1], subnet)  # host 2 is a member of the segment
+    # An ordinary network with egress on host 2, and a container on it.
+    plugin = lab.plugins[1]
+    pool = call(plugin, "IpamDriver.RequestPool", {"AddressSpace": SPACE, "Pool": "10.80.0.0/24",
+                "SubPool": "", "Options": {}, "V6": False})  # fmt: skip
+    gateway = call(plugin, "IpamDriver.RequestAddress", {
+        "PoolID": pool["PoolID"], "Address": "",
+        "Options": {"RequestAddressType": "com.docker.network.gateway"}})  # fmt: skip
+    plain_id = secrets.token_hex(32)
+    call(plugin, "NetworkDriver.CreateNetwork", {
+        "NetworkID": plain_id,
+        "Options": {"com.docker.network.enable_ipv6": False, "com.docker.network.generic": {}},
+        "IPv4Data": [{"AddressSpace": SPACE, "Pool": pool["Pool"], "Gateway": gateway["Address"]}],
+        "IPv6Data": []})  # fmt: skip
+    x, ax = container(lab, 1, plain_id, pool["PoolID"])
+    vni = re.search(r"vxlan id (\d+)", ns_run(lab.hosts[0], "ip", "-d", "link", "show",
+                                               f"pyx-{ids[0][:11]}"))  # fmt: skip
+    assert vni is not None
+    mac = re.search(r"link/ether (\S+)", ns_run(c1, "ip", "link", "show", "eth0"))
+    assert mac is not None
+    # Plain UDP from the container would do; a VXLAN device is the shortest way to write it.
+    ns_run(x, "ip", "link", "add", "vx", "type", "vxlan", "id", vni.group(1), "dstport", "4789",
+           "local", ax, "dev", "eth0", "nolearning")  # fmt: skip
+    ns_run(x, "ip", "addr", "add", "10.70.99.99/16", "dev", "vx")
+    ns_run(x, "ip", "link", "set", "vx", "up")
+    ns_run(x, "bridge", "fdb", "append", "00:00:00:00:00:00", "dev", "vx", "dst", "203.0.113.1")
+    ns_run(x, "ip", "neigh", "replace", a1, "lladdr", mac.group(1), "dev", "vx", "nud",
+           "permanent")  # fmt: skip
+    bridge = f"pyb-{ids[0][:11]}"
+    ns_run(lab.hosts[0], "iptables-nft", "-t", "raw", "-I", "PREROUTING", "1", "-i", bridge,
+           "-s", "10.70.99.99/32")  # fmt: skip
+    ping(x, a1, count=2)
+    seen = ns_run(lab.hosts[0], "iptables-nft", "-t", "raw", "-L", "PREROUTING", "1", "-v", "-x",
+                  "-n")  # fmt: skip
+    assert int(seen.split()[0]) == 0, f"frames from a container reached the segment: {seen}"
+
+    # To its own host, claiming host 1's address as its source: refused there too.
+    mac2 = re.search(r"link/ether (\S+)", ns_run(c2, "ip", "link", "show", "eth0"))
+    assert mac2 is not None
+    ns_run(x, "ip", "link", "del", "vx")  # (one device per VNI and port)
+    ns_run(x, "ip", "addr", "add", "203.0.113.1/32", "dev", "lo")
+    ns_run(x, "ip", "link", "add", "vy", "type", "vxlan", "id", vni.group(1), "dstport", "4789",
+           "local", "203.0.113.1", "nolearning")  # fmt: skip
+    ns_run(x, "ip", "addr", "add", "10.70.99.98/16", "dev", "vy")
+    ns_run(x, "ip", "link", "set", "vy", "up")
+    ns_run(x, "bridge", "fdb", "append", "00:00:00:00:00:00", "dev", "vy", "dst", "203.0.113.2")
+    ns_run(x, "ip", "neigh", "replace", a2, "lladdr", mac2.group(1), "dev", "vy", "nud",
+           "permanent")  # fmt: skip
+    ns_run(lab.hosts[1], "iptables-nft", "-t", "raw", "-I", "PREROUTING", "1", "-i",
+           f"pyb-{ids[1][:11]}", "-s", "10.70.99.98/32")  # fmt: skip
+    ping(x, a2, count=2)
+    seen = ns_run(lab.hosts[1], "iptables-nft", "-t", "raw", "-L", "PREROUTING", "1", "-v", "-x",
+                  "-n")  # fmt: skip
+    assert int(seen.split()[0]) == 0, f"spoofed frames reached the segment: {seen}"

@@ -18,7 +18,7 @@ from pydriver.cluster import Cluster
 from pydriver.clusterhost import META_KEY, ClusterHost, Underlay
 from pydriver.clustermodel import PREFIX, member_key
 from pydriver.errors import Conflict, HostError, InvalidRequest
-from pydriver.model import Endpoint, IPAddress, Network, Subnet
+from pydriver.model import Endpoint, IPAddress, IPNetwork, Network, Subnet
 from pydriver.protocol import CreateNetworkRequest, IPData
 from pydriver.segments import segment_options
 from tests.unit.fakecluster import FakeTunnelKernel, MemoryClusterStore, MemoryMeta
@@ -95,10 +95,23 @@ async def create(box: Host, req: CreateNetworkRequest) -> Network:
     return network
 
 
+async def allocate(
+    host: ClusterHost, subnet: IPNetwork, used: set[int], wanted: IPAddress | None
+) -> IPAddress:
+    """What the IPAM driver does: an address from the blocks held, else a claim first."""
+    found = host.pick(str(subnet), subnet, used, wanted)
+    if found is None:
+        await host.claim_for(str(subnet), subnet, wanted)
+        found = host.pick(str(subnet), subnet, used, wanted)
+    if found is None:
+        raise Conflict(f"{wanted} taken")
+    return found
+
+
 async def start_container(
     box: Host, network: Network, wanted: IPAddress | None = None
 ) -> IPAddress:
-    address = await box.host.address(str(SUBNET), SUBNET, box.used, wanted)
+    address = await allocate(box.host, SUBNET, box.used, wanted)
     box.used.add(int(address))
     endpoint = Endpoint(
         id=secrets.token_hex(32),
@@ -239,7 +252,7 @@ async def test_while_etcd_is_away(store: MemoryClusterStore, hosts: list[Host]) 
     other.host.pools[str(SUBNET)] = "seg"
     with pytest.raises(HostError, match="cannot reach the cluster store at etcd://memory and "
                        "holds no free address in segment seg"):  # fmt: skip
-        await other.host.address(str(SUBNET), SUBNET, set(), None)
+        await allocate(other.host, SUBNET, set(), None)
     # A segment this host knows is created again without the store; an unknown one is not.
     await hosts[0].host.detach(net)
     del hosts[0].networks[net.id]
@@ -264,7 +277,7 @@ async def test_restart_with_etcd_away_rebuilds_the_tunnel_from_the_state(
         await again.host.restore()
         assert list(again.kernel.devices) == [f"pyx-{net.id[:11]}"]
         # Addresses come from the blocks it held, without the store.
-        address = await again.host.address(str(SUBNET), SUBNET, hosts[0].used, None)
+        address = await allocate(again.host, SUBNET, hosts[0].used, None)
         assert address not in {ip(a) for a in hosts[0].used}
         await store.set_down(False)
         await asyncio.wait_for(again.host.cluster.synced(), 5)

@@ -78,3 +78,26 @@ def test_an_underlay_too_small_for_the_segment() -> None:
     with pytest.raises(InvalidRequest, match="carries at most 1430 once encapsulated"):
         check_underlay(segment, 1500, 6)
     assert ipaddress.ip_network(segment.subnets[0]).num_addresses == 65536
+
+
+def test_block_sizes_and_aux_addresses_are_checked_before_anything_is_recorded() -> None:
+    def define(options: SegmentOptions, subnet: str, aux: bool = False) -> Segment:
+        net = ipaddress.ip_network(subnet)
+        body = create_network_body(hexid("n1"), subnet, f"{net[1]}/{net.prefixlen}")
+        if aux:
+            body["IPv4Data"][0]["AuxAddresses"] = {"router": f"{net[2]}/{net.prefixlen}"}
+        return definition(
+            options,
+            p.parse_create_network(body),
+            icc=True,
+            underlay_mtu=1500,
+            underlay_version=4,
+            pool_owned_by_pybridge=True,
+        )
+
+    # The default is chosen per subnet (0 in the record): a /24 gets 16 blocks of 16.
+    assert define(SegmentOptions("web"), "10.70.0.0/24").block_size == 0
+    with pytest.raises(InvalidRequest, match=r"pybridge\.block_size 256: blocks of 256"):
+        define(SegmentOptions("web", block_size=256), "10.70.0.0/25")
+    with pytest.raises(InvalidRequest, match="--aux-address is not supported"):
+        define(SegmentOptions("web"), "10.70.0.0/24", aux=True)
