@@ -420,7 +420,9 @@ class DockerHost:
         """The docker CLI against this host's dockerd: its stripped output."""
         result = self.docker_result(*args, timeout=timeout)
         if check and result.returncode != 0:
-            raise AssertionError(f"docker {' '.join(args)} on {self.name}: {result.stderr}")
+            # pybridge's side of it, in the message (CI keeps only the test's output).
+            said = f"\n--- {self.name} pydriver.log (end):\n{self.log('pydriver', 2500)}"
+            raise AssertionError(f"docker {' '.join(args)} on {self.name}: {result.stderr}{said}")
         return result.stdout.strip()
 
     def load_image(self, tar: Path, name: str = IMAGE) -> None:
