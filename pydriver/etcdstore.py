@@ -21,6 +21,16 @@ from .errors import HostError, InvalidRequest
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT = 1.0
+RENEW_AFTER = 3
+# Reconnect soon after etcd comes back (gRPC's default backoff grows to two minutes), and
+# notice a connection that went silent (keepalive pings).
+CHANNEL_OPTIONS = {
+    "grpc.initial_reconnect_backoff_ms": 500,
+    "grpc.max_reconnect_backoff_ms": 2000,
+    "grpc.keepalive_time_ms": 10000,
+    "grpc.keepalive_timeout_ms": 3000,
+    "grpc.keepalive_permit_without_calls": 1,
+}
 
 
 class ClusterUnavailable(HostError):
@@ -67,19 +77,43 @@ class EtcdStore:
         self.endpoints = list(endpoints)
         self.timeout = timeout
         self._where = ",".join(f"{h}:{p}" for h, p in endpoints)
-        host, port = grpc_target(endpoints)
-        self._client = aetcd.Client(host=host, port=port, timeout=max(1, round(timeout)))
+        self._target = grpc_target(endpoints)
+        self._client = self._new_client()
+        self._failures = 0
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def _new_client(self) -> aetcd.Client:
+        host, port = self._target
+        return aetcd.Client(
+            host=host, port=port, timeout=max(1, round(self.timeout)), options=CHANNEL_OPTIONS
+        )
+
+    def _failed(self) -> None:
+        """Calls that get no answer RENEW_AFTER times in a row: a new connection (a channel
+        whose first connection went wrong was seen to stay so while etcd answered others)."""
+        self._failures += 1
+        if self._failures < RENEW_AFTER:
+            return
+        self._failures = 0
+        old, self._client = self._client, self._new_client()
+        task = asyncio.get_running_loop().create_task(old.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def _bounded(self, what: str, call: Awaitable[T]) -> T:
         try:
             async with asyncio.timeout(self.timeout):
-                return await call
+                found = await call
+            self._failures = 0
+            return found
         except TimeoutError:
+            self._failed()
             raise ClusterUnavailable(
                 f"the cluster store (etcd at {self._where}) did not answer within "
                 f"{self.timeout:g} s ({what})"
             ) from None
         except etcd_errors.ClientError as err:
+            self._failed()
             raise ClusterUnavailable(
                 f"the cluster store (etcd at {self._where}) cannot be reached ({what}: "
                 f"{type(err).__name__})"
