@@ -38,6 +38,7 @@ UNDERLAY_BRIDGE = "ul"
 UNDERLAY_PREFIX = "203.0.113"  # TEST-NET-3: no route of this machine may overlap it
 UNDERLAY_LEN = 24
 ETCD_IP = f"{UNDERLAY_PREFIX}.254"
+UNDERLAY_MAC = "02:cb:00:71:00:fe"
 ETCD_PORT = 2379
 ETCD_URL = f"http://{ETCD_IP}:{ETCD_PORT}"
 RUN_DIR = Path("/run/pbmh")
@@ -165,7 +166,10 @@ class Underlay:
         run(["ip", "netns", "add", self.ns])
         for argv in (
             ["link", "set", "lo", "up"],
-            ["link", "add", UNDERLAY_BRIDGE, "type", "bridge"],
+            # A fixed MAC: a bridge without one takes its lowest port's, so a host rebooted
+            # (its veth added again with a new MAC) could change the MAC behind etcd's address
+            # under the other hosts' neighbour entries (their connections to etcd then hung).
+            ["link", "add", UNDERLAY_BRIDGE, "address", UNDERLAY_MAC, "type", "bridge"],
             ["addr", "add", f"{ETCD_IP}/{UNDERLAY_LEN}", "dev", UNDERLAY_BRIDGE],
             ["link", "set", UNDERLAY_BRIDGE, "up"],
         ):
