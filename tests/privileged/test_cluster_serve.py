@@ -93,6 +93,7 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
     hosts = [f"pbt-h1{tag}", f"pbt-h2{tag}"]
     etcd: subprocess.Popen[bytes] | None = None
     state = Lab(underlay, hosts, [], [], tmp_path)
+    etcd_dir: Path | None = None
     for ns in (underlay, *hosts):
         run(["ip", "netns", "add", ns])
         ns_run(ns, "ip", "link", "set", "lo", "up")
@@ -128,7 +129,7 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
             etcd.wait(timeout=10)
         for ns in (*state.containers, underlay, *hosts):
             run(["ip", "netns", "del", ns], check=False)
-        if etcd is not None:
+        if etcd_dir is not None:
             shutil.rmtree(etcd_dir, ignore_errors=True)
 
 
