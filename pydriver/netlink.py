@@ -29,6 +29,11 @@ from .tunnel import FLOOD_MAC, Step, TunnelEntries
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+
+def _address_family(version: int) -> int:
+    return socket.AF_INET if version == 4 else socket.AF_INET6
+
+
 IFA_F_NODAD = 0x02
 MAIN_TABLE = 254
 _RT_UNICAST = 1
@@ -502,7 +507,7 @@ class _NetlinkCore:
         many went. Entries outlive the container: left in place, a reply-state entry lets a
         later container that gets the address receive, through the replies rule, traffic
         nobody allowed, and a UDP flow keeps going to a port no longer published."""
-        family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+        family = _address_family(address.version)
         ip = str(address)
         if proto is not None:
             filters = [("reply", NFCTAttrTuple(family=family, saddr=ip, proto=proto, sport=port))]
@@ -521,7 +526,7 @@ class _NetlinkCore:
         """Delete the connection-tracking entries of flows to ``port`` (``proto``) of any
         address of ``family``: flows to a host port set up before its DNAT rule existed. (Only
         the publication's own family: reading IPv6 entries means reading them all.)"""
-        af = socket.AF_INET if family == 4 else socket.AF_INET6
+        af = _address_family(family)
         filters = [("orig", NFCTAttrTuple(family=af, proto=proto, dport=port))]
         return await self._forget(f"port {port}", filters)
 
