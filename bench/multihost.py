@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 
 from tests.harness import IMAGE
-from tests.multihost.harness import ETCD_IP, ETCD_PORT, Cluster, DockerHost
+from tests.multihost.harness import Cluster, DockerHost
 
 STREAM_SECONDS = 3
 PING_COUNT = 40
@@ -31,13 +31,6 @@ class Figure:
     value: str
     target: str = ""
     met: bool | None = None
-
-
-def _env(host: DockerHost) -> dict[str, str]:
-    return {
-        "PYDRIVER_CLUSTER": f"etcd://{ETCD_IP}:{ETCD_PORT}",
-        "PYDRIVER_ADVERTISE_ADDRESS": host.address,
-    }
 
 
 def _pid(host: DockerHost, container: str) -> int:
@@ -85,7 +78,7 @@ def measure(reps: int) -> list[Figure]:
     try:
         one, two = cluster.hosts
         for host in (one, two):
-            host.start_pybridge(env=_env(host))
+            host.start_pybridge(env=host.cluster_env)
         for i, host in enumerate((one, two)):
             where = (
                 ["--subnet", "10.90.0.0/16"] if i == 0 else ["--ipam-opt", "pybridge.segment=pbb"]

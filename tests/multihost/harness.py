@@ -438,6 +438,15 @@ class DockerHost:
     def plugin_socket(self) -> Path:
         return self.path(PLUGIN_SOCKET)
 
+    @property
+    def cluster_env(self) -> dict[str, str]:
+        """The environment of a pybridge of this host that joins the harness's etcd."""
+        return {
+            "PYDRIVER_CLUSTER": f"etcd://{ETCD_IP}:{ETCD_PORT}",
+            "PYDRIVER_ADVERTISE_ADDRESS": self.address,
+            "PYDRIVER_HEAL_INTERVAL": "2",
+        }
+
     def start_pybridge(self, *extra_args: str, env: dict[str, str] | None = None) -> None:
         """`pydriver serve` in this host with its own state dir, on the socket this host's
         dockerd looks at; returns once the socket answers."""

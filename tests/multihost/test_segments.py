@@ -16,26 +16,18 @@ from functools import partial
 import pytest
 
 from tests.harness import IMAGE
-from tests.multihost.harness import ETCD_IP, ETCD_PORT, Cluster, DockerHost
+from tests.multihost.harness import Cluster, DockerHost
 
 pytestmark = pytest.mark.e2e
 
 LEASE_GONE = 25  # seconds: a lease of 10 s expires, the watch reports it, tunnels follow
 
 
-def cluster_env(host: DockerHost) -> dict[str, str]:
-    return {
-        "PYDRIVER_CLUSTER": f"etcd://{ETCD_IP}:{ETCD_PORT}",
-        "PYDRIVER_ADVERTISE_ADDRESS": host.address,
-        "PYDRIVER_HEAL_INTERVAL": "2",
-    }
-
-
 @pytest.fixture(scope="module")
 def hosts(cluster: Cluster) -> Iterator[list[DockerHost]]:
     """The three hosts, each with pybridge in the cluster."""
     for host in cluster.hosts:
-        host.start_pybridge(env=cluster_env(host))
+        host.start_pybridge(env=host.cluster_env)
     yield cluster.hosts
     for host in cluster.hosts:
         if host.pybridge is not None:
@@ -250,7 +242,7 @@ def test_pybridge_killed_and_restarted_on_one_host(hosts: list[DockerHost]) -> N
     assert pings(hosts[0], one, a2, 2)
     hosts[1].kill9_pybridge()
     assert pings(hosts[0], one, a2, 2)  # the data plane does not need pybridge
-    hosts[1].start_pybridge(env=cluster_env(hosts[1]))
+    hosts[1].start_pybridge(env=hosts[1].cluster_env)
     _, a3 = start(hosts[1], net)
     assert len({a1, a2, a3}) == 3
     eventually("the new container from host 1", lambda: pings(hosts[0], one, a3), 5)
@@ -300,7 +292,7 @@ def test_a_host_that_dies_leaves_the_others_and_keeps_its_addresses(
     # ... and then it comes back after all (pybridge before dockerd, as its unit orders it):
     # its blocks are claimed again (or given up, had another host taken them), never shared.
     hosts[2].reboot()
-    hosts[2].start_pybridge(env=cluster_env(hosts[2]))
+    hosts[2].start_pybridge(env=hosts[2].cluster_env)
     hosts[2].start_dockerd()
     back, b3 = start(hosts[2], net)
     assert b3 not in others
