@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-NEED_ROOT = ("tests/privileged", "tests/e2e")
+NEED_ROOT = ("tests/privileged", "tests/e2e", "tests/multihost")
 _HERE = Path(__file__).resolve().parent
 
 

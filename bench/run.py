@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import multihost
 from tests import harness
 from tests.harness import IMAGE, build_image, wait_for
 from tests.hostenv import leak_guard
@@ -580,6 +581,39 @@ def machine() -> str:
 NOTES_MARKER = "<!-- notes: written by hand, kept by bench/run.py -->"
 
 
+ACROSS_HOSTS = "## Across hosts"
+
+
+def render_across_hosts(figures: list[multihost.Figure], reps: int) -> str:
+    out = [
+        ACROSS_HOSTS,
+        "",
+        "One pybridge network spanning two Docker hosts of the multi-host harness (each host a",
+        "network namespace with its own dockerd 20.10 and pybridge, joined by a veth underlay",
+        f"bridge, etcd on it); streams and pings interleaved, medians of {reps}; iperf3 run in",
+        "the containers' network namespaces (the image has no iperf3).",
+        "",
+        "| figure | value | target | met |",
+        "|---|---|---|---|",
+    ]
+    for f in figures:
+        met = "" if f.met is None else ("yes" if f.met else "**no**")
+        out.append(f"| {f.name} | {f.value} | {f.target} | {met} |")
+    return "\n".join(out) + "\n"
+
+
+def _splice_across_hosts(previous: str, section: str) -> str:
+    """``previous`` with its across-hosts section replaced by ``section`` (added before the
+    notes if it had none)."""
+    start = previous.find(ACROSS_HOSTS)
+    end = previous.find(NOTES_MARKER)
+    if end < 0:
+        end = len(previous)
+    if start < 0:
+        start = end
+    return previous[:start] + section + "\n" + previous[end:]
+
+
 def render(rows: list[Row], micro: list[str], singles: list[Single], reps: int) -> str:
     out = [
         "# Benchmarks: pybridge against Docker's built-in bridge",
@@ -636,7 +670,21 @@ def main() -> int:
     )
     parser.add_argument("--output", default=str(ROOT / "docs" / "benchmarks.md"))
     parser.add_argument("--json", help="also write the raw figures here")
+    parser.add_argument(
+        "--multihost-only",
+        action="store_true",
+        help="only the figures across hosts (the rest of the file is kept)",
+    )
     args = parser.parse_args()
+    output = Path(args.output)
+    if args.multihost_only:
+        with leak_guard():
+            print("[bench] across hosts", file=sys.stderr)
+            section = render_across_hosts(multihost.measure(args.reps), args.reps)
+        previous = output.read_text() if output.exists() else ""
+        output.write_text(_splice_across_hosts(previous, section))
+        print(section)
+        return 0
     build_image()
     with leak_guard():
         print("[bench] docker commands", file=sys.stderr)
@@ -646,8 +694,9 @@ def main() -> int:
         print("[bench] pybridge itself", file=sys.stderr)
         micro, singles = plugin_level(args.cycles)
         singles = scale + singles
-    text = render(rows, micro, singles, args.reps)
-    output = Path(args.output)
+        print("[bench] across hosts", file=sys.stderr)
+        across = render_across_hosts(multihost.measure(args.reps), args.reps)
+    text = render(rows, micro, singles, args.reps) + "\n" + across
     output.parent.mkdir(parents=True, exist_ok=True)
     # The hand-written notes (what was changed, what limits a figure) outlive a new run.
     previous = output.read_text() if output.exists() else ""

@@ -1,5 +1,6 @@
 """Write plugin/requirements.lock: the exact versions and sha256 hashes of the wheels the
-managed plugin's image installs (pybridge's dependencies from pyproject.toml, and theirs), so
+managed plugin's image installs (pybridge's dependencies from pyproject.toml with its cluster
+extra, and theirs), so
 that two builds of one commit install the same files. Run it after changing the dependencies
 or to take newer releases, and commit the result:
 
@@ -68,7 +69,11 @@ def render(requirements: list[str], per_arch: dict[str, dict[str, tuple[str, str
 
 def main() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    requirements: list[str] = project["dependencies"]
+    # With the cluster extra: a managed plugin joins a cluster by setting PYDRIVER_CLUSTER.
+    requirements: list[str] = [
+        *project["dependencies"],
+        *project["optional-dependencies"]["cluster"],
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         per_arch = {arch: wheels(requirements, arch, Path(tmp) / arch) for arch in ARCHITECTURES}
     LOCK.write_text(render(requirements, per_arch))

@@ -8,9 +8,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from .clusterreport import ClusterReport
 from .logs import escape
 from .model import Endpoint, Family, HostRoute, Network
-from .naming import is_pybridge_bridge, is_pybridge_veth
+from .naming import VXLAN_PREFIX, is_pybridge_bridge, is_pybridge_veth, vxlan_name
 from .pruning import managed_plugin_id
 from .rules import CHAIN_PREFIX, NetworkRules, drift, parse_save
 from .store import ROW_KIND, SCHEMA_VERSION, SetAside, StateHealth
@@ -333,9 +334,10 @@ def check_veths(endpoints: Sequence[Endpoint], links: Mapping[str, str | None]) 
 def check_stray_links(
     networks: Sequence[Network], endpoints: Sequence[Endpoint], links: Mapping[str, str | None]
 ) -> list[Finding]:
-    """Bridges and veths named like pybridge's that no state refers to."""
+    """Bridges, veths and tunnel devices named like pybridge's that no state refers to."""
     bridges = {n.bridge for n in networks}
     veths = {e.host_veth for e in endpoints} | {e.container_veth for e in endpoints}
+    tunnels = {vxlan_name(n.id) for n in networks}
     return [
         problem(
             "link-stray",
@@ -345,6 +347,7 @@ def check_stray_links(
         for name, kind in sorted(links.items())
         if (kind == "bridge" and is_pybridge_bridge(name) and name not in bridges)
         or (kind == "veth" and is_pybridge_veth(name) and name not in veths)
+        or (kind == "vxlan" and name.startswith(VXLAN_PREFIX) and name not in tunnels)
     ]
 
 
@@ -448,6 +451,7 @@ class Facts:
     routes: Sequence[HostRoute] = ()
     docker_networks: frozenset[str] | None = None
     docker_plugins: Sequence[tuple[str, bool]] | None = None  # managed: (name, enabled)
+    cluster: ClusterReport | None = None  # networks that span hosts (None: not in a cluster)
 
 
 def evaluate(facts: Facts) -> list[Finding]:
@@ -472,4 +476,49 @@ def evaluate(facts: Facts) -> list[Finding]:
     found += check_plugin_name(facts.socket, facts.docker_plugins)
     found += check_kernel_match(facts.networks, facts.endpoints, facts.links)
     found += check_routes(facts.networks, facts.routes)
+    found += check_cluster(facts.cluster)
+    return found
+
+
+def check_cluster(report: ClusterReport | None) -> list[Finding]:
+    """The tunnels of networks that span hosts hold what the cluster store says."""
+    if report is None:
+        return []
+    if report.store_error:
+        return [
+            problem(
+                "cluster-unreachable",
+                f"the cluster store ({report.cluster}) cannot be read: {report.store_error}",
+                "check that etcd runs and this host reaches it (tunnels keep working meanwhile; "
+                "new segments and address blocks wait for it)",
+            )
+        ]
+    found = []
+    for seg in report.segments:
+        if not seg.device:
+            found.append(
+                problem(
+                    "tunnel-missing",
+                    f"the tunnel of segment {seg.name} (network {seg.network[:12]}) is missing",
+                    "restart pybridge: it rebuilds tunnels at start-up",
+                )
+            )
+        elif seg.disagreements:
+            found.append(
+                problem(
+                    "tunnel-drift",
+                    f"the tunnel of segment {seg.name}: {len(seg.disagreements)} entries disagree "
+                    f"with the cluster store (first: {seg.disagreements[0]})",
+                    "pybridge repairs them within seconds; if this stays, see its log "
+                    "(pydriver status shows every entry)",
+                )
+            )
+        else:
+            found.append(
+                ok(
+                    "tunnel-ok",
+                    f"segment {seg.name}: {len(seg.members)} member host(s), tunnel as the "
+                    "cluster store says",
+                )
+            )
     return found

@@ -19,6 +19,9 @@ from pathlib import Path
 from aiohttp import web
 
 from . import __version__
+from .clustermodel import DEFAULT_VXLAN_PORT, parse_cluster
+from .clusterreport import forget_host, format_cluster, gather_cluster, read_record
+from .clusterstart import join_cluster
 from .dockerapi import docker_names
 from .doctor import doctor as run_doctor
 from .driver import NetworkDriver
@@ -60,6 +63,14 @@ PORT_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(name) or default
+
+
+def _port(text: str) -> int:
+    """A UDP port number (argparse also runs this on the default taken from the environment,
+    so a bad PYDRIVER_VXLAN_PORT is one sentence too)."""
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text[:20]!r} is not a port number (1-65535)")
+    return int(text)
 
 
 def _socket_arg(parser: argparse.ArgumentParser, help_text: str) -> None:
@@ -134,6 +145,27 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 10)",
     )
 
+    serve.add_argument(
+        "--cluster",
+        default=_env("PYDRIVER_CLUSTER", ""),
+        help="etcd://HOST[:PORT][,HOST[:PORT]...]: take part in a cluster, so that networks "
+        "created with -o pybridge.segment=NAME span the hosts that join them (env "
+        "PYDRIVER_CLUSTER; default: this host alone)",
+    )
+    serve.add_argument(
+        "--advertise-address",
+        default=_env("PYDRIVER_ADVERTISE_ADDRESS", ""),
+        help="the address of this host other hosts reach it at (the tunnels' source; env "
+        "PYDRIVER_ADVERTISE_ADDRESS; default: the address of the default route's interface)",
+    )
+    serve.add_argument(
+        "--vxlan-port",
+        type=_port,
+        default=_env("PYDRIVER_VXLAN_PORT", str(DEFAULT_VXLAN_PORT)),
+        help=f"UDP port of the tunnels between hosts (env PYDRIVER_VXLAN_PORT; default "
+        f"{DEFAULT_VXLAN_PORT}); the same on every host of the cluster",
+    )
+
     names_help = "do not ask the docker CLI for container and network names"
     ports = sub.add_parser(
         "ports", help="list the ports pybridge publishes (docker ps cannot show them)"
@@ -155,6 +187,24 @@ def build_parser() -> argparse.ArgumentParser:
     _backend_arg(doctor, "the backend pybridge was told to use")
     _flag(doctor, "--json", "print JSON for scripts")
     _flag(doctor, "--no-docker", "do not ask the docker CLI which networks exist")
+
+    cluster = sub.add_parser("cluster", help="networks that span hosts: tools")
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True)
+    forget = cluster_sub.add_parser(
+        "forget",
+        help="free the address blocks of a host that is gone for good",
+        description="Free what a host that will never come back still holds in the cluster: "
+        "its address blocks (kept on purpose while it might return, so that its containers' "
+        "addresses are never given twice) and any record of it left. Refused while that host's "
+        "pybridge is up. Host ids: pydriver status.",
+    )
+    forget.add_argument("host", help="the host's id (its state directory's host-id file)")
+    _state_dir_arg(forget)
+    forget.add_argument(
+        "--cluster",
+        default=_env("PYDRIVER_CLUSTER", ""),
+        help="etcd://HOST[:PORT][,...] (default: the cluster this host's pybridge is in)",
+    )
 
     prune = sub.add_parser(
         "prune",
@@ -187,7 +237,15 @@ def status_command(args: argparse.Namespace) -> int:
     networks, endpoints = read_state(Path(args.state_dir))
     names = Names({}, {}) if args.no_names else docker_names()
     data = status_data(networks, endpoints, names)
-    print(json.dumps(data, indent=2) if args.json else format_status(data))
+    cluster = asyncio.run(gather_cluster(Path(args.state_dir), networks))
+    if args.json:
+        if cluster is not None:
+            data["cluster"] = cluster.to_dict()
+        print(json.dumps(data, indent=2))
+    else:
+        print(format_status(data))
+        if cluster is not None:
+            print("\n".join(format_cluster(cluster)))
     return 0
 
 
@@ -232,6 +290,31 @@ def prune_command(args: argparse.Namespace) -> int:
             f"left alone: {result.plan.recent_pools} unused IPAM pool(s) requested in the last "
             "minute (a network may be being created with them)"
         )
+    return 0
+
+
+def cluster_command(args: argparse.Namespace) -> int:
+    url = args.cluster
+    if not url:
+        record = read_record(Path(args.state_dir))
+        url = str(record["cluster"]) if record else ""
+    if not url:
+        print("pydriver: this host's pybridge is in no cluster; give --cluster", file=sys.stderr)
+        return 2
+
+    async def forget() -> list[str]:
+        from .etcdstore import EtcdStore  # gRPC only for the cluster's tools
+
+        store = EtcdStore(parse_cluster(url))
+        try:
+            return await forget_host(store, args.host)
+        finally:
+            await store.close()
+
+    removed = asyncio.run(forget())
+    for key in removed:
+        print(f"removed {key}")
+    print(f"host {args.host}: {len(removed)} record(s) freed")
     return 0
 
 
@@ -347,6 +430,19 @@ async def serve(args: argparse.Namespace) -> int:
     async def release_addresses(addresses: Sequence[tuple[str, IPAddress]]) -> None:
         await ipam.release_owned(addresses)
 
+    cluster = None
+    if args.cluster:
+        cluster = await join_cluster(
+            args.cluster,
+            args.advertise_address,
+            args.vxlan_port,
+            Path(args.state_dir),
+            netlink,
+            store,
+            lambda: driver.networks.values(),
+            lambda network_id: driver.state.endpoints_of(network_id),
+        )
+
     driver = NetworkDriver(
         store,
         netlink,
@@ -357,14 +453,22 @@ async def serve(args: argparse.Namespace) -> int:
         ephemeral_range=ephemeral_range(),
         release_addresses=release_addresses,
         sandbox_released=sandbox_released,
+        cluster=cluster,
     )
     # Each sees the other through one narrow function: the IPAM driver reads which addresses
     # the network driver's endpoints use; the network driver gives back addresses of
     # endpoints whose containers are gone.
-    ipam = IpamDriver(store, netlink.routes, endpoint_addresses=driver.state.addresses_in_pool)
+    ipam = IpamDriver(
+        store,
+        netlink.routes,
+        endpoint_addresses=driver.state.addresses_in_pool,
+        segments=cluster,
+    )
     await driver.load()
     await ipam.load()
     repairs = await driver.reconcile()
+    if cluster is not None:
+        await cluster.restore()  # from the state database: etcd may be away
     metrics = Metrics()
     metrics.count_repairs("startup", len(repairs))
     log.info(
@@ -388,6 +492,8 @@ async def serve(args: argparse.Namespace) -> int:
     metrics_runner = await start_metrics(args.metrics_address, metrics, driver, ipam)
     upkeep = Upkeep(driver, ipam, metrics, Intervals(heal=args.heal_interval, gc=args.gc_interval))
     upkeep.start()
+    if cluster is not None:
+        cluster.start()
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -398,6 +504,8 @@ async def serve(args: argparse.Namespace) -> int:
     # Stop accepting first, let in-flight requests finish, then drop the socket file.
     await upkeep.stop()
     await runner.cleanup()
+    if cluster is not None:
+        await cluster.close()  # leaves the tunnels up; the lease ends them elsewhere
     await driver.close()  # background writes and removals still under way
     if metrics_runner is not None:
         await metrics_runner.cleanup()
@@ -509,6 +617,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return doctor_command(args)
         if args.command == "prune":
             return prune_command(args)
+        if args.command == "cluster":
+            return cluster_command(args)
     except DriverError as err:
         print(f"pydriver: {err}", file=sys.stderr)
         return 1

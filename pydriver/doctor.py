@@ -11,13 +11,15 @@ from pathlib import Path
 
 from . import protocol as p
 from .checks import Facts, Finding, Probe, Rules, evaluate, state_usable
+from .clusterhost import META_KEY, recorded_tunnels
+from .clusterreport import gather_cluster
 from .dockerapi import docker_network_ids, docker_plugins
 from .errors import DriverError
 from .firewall import IptablesFirewall, detect_backend, docker_backends, readable_backends
 from .model import Endpoint, Network
 from .netlink import Netlink
 from .rules import firewall_views
-from .store import read_state, state_health
+from .store import read_meta, read_state, state_health
 from .sysctl import FORWARDING, PROC_SYS, Sysctl
 from .unixhttp import call_pybridge
 
@@ -73,6 +75,7 @@ async def gather(
         networks,
         endpoints,
         forwarding={family: await sysctl.read(key) for family, key in FORWARDING.items()},
+        cluster=await gather_cluster(state_dir, networks) if state_usable(health) else None,
     )
     try:
         backend = await detect_backend(backend_setting)
@@ -94,7 +97,11 @@ async def gather(
         docker_backend=docker[0] if docker else None,
         other_backends=await _other_backends(backend),
         rules=await _rules(IptablesFirewall(backend)),
-        views=firewall_views(networks, endpoints),
+        views=firewall_views(
+            networks,
+            endpoints,
+            recorded_tunnels(networks, await asyncio.to_thread(read_meta, state_dir, META_KEY)),
+        ),
         bridge_nf_call=await sysctl.read("net.bridge.bridge-nf-call-iptables"),
         links=links,
         routes=routes,

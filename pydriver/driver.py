@@ -24,6 +24,7 @@ Rules every verb keeps:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -33,6 +34,7 @@ from typing import Any
 from . import faults
 from .background import Background
 from .bridges import Bridges, check_bridge_name, check_subnets
+from .clusterhost import ClusterHost
 from .errors import Conflict, DriverError, InvalidRequest, NotFound
 from .eviction import Eviction
 from .firewall_writer import FirewallWriter
@@ -69,6 +71,8 @@ from .protocol import (
 )
 from .publishing import DYING_VETH_WAIT, Publisher
 from .removal import Removal
+from .rules import NetworkRules, firewall_views
+from .segments import SEGMENT, segment_options
 from .startup import Startup
 from .state import State
 from .veths import Veths, check_addresses, free_mac
@@ -113,16 +117,18 @@ class NetworkDriver:
         release_addresses: AddressReleaser | None = None,
         dying_veth_wait: float = DYING_VETH_WAIT,
         sandbox_released: SandboxCheck | None = None,
+        cluster: ClusterHost | None = None,
     ) -> None:
         """``inline_background``: run at once what is otherwise left to the background (tests
         over fakes, which then need not wait for it). ``release_addresses``: gives addresses
         of endpoints whose containers are gone back to pybridge's IPAM."""
         self.kernel = kernel
+        self.cluster = cluster  # networks that span hosts (pydriver serve --cluster)
         self.state = State(store)
         self._locks = KeyedLock()
-        self.firewall_writer = FirewallWriter(
-            firewall.apply, self.state.firewall_views, firewall.drift
-        )
+        self.firewall_writer = FirewallWriter(firewall.apply, self._firewall_views, firewall.drift)
+        if cluster is not None:
+            cluster.firewall_changed = self.firewall_writer.request
         self.background = Background(self.firewall_writer, inline=inline_background)
         self.bridges = Bridges(kernel, sysctl, firewall, self.background)
         self.veths = Veths(kernel, self.background)
@@ -159,6 +165,13 @@ class NetworkDriver:
             self.removal,
             self.eviction,
             self.publisher,
+        )
+
+    def _firewall_views(self) -> list[NetworkRules]:
+        if self.cluster is None:
+            return self.state.firewall_views()
+        return firewall_views(
+            self.state.networks.values(), self.state.endpoints.values(), self.cluster.tunnels()
         )
 
     @property
@@ -234,6 +247,26 @@ class NetworkDriver:
                 )
             raise InvalidRequest("the network has no subnet; give one with --subnet")
         check_host_binding(options, has_ipv6=bool(req.ipv6_data))
+        joins = segment_options(req.generic_options)
+        segment = None
+        if joins is not None:
+            if self.cluster is None:
+                raise InvalidRequest(
+                    f"{SEGMENT} needs pybridge started in a cluster "
+                    "(pydriver serve --cluster etcd://HOST:2379)"
+                )
+            # Before any lock: the one wait on the cluster (bounded) holds up no other network.
+            segment = await self.cluster.prepare(
+                joins,
+                req,
+                icc=options.enable_icc,
+                owned=all(
+                    d.address_space in ADDRESS_SPACES for d in (*req.ipv4_data, *req.ipv6_data)
+                ),
+            )
+            if options.mtu is None or options.mtu > segment.mtu:
+                # The encapsulation's overhead comes off the containers' MTU.
+                options = dataclasses.replace(options, mtu=segment.mtu)
         async with self._locks.hold(NETWORKS_LOCK), self._locks.hold(req.network_id):
             existing = self.state.networks.get(req.network_id)
             if existing is not None and existing.state == "ready":
@@ -280,8 +313,12 @@ class NetworkDriver:
                 await self.firewall_writer.write()
                 await faults.point("network.create.firewall")
                 await self.bridges.ensure_forwarding(network)
+                if self.cluster is not None and segment is not None:
+                    await self.cluster.attach(network, segment)
             except BaseException:
                 log.warning("creating network %s failed; rolling back", short(network.id))
+                if self.cluster is not None:
+                    await self.cluster.detach(network)
                 await self.removal.network(network, best_effort=True)
                 raise
             await self.state.put_network(network.with_changes(state="ready"))
@@ -301,6 +338,8 @@ class NetworkDriver:
                     short(network.id),
                     len(leftovers),
                 )
+            if self.cluster is not None:
+                await self.cluster.detach(network)
             await self.removal.network(network)
         log.info("network %s deleted", short(ref.network_id))
 
@@ -360,6 +399,8 @@ class NetworkDriver:
             ready = endpoint.with_changes(state="ready")
             await self.state.put_endpoint(ready)
             await faults.point("endpoint.create.ready")
+            if self.cluster is not None:
+                self.cluster.endpoint_ready(network, ready)  # announced, never waited on
         return ready.mac_address if ready.mac_generated else None
 
     async def delete_endpoint(self, ref: EndpointRef) -> None:
@@ -370,6 +411,9 @@ class NetworkDriver:
                 return
             # Its published ports go too: after a dockerd restart Docker may skip the Revoke.
             await self.removal.endpoint(endpoint, wait=False)
+            network = self.state.networks.get(ref.network_id)
+            if self.cluster is not None and network is not None:
+                self.cluster.endpoint_gone(network, endpoint)
 
     def endpoint_oper_info(self, ref: EndpointRef) -> dict[str, Any]:
         # Docker calls this often and must never see it fail.

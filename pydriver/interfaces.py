@@ -9,9 +9,10 @@ that cross these interfaces are in model.py; errors they raise are in errors.py.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from typing import Protocol
 
+from .clustermodel import Change, Entry
 from .ipam import AnswerKind, Pool
 from .model import (
     Endpoint,
@@ -20,11 +21,13 @@ from .model import (
     InterfaceSetting,
     IPAddress,
     IPInterface,
+    IPNetwork,
     Link,
     Network,
     PortMapping,
 )
 from .rules import NetworkRules
+from .tunnel import Step, TunnelEntries
 
 # BR_MAX_PORTS - 1 (port number 0 is never used): Kernel.ensure_veth raises BridgeFull when a
 # bridge already has this many interfaces.
@@ -147,6 +150,49 @@ SandboxCheck = Callable[[str], Awaitable[bool]]
 # None when the pool backs no pybridge network (State.addresses_in_pool).
 EndpointAddresses = Callable[[str], Collection[IPAddress] | None]
 
+
+class TunnelKernel(Protocol):
+    """The kernel side of a segment's tunnel (netlink.Netlink)."""
+
+    async def ensure_vxlan(
+        self, name: str, vni: int, port: int, local: IPAddress, underlay: str, master: str
+    ) -> bool: ...
+
+    async def tunnel_entries(self, name: str) -> TunnelEntries: ...
+
+    async def apply_tunnel(self, name: str, steps: Sequence[Step]) -> None: ...
+
+    async def delete_link(self, name: str) -> bool: ...
+
+    async def links(self) -> list[Link]: ...
+
+
+class MetaStore(Protocol):
+    """Small records in the state database (store.SqliteStore)."""
+
+    async def get_meta(self, key: str) -> str | None: ...
+
+    async def set_meta(self, key: str, value: str) -> None: ...
+
+
+class SegmentAddresses(Protocol):
+    """Addresses of pools that back networks spanning hosts (clusterhost.ClusterHost)."""
+
+    def pool_segment(self, pool_id: str) -> str | None: ...
+
+    async def segment_subnet(self, name: str, *, v6: bool) -> IPNetwork: ...
+
+    def pick(
+        self, pool_id: str, subnet: IPNetwork, used: Collection[int], wanted: IPAddress | None
+    ) -> IPAddress | None: ...
+
+    async def claim_for(
+        self, pool_id: str, subnet: IPNetwork, wanted: IPAddress | None
+    ) -> None: ...
+
+    async def release_pool(self, pool_id: str) -> None: ...
+
+
 __all__ = [
     "MAX_BRIDGE_PORTS",
     "AddressReleaser",
@@ -154,10 +200,38 @@ __all__ = [
     "Firewall",
     "Kernel",
     "KernelSettings",
+    "MetaStore",
     "NetworkStore",
     "PoolStore",
     "PortHolder",
     "PortReservations",
     "RoutesProvider",
     "SandboxCheck",
+    "SegmentAddresses",
+    "TunnelKernel",
 ]
+
+
+class ClusterStore(Protocol):
+    """The cluster store (etcdstore.EtcdStore): every call bounded in time, raising HostError
+    (ClusterUnavailable) when it cannot answer."""
+
+    async def get(self, key: str) -> Entry | None: ...
+
+    async def create(self, key: str, value: bytes, lease: int = 0) -> tuple[bool, Entry | None]: ...
+
+    async def put(self, key: str, value: bytes, lease: int = 0) -> int: ...
+
+    async def delete(self, key: str) -> bool: ...
+
+    async def delete_if(self, key: str, value: bytes) -> bool: ...
+
+    async def read_prefix(self, prefix: str) -> tuple[int, list[Entry]]: ...
+
+    async def grant(self, ttl: int) -> int: ...
+
+    async def keep_alive(self, lease: int) -> int: ...
+
+    def watch(self, prefix: str, start_revision: int) -> AsyncIterator[Change]: ...
+
+    async def close(self) -> None: ...

@@ -9,6 +9,7 @@ imports the driver).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -17,7 +18,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterable
 
 from . import faults
 from .errors import Conflict, InvalidRequest, NotFound, Unsupported
-from .interfaces import EndpointAddresses, PoolStore, RoutesProvider
+from .interfaces import EndpointAddresses, PoolStore, RoutesProvider, SegmentAddresses
 from .ipam import (
     GLOBAL_ADDRESS_SPACE,
     LOCAL_ADDRESS_SPACE,
@@ -40,6 +41,7 @@ from .protocol import (
     RequestAddressRequest,
     RequestPoolRequest,
 )
+from .segments import SEGMENT
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +63,12 @@ class IpamDriver:
         routes: RoutesProvider,
         endpoint_addresses: EndpointAddresses = _no_endpoints,
         clock: Callable[[], float] = time.time,
+        segments: SegmentAddresses | None = None,
     ) -> None:
+        """``segments``: pools of networks that span hosts take their addresses from it
+        (clusterhost.py), so that no two hosts hand out the same one."""
         self.store = store
+        self._segments = segments
         self._routes = routes
         self._endpoint_addresses = endpoint_addresses
         self._clock = clock
@@ -124,10 +130,7 @@ class IpamDriver:
     async def request_pool(self, req: RequestPoolRequest) -> tuple[str, IPNetwork, Ack]:
         """Allocate a pool. Also returns the callback to run once the answer reached Docker."""
         if req.options:
-            names = ", ".join(sorted(o[:60] for o in req.options)[:5])
-            raise Unsupported(
-                f"pybridge IPAM does not support the IPAM option {names}; it takes no --ipam-opt"
-            )
+            req = await self._segment_pool(req)
         # One lock for all pools: choosing a subnet must see every other pool.
         async with self._lock.hold("pools"):
             replayed = self._replayed_pool(req)
@@ -160,6 +163,29 @@ class IpamDriver:
             await faults.point("ipam.pool.recorded")
         log.info("pool %s allocated%s", pool.id, f" (range {req.sub_pool})" if req.sub_pool else "")
         return pool.id, subnet, self._ack(pool.id, None)
+
+    async def _segment_pool(self, req: RequestPoolRequest) -> RequestPoolRequest:
+        """``--ipam-opt pybridge.segment=NAME``: the subnet of segment NAME (so that the hosts
+        after the first need not repeat --subnet), or a check that --subnet is it."""
+        unknown = sorted(o[:60] for o in req.options if o != SEGMENT)
+        if unknown:
+            raise Unsupported(
+                f"pybridge IPAM does not support the IPAM option {', '.join(unknown[:5])}; it "
+                f"takes only --ipam-opt {SEGMENT}=NAME"
+            )
+        if self._segments is None:
+            raise InvalidRequest(
+                f"--ipam-opt {SEGMENT} needs pybridge started in a cluster "
+                "(pydriver serve --cluster etcd://HOST:2379)"
+            )
+        name = req.options[SEGMENT]
+        subnet = await self._segments.segment_subnet(name, v6=req.v6)
+        if req.pool is not None and req.pool != subnet:
+            raise Conflict(
+                f"--subnet {req.pool} is not the subnet of segment {name} ({subnet}); leave "
+                "--subnet out to take the segment's"
+            )
+        return dataclasses.replace(req, pool=subnet, options={})
 
     def _replayed_pool(self, req: RequestPoolRequest) -> Pool | None:
         """A pool allocated just before a crash, never confirmed to Docker, that this request
@@ -194,6 +220,8 @@ class IpamDriver:
                 return
             await self.store.delete_pool(req.pool_id)
             del self.pools[req.pool_id]
+            if self._segments is not None:
+                await self._segments.release_pool(req.pool_id)
 
     def _pool(self, pool_id: str) -> Pool:
         pool = self.pools.get(pool_id)
@@ -202,6 +230,21 @@ class IpamDriver:
         return pool
 
     async def request_address(self, req: RequestAddressRequest) -> tuple[IPInterface, Ack]:
+        answer = await self._request_address(req, claimed=False)
+        if answer is None:
+            # A pool of a network that spans hosts, and no free address in this host's blocks:
+            # a block is claimed from the cluster without holding up every other pool.
+            assert self._segments is not None
+            pool = self._pool(req.pool_id)
+            await self._segments.claim_for(pool.id, pool.subnet, req.address)
+            answer = await self._request_address(req, claimed=True)
+        assert answer is not None
+        return answer
+
+    async def _request_address(
+        self, req: RequestAddressRequest, *, claimed: bool
+    ) -> tuple[IPInterface, Ack] | None:
+        """The address, or None when a block must be claimed first (never once ``claimed``)."""
         async with self._lock.hold("pools"):
             pool = self._pool(req.pool_id)
             if req.address is not None and req.address.version != pool.subnet.version:
@@ -226,7 +269,30 @@ class IpamDriver:
                 address = replayed
             else:
                 before = pool.cursor
-                address = pool.allocate(req.address, gateway=req.is_gateway)
+                spans_hosts = (
+                    self._segments is not None
+                    and not req.is_gateway  # the gateway is the same address on every host
+                    and self._segments.pool_segment(pool.id) is not None
+                )
+                if spans_hosts:
+                    assert self._segments is not None
+                    if pool.sub_range is not None:
+                        raise InvalidRequest(
+                            "--ip-range is not supported on a network that spans hosts: each "
+                            "host hands out addresses from blocks of the whole subnet"
+                        )
+                    chosen = self._segments.pick(pool.id, pool.subnet, pool.allocated, req.address)
+                    if chosen is None and not claimed:
+                        return None
+                    if chosen is None:
+                        raise Conflict(
+                            f"address {req.address} is in use or reserved in {pool.subnet}"
+                            if req.address
+                            else f"no free address left in {pool.subnet} for this host"
+                        )
+                    address = pool.allocate(chosen)
+                else:
+                    address = pool.allocate(req.address, gateway=req.is_gateway)
                 kind: AnswerKind = (
                     "gateway"
                     if req.is_gateway

@@ -14,6 +14,7 @@ from .model import IPAddress
 BRIDGE_PREFIX = "pyb-"
 HOST_VETH_PREFIX = "pyv"
 CONTAINER_VETH_PREFIX = "pyc"
+VXLAN_PREFIX = "pyx-"  # the tunnel of a network that spans hosts
 
 
 def short(identifier: str) -> str:
@@ -23,6 +24,10 @@ def short(identifier: str) -> str:
 
 def bridge_name(network_id: str) -> str:
     return BRIDGE_PREFIX + network_id[:11]
+
+
+def vxlan_name(network_id: str) -> str:
+    return VXLAN_PREFIX + network_id[:11]
 
 
 def host_veth_name(endpoint_id: str) -> str:

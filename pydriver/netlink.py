@@ -14,7 +14,7 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 from pyroute2 import AsyncIPRoute
@@ -24,9 +24,15 @@ from pyroute2.netlink.exceptions import NetlinkError
 from .errors import BridgeFull, Conflict, HostError
 from .interfaces import MAX_BRIDGE_PORTS
 from .model import Family, HostRoute, IPAddress, IPInterface, IPNetwork, Link
+from .tunnel import FLOOD_MAC, Step, TunnelEntries
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def _address_family(version: int) -> int:
+    return socket.AF_INET if version == 4 else socket.AF_INET6
+
 
 IFA_F_NODAD = 0x02
 MAIN_TABLE = 254
@@ -62,6 +68,8 @@ _NLM_F_REQUEST, _NLM_F_DUMP, _NLM_F_DUMP_INTR = 0x1, 0x300, 0x10
 _IFLA_ADDRESS, _IFLA_IFNAME, _IFLA_MTU, _IFLA_MASTER = 1, 3, 4, 10
 _IFLA_LINKINFO, _IFLA_INFO_KIND, _IFLA_EXT_MASK = 18, 1, 29
 _RTEXT_FILTER_SKIP_STATS = 1 << 3
+_NTF_SELF = 0x02
+_NUD_NOARP, _NUD_PERMANENT = 0x40, 0x80
 
 
 def _attributes(data: bytes, start: int, end: int) -> dict[int, bytes]:
@@ -499,7 +507,7 @@ class _NetlinkCore:
         many went. Entries outlive the container: left in place, a reply-state entry lets a
         later container that gets the address receive, through the replies rule, traffic
         nobody allowed, and a UDP flow keeps going to a port no longer published."""
-        family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+        family = _address_family(address.version)
         ip = str(address)
         if proto is not None:
             filters = [("reply", NFCTAttrTuple(family=family, saddr=ip, proto=proto, sport=port))]
@@ -518,7 +526,7 @@ class _NetlinkCore:
         """Delete the connection-tracking entries of flows to ``port`` (``proto``) of any
         address of ``family``: flows to a host port set up before its DNAT rule existed. (Only
         the publication's own family: reading IPv6 entries means reading them all.)"""
-        af = socket.AF_INET if family == 4 else socket.AF_INET6
+        af = _address_family(family)
         filters = [("orig", NFCTAttrTuple(family=af, proto=proto, dport=port))]
         return await self._forget(f"port {port}", filters)
 
@@ -563,6 +571,123 @@ class _NetlinkCore:
             # The entry's id, else its original tuple (unique in the table; an object's id()
             # is not, once the object is gone).
             yield (family, message.get_attr("CTA_ID") or repr(original)), original
+
+    # -- tunnels (networks that span hosts) -------------------------------------------------
+
+    async def ensure_vxlan(
+        self,
+        name: str,
+        vni: int,
+        port: int,
+        local: IPAddress,
+        underlay: str,
+        master: str,
+    ) -> bool:
+        """A VXLAN device without learning (every entry is written by pybridge) and with the
+        proxy flag (ARP and neighbour solicitations answered here from those entries, never
+        sent across), on ``master``, up; its MTU is the underlay's less the encapsulation (the
+        kernel's choice). True if created now."""
+        existing = await self.get_link(name)
+        if existing is None:
+            underlay_index = await self.index(underlay)
+            if underlay_index is None:
+                raise HostError(f"the underlay interface {underlay} does not exist")
+            async with self._lock:
+                try:
+                    await self.ipr.link(
+                        "add",
+                        ifname=name,
+                        kind="vxlan",
+                        vxlan_id=vni,
+                        vxlan_port=port,
+                        vxlan_local=str(local),
+                        vxlan_link=underlay_index,
+                        vxlan_learning=0,
+                        vxlan_proxy=1,
+                    )
+                except NetlinkError as err:
+                    if err.code != errno.EEXIST:
+                        raise HostError(
+                            f"could not create the VXLAN device {name} (VNI {vni}, port "
+                            f"{port}): {_describe(err)}"
+                        ) from None
+        elif existing.kind != "vxlan":
+            raise Conflict(f"interface {name} already exists and is not a VXLAN device")
+        await self.set_link(name, master=master, up=True)
+        return existing is None
+
+    async def tunnel_entries(self, name: str) -> TunnelEntries:
+        """What the VXLAN device ``name`` holds: its flood destinations, MAC -> VTEP and
+        address -> MAC entries (those pybridge writes: the device's own, permanent)."""
+        index = await self.index(name)
+        if index is None:
+            return TunnelEntries(frozenset(), {}, {})
+        flood: set[IPAddress] = set()
+        forwarding: dict[str, IPAddress] = {}
+        neighbours: dict[IPAddress, str] = {}
+        async with self._lock:
+            async for msg in await self.ipr.fdb("dump", ifindex=index):
+                dst = msg.get("NDA_DST")
+                if not dst or not msg["flags"] & _NTF_SELF:
+                    continue  # the bridge's own entries for this port
+                mac = str(msg.get("NDA_LLADDR") or "")
+                if mac == FLOOD_MAC:
+                    flood.add(ipaddress.ip_address(dst))
+                else:
+                    forwarding[mac] = ipaddress.ip_address(dst)
+            for family in (socket.AF_INET, socket.AF_INET6):
+                async for msg in await self.ipr.neigh("dump", ifindex=index, family=family):
+                    if msg["state"] & _NUD_PERMANENT and msg.get("NDA_LLADDR"):
+                        address = ipaddress.ip_address(msg.get("NDA_DST"))
+                        neighbours[address] = str(msg.get("NDA_LLADDR"))
+        return TunnelEntries(frozenset(flood), forwarding, neighbours)
+
+    async def apply_tunnel(self, name: str, steps: Sequence[Step]) -> None:
+        """Carry out ``steps`` (tunnel.plan's) on the VXLAN device ``name``: idempotent (an
+        entry already there or already gone is fine)."""
+        index = await self.index(name)
+        if index is None:
+            raise HostError(f"the VXLAN device {name} does not exist")
+        async with self._lock:
+            for step in steps:
+                try:
+                    await self._tunnel_step(index, step)
+                except NetlinkError as err:
+                    if err.code in (errno.EEXIST, errno.ENOENT):
+                        continue
+                    raise HostError(
+                        f"could not update the VXLAN device {name} ({step.action}): "
+                        f"{_describe(err)}"
+                    ) from None
+
+    async def _tunnel_step(self, index: int, step: Step) -> None:
+        vtep = str(step.vtep) if step.vtep is not None else None
+        if step.action == "flood-add":
+            await self.ipr.fdb("append", ifindex=index, lladdr=FLOOD_MAC, dst=vtep)
+        elif step.action == "flood-remove":
+            await self.ipr.fdb("del", ifindex=index, lladdr=FLOOD_MAC, dst=vtep)
+        elif step.action == "fdb-replace":
+            # pyroute2 fills in the flags for add/append/del, not for replace.
+            await self.ipr.fdb(
+                "replace",
+                ifindex=index,
+                lladdr=step.mac,
+                dst=vtep,
+                state=_NUD_PERMANENT | _NUD_NOARP,
+                flags=_NTF_SELF,
+            )
+        elif step.action == "fdb-remove":
+            await self.ipr.fdb("del", ifindex=index, lladdr=step.mac, dst=vtep)
+        elif step.action == "neigh-replace":
+            await self.ipr.neigh(
+                "replace",
+                ifindex=index,
+                dst=str(step.address),
+                lladdr=step.mac,
+                state=_NUD_PERMANENT,
+            )
+        else:
+            await self.ipr.neigh("del", ifindex=index, dst=str(step.address))
 
 
 class _NetlinkThread:
@@ -680,6 +805,17 @@ class Netlink:
         return await self._call(
             self._core.ensure_veth(host, peer, peer_mac, mtu, master, hairpin=hairpin)
         )
+
+    async def ensure_vxlan(
+        self, name: str, vni: int, port: int, local: IPAddress, underlay: str, master: str
+    ) -> bool:
+        return await self._call(self._core.ensure_vxlan(name, vni, port, local, underlay, master))
+
+    async def tunnel_entries(self, name: str) -> TunnelEntries:
+        return await self._call(self._core.tunnel_entries(name))
+
+    async def apply_tunnel(self, name: str, steps: Sequence[Step]) -> None:
+        await self._call(self._core.apply_tunnel(name, steps))
 
     async def delete_link(self, name: str) -> bool:
         return await self._removals.call(self._removals.core.delete_link(name))

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from .errors import InvalidRequest, Unsupported
 from .model import GATEWAY_MODES, Family, GatewayMode, IPAddress, NetworkOptions
 from .rules import named_like_docker
+from .segments import CLUSTER_KEYS
 
 BRIDGE_NAME = "com.docker.network.bridge.name"
 ENABLE_IP_MASQUERADE = "com.docker.network.bridge.enable_ip_masquerade"
@@ -283,7 +284,13 @@ def _parse_count(
 
 def _refuse_unknown(generic: Mapping[str, str]) -> None:
     unknown = sorted(
-        k for k in generic if k not in SUPPORTED and k != MTU_SHORT and k not in DAEMON_FLAGS
+        k
+        for k in generic
+        if k not in SUPPORTED
+        and k != MTU_SHORT
+        and k not in DAEMON_FLAGS
+        # Read by segments.py (networks that span hosts).
+        and k not in CLUSTER_KEYS
     )
     if unknown:
         names = ", ".join(_clip(k) for k in unknown[:5])

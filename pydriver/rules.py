@@ -182,6 +182,15 @@ ECHO_REQUEST: dict[Family, str] = {
 
 
 @dataclass(frozen=True)
+class TunnelRules:
+    """A network that spans hosts: its tunnel's UDP port, and the other hosts of its segment,
+    the only ones whose VXLAN traffic this host accepts on that port."""
+
+    port: int
+    members: tuple[IPAddress, ...] = ()
+
+
+@dataclass(frozen=True)
 class NetworkRules:
     """What the firewall needs to know about one network."""
 
@@ -202,6 +211,7 @@ class NetworkRules:
     # The source address of egress (SNAT), per family; None: MASQUERADE.
     snat_v4: ipaddress.IPv4Address | None = None
     snat_v6: ipaddress.IPv6Address | None = None
+    tunnel: TunnelRules | None = None
 
     def subnets(self, family: Family) -> tuple[IPNetwork, ...]:
         return self.subnets_v4 if family == 4 else self.subnets_v6
@@ -213,8 +223,11 @@ class NetworkRules:
         return self.snat_v4 if family == 4 else self.snat_v6
 
 
-def firewall_view(network: Network, mappings: Sequence[PortMapping] = ()) -> NetworkRules:
-    """What the firewall needs to know about ``network``, whose endpoints publish ``mappings``."""
+def firewall_view(
+    network: Network, mappings: Sequence[PortMapping] = (), tunnel: TunnelRules | None = None
+) -> NetworkRules:
+    """What the firewall needs to know about ``network``, whose endpoints publish ``mappings``
+    (and whose tunnel to other hosts is ``tunnel``, for a network that spans hosts)."""
     return NetworkRules(
         bridge=network.bridge,
         subnets_v4=tuple(s.pool for s in network.subnets_v4),
@@ -229,11 +242,14 @@ def firewall_view(network: Network, mappings: Sequence[PortMapping] = ()) -> Net
         trusted=network.options.trusted_host_interfaces,
         snat_v4=network.options.host_ipv4,
         snat_v6=network.options.host_ipv6,
+        tunnel=tunnel,
     )
 
 
 def firewall_views(
-    networks: Iterable[Network], endpoints: Iterable[Endpoint]
+    networks: Iterable[Network],
+    endpoints: Iterable[Endpoint],
+    tunnels: Mapping[str, TunnelRules] | None = None,
 ) -> list[NetworkRules]:
     """The firewall's view of a state: every network but those being deleted (their rules go
     first), each with the ports its endpoints publish. The one way the service, its checks and
@@ -242,7 +258,7 @@ def firewall_views(
     for endpoint in endpoints:
         mappings.setdefault(endpoint.network_id, []).extend(endpoint.mappings)
     return [
-        firewall_view(network, mappings.get(network.id, ()))
+        firewall_view(network, mappings.get(network.id, ()), (tunnels or {}).get(network.id))
         for network in networks
         if network.state != "deleting"
     ]
@@ -352,7 +368,8 @@ def _forward_rules(networks: Sequence[NetworkRules], family: Family) -> list[str
 def _isolation_rules(networks: Sequence[NetworkRules], family: Family) -> list[str]:
     # Traffic within one network is left to filter (ICC), so no drop below can match a
     # bridge that happens to be named like Docker's (br-x, docker0).
-    iso = [f"-A {ISOLATION_CHAIN} -i {n.bridge} -o {n.bridge} -j RETURN" for n in networks]
+    iso = _tunnel_forward_drops(networks, family)
+    iso += [f"-A {ISOLATION_CHAIN} -i {n.bridge} -o {n.bridge} -j RETURN" for n in networks]
     # Internal networks: nothing in or out, checked before replies and published ports are
     # let through (an internal container must not reach another network through a DNAT).
     # Written in iptables-save's own order (-i before -o), so saved rules compare equal.
@@ -390,6 +407,7 @@ def _raw_rules(networks: Sequence[NetworkRules], family: Family) -> list[str]:
     raw = [
         f"-A {RAW_CHAIN} -d {LOOPBACK[family]} ! -i lo -j DROP",
         f"-A {RAW_CHAIN} -s {LOOPBACK[family]} ! -i lo -j DROP",
+        *_tunnel_rules(networks, family),
     ]
     for net in networks:
         if not net.internal:
@@ -407,6 +425,47 @@ def _raw_rules(networks: Sequence[NetworkRules], family: Family) -> list[str]:
             raw.append(f"-A {RAW_CHAIN} -d fe80::/10 -i {b} -p ipv6-icmp -j RETURN")
         raw.append(f"-A {RAW_CHAIN} -i {b} -m addrtype --dst-type LOCAL -j DROP")
     return raw
+
+
+def _tunnel_rules(networks: Sequence[NetworkRules], family: Family) -> list[str]:
+    """VXLAN to this host only from the other hosts of its segments: anyone else could write
+    frames onto a segment's bridge (any source, any destination) by sending UDP to the port."""
+    ports = sorted({n.tunnel.port for n in networks if n.tunnel is not None})
+    rules = []
+    for port in ports:
+        members = {
+            m
+            for n in networks
+            if n.tunnel is not None and n.tunnel.port == port
+            for m in n.tunnel.members
+            if m.version == family
+        }
+        to_us = f"-p udp -m udp --dport {port} -m addrtype --dst-type LOCAL"
+        # rpfilter (strict): a member's address arriving where its route does not lead (a
+        # container of this host claiming to be another host) is no member.
+        rules += [
+            f"-A {RAW_CHAIN} -s {m}/{m.max_prefixlen} {to_us} -m rpfilter -j RETURN"
+            for m in sorted(members, key=int)
+        ]
+        rules.append(f"-A {RAW_CHAIN} {to_us} -j DROP")
+    return rules
+
+
+def _tunnel_forward_drops(networks: Sequence[NetworkRules], family: Family) -> list[str]:
+    """Nothing forwarded by this host (a container's traffic, whichever network it is on)
+    goes to a member's tunnel port: masqueraded to this host's address, it would pass the
+    member's check above as this host's own VXLAN."""
+    found = {
+        (m, n.tunnel.port)
+        for n in networks
+        if n.tunnel is not None
+        for m in n.tunnel.members
+        if m.version == family
+    }
+    return [
+        f"-A {ISOLATION_CHAIN} -d {m}/{m.max_prefixlen} -p udp -m udp --dport {port} -j DROP"
+        for m, port in sorted(found, key=lambda f: (int(f[0]), f[1]))
+    ]
 
 
 def _nat_rules(networks: Sequence[NetworkRules], family: Family) -> list[str]:

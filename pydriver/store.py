@@ -572,6 +572,24 @@ class PoolRecord:
     recorded_at: float | None
 
 
+def read_meta(state_dir: Path, key: str) -> str | None:
+    """One meta value of a state directory, read-only (safe while pybridge runs)."""
+    path = state_dir / DB_NAME
+    if not path.exists():
+        return None
+    try:
+        db = _read_only(path)
+    except sqlite3.Error:
+        return None
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+    except sqlite3.Error:
+        return None
+    finally:
+        db.close()
+    return None if row is None else str(row[0])
+
+
 def read_pools(state_dir: Path) -> list[PoolRecord]:
     """The IPAM pools in a state directory, read-only (safe while pybridge runs). Rows that
     cannot be decoded are skipped, as pybridge itself does."""

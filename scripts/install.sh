@@ -41,12 +41,12 @@ fi
 source_hash="$(cd "$ROOT" && find pydriver pyproject.toml -type f \( -name '*.py' -o -name '*.toml' -o -name py.typed \) -print0 \
     | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$SERVICE_VENV/.pydriver-source" 2>/dev/null)" != "$source_hash" ] \
-    || ! "$SERVICE_VENV/bin/python" -c 'import pydriver, aiohttp, pyroute2' 2>/dev/null; then
+    || ! "$SERVICE_VENV/bin/python" -c 'import pydriver, aiohttp, pyroute2, aetcd' 2>/dev/null; then
     say "installing pybridge into $SERVICE_VENV"
     build="$(mktemp -d)"  # build from a root-owned copy, not from the checkout itself
     cp -r "$ROOT/pydriver" "$ROOT/pyproject.toml" "$ROOT/README.md" "$build/"
     pip=("$SERVICE_VENV/bin/pip" install -q --disable-pip-version-check)
-    "${pip[@]}" "$build" >/dev/null  # with its dependencies, if missing
+    "${pip[@]}" "$build[cluster]" >/dev/null  # with its dependencies (etcd's client too)
     "${pip[@]}" --force-reinstall --no-deps "$build" >/dev/null  # this code, same version or not
     rm -rf "$build"
     echo "$source_hash" >"$SERVICE_VENV/.pydriver-source"

@@ -39,12 +39,15 @@ need=()
 command -v busybox >/dev/null || need+=(busybox-static)
 command -v gcc >/dev/null || need+=(gcc libc6-dev)
 command -v docker-compose >/dev/null || need+=(docker-compose)
+# etcd for the cluster tests (networks that span hosts); installing it starts nothing.
+command -v etcd >/dev/null || need+=(etcd-server)
 if [ "${#need[@]}" -gt 0 ]; then
+    apt-get update -q >/dev/null || true  # (a fresh machine may have no package lists yet)
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >/dev/null
 fi
 # The tests' own environment (the service runs from the root-owned one install.sh made).
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-"$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[test]"
+"$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[test,cluster]"
 "$ROOT/scripts/pybridge-service.sh" restart
 # dockerd 28's packages (downloaded only) bring Compose v2, which the compose test uses too.
 DOCKERD_VERSION=28 "$ROOT/scripts/dockerd-service.sh" fetch

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -24,6 +23,16 @@ def build_image() -> None:
     a hash of what goes in, so a changed helper means a new image."""
     if run(["docker", "image", "inspect", IMAGE], check=False).returncode == 0:
         return
+    with tempfile.TemporaryDirectory() as tmp:
+        tar = Path(tmp) / "rootfs.tar"
+        write_image_tar(tar)
+        imported = run(["docker", "import", "-c", 'CMD ["sh"]', str(tar), IMAGE], check=False)
+        assert imported.returncode == 0, imported.stderr
+
+
+def write_image_tar(dest: Path) -> None:
+    """The test image's root file system as a tar file at ``dest``, for `docker import` into
+    any daemon (tests/multihost imports it into each host's dockerd)."""
     busybox = shutil.which("busybox")
     assert busybox, "busybox is needed for the test image (apt-get install busybox-static)"
     with tempfile.TemporaryDirectory() as tmp:
@@ -39,16 +48,7 @@ def build_image() -> None:
         (root / "www" / "index.html").write_text("hello from pybridge\n")
         (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
         (root / "etc" / "group").write_text("root:x:0:\n")
-        tar_proc = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
-        imported = subprocess.run(
-            ["docker", "import", "-c", 'CMD ["sh"]', "-", IMAGE],
-            stdin=tar_proc.stdout,
-            capture_output=True,
-            timeout=120,
-            check=False,
-        )
-        tar_proc.wait()
-        assert imported.returncode == 0, imported.stderr
+        run(["tar", "-C", str(root), "-cf", str(dest), "."])
 
 
 def docker(*args: str, check: bool = True, timeout: float = 120) -> str:

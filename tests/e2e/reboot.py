@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydriver.naming import is_pybridge_bridge, is_pybridge_veth
+from pydriver.naming import VXLAN_PREFIX, is_pybridge_bridge, is_pybridge_veth
 from tests.hostenv import ROOT, leak_guard_rules, run
 
 DOCKERD_SERVICE = ROOT / "scripts" / "dockerd-service.sh"
@@ -158,7 +158,12 @@ def power_off(daemon: Daemon) -> None:
     # Kernel links of pybridge and Docker (the veths went with the namespaces).
     for line in run(["ip", "-o", "link", "show"]).stdout.splitlines():
         name = line.split(":")[1].strip().split("@")[0]
-        if is_pybridge_bridge(name) or is_pybridge_veth(name) or DOCKER_BRIDGE.fullmatch(name):
+        if (
+            is_pybridge_bridge(name)
+            or is_pybridge_veth(name)
+            or name.startswith(VXLAN_PREFIX)
+            or DOCKER_BRIDGE.fullmatch(name)
+        ):
             run(["ip", "link", "del", name], check=False)
     _flush_firewall()
     for forwarding in ("ipv4/ip_forward", "ipv6/conf/all/forwarding"):

@@ -14,8 +14,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pydriver.clusterhost import META_KEY, recorded_tunnels, segment_of
+from pydriver.naming import vxlan_name
 from pydriver.rules import drift, firewall_views
-from pydriver.store import read_state
+from pydriver.store import read_meta, read_state
 from tests.hostenv import post_raw, run
 
 
@@ -132,11 +134,13 @@ def check_consistent(ns: str, state_dir: Path) -> list[str]:
     links = set(run(["ip", "netns", "exec", ns, "ip", "-o", "link", "show"]).stdout.split())
     names = {word.rstrip(":").split("@")[0] for word in links}
     wanted = {n.bridge for n in networks} | {e.host_veth for e in endpoints}
+    wanted |= {vxlan_name(n.id) for n in networks if segment_of(n) is not None}
     problems += [f"{name} missing" for name in sorted(wanted - names)]
-    ours = {n for n in names if n.startswith(("pyb-", "pyv", "pyc"))}
+    ours = {n for n in names if n.startswith(("pyb-", "pyv", "pyc", "pyx-"))}
     known = wanted | {e.container_veth for e in endpoints}
     problems += [f"{name} left behind" for name in sorted(ours - known)]
-    views = firewall_views(networks, endpoints)
+    tunnels = recorded_tunnels(networks, read_meta(state_dir, META_KEY))
+    views = firewall_views(networks, endpoints, tunnels)
     for family, tool in ((4, "iptables-nft-save"), (6, "ip6tables-nft-save")):
         save = run(["ip", "netns", "exec", ns, tool]).stdout
         problems += [f"IPv{family} {p}" for p in drift(views, family, save)]  # type: ignore[arg-type]

@@ -13,6 +13,13 @@ PACKAGE = Path(__file__).resolve().parents[2] / "pydriver"
 
 # Modules that decide: pure, or talking to the host only through pydriver/interfaces.py.
 LOGIC = (
+    "cluster",
+    "clusterhost",
+    "clusterview",
+    "segments",
+    "tunnel",
+    "clustermodel",
+    "blocks",
     "background",
     "bridges",
     "driver",
@@ -42,6 +49,8 @@ ADAPTERS = {
     "netlink",
     "hostports",
     "instance",
+    "etcdstore",
+    "clusterstart",
     "store",
     "firewall",
     "sysctl",
@@ -51,7 +60,7 @@ ADAPTERS = {
     "server",
     "cli",
 }
-FORBIDDEN = {"pyroute2", "aiohttp", "sqlite3", "subprocess", "socket"}
+FORBIDDEN = {"pyroute2", "aiohttp", "aetcd", "sqlite3", "subprocess", "socket"}
 
 
 def imported(module: str) -> set[str]:
@@ -87,6 +96,7 @@ def test_every_module_is_placed() -> None:
     tools = {
         "__init__",
         "checks",
+        "clusterreport",
         "doctor",
         "dockerapi",
         "faults",

@@ -1208,3 +1208,34 @@ def test_docker_networks_traffic_is_left_to_docker_but_not_our_own_br_named_brid
     ]
     # pyb-plain is no Docker name: nothing for it ahead of the RETURNs.
     assert not [r for r in block if "-i pyb-plain" in r]
+
+
+def test_vxlan_is_accepted_only_from_the_other_hosts_of_a_segment() -> None:
+    from pydriver.rules import NetworkRules, TunnelRules, render_chain_rules
+
+    member, other = ipaddress.ip_address("203.0.113.2"), ipaddress.ip_address("203.0.113.3")
+    nets = [
+        NetworkRules("pyb-a", tunnel=TunnelRules(4789, (member,))),
+        NetworkRules("pyb-b", tunnel=TunnelRules(4789, (other, member))),
+        NetworkRules("pyb-c"),
+    ]
+    raw = render_chain_rules(nets, 4)["raw"]
+    to_us = "-p udp -m udp --dport 4789 -m addrtype --dst-type LOCAL"
+    assert [r for r in raw if "4789" in r] == [
+        f"-A PYBRIDGE-PREROUTING -s 203.0.113.2/32 {to_us} -m rpfilter -j RETURN",
+        f"-A PYBRIDGE-PREROUTING -s 203.0.113.3/32 {to_us} -m rpfilter -j RETURN",
+        f"-A PYBRIDGE-PREROUTING {to_us} -j DROP",
+    ]
+    # No IPv6 member: IPv6 VXLAN to the port is dropped whoever sends it.
+    assert [r for r in render_chain_rules(nets, 6)["raw"] if "4789" in r] == [
+        f"-A PYBRIDGE-PREROUTING {to_us} -j DROP"
+    ]
+    # Nothing this host forwards (a container's traffic) goes to a member's tunnel port.
+    mangle = render_chain_rules(nets, 4)["mangle"]
+    assert mangle[:2] == [
+        "-A PYBRIDGE-ISOLATION -d 203.0.113.2/32 -p udp -m udp --dport 4789 -j DROP",
+        "-A PYBRIDGE-ISOLATION -d 203.0.113.3/32 -p udp -m udp --dport 4789 -j DROP",
+    ]
+    # Without a network that spans hosts, nothing about VXLAN at all.
+    assert not [r for r in render_chain_rules(nets[2:], 4)["raw"] if "4789" in r]
+    assert not [r for r in render_chain_rules(nets[2:], 4)["mangle"] if "4789" in r]
