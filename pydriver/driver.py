@@ -38,6 +38,7 @@ from .clusterhost import ClusterHost
 from .errors import Conflict, DriverError, InvalidRequest, NotFound
 from .eviction import Eviction
 from .firewall_writer import FirewallWriter
+from .flows import StaleFlows
 from .interfaces import (
     AddressReleaser,
     Firewall,
@@ -132,6 +133,7 @@ class NetworkDriver:
         self.background = Background(self.firewall_writer, inline=inline_background)
         self.bridges = Bridges(kernel, sysctl, firewall, self.background)
         self.veths = Veths(kernel, self.background)
+        self.stale_flows = StaleFlows(store, kernel, inline=inline_background)
         self.removal = Removal(
             self.state,
             kernel,
@@ -140,6 +142,7 @@ class NetworkDriver:
             self.background,
             self.bridges,
             self.veths,
+            self.stale_flows,
         )
         self.eviction = Eviction(
             self.state, kernel, self._locks, self.removal, release_addresses, sandbox_released
@@ -186,16 +189,20 @@ class NetworkDriver:
 
     async def load(self) -> None:
         await self.state.load()
+        await self.stale_flows.load()
 
     async def reconcile(self) -> list[str]:
         """Make the kernel and firewall match the state (startup.py); what was repaired."""
         return await self.startup.reconcile()
 
     async def settle(self) -> None:
-        """Wait for background work: firewall writes and veth removals (tests, shutdown)."""
+        """Wait for background work: firewall writes, veth removals, stale flows (tests,
+        shutdown)."""
         await self.background.settle()
+        await self.stale_flows.settled_all()
 
     async def close(self) -> None:
+        await self.stale_flows.settled_all()
         await self.background.close()
 
     # -- upkeep --------------------------------------------------------------------------------
@@ -369,6 +376,8 @@ class NetworkDriver:
             await self.eviction.evict_holders(
                 network, req.endpoint_id, wanted, address, req.mac_address
             )
+            # The flows of an endpoint that had the address before go first (StaleFlows).
+            await self.stale_flows.settled(wanted)
             macs = {
                 e.mac_address
                 for e in self.state.endpoints_of(network.id)

@@ -1,7 +1,7 @@
 """How pybridge removes what it made, in an order that is safe at every step: the record goes
 first (after a crash, start-up removes what is left as leftovers), then whatever would let
-traffic reach what is going (rules, flows) before the answer, and the kernel objects nobody
-waits for after it."""
+traffic reach what is going (rules) before the answer, and the kernel objects and stale
+flows nobody waits for after it (flows: see StaleFlows for who does wait)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from .background import Background
 from .bridges import Bridges
 from .errors import DriverError
 from .firewall_writer import FirewallWriter
+from .flows import StaleFlows
 from .interfaces import Kernel, PortReservations
 from .model import Endpoint, Network
 from .naming import is_pybridge_bridge, short
@@ -34,6 +35,7 @@ class Removal:
         background: Background,
         bridges: Bridges,
         veths: Veths,
+        stale_flows: StaleFlows,
     ) -> None:
         self.state = state
         self.kernel = kernel
@@ -42,6 +44,7 @@ class Removal:
         self.background = background
         self.bridges = bridges
         self.veths = veths
+        self.stale_flows = stale_flows
 
     async def endpoint(self, endpoint: Endpoint, *, wait: bool = True) -> None:
         await self.endpoints([endpoint], wait=wait)
@@ -49,6 +52,8 @@ class Removal:
     async def endpoints(self, endpoints: Sequence[Endpoint], *, wait: bool = True) -> None:
         """Remove endpoints: their records, host ports, published-port rules and flows, then
         their veths (after the answer, in the background, unless ``wait``)."""
+        addresses = [a.ip for e in endpoints for a in (e.address, e.address_v6) if a is not None]
+        await self.stale_flows.record(addresses)
         for endpoint in endpoints:
             # Forget first: if we crash after this, reconcile removes the veth as an orphan.
             await self.state.drop_endpoint(endpoint.id)
@@ -58,11 +63,11 @@ class Removal:
         if any(endpoint.mappings for endpoint in endpoints):
             # Their DNAT rules go first: until then a new flow could still be NATed to them.
             await self.writer.write()
-        # Before the answer, so before Docker can release an address and give it to another
-        # container that would inherit the flows (and their reply-state accept).
-        for endpoint in endpoints:
-            await self.forget_flows(endpoint)
+        # After the rules (no new flow is NATed to them any more), and after the answer: an
+        # endpoint given one of the addresses meanwhile waits for it (StaleFlows).
+        await self.stale_flows.forget(addresses)
         if wait:
+            await self.stale_flows.settled(addresses)
             for endpoint in endpoints:
                 await self.veths.delete(endpoint)
             return
@@ -77,15 +82,6 @@ class Removal:
     async def _delete_veths(self, endpoints: Sequence[Endpoint]) -> None:
         for endpoint in endpoints:
             await self.veths.delete(endpoint)
-
-    async def forget_flows(self, endpoint: Endpoint) -> None:
-        for address in (endpoint.address, endpoint.address_v6):
-            if address is None:
-                continue
-            try:
-                await self.kernel.forget_flows(address.ip)
-            except DriverError as err:  # they time out on their own eventually
-                log.warning("endpoint %s: %s", short(endpoint.id), err)
 
     async def network(self, network: Network, *, best_effort: bool = False) -> None:
         """Remove every trace of ``network``: endpoints, rules, bridge (or only the addresses
@@ -131,6 +127,8 @@ class Removal:
                 if not best_effort:
                     raise
                 log.warning("while removing network %s: %s", short(network.id), err)
+        # Once Docker has the answer, any driver may give the subnet's addresses to others.
+        await self.stale_flows.settled_all()
         await self.state.drop_network(network.id)
         if bridge_after_answer:
             await self.bridges.delete_after_answer(network.bridge)

@@ -14,6 +14,7 @@ from pydriver.bridges import Bridges
 from pydriver.driver import NetworkDriver
 from pydriver.eviction import Eviction
 from pydriver.firewall_writer import FirewallWriter
+from pydriver.flows import StaleFlows
 from pydriver.ipamdriver import IpamDriver
 from pydriver.locks import KeyedLock
 from pydriver.model import IPAddress
@@ -144,7 +145,8 @@ async def parts() -> AsyncIterator[Parts]:
     background = Background(writer, inline=True)
     bridges = Bridges(kernel, sysctl, firewall, background)
     veths = Veths(kernel, background)
-    removal = Removal(state, kernel, host_ports, writer, background, bridges, veths)
+    stale_flows = StaleFlows(store, kernel, inline=True)
+    removal = Removal(state, kernel, host_ports, writer, background, bridges, veths, stale_flows)
     released: list[tuple[str, IPAddress]] = []
 
     async def release(addresses: Sequence[tuple[str, IPAddress]]) -> None:

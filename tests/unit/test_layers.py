@@ -26,6 +26,7 @@ LOGIC = (
     "errors",
     "eviction",
     "firewall_writer",
+    "flows",
     "interfaces",
     "ipam",
     "ipamdriver",
