@@ -30,7 +30,7 @@ def hold_forgetting(kernel: FakeKernel) -> asyncio.Event:
         await gate.wait()
         return await forget(address, *args)
 
-    kernel.forget_flows = held  # type: ignore[method-assign]
+    kernel.forget_flows = held  # type: ignore[method-assign,assignment]
     return gate
 
 
