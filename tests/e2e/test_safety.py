@@ -4,9 +4,11 @@ keep working. tests/privileged/test_safety.py proves the same with namespaces al
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -253,3 +255,63 @@ def test_network_rm_answers_once_its_rules_are_gone(d: Docker) -> None:
     assert bridge not in dump
     assert subnet not in dump
     assert wait_for(lambda: bridge not in link_names(), timeout=10)
+
+
+# A UDP peer outside: prints the first sender's (address, port), then, for each line read,
+# sends a datagram back to that sender.
+_UDP_PEER = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("", 53)); s.settimeout(20); print("ready", flush=True)
+_, peer = s.recvfrom(512)
+print(peer[0], peer[1], flush=True)
+for line in sys.stdin:
+    s.sendto(b"late", peer)
+    print("sent", flush=True)
+"""
+
+
+def udp_datagrams_received(d: Docker, container: str) -> int:
+    """Datagrams that reached the container's UDP stack, for a socket or for none."""
+    lines = [line.split() for line in d.exec(container, "cat", "/proc/net/snmp").splitlines()]
+    header, values = [line for line in lines if line and line[0] == "Udp:"][:2]
+    counters = dict(zip(header[1:], values[1:], strict=True))
+    return int(counters["InDatagrams"]) + int(counters["NoPorts"])
+
+
+def test_a_container_given_a_removed_containers_address_inherits_none_of_its_flows(
+    d: Docker, outside: OutsideHost
+) -> None:
+    """Container A has a UDP flow to a peer outside (masqueraded). A goes; B gets A's
+    address. The peer's next datagram of that flow must not reach B: a connection-tracking
+    entry left behind would still turn it back to the address, and the replies rule let it
+    in."""
+    subnet = free_subnet(96)
+    address = str(ipaddress.ip_network(subnet)[5])
+    net = d.network("--subnet", subnet)
+    peer = subprocess.Popen(
+        ["ip", "netns", "exec", outside.ns, sys.executable, "-c", _UDP_PEER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert peer.stdin is not None
+        assert peer.stdout is not None
+        assert peer.stdout.readline().strip() == "ready"
+        a = d.run(net, "--ip", address)
+        d.exec(a, "nslookup", "-timeout=1", "example.test", outside.ip, check=False, timeout=10)
+        seen_from, _ = peer.stdout.readline().split()
+        assert seen_from == outside.host_ip  # masqueraded: the flow has a NAT entry
+        d.rm_container(a)
+        b = d.run(net, "--ip", address)
+        assert d.ip(b, net) == address
+        before = udp_datagrams_received(d, b)
+        peer.stdin.write("go\n")
+        peer.stdin.flush()
+        assert peer.stdout.readline().strip() == "sent"
+        time.sleep(1)
+        assert udp_datagrams_received(d, b) == before
+    finally:
+        peer.kill()
+        peer.wait()
