@@ -202,7 +202,7 @@ class NetworkDriver:
         await self.stale_flows.settled_all()
 
     async def close(self) -> None:
-        await self.stale_flows.settled_all()
+        await self.stale_flows.close()
         await self.background.close()
 
     # -- upkeep --------------------------------------------------------------------------------

@@ -24,9 +24,9 @@ from .model import Family
 from .process import CommandResult, run
 from .rules import (
     NetworkRules,
-    chain_contents,
     drift,
     incremental_restore,
+    render_chain_rules,
     render_restore,
 )
 
@@ -118,7 +118,7 @@ def _plan(
 ) -> tuple[dict[str, list[str]], str | None]:
     """The rules wanted, and the lines that turn ``before`` (what the last write left) into
     them, change by change; None: write everything."""
-    wanted = chain_contents(networks, family) if networks else {}
+    wanted = render_chain_rules(networks, family) if networks else {}
     if before is None:
         return wanted, None
     return wanted, incremental_restore(before, wanted)

@@ -21,21 +21,39 @@ from collections.abc import Iterable
 
 from .errors import DriverError
 from .interfaces import Kernel, NetworkStore
-from .model import IPAddress
+from .model import IPAddress, IPNetwork
 
 log = logging.getLogger(__name__)
 
 META_KEY = "stale_flows"
 
 
+# Waits between tries when the kernel refuses (a busy socket, memory): then given up, logged,
+# as the entries time out on their own eventually.
+RETRY_DELAYS = (0.2, 1.0, 3.0)
+# Shutdown waits this long; whatever is left is on disk for the next start.
+CLOSE_WAIT = 5.0
+
+
 class StaleFlows:
-    def __init__(self, store: NetworkStore, kernel: Kernel, *, inline: bool = False) -> None:
-        """``inline``: forget at once, before forget_after_answer returns (unit tests)."""
+    def __init__(
+        self,
+        store: NetworkStore,
+        kernel: Kernel,
+        *,
+        inline: bool = False,
+        retry_delays: tuple[float, ...] = RETRY_DELAYS,
+    ) -> None:
+        """``inline``: forget at once, before forget returns (unit tests)."""
         self.store = store
         self.kernel = kernel
         self.inline = inline
-        self._recorded: set[str] = set()  # as on disk
+        self.retry_delays = retry_delays
+        self._recorded: frozenset[str] = frozenset()  # as on disk
         self._running: dict[IPAddress, asyncio.Task[None]] = {}
+        # Asked for again while their task was past its first look at the table.
+        self._again: set[IPAddress] = set()
+        self._change_lock = asyncio.Lock()
 
     async def load(self) -> None:
         """Forget (in the background) the flows a previous run recorded and did not finish."""
@@ -45,17 +63,14 @@ class StaleFlows:
         except (ValueError, TypeError):
             log.warning("ignoring an unreadable list of stale flows: %r", text)
             recorded = set()
-        self._recorded = recorded
+        self._recorded = frozenset(recorded)
         for address in sorted(recorded):
             self._start(ipaddress.ip_address(address))
 
     async def record(self, addresses: Iterable[IPAddress]) -> None:
         """Write down (on disk before this returns) that the flows of ``addresses`` are to
         go: called before the endpoints' records go, so a crash in between loses nothing."""
-        new = {str(a) for a in addresses} - self._recorded
-        if new:
-            self._recorded |= new
-            await self._persist()
+        await self._change(add={str(a) for a in addresses})
 
     async def forget(self, addresses: Iterable[IPAddress]) -> None:
         """Start forgetting the flows of recorded ``addresses`` (in the background)."""
@@ -72,31 +87,69 @@ class StaleFlows:
             # asyncio.wait: a caller that gives up does not cancel the forgetting.
             await asyncio.wait(tasks)
 
+    async def settled_in(self, subnets: Iterable[IPNetwork]) -> None:
+        """Wait until the stale flows of every address in ``subnets`` are gone."""
+        nets = list(subnets)
+        await self.settled([a for a in list(self._running) if any(a in n for n in nets)])
+
     async def settled_all(self) -> None:
         await self.settled(list(self._running))
+
+    async def close(self) -> None:
+        """Give what is running a moment; the rest is on disk for the next start."""
+        tasks = list(self._running.values())
+        if tasks:
+            await asyncio.wait(tasks, timeout=CLOSE_WAIT)
+        for task in tasks:
+            task.cancel()
 
     @property
     def pending(self) -> list[IPAddress]:
         return sorted(self._running, key=lambda a: (a.version, a))
 
     def _start(self, address: IPAddress) -> None:
-        # Already running: it started after the endpoint was gone, so nothing newer to find.
-        if address not in self._running:
-            self._running[address] = asyncio.create_task(self._forget(address))
+        if address in self._running:
+            # Its task may have read the table already: flows set up since would be missed.
+            self._again.add(address)
+            return
+        self._running[address] = asyncio.create_task(self._forget(address))
 
     async def _forget(self, address: IPAddress) -> None:
         try:
-            await self.kernel.forget_flows(address)
-        except DriverError as err:  # they time out on their own eventually
-            log.warning("stale flows of %s: %s", address, err)
+            while True:
+                self._again.discard(address)
+                await self._forget_once(address)
+                if address not in self._again:
+                    break
         finally:
             del self._running[address]
-        self._recorded.discard(str(address))
+            self._again.discard(address)
         try:
-            await self._persist()
+            await self._change(remove={str(address)})
         except DriverError as err:  # forgotten again at the next start: harmless
             log.warning("could not record that the flows of %s are gone: %s", address, err)
 
-    async def _persist(self) -> None:
-        # The snapshot is taken now, in order: the last write holds the latest set.
-        await self.store.set_meta(META_KEY, json.dumps(sorted(self._recorded)))
+    async def _forget_once(self, address: IPAddress) -> None:
+        for delay in (*self.retry_delays, None):
+            try:
+                await self.kernel.forget_flows(address)
+                return
+            except Exception as err:  # nothing may end the task unobserved
+                if delay is None:
+                    log.error(
+                        "could not remove the connection-tracking entries of %s (%s); they "
+                        "time out on their own",
+                        address,
+                        err,
+                    )
+                    return
+                log.warning("stale flows of %s: %s; trying again", address, err)
+                await asyncio.sleep(delay)
+
+    async def _change(self, *, add: set[str] = set(), remove: set[str] = set()) -> None:  # noqa: B006 (never mutated)
+        # One change at a time, each from the latest set: none undoes another.
+        async with self._change_lock:
+            recorded = (self._recorded | add) - remove
+            if recorded != self._recorded:
+                await self.store.set_meta(META_KEY, json.dumps(sorted(recorded)))
+                self._recorded = recorded  # only once it is on disk

@@ -54,18 +54,21 @@ class Removal:
         their veths (after the answer, in the background, unless ``wait``)."""
         addresses = [a.ip for e in endpoints for a in (e.address, e.address_v6) if a is not None]
         await self.stale_flows.record(addresses)
-        for endpoint in endpoints:
-            # Forget first: if we crash after this, reconcile removes the veth as an orphan.
-            await self.state.drop_endpoint(endpoint.id)
-            await faults.point("endpoint.delete.forgotten")
-            for mapping in held(endpoint.mappings):
-                self.host_ports.release(mapping)
-        if any(endpoint.mappings for endpoint in endpoints):
-            # Their DNAT rules go first: until then a new flow could still be NATed to them.
-            await self.writer.write()
-        # After the rules (no new flow is NATed to them any more), and after the answer: an
-        # endpoint given one of the addresses meanwhile waits for it (StaleFlows).
-        await self.stale_flows.forget(addresses)
+        try:
+            for endpoint in endpoints:
+                # Forget first: if we crash after this, reconcile removes the veth as an orphan.
+                await self.state.drop_endpoint(endpoint.id)
+                await faults.point("endpoint.delete.forgotten")
+                for mapping in held(endpoint.mappings):
+                    self.host_ports.release(mapping)
+            if any(endpoint.mappings for endpoint in endpoints):
+                # Their DNAT rules go first: until then a new flow could still be NATed to them.
+                await self.writer.write()
+        finally:
+            # After the rules (no new flow is NATed to them any more), and after the answer:
+            # an endpoint given one of the addresses meanwhile waits for it (StaleFlows). Even
+            # when a step failed: Docker releases the addresses whatever pybridge answers.
+            await self.stale_flows.forget(addresses)
         if wait:
             await self.stale_flows.settled(addresses)
             for endpoint in endpoints:
@@ -120,15 +123,18 @@ class Removal:
             ),
             functools.partial(faults.point, "network.delete.bridge"),
         ]
-        for step in steps:
-            try:
-                await step()
-            except DriverError as err:
-                if not best_effort:
-                    raise
-                log.warning("while removing network %s: %s", short(network.id), err)
-        # Once Docker has the answer, any driver may give the subnet's addresses to others.
-        await self.stale_flows.settled_all()
+        try:
+            for step in steps:
+                try:
+                    await step()
+                except DriverError as err:
+                    if not best_effort:
+                        raise
+                    log.warning("while removing network %s: %s", short(network.id), err)
+        finally:
+            # Once Docker has the answer (an error included), any driver may give the subnet's
+            # addresses to others.
+            await self.stale_flows.settled_in(s.pool for s in network.subnets)
         await self.state.drop_network(network.id)
         if bridge_after_answer:
             await self.bridges.delete_after_answer(network.bridge)

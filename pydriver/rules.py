@@ -113,7 +113,6 @@ names (a routed network named br-x would otherwise be caught by the drops toward
 from __future__ import annotations
 
 import difflib
-import hashlib
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -274,41 +273,6 @@ def render_chain_rules(networks: Sequence[NetworkRules], family: Family) -> dict
         "nat": _nat_rules(networks, family),
         "raw": _raw_rules(networks, family),
     }
-
-
-def chain_contents(networks: Sequence[NetworkRules], family: Family) -> dict[str, list[str]]:
-    """What pybridge's chains hold as written: the rules of render_chain_rules, each chain
-    headed by its marker (see _marker)."""
-    rendered = render_chain_rules(networks, family)
-    return {table: _marked(table, rules) for table, rules in rendered.items()}
-
-
-STATE_MARK = "pybridge-state-"
-
-
-def _marker(chain: str, body: Sequence[str]) -> str:
-    """A rule that does nothing but name what ``chain`` holds (a hash of its other rules).
-    An edit deletes it by that name before anything else, so an edit meant for other
-    content than the chain has (someone restored an older copy of pybridge's chains) fails
-    as a whole and the write starts over whole, instead of editing the wrong rules."""
-    digest = hashlib.blake2s("\n".join(body).encode(), digest_size=6).hexdigest()
-    return f"-A {chain} -m comment --comment {STATE_MARK}{digest}"
-
-
-def _marked(table: str, rules: Sequence[str]) -> list[str]:
-    """``rules`` chain by chain, each chain headed by its marker."""
-    by_chain = _by_chain(rules)
-    out: list[str] = []
-    for chain in OWN_CHAINS[table]:
-        body = by_chain.get(chain, [])
-        out += [_marker(chain, body), *body]
-    return out
-
-
-def _split_marker(chain: str, rules: Sequence[str]) -> tuple[str | None, list[str]]:
-    if rules and rules[0].startswith(f"-A {chain} -m comment --comment {STATE_MARK}"):
-        return rules[0], list(rules[1:])
-    return None, list(rules)
 
 
 def _host(address: IPAddress) -> str:
@@ -622,7 +586,7 @@ class _Table:
 def _tables(networks: Sequence[NetworkRules], family: Family, current_save: str) -> list[_Table]:
     """Every table pybridge has (or had) chains in, or that the current rules show."""
     current = parse_save(current_save)
-    want = chain_contents(networks, family) if networks else {}
+    want = render_chain_rules(networks, family) if networks else {}
     tables = []
     for table in sorted(set(OWN_CHAINS) | set(current)):
         names, rules = current.get(table, (set(), []))
@@ -662,17 +626,16 @@ def _by_chain(rules: Sequence[str]) -> dict[str, list[str]]:
 
 
 def _edits(chain: str, before: list[str], after: list[str]) -> list[str]:
-    """``iptables-restore`` lines that turn ``before`` into ``after`` in ``chain`` (neither
-    with its marker), rule by rule: ``-D CHAIN N`` and ``-I CHAIN N RULE``. Worked from the
-    end of the chain back, so the positions of the part not yet done are still those of
-    ``before``."""
-    prefix = f"-A {chain} "
+    """``iptables-restore`` lines that turn ``before`` into ``after`` in ``chain``, rule by
+    rule: ``-D CHAIN N`` and ``-I CHAIN N RULE``. Worked from the end of the chain back, so
+    the positions of the part not yet done are still those of ``before``."""
     lines: list[str] = []
     matcher = difflib.SequenceMatcher(None, before, after, autojunk=False)
     for tag, i1, i2, j1, j2 in reversed(matcher.get_opcodes()):
         if tag == "equal":
             continue
         lines += [f"-D {chain} {i1 + 1}"] * (i2 - i1)  # each delete moves the next one up
+        prefix = f"-A {chain} "
         lines += [
             f"-I {chain} {i1 + 1 + k} {rule[len(prefix) :]}" for k, rule in enumerate(after[j1:j2])
         ]
@@ -683,20 +646,14 @@ def incremental_restore(
     before: Mapping[str, Sequence[str]], after: Mapping[str, Sequence[str]]
 ) -> str | None:
     """The ``iptables-restore --noflush`` input that turns pybridge's chains from ``before``
-    into ``after`` (both as chain_contents gives them) by deleting and inserting only the
+    into ``after`` (both as render_chain_rules gives them) by deleting and inserting only the
     rules that differ: a transaction the size of the change, not of the rule set (a network,
     an endpoint or a port mapping more or less costs the same at 1 and at 1,000 networks).
 
-    It relies on the chains holding exactly ``before`` (what the last write left), and checks
-    it: in each table it changes, every chain's marker is deleted by name before anything
-    else (and the new one put first after), so when a chain there holds something else (an
-    older copy restored by a firewall reload) the batch fails and the caller writes whole,
-    rather than editing rules by positions meant for others. (Other tables are not edited;
-    what a reload did to them is the self-healing check's to find.)
-
-    None when a whole rewrite is needed instead: no rules before or after (the chains and
-    jumps come or go), a different set of tables, or a chain without its marker. "" when
-    nothing differs."""
+    It relies on the chains holding exactly ``before`` (what the last write left; the
+    self-healing check finds and rewrites chains that someone else changed). None when a whole
+    rewrite is needed instead: no rules before or after (the chains and jumps come or go), or
+    a different set of tables. "" when nothing differs."""
     if not any(before.values()) or not any(after.values()) or set(before) != set(after):
         return None
     out: list[str] = []
@@ -706,16 +663,9 @@ def incremental_restore(
         if (set(old) | set(new)) - set(own):
             return None  # a rule outside pybridge's chains: not ours to edit
         lines: list[str] = []
-        changed = False
         for chain in own:
-            old_mark, old_rules = _split_marker(chain, old.get(chain, []))
-            new_mark, new_rules = _split_marker(chain, new.get(chain, []))
-            if old_mark is None or new_mark is None:
-                return None
-            edits = _edits(chain, old_rules, new_rules)
-            changed = changed or bool(edits)
-            lines += [f"-D {old_mark[3:]}", *edits, f"-I {chain} 1 {new_mark[len(chain) + 4 :]}"]
-        if changed:  # a table without changes is left alone, unchecked
+            lines += _edits(chain, old.get(chain, []), new.get(chain, []))
+        if lines:
             out += [f"*{table}", *lines, "COMMIT"]
     return "\n".join(out) + "\n" if out else ""
 

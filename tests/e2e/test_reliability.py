@@ -83,7 +83,8 @@ def test_firewall_heals_itself_without_touching_other_rules(
         ping(d, a, b)
         assert d.exec(a, "nc", "-w", "3", outside.ip, str(outside.port)) == outside.host_ip
         restored = run(["iptables-save"]).stdout
-        assert "-A PYBRIDGE-ISOLATION" in restored
+        # (A rule of its own, not only the chain's marker.)
+        assert "-A PYBRIDGE-ISOLATION -m conntrack --ctstate RELATED,ESTABLISHED,DNAT" in restored
         assert "-A PREROUTING -j PYBRIDGE-PREROUTING" in restored
         assert "-A PYBRIDGE-PREROUTING -d 127.0.0.0/8 ! -i lo -j DROP" in restored
         # Nobody else's rules were put back: that is their owner's business.

@@ -10,12 +10,16 @@ import ipaddress
 import json
 from typing import Any
 
+import pytest
+
+from pydriver import protocol as p
+from pydriver.errors import HostError
 from pydriver.flows import META_KEY, StaleFlows
 from pydriver.model import IPAddress
 from pydriver.naming import container_veth_name
 
 from .conftest import Env
-from .fakes import FakeKernel, FakeStore
+from .fakes import FakeKernel, FakeStore, create_endpoint_body, endpoint_ref_body
 from .test_driver import EP_1, EP_2, NET_A, create_endpoint, create_network, net_ref, ref
 
 ADDRESS = ipaddress.ip_address("10.50.0.2")
@@ -88,17 +92,61 @@ async def test_flows_recorded_by_a_run_that_stopped_are_forgotten_at_the_next_st
     assert json.loads(await store.get_meta(META_KEY) or "") == []
 
 
-async def test_a_failure_to_forget_is_logged_and_the_address_freed() -> None:
-    """As before: entries time out on their own; nothing waits forever for them."""
-    from pydriver.errors import HostError
-
+async def test_a_refusal_is_tried_again_then_logged_and_the_address_freed() -> None:
+    """A busy socket or a memory shortage passes: tried again. A kernel that keeps refusing
+    is logged, and the address freed: the entries time out on their own, and nothing may wait
+    forever for them."""
     store, kernel = FakeStore(), FakeKernel()
-    kernel.fail["forget_flows"] = HostError("no conntrack")
-    flows = StaleFlows(store, kernel)
+    kernel.fail["forget_flows"] = HostError("busy")
+    flows = StaleFlows(store, kernel, retry_delays=(0, 0))
     await flows.record([ADDRESS])
     await flows.forget([ADDRESS])
     await asyncio.wait_for(flows.settled([ADDRESS]), 1)
+    assert kernel.calls == [("forget_flows", str(ADDRESS))] * 3
     assert flows.pending == []
+    assert json.loads(await store.get_meta(META_KEY) or "") == []
+
+
+async def test_any_error_is_tried_again_and_never_escapes_the_task() -> None:
+    store, kernel = FakeStore(), FakeKernel()
+    kernel.fail["forget_flows"] = RuntimeError("a bug")  # type: ignore[assignment]
+    flows = StaleFlows(store, kernel, retry_delays=(0,))
+    await flows.record([ADDRESS])
+    await flows.forget([ADDRESS])
+    await asyncio.wait_for(flows.settled([ADDRESS]), 1)
+    del kernel.fail["forget_flows"]
+    await flows.forget([ADDRESS])  # recorded again by the next removal: a new task
+    await flows.settled_all()
+    assert flows.pending == []
+
+
+async def test_an_address_asked_for_again_while_its_flows_are_read_is_read_again() -> None:
+    """Its task may have read the table before the newer holder's last flows existed."""
+    store, kernel = FakeStore(), FakeKernel()
+    gate = hold_forgetting(kernel)
+    flows = StaleFlows(store, kernel)
+    await flows.record([ADDRESS])
+    await flows.forget([ADDRESS])
+    await asyncio.sleep(0)
+    await flows.forget([ADDRESS])  # a second removal of the address meanwhile
+    gate.set()
+    await flows.settled_all()
+    assert kernel.calls == [("forget_flows", str(ADDRESS))] * 2
+
+
+async def test_delete_network_waits_only_for_its_own_subnets() -> None:
+    store, kernel = FakeStore(), FakeKernel()
+    gate = hold_forgetting(kernel)
+    flows = StaleFlows(store, kernel)
+    elsewhere = ipaddress.ip_address("10.60.0.7")
+    await flows.record([elsewhere])
+    await flows.forget([elsewhere])
+    await asyncio.wait_for(flows.settled_in([ipaddress.ip_network("10.50.0.0/24")]), 1)
+    waiting = asyncio.create_task(flows.settled_in([ipaddress.ip_network("10.60.0.0/24")]))
+    await asyncio.sleep(0.02)
+    assert not waiting.done()
+    gate.set()
+    await asyncio.wait_for(waiting, 1)
 
 
 async def test_an_unreadable_record_is_ignored() -> None:
@@ -107,3 +155,18 @@ async def test_an_unreadable_record_is_ignored() -> None:
     flows = StaleFlows(store, kernel)
     await flows.load()
     assert flows.pending == []
+
+
+async def test_the_flows_go_even_when_the_removal_fails_half_way(env: Env) -> None:
+    """Docker releases the address whatever DeleteEndpoint answers: a failed rule write must
+    not leave the flows for the next holder."""
+    await create_network(env.driver, NET_A)
+    await create_endpoint(env.driver, NET_A, EP_1, ports=True)
+    body = {**endpoint_ref_body(NET_A, EP_1)}
+    body["Options"] = create_endpoint_body(NET_A, EP_1, ports=True)["Options"]
+    await env.driver.program_external_connectivity(p.parse_program_external(body))
+    env.kernel.calls.clear()
+    env.firewall.fail = HostError("iptables-restore failed")
+    with pytest.raises(HostError):
+        await env.driver.delete_endpoint(ref(NET_A, EP_1))
+    assert ("forget_flows", str(ADDRESS)) in env.kernel.calls
