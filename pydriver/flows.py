@@ -14,6 +14,7 @@ stopped are forgotten at the next start.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import json
 import logging
@@ -30,7 +31,7 @@ META_KEY = "stale_flows"
 
 # Waits between tries when the kernel refuses (a busy socket, memory): then given up, logged,
 # as the entries time out on their own eventually.
-RETRY_DELAYS = (0.2, 1.0, 3.0)
+RETRY_DELAYS = (0.1, 0.5)
 # Shutdown waits this long; whatever is left is on disk for the next start.
 CLOSE_WAIT = 5.0
 
@@ -53,6 +54,8 @@ class StaleFlows:
         self._running: dict[IPAddress, asyncio.Task[None]] = {}
         # Asked for again while their task was past its first look at the table.
         self._again: set[IPAddress] = set()
+        # Recorded by a removal that has not called forget() for them yet.
+        self._handoffs: dict[IPAddress, int] = {}
         self._change_lock = asyncio.Lock()
 
     async def load(self) -> None:
@@ -70,12 +73,20 @@ class StaleFlows:
     async def record(self, addresses: Iterable[IPAddress]) -> None:
         """Write down (on disk before this returns) that the flows of ``addresses`` are to
         go: called before the endpoints' records go, so a crash in between loses nothing."""
-        await self._change(add={str(a) for a in addresses})
+        wanted = list(addresses)
+        await self._change(add={str(a) for a in wanted})
+        for address in wanted:  # not off the disk before forget() has taken them on
+            self._handoffs[address] = self._handoffs.get(address, 0) + 1
 
     async def forget(self, addresses: Iterable[IPAddress]) -> None:
         """Start forgetting the flows of recorded ``addresses`` (in the background)."""
         wanted = list(addresses)
         for address in wanted:
+            left = self._handoffs.get(address, 0) - 1
+            if left > 0:
+                self._handoffs[address] = left
+            else:
+                self._handoffs.pop(address, None)
             self._start(address)
         if self.inline:
             await self.settled(wanted)
@@ -112,7 +123,14 @@ class StaleFlows:
             # Its task may have read the table already: flows set up since would be missed.
             self._again.add(address)
             return
-        self._running[address] = asyncio.create_task(self._forget(address))
+        task = asyncio.create_task(self._forget(address))
+        self._running[address] = task
+        # A task cancelled before its first step never runs its finally.
+        task.add_done_callback(functools.partial(self._ended, address))
+
+    def _ended(self, address: IPAddress, task: asyncio.Task[None]) -> None:
+        if self._running.get(address) is task:
+            del self._running[address]
 
     async def _forget(self, address: IPAddress) -> None:
         try:
@@ -122,8 +140,10 @@ class StaleFlows:
                 if address not in self._again:
                     break
         finally:
-            del self._running[address]
+            self._running.pop(address, None)
             self._again.discard(address)
+        if self._handoffs.get(address):
+            return  # recorded again by a removal that has not handed it over yet
         try:
             await self._change(remove={str(address)})
         except DriverError as err:  # forgotten again at the next start: harmless
@@ -138,7 +158,9 @@ class StaleFlows:
                 if delay is None:
                     log.error(
                         "could not remove the connection-tracking entries of %s (%s); they "
-                        "time out on their own",
+                        "stay until they time out (UDP: minutes; an established TCP "
+                        "connection: up to days), and a container given the address meanwhile "
+                        "may receive their traffic",
                         address,
                         err,
                     )

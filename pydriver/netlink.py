@@ -229,9 +229,9 @@ class _NetlinkCore:
         # One conntrack socket per family: the family is fixed per socket (pyroute2's
         # nfgen_family), and the kernel refuses an IPv6 filter on an IPv4 one (EINVAL).
         self._conntrack: dict[int, AsyncConntrack] = {}
-        # One dump at a time per netlink socket: the kernel answers a second one with EBUSY
-        # (and opening the sockets is not to be raced either).
-        self._conntrack_lock = asyncio.Lock()
+        # One dump at a time per netlink socket (one socket per family): the kernel answers a
+        # second one with EBUSY (and opening a socket is not to be raced either).
+        self._conntrack_locks = {socket.AF_INET: asyncio.Lock(), socket.AF_INET6: asyncio.Lock()}
         self._lock = asyncio.Lock()
 
     async def open(self) -> None:
@@ -534,7 +534,8 @@ class _NetlinkCore:
         return await self._forget(f"port {port}", filters)
 
     async def _forget(self, what: str, filters: list[tuple[str, NFCTAttrTuple]]) -> int:
-        async with self._conntrack_lock:
+        # Each call reads one family (its filters are of one family).
+        async with self._conntrack_locks[filters[0][1].family]:
             return await self._forget_now(what, filters)
 
     async def _forget_now(self, what: str, filters: list[tuple[str, NFCTAttrTuple]]) -> int:

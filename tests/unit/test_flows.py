@@ -170,3 +170,36 @@ async def test_the_flows_go_even_when_the_removal_fails_half_way(env: Env) -> No
     with pytest.raises(HostError):
         await env.driver.delete_endpoint(ref(NET_A, EP_1))
     assert ("forget_flows", str(ADDRESS)) in env.kernel.calls
+
+
+async def test_an_address_recorded_again_stays_on_disk_until_handed_over() -> None:
+    """A removal records the address while an earlier task for it is still running (a start
+    after a crash, say); that task ends before the removal hands the address over: a crash
+    then must still find it on disk."""
+    store, kernel = FakeStore(), FakeKernel()
+    gate = hold_forgetting(kernel)
+    flows = StaleFlows(store, kernel)
+    await flows.record([ADDRESS])
+    await flows.forget([ADDRESS])
+    await flows.record([ADDRESS])  # the next removal of the address, not handed over yet
+    gate.set()
+    await flows.settled_all()
+    assert json.loads(await store.get_meta(META_KEY) or "") == [str(ADDRESS)]
+    await flows.forget([ADDRESS])
+    await flows.settled_all()
+    assert json.loads(await store.get_meta(META_KEY) or "") == []
+
+
+async def test_shutdown_leaves_what_is_slow_for_the_next_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("pydriver.flows.CLOSE_WAIT", 0.05)
+    store, kernel = FakeStore(), FakeKernel()
+    hold_forgetting(kernel)  # never released
+    flows = StaleFlows(store, kernel)
+    await flows.record([ADDRESS])
+    await flows.forget([ADDRESS])
+    await asyncio.wait_for(flows.close(), 1)
+    await asyncio.sleep(0)
+    assert flows.pending == []
+    assert json.loads(await store.get_meta(META_KEY) or "") == [str(ADDRESS)]
