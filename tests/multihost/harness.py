@@ -385,12 +385,18 @@ class DockerHost:
         signal), but this machine's PID 1 reaps orphans late: kill(pid, 0) still succeeds on
         the zombie, the next dockerd says "containerd is still running", waits for its socket
         and exits ("timeout waiting for containerd to start"). A prompt init would have reaped
-        it: forget a pid file whose process is a zombie or gone."""
+        it: forget a pid file whose process is a zombie or gone. The signal is not instant
+        either: right after the SIGKILL the old containerd may still run for a moment, and a
+        dockerd started then waits for it and exits the same way (seen in CI), so give it up to
+        10 s to go."""
         pidfile = self.path("/run/docker/containerd/containerd.pid")
         try:
             pid = int(pidfile.read_text().strip())
         except (OSError, ValueError):
             return
+        deadline = time.monotonic() + 10
+        while _state(pid) not in (None, "Z") and time.monotonic() < deadline:
+            time.sleep(0.1)
         if _state(pid) in (None, "Z"):
             pidfile.unlink(missing_ok=True)
 
