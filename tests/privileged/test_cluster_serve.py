@@ -214,14 +214,20 @@ def eventually(check: Any, timeout: float) -> float:
     return time.monotonic() - start
 
 
-def test_one_segment_on_two_hosts(lab: Lab) -> None:
-    subnet = "10.70.0.0/16"
+def segment_on_every_host(lab: Lab, subnet: str) -> list[str]:
+    """Segment "seg" on each host: the first gives the subnet, the others leave --subnet out
+    (--ipam-opt pybridge.segment gives them the segment's). Their network ids."""
     ids = []
-    # The second host leaves --subnet out: --ipam-opt pybridge.segment gives the segment's.
     for n, plugin in enumerate(lab.plugins):
         status, answer, network_id = network(plugin, "" if n else subnet, "seg", bool(n))
         ok(status, answer)
         ids.append(network_id)
+    return ids
+
+
+def test_one_segment_on_two_hosts(lab: Lab) -> None:
+    subnet = "10.70.0.0/16"
+    ids = segment_on_every_host(lab, subnet)
     # Each host has the tunnel on its network's bridge, below the underlay's MTU.
     for host, network_id in zip(lab.hosts, ids, strict=True):
         details = ns_run(host, "ip", "-d", "link", "show", f"pyx-{network_id[:11]}")
@@ -364,11 +370,7 @@ def test_a_container_of_a_member_host_cannot_write_onto_a_segment(lab: Lab) -> N
     so host 2 must not forward it. And to its own host, claiming host 1's address as source:
     not a member either (rpfilter)."""
     subnet = "10.70.0.0/16"
-    ids = []
-    for n, plugin in enumerate(lab.plugins):
-        status, answer, network_id = network(plugin, "" if n else subnet, "seg", bool(n))
-        ok(status, answer)
-        ids.append(network_id)
+    ids = segment_on_every_host(lab, subnet)
     c1, a1 = container(lab, 0, ids[0], subnet)
     c2, a2 = container(lab, 1, ids[1], subnet)  # host 2 is a member of the segment
     # An ordinary network with egress on host 2, and a container on it.
