@@ -329,35 +329,70 @@ def test_without_cluster_a_segment_is_refused(tmp_path: Path) -> None:
         run(["ip", "netns", "del", ns], check=False)
 
 
-def intruder_reaches(lab: Lab, network_id: str, target_ns: str, target: str) -> None:
-    """A namespace on the underlay (203.0.113.3, no member) with its own VXLAN device of the
-    segment's VNI, sending to host 1 as if it were a member."""
+def segment_vni(lab: Lab, network_id: str) -> str:
+    """The VNI of the tunnel on host 1's bridge of ``network_id``."""
     details = ns_run(lab.hosts[0], "ip", "-d", "link", "show", f"pyx-{network_id[:11]}")
     vni = re.search(r"vxlan id (\d+)", details)
     assert vni is not None
-    mac = re.search(r"link/ether (\S+)", ns_run(target_ns, "ip", "link", "show", "eth0"))
+    return vni.group(1)
+
+
+def eth0_mac(ns: str) -> str:
+    mac = re.search(r"link/ether (\S+)", ns_run(ns, "ip", "link", "show", "eth0"))
     assert mac is not None
+    return mac.group(1)
+
+
+def vxlan_sender(
+    ns: str,
+    dev: str,
+    vni: str,
+    local: str,
+    to: str,
+    source: str,
+    target: str,
+    mac: str,
+    *,
+    via_eth0: bool = True,
+) -> None:
+    """A VXLAN device ``dev`` in ``ns`` (address ``source``) that sends frames for ``target``
+    (``mac``) to the tunnel endpoint ``to``, from ``local`` (``via_eth0=False``: a spoofed
+    local address, on lo): any sender can write these."""
+    via = ["dev", "eth0"] if via_eth0 else []
+    ns_run(ns, "ip", "link", "add", dev, "type", "vxlan", "id", vni, "dstport", "4789",
+           "local", local, *via, "nolearning")  # fmt: skip
+    ns_run(ns, "ip", "addr", "add", f"{source}/16", "dev", dev)
+    ns_run(ns, "ip", "link", "set", dev, "up")
+    ns_run(ns, "bridge", "fdb", "append", "00:00:00:00:00:00", "dev", dev, "dst", to)
+    ns_run(ns, "ip", "neigh", "replace", target, "lladdr", mac, "dev", dev, "nud", "permanent")
+
+
+def count_frames(host: str, network_id: str, source: str) -> None:
+    """A rule without a target only counts: frames from ``source`` that reach the bridge."""
+    ns_run(host, "iptables-nft", "-t", "raw", "-I", "PREROUTING", "1", "-i",
+           f"pyb-{network_id[:11]}", "-s", f"{source}/32")  # fmt: skip
+
+
+def frames_counted(host: str) -> tuple[int, str]:
+    seen = ns_run(host, "iptables-nft", "-t", "raw", "-L", "PREROUTING", "1", "-v", "-x", "-n")
+    return int(seen.split()[0]), seen
+
+
+def intruder_reaches(lab: Lab, network_id: str, target_ns: str, target: str) -> None:
+    """A namespace on the underlay (203.0.113.3, no member) with its own VXLAN device of the
+    segment's VNI, sending to host 1 as if it were a member."""
+    vni, mac = segment_vni(lab, network_id), eth0_mac(target_ns)
     x = lab.container_ns()
     ns_run(lab.underlay, "ip", "link", "add", "ux", "type", "veth", "peer", "name", "eth0",
            "netns", x)  # fmt: skip
     ns_run(lab.underlay, "ip", "link", "set", "ux", "master", "ul", "up")
     ns_run(x, "ip", "addr", "add", "203.0.113.3/24", "dev", "eth0")
     ns_run(x, "ip", "link", "set", "eth0", "up")
-    ns_run(x, "ip", "link", "add", "vx", "type", "vxlan", "id", vni.group(1), "dstport", "4789",
-           "local", "203.0.113.3", "dev", "eth0", "nolearning")  # fmt: skip
-    ns_run(x, "ip", "addr", "add", "10.70.99.99/16", "dev", "vx")
-    ns_run(x, "ip", "link", "set", "vx", "up")
-    ns_run(x, "bridge", "fdb", "append", "00:00:00:00:00:00", "dev", "vx", "dst", "203.0.113.1")
-    ns_run(x, "ip", "neigh", "replace", target, "lladdr", mac.group(1), "dev", "vx", "nud",
-           "permanent")  # fmt: skip
-    # A rule without a target only counts: the intruder's frames that reach the bridge.
-    bridge = f"pyb-{network_id[:11]}"
-    watch = ["-t", "raw", "-I", "PREROUTING", "1", "-i", bridge, "-s", "10.70.99.99/32"]
-    ns_run(lab.hosts[0], "iptables-nft", *watch)
+    vxlan_sender(x, "vx", vni, "203.0.113.3", "203.0.113.1", "10.70.99.99", target, mac)
+    count_frames(lab.hosts[0], network_id, "10.70.99.99")
     assert not ping(x, target, count=2)
-    seen = ns_run(lab.hosts[0], "iptables-nft", "-t", "raw", "-L", "PREROUTING", "1", "-v", "-x",
-                  "-n")  # fmt: skip
-    assert int(seen.split()[0]) == 0, seen
+    frames, seen = frames_counted(lab.hosts[0])
+    assert frames == 0, seen
     counters = ns_run(lab.hosts[0], "iptables-nft", "-t", "raw", "-L", "PYBRIDGE-PREROUTING",
                       "-v", "-x", "-n")  # fmt: skip
     drop = next(line for line in counters.splitlines() if "DROP" in line and "4789" in line)
@@ -387,42 +422,21 @@ def test_a_container_of_a_member_host_cannot_write_onto_a_segment(lab: Lab) -> N
         "IPv4Data": [{"AddressSpace": SPACE, "Pool": pool["Pool"], "Gateway": gateway["Address"]}],
         "IPv6Data": []})  # fmt: skip
     x, ax = container(lab, 1, plain_id, pool["PoolID"])
-    vni = re.search(r"vxlan id (\d+)", ns_run(lab.hosts[0], "ip", "-d", "link", "show",
-                                               f"pyx-{ids[0][:11]}"))  # fmt: skip
-    assert vni is not None
-    mac = re.search(r"link/ether (\S+)", ns_run(c1, "ip", "link", "show", "eth0"))
-    assert mac is not None
+    vni = segment_vni(lab, ids[0])
     # Plain UDP from the container would do; a VXLAN device is the shortest way to write it.
-    ns_run(x, "ip", "link", "add", "vx", "type", "vxlan", "id", vni.group(1), "dstport", "4789",
-           "local", ax, "dev", "eth0", "nolearning")  # fmt: skip
-    ns_run(x, "ip", "addr", "add", "10.70.99.99/16", "dev", "vx")
-    ns_run(x, "ip", "link", "set", "vx", "up")
-    ns_run(x, "bridge", "fdb", "append", "00:00:00:00:00:00", "dev", "vx", "dst", "203.0.113.1")
-    ns_run(x, "ip", "neigh", "replace", a1, "lladdr", mac.group(1), "dev", "vx", "nud",
-           "permanent")  # fmt: skip
-    bridge = f"pyb-{ids[0][:11]}"
-    ns_run(lab.hosts[0], "iptables-nft", "-t", "raw", "-I", "PREROUTING", "1", "-i", bridge,
-           "-s", "10.70.99.99/32")  # fmt: skip
+    vxlan_sender(x, "vx", vni, ax, "203.0.113.1", "10.70.99.99", a1, eth0_mac(c1))
+    count_frames(lab.hosts[0], ids[0], "10.70.99.99")
     ping(x, a1, count=2)
-    seen = ns_run(lab.hosts[0], "iptables-nft", "-t", "raw", "-L", "PREROUTING", "1", "-v", "-x",
-                  "-n")  # fmt: skip
-    assert int(seen.split()[0]) == 0, f"frames from a container reached the segment: {seen}"
+    frames, seen = frames_counted(lab.hosts[0])
+    assert frames == 0, f"frames from a container reached the segment: {seen}"
 
     # To its own host, claiming host 1's address as its source: refused there too.
-    mac2 = re.search(r"link/ether (\S+)", ns_run(c2, "ip", "link", "show", "eth0"))
-    assert mac2 is not None
     ns_run(x, "ip", "link", "del", "vx")  # (one device per VNI and port)
     ns_run(x, "ip", "addr", "add", "203.0.113.1/32", "dev", "lo")
-    ns_run(x, "ip", "link", "add", "vy", "type", "vxlan", "id", vni.group(1), "dstport", "4789",
-           "local", "203.0.113.1", "nolearning")  # fmt: skip
-    ns_run(x, "ip", "addr", "add", "10.70.99.98/16", "dev", "vy")
-    ns_run(x, "ip", "link", "set", "vy", "up")
-    ns_run(x, "bridge", "fdb", "append", "00:00:00:00:00:00", "dev", "vy", "dst", "203.0.113.2")
-    ns_run(x, "ip", "neigh", "replace", a2, "lladdr", mac2.group(1), "dev", "vy", "nud",
-           "permanent")  # fmt: skip
-    ns_run(lab.hosts[1], "iptables-nft", "-t", "raw", "-I", "PREROUTING", "1", "-i",
-           f"pyb-{ids[1][:11]}", "-s", "10.70.99.98/32")  # fmt: skip
+    vxlan_sender(
+        x, "vy", vni, "203.0.113.1", "203.0.113.2", "10.70.99.98", a2, eth0_mac(c2), via_eth0=False
+    )
+    count_frames(lab.hosts[1], ids[1], "10.70.99.98")
     ping(x, a2, count=2)
-    seen = ns_run(lab.hosts[1], "iptables-nft", "-t", "raw", "-L", "PREROUTING", "1", "-v", "-x",
-                  "-n")  # fmt: skip
-    assert int(seen.split()[0]) == 0, f"spoofed frames reached the segment: {seen}"
+    frames, seen = frames_counted(lab.hosts[1])
+    assert frames == 0, f"spoofed frames reached the segment: {seen}"
