@@ -5,7 +5,7 @@ decisions and tests; its text is only ever shown."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .clusterreport import ClusterReport
@@ -332,9 +332,13 @@ def check_veths(endpoints: Sequence[Endpoint], links: Mapping[str, str | None]) 
 
 
 def check_stray_links(
-    networks: Sequence[Network], endpoints: Sequence[Endpoint], links: Mapping[str, str | None]
+    networks: Sequence[Network],
+    endpoints: Sequence[Endpoint],
+    links: Mapping[str, str | None],
+    spares: Collection[str] = (),
 ) -> list[Finding]:
-    """Bridges, veths and tunnel devices named like pybridge's that no state refers to."""
+    """Bridges, veths and tunnel devices named like pybridge's that no state refers to, but
+    ``spares``: spare veth pairs as pybridge keeps them (down, on no bridge; spares.py)."""
     bridges = {n.bridge for n in networks}
     veths = {e.host_veth for e in endpoints} | {e.container_veth for e in endpoints}
     tunnels = {vxlan_name(n.id) for n in networks}
@@ -346,7 +350,7 @@ def check_stray_links(
         )
         for name, kind in sorted(links.items())
         if (kind == "bridge" and is_pybridge_bridge(name) and name not in bridges)
-        or (kind == "veth" and is_pybridge_veth(name) and name not in veths)
+        or (kind == "veth" and is_pybridge_veth(name) and name not in veths | set(spares))
         or (kind == "vxlan" and name.startswith(VXLAN_PREFIX) and name not in tunnels)
     ]
 
@@ -448,6 +452,7 @@ class Facts:
     views: Sequence[NetworkRules] = ()  # the firewall's view of the networks
     bridge_nf_call: str | None = None
     links: Mapping[str, str | None] = field(default_factory=dict)  # name -> kind
+    spare_links: frozenset[str] = frozenset()  # spare veth pairs' ends, down and on no bridge
     routes: Sequence[HostRoute] = ()
     docker_networks: frozenset[str] | None = None
     docker_plugins: Sequence[tuple[str, bool]] | None = None  # managed: (name, enabled)
@@ -471,7 +476,7 @@ def evaluate(facts: Facts) -> list[Finding]:
     found += check_forward_policy(save_v4, facts.bridge_nf_call)
     found += check_networks(facts.networks, facts.links)
     found += check_veths(facts.endpoints, facts.links)
-    found += check_stray_links(facts.networks, facts.endpoints, facts.links)
+    found += check_stray_links(facts.networks, facts.endpoints, facts.links, facts.spare_links)
     found += check_docker_knows(facts.networks, facts.docker_networks)
     found += check_plugin_name(facts.socket, facts.docker_plugins)
     found += check_kernel_match(facts.networks, facts.endpoints, facts.links)

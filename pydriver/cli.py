@@ -49,6 +49,7 @@ from .report import (
 )
 from .sandboxes import sandbox_released
 from .server import Api, make_app, make_failure_app, make_metrics_app
+from .spares import MAX_SPARE_PAIRS, SPARE_PAIRS
 from .store import SqliteStore, read_state
 from .sysctl import Sysctl
 from .upkeep import Intervals, Upkeep
@@ -144,7 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between scans for endpoints of vanished containers; 0 turns it off "
         "(default 10)",
     )
-
+    serve.add_argument(
+        "--spare-veths",
+        type=int,
+        default=int(_env("PYDRIVER_SPARE_VETHS", str(SPARE_PAIRS))),
+        help="veth pairs made ahead for the next containers, so that starting one does not "
+        f"wait for the kernel to make one; 0 turns it off (default {SPARE_PAIRS}, at most "
+        f"{MAX_SPARE_PAIRS})",
+    )
     serve.add_argument(
         "--cluster",
         default=_env("PYDRIVER_CLUSTER", ""),
@@ -454,6 +462,7 @@ async def serve(args: argparse.Namespace) -> int:
         release_addresses=release_addresses,
         sandbox_released=sandbox_released,
         cluster=cluster,
+        spare_veths=args.spare_veths,
     )
     # Each sees the other through one narrow function: the IPAM driver reads which addresses
     # the network driver's endpoints use; the network driver gives back addresses of

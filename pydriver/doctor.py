@@ -17,6 +17,7 @@ from .dockerapi import docker_network_ids, docker_plugins
 from .errors import DriverError
 from .firewall import IptablesFirewall, detect_backend, docker_backends, readable_backends
 from .model import Endpoint, Network
+from .naming import is_spare_veth
 from .netlink import Netlink
 from .rules import firewall_views
 from .store import read_meta, read_state, state_health
@@ -85,7 +86,13 @@ async def gather(
     netlink = Netlink()
     await netlink.open()
     try:
-        links = {link.name: link.kind for link in await netlink.links()}
+        found = await netlink.links()
+        links = {link.name: link.kind for link in found}
+        spares = frozenset(
+            link.name
+            for link in found
+            if is_spare_veth(link.name) and link.master is None and not link.up
+        )
         routes = await netlink.routes()
     finally:
         await netlink.close()
@@ -104,6 +111,7 @@ async def gather(
         ),
         bridge_nf_call=await sysctl.read("net.bridge.bridge-nf-call-iptables"),
         links=links,
+        spare_links=spares,
         routes=routes,
         docker_networks=frozenset(known) if known is not None else None,
         docker_plugins=plugins,

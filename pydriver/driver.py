@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +50,7 @@ from .interfaces import (
     SandboxCheck,
 )
 from .ipam import ADDRESS_SPACES, pool_id_for
-from .locks import NETWORKS_LOCK, PORTS_LOCK, KeyedLock
+from .locks import NETWORKS_LOCK, PORTS_LOCK, KernelWork, KeyedLock
 from .model import BridgeSettings, Endpoint, IPInterface, Network, Subnet
 from .naming import bridge_name, container_veth_name, host_veth_name, short
 from .options import (
@@ -74,6 +74,7 @@ from .publishing import DYING_VETH_WAIT, Publisher
 from .removal import Removal
 from .rules import NetworkRules, firewall_views
 from .segments import SEGMENT, segment_options
+from .spares import SpareVeths
 from .startup import Startup
 from .state import State
 from .veths import Veths, check_addresses, free_mac
@@ -119,20 +120,30 @@ class NetworkDriver:
         dying_veth_wait: float = DYING_VETH_WAIT,
         sandbox_released: SandboxCheck | None = None,
         cluster: ClusterHost | None = None,
+        spare_veths: int = 0,
     ) -> None:
         """``inline_background``: run at once what is otherwise left to the background (tests
         over fakes, which then need not wait for it). ``release_addresses``: gives addresses
-        of endpoints whose containers are gone back to pybridge's IPAM."""
+        of endpoints whose containers are gone back to pybridge's IPAM. ``spare_veths``: how
+        many veth pairs to keep made ahead (spares.py; the service keeps SPARE_PAIRS)."""
         self.kernel = kernel
         self.cluster = cluster  # networks that span hosts (pydriver serve --cluster)
         self.state = State(store)
         self._locks = KeyedLock()
-        self.firewall_writer = FirewallWriter(firewall.apply, self._firewall_views, firewall.drift)
+        # nf_tables commits vs. link changes made in the background (locks.KernelWork).
+        self.kernel_work = KernelWork()
+
+        async def apply(views: Sequence[NetworkRules], *, force: bool = False) -> None:
+            async with self.kernel_work.busy():
+                await firewall.apply(views, force=force)
+
+        self.firewall_writer = FirewallWriter(apply, self._firewall_views, firewall.drift)
         if cluster is not None:
             cluster.firewall_changed = self.firewall_writer.request
         self.background = Background(self.firewall_writer, inline=inline_background)
         self.bridges = Bridges(kernel, sysctl, firewall, self.background)
-        self.veths = Veths(kernel, self.background)
+        self.veths = Veths(kernel, self.background, self.kernel_work)
+        self.spares = SpareVeths(kernel, spare_veths, self.kernel_work)
         self.stale_flows = StaleFlows(store, kernel, inline=inline_background)
         self.removal = Removal(
             self.state,
@@ -202,6 +213,7 @@ class NetworkDriver:
         await self.stale_flows.settled_all()
 
     async def close(self) -> None:
+        await self.spares.close()
         await self.stale_flows.close()
         await self.background.close()
 
@@ -348,6 +360,8 @@ class NetworkDriver:
             if self.cluster is not None:
                 await self.cluster.detach(network)
             await self.removal.network(network)
+            if not self.state.networks:
+                self.spares.release_all()  # no endpoint to come until a network does
         log.info("network %s deleted", short(ref.network_id))
 
     # -- endpoints -----------------------------------------------------------------------------
@@ -383,12 +397,23 @@ class NetworkDriver:
                 for e in self.state.endpoints_of(network.id)
                 if e.id != req.endpoint_id
             }
+            mac = req.mac_address or free_mac(network, req.endpoint_id, address, macs)
+            # The names a crashed attempt recorded (its pair may be there), else a spare
+            # pair's (spares.py), else the endpoint's own.
+            spare = None if existing is not None else self.spares.take()
+            if existing is not None:
+                host_veth, container_veth = existing.host_veth, existing.container_veth
+            elif spare is not None:
+                host_veth, container_veth = spare
+            else:
+                host_veth = host_veth_name(req.endpoint_id)
+                container_veth = container_veth_name(req.endpoint_id)
             endpoint = Endpoint(
                 id=req.endpoint_id,
                 network_id=network.id,
-                host_veth=host_veth_name(req.endpoint_id),
-                container_veth=container_veth_name(req.endpoint_id),
-                mac_address=req.mac_address or free_mac(network, req.endpoint_id, address, macs),
+                host_veth=host_veth,
+                container_veth=container_veth,
+                mac_address=mac,
                 mac_generated=req.mac_address is None,
                 address=req.address,
                 address_v6=req.address_v6,
@@ -397,14 +422,21 @@ class NetworkDriver:
                 state="creating",
                 created_at=time.time(),
             )
-            await self.state.put_endpoint(endpoint)
+            try:
+                await self.state.put_endpoint(endpoint)
+            except BaseException:
+                if spare is not None:  # untouched, and recorded nowhere: still a spare
+                    self.spares.give_back(spare)
+                raise
             await faults.point("endpoint.create.recorded")
             try:
-                await self.veths.ensure(network, endpoint, fresh=True)
+                await self.veths.ensure(network, endpoint, fresh=True, spare=spare is not None)
                 await faults.point("endpoint.create.veth")
             except BaseException:
                 await self.removal.endpoint(endpoint)
                 raise
+            finally:
+                self.spares.refill()  # after this endpoint's own link changes
             ready = endpoint.with_changes(state="ready")
             await self.state.put_endpoint(ready)
             await faults.point("endpoint.create.ready")

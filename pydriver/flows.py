@@ -3,8 +3,9 @@ answer, with no address used again before its flows are gone.
 
 An entry outlives its container: left in place, a reply-state entry lets the next holder of
 the address receive, through the replies rule, traffic nobody allowed (issue 12). Forgetting
-them means walking the kernel's whole conntrack table (about 10 ms per walk, however few
-entries there are), which once made up most of every ``DeleteEndpoint``. So the removal only
+them meant walking the kernel's whole conntrack table (about 10 ms per walk, however few
+entries there are; IPv4 on Linux 6.12+ has the kernel's filtered flush instead, netlink.py),
+which once made up most of every ``DeleteEndpoint``. So the removal only
 records the addresses (on disk, before the answer) and the walks run after it; what must
 wait for them does: a ``CreateEndpoint`` for one of those addresses, and a ``DeleteNetwork``
 (after it Docker may give the subnet to any driver). Addresses recorded by a run that

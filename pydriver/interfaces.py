@@ -64,6 +64,17 @@ class Kernel(Protocol):
         *,
         hairpin: bool = False,
     ) -> bool: ...
+    async def attach_veth(
+        self,
+        host: str,
+        peer: str,
+        peer_mac: str,
+        mtu: int | None,
+        master: str,
+        *,
+        hairpin: bool = False,
+    ) -> bool: ...
+    async def create_spare_veth(self, host: str, peer: str) -> bool: ...
     async def delete_link(self, name: str) -> bool: ...
     async def forget_flows(
         self, address: IPAddress, proto: int | None = None, port: int | None = None

@@ -14,6 +14,10 @@ from .model import IPAddress
 BRIDGE_PREFIX = "pyb-"
 HOST_VETH_PREFIX = "pyv"
 CONTAINER_VETH_PREFIX = "pyc"
+# Spare veth pairs, made ahead of the endpoints that take them (spares.py): an endpoint given a
+# spare keeps its names (renaming an interface waits as long as creating one).
+SPARE_HOST_PREFIX = "pys"
+SPARE_PEER_PREFIX = "pyt"
 VXLAN_PREFIX = "pyx-"  # the tunnel of a network that spans hosts
 
 
@@ -42,8 +46,19 @@ def is_pybridge_bridge(name: str) -> bool:
     return name.startswith(BRIDGE_PREFIX)
 
 
+def spare_veth_names(token: str) -> tuple[str, str]:
+    """The host and peer names of a spare pair, from 12 random hex digits."""
+    return SPARE_HOST_PREFIX + token, SPARE_PEER_PREFIX + token
+
+
+def is_spare_veth(name: str) -> bool:
+    return name.startswith((SPARE_HOST_PREFIX, SPARE_PEER_PREFIX)) and len(name) == 15
+
+
 def is_pybridge_veth(name: str) -> bool:
-    return name.startswith((HOST_VETH_PREFIX, CONTAINER_VETH_PREFIX)) and len(name) == 15
+    """An endpoint's veth or a spare pair's (either end)."""
+    prefixes = (HOST_VETH_PREFIX, CONTAINER_VETH_PREFIX, SPARE_HOST_PREFIX, SPARE_PEER_PREFIX)
+    return name.startswith(prefixes) and len(name) == 15
 
 
 def _mac_from(seed: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -15,6 +16,7 @@ import socket
 import struct
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pyroute2 import AsyncIPRoute
@@ -163,10 +165,13 @@ def _dump(
     request: bytes,
     answer_type: int,
     parse: Callable[[bytes, int, int], T],
+    protocol: int = socket.NETLINK_ROUTE,
 ) -> list[T]:
     try:
         for _ in range(4):
-            items, interrupted = _dump_once(what, request_type, request, answer_type, parse)
+            items, interrupted = _dump_once(
+                what, request_type, request, answer_type, parse, protocol
+            )
             if not interrupted:
                 return items
     except (OSError, ValueError, struct.error) as err:  # ValueError: UnicodeDecodeError too
@@ -180,8 +185,9 @@ def _dump_once(
     request: bytes,
     answer_type: int,
     parse: Callable[[bytes, int, int], T],
+    protocol: int,
 ) -> tuple[list[T], bool]:
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol) as sock:
         sock.settimeout(10)
         sock.bind((0, 0))
         header = _NLMSG.pack(
@@ -212,6 +218,194 @@ def _dump_once(
                 offset += (length + 3) & ~3
 
 
+# Connection tracking, likewise by hand: pyroute2 takes about 50 microseconds an entry, and
+# the whole table is read to find a removed endpoint's flows (a kernel-side filter matches one
+# address per walk of the whole hash table, ~10 ms however few entries there are).
+_NETLINK_NETFILTER = 12
+_NFGEN = struct.Struct("=BBH")  # family, version, resource id
+_CT_NEW, _CT_GET, _CT_DELETE = 0x100, 0x101, 0x102  # NFNL_SUBSYS_CTNETLINK << 8 | message
+_NLM_F_ACK = 0x4
+_CTA_TUPLE_ORIG, _CTA_TUPLE_REPLY, _CTA_ID, _CTA_ZONE = 1, 2, 12, 18
+_CTA_TUPLE_IP = 1
+_CTA_IP_SRC: dict[int, int] = {socket.AF_INET: 1, socket.AF_INET6: 3}
+
+
+@dataclass(frozen=True)
+class Flow:
+    """A conntrack entry as far as forgetting it goes: the source addresses of its two
+    directions, and the attributes that name it in a delete request (its original tuple, zone
+    and id, as the kernel gave them)."""
+
+    original_source: bytes
+    reply_source: bytes
+    key: bytes
+
+
+def _tuple_source(body: bytes, family: int) -> bytes:
+    ip = _attributes(body, 0, len(body)).get(_CTA_TUPLE_IP)
+    return _attributes(ip, 0, len(ip)).get(_CTA_IP_SRC.get(family, 0), b"") if ip else b""
+
+
+def _starts_with_original_tuple(key: bytes) -> bool:
+    if len(key) < _RTA.size:
+        return False
+    length, kind = _RTA.unpack_from(key, 0)
+    return bool(kind & 0x3FFF == _CTA_TUPLE_ORIG and length > _RTA.size)
+
+
+def parse_flow(data: bytes, start: int, end: int) -> Flow:
+    family = data[start]
+    original = reply = key = b""
+    offset = start + _NFGEN.size
+    while offset + 4 <= end:
+        length, kind = _RTA.unpack_from(data, offset)
+        if length < 4 or offset + length > end:
+            break
+        kind &= 0x3FFF
+        if kind == _CTA_TUPLE_ORIG:
+            original = _tuple_source(data[offset + 4 : offset + length], family)
+        elif kind == _CTA_TUPLE_REPLY:
+            reply = _tuple_source(data[offset + 4 : offset + length], family)
+        if kind in (_CTA_TUPLE_ORIG, _CTA_ID, _CTA_ZONE):
+            key += data[offset : offset + length] + bytes(-length % 4)
+        offset += (length + 3) & ~3
+    return Flow(original, reply, key)
+
+
+def dump_flows(family: int) -> list[Flow]:
+    """Every conntrack entry of ``family`` in this process's network namespace (blocking;
+    about 10 ms for the walk of the kernel's hash table, a few microseconds an entry). The
+    kernel walks it with softirqs held off on its CPU, which delays that CPU's disk and network
+    completions meanwhile: only for kernels without the filtered flush (flush_flows)."""
+    request = _NFGEN.pack(family, 0, 0)
+    return _dump(
+        "connection-tracking entries",
+        _CT_GET,
+        request,
+        _CT_NEW,
+        parse_flow,
+        _NETLINK_NETFILTER,
+    )
+
+
+_CTA_FILTER, _CTA_FILTER_ORIG_FLAGS, _CTA_FILTER_REPLY_FLAGS = 25, 1, 2
+_CTA_FILTER_FLAG_IP_SRC = 1
+_NLA_F_NESTED = 0x8000
+
+
+def _nla(kind: int, payload: bytes) -> bytes:
+    length = _RTA.size + len(payload)
+    return _RTA.pack(length, kind) + payload + bytes(-length % 4)
+
+
+def flush_flows(family: int, source: bytes) -> bool:
+    """Delete every IPv4 conntrack entry with ``source`` as the source of either direction, by
+    the kernel's filtered flush (blocking; Linux 6.12 and newer): it visits the table bucket by
+    bucket, without the dump's long stretch with softirqs held off on one CPU (which made
+    the host's disk and network wait about 10 ms per walk). False if the kernel does not know
+    the filtered flush: it then reads the request as one exact entry and refuses it. Not for
+    IPv6: there the kernel's filter (6.18 still) matches the addresses that differ."""
+    if family != socket.AF_INET:
+        raise ValueError("the kernel's filtered flush is only right for IPv4")
+    ip = _nla(_CTA_TUPLE_IP | _NLA_F_NESTED, _nla(_CTA_IP_SRC[family], source))
+    requests = b""
+    for sequence, (tuple_kind, flags_kind) in enumerate(
+        ((_CTA_TUPLE_ORIG, _CTA_FILTER_ORIG_FLAGS), (_CTA_TUPLE_REPLY, _CTA_FILTER_REPLY_FLAGS)),
+        start=1,
+    ):
+        flags = _nla(flags_kind, struct.pack("=I", _CTA_FILTER_FLAG_IP_SRC))
+        body = (
+            # Version 1: the kernel keeps the family for the filter (with version 0 and a
+            # partial backport, a filter without its family would match every entry).
+            _NFGEN.pack(family, 1, 0)
+            + _nla(tuple_kind | _NLA_F_NESTED, ip)
+            + _nla(_CTA_FILTER | _NLA_F_NESTED, flags)
+        )
+        requests += _NLMSG.pack(
+            _NLMSG.size + len(body), _CT_DELETE, _NLM_F_REQUEST | _NLM_F_ACK, sequence, 0
+        )
+        requests += body
+    try:
+        codes = _requests(requests, 2)
+    except OSError as err:
+        raise HostError(str(err)) from None
+    if codes[0] in (errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    for code in codes:
+        if code not in (0, errno.ENOENT):
+            raise HostError(os.strerror(code))
+    return True
+
+
+def _requests(requests: bytes, count: int) -> list[int]:
+    """Send netlink requests that each want an acknowledgement; their error codes, in order."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER) as sock:
+        sock.settimeout(10)
+        sock.bind((0, 0))
+        sock.send(requests)
+        codes: dict[int, int] = {}
+        while len(codes) < count:
+            data = sock.recv(1 << 16)
+            offset = 0
+            while offset + _NLMSG.size <= len(data):
+                length, kind, _, sequence, _ = _NLMSG.unpack_from(data, offset)
+                if length < _NLMSG.size:
+                    raise OSError("malformed netlink answer")
+                if kind == _NLMSG_ERROR:
+                    codes[sequence] = -struct.unpack_from("=i", data, offset + _NLMSG.size)[0]
+                offset += (length + 3) & ~3
+        return [codes[n] for n in sorted(codes)]
+
+
+def delete_flows(family: int, flows: Sequence[Flow]) -> int:
+    """Delete ``flows`` (blocking); returns how many were still there."""
+    # A delete request without the entry's original tuple is a flush of the whole table.
+    flows = [f for f in flows if _starts_with_original_tuple(f.key)]
+    deleted = 0
+    for first in range(0, len(flows), 64):  # a batch of requests per send
+        batch = flows[first : first + 64]
+        requests = b"".join(
+            _NLMSG.pack(
+                _NLMSG.size + _NFGEN.size + len(flow.key),
+                _CT_DELETE,
+                _NLM_F_REQUEST | _NLM_F_ACK,
+                n,
+                0,
+            )
+            + _NFGEN.pack(family, 0, 0)
+            + flow.key
+            for n, flow in enumerate(batch, start=1)
+        )
+        try:
+            codes = _requests(requests, len(batch))
+        except OSError as err:
+            raise HostError(str(err)) from None
+        for code in codes:
+            if code not in (0, errno.ENOENT):  # ENOENT: gone meanwhile, fine
+                raise HostError(os.strerror(code))
+        deleted += codes.count(0)
+    return deleted
+
+
+def _follow(follower: asyncio.Future[int], leader: asyncio.Future[int]) -> None:
+    """Give ``follower`` the outcome of ``leader`` (asked for the same address)."""
+    if follower.done():
+        return
+    if leader.cancelled():
+        follower.cancel()
+    elif leader.exception() is not None:
+        follower.set_exception(leader.exception())  # type: ignore[arg-type]
+    else:
+        follower.set_result(leader.result())
+
+
+def _observed(future: asyncio.Future[int]) -> None:
+    """A failure nobody awaited any more (a caller that was cancelled) is not logged as
+    "never retrieved": its waiters got it."""
+    if not future.cancelled():
+        future.exception()
+
+
 def _describe(err: NetlinkError) -> str:
     try:
         return os.strerror(err.code)
@@ -231,7 +425,14 @@ class _NetlinkCore:
         self._conntrack: dict[int, AsyncConntrack] = {}
         # One dump at a time per netlink socket (one socket per family): the kernel answers a
         # second one with EBUSY (and opening a socket is not to be raced either).
-        self._conntrack_locks = {socket.AF_INET: asyncio.Lock(), socket.AF_INET6: asyncio.Lock()}
+        self._conntrack_locks: dict[int, asyncio.Lock] = {
+            socket.AF_INET: asyncio.Lock(),
+            socket.AF_INET6: asyncio.Lock(),
+        }
+        # Per family: False once the kernel turned down a filtered conntrack flush.
+        self._filtered_flush: dict[int, bool] = {}
+        # Addresses whose flows are to go, per family, each with what its caller waits for.
+        self._flows_wanted: dict[int, dict[IPAddress, asyncio.Future[int]]] = {}
         self._lock = asyncio.Lock()
 
     async def open(self) -> None:
@@ -477,6 +678,62 @@ class _NetlinkCore:
             await self.set_hairpin(host)
         return True
 
+    async def create_spare_veth(self, host: str, peer: str) -> bool:
+        """Create a veth pair, both ends down and on no bridge (spares.py); False if a link
+        of either name exists already."""
+        async with self._lock:
+            try:
+                await self.ipr.link("add", ifname=host, kind="veth", peer={"ifname": peer})
+            except NetlinkError as err:
+                if err.code == errno.EEXIST:
+                    return False
+                raise HostError(
+                    f"could not create veth pair {host}/{peer}: {_describe(err)}"
+                ) from None
+        return True
+
+    async def attach_veth(
+        self,
+        host: str,
+        peer: str,
+        peer_mac: str,
+        mtu: int | None,
+        master: str,
+        *,
+        hairpin: bool = False,
+    ) -> bool:
+        """Give an existing pair (a spare) what ensure_veth gives a new one: the peer's MAC and
+        both MTUs, the host end on ``master`` and up (then in hairpin mode). False if the pair
+        is not there (any more)."""
+        host_index, peer_index = await self.index(host), await self.index(peer)
+        master_index = await self.index(master)
+        if master_index is None:
+            raise HostError(f"bridge {master} does not exist")
+        if host_index is None or peer_index is None:
+            return False
+        peer_settings: dict[str, Any] = {"address": peer_mac}
+        host_settings: dict[str, Any] = {"master": master_index, "state": "up"}
+        if mtu:
+            peer_settings["mtu"] = host_settings["mtu"] = mtu
+        async with self._lock:
+            try:
+                await self.ipr.link("set", index=peer_index, **peer_settings)
+                await self.ipr.link("set", index=host_index, **host_settings)
+            except NetlinkError as err:
+                if err.code == errno.EXFULL:
+                    raise BridgeFull(
+                        f"bridge {master} has no free port: a Linux bridge holds at most "
+                        f"{MAX_BRIDGE_PORTS} interfaces"
+                    ) from None
+                if err.code in (errno.ENODEV, errno.ENOENT):
+                    return False
+                raise HostError(
+                    f"could not set up veth pair {host}/{peer}: {_describe(err)}"
+                ) from None
+        if hairpin:
+            await self.set_hairpin(host)
+        return True
+
     async def delete_link(self, name: str) -> bool:
         """Delete an interface; returns False if it did not exist."""
         index = await self.index(name)
@@ -507,23 +764,88 @@ class _NetlinkCore:
     ) -> int:
         """Delete the connection-tracking entries of ``address``: every flow from it, to it,
         or NATed to it (``proto``/``port``: only flows NATed to that port of it). Returns how
-        many went. Entries outlive the container: left in place, a reply-state entry lets a
-        later container that gets the address receive, through the replies rule, traffic
-        nobody allowed, and a UDP flow keeps going to a port no longer published."""
+        many went (for the whole batch, see below). Entries outlive the container: left in
+        place, a reply-state entry lets a later container that gets the address receive,
+        through the replies rule, traffic nobody allowed, and a UDP flow keeps going to a port
+        no longer published.
+
+        Every flow from it (original source) and every flow it answers (reply source: flows
+        to it, NATed to it or not); a flow to it that was not NATed away has it as reply
+        source too. Addresses asked for while a walk of the table runs are forgotten together
+        by the next one: one walk for them all, however many containers went meanwhile."""
         family = _address_family(address.version)
         ip = str(address)
         if proto is not None:
             filters = [("reply", NFCTAttrTuple(family=family, saddr=ip, proto=proto, sport=port))]
+            return await self._forget(ip, filters)
+        waiting = self._flows_wanted.setdefault(family, {})
+        done = waiting.get(address)
+        if done is None:
+            done = waiting[address] = asyncio.get_running_loop().create_future()
+            done.add_done_callback(_observed)
+        while not done.done():
+            async with self._conntrack_locks[family]:
+                if not done.done():
+                    await self._forget_batch(family)
+        # Shielded: a caller that gives up must not cancel what the others wait for.
+        return await asyncio.shield(done)
+
+    async def _forget_batch(self, family: int) -> None:
+        """Forget the flows of every address waiting (under the family's lock)."""
+        batch = self._flows_wanted.pop(family, {})
+        try:
+            count = await self._forget_addresses(family, list(batch))
+        except Exception as err:  # every waiter gets it
+            for future in batch.values():
+                if not future.done():
+                    future.set_exception(err)
+        except BaseException:
+            # Cancelled: the addresses are waited for still, by the next holder of the lock.
+            waiting = self._flows_wanted.setdefault(family, {})
+            for address, future in batch.items():
+                newer = waiting.setdefault(address, future)
+                if newer is not future:
+                    newer.add_done_callback(functools.partial(_follow, future))
+            raise
         else:
-            # Every flow from it (original source) and every flow it answers (reply source:
-            # flows to it, NATed to it or not). Each dump walks the kernel's whole conntrack
-            # hash table (about 10 ms, however few entries there are), so no third one for
-            # "original destination": a flow to it that was not NATed away is in the second.
-            filters = [
-                ("orig", NFCTAttrTuple(family=family, saddr=ip)),
-                ("reply", NFCTAttrTuple(family=family, saddr=ip)),
-            ]
-        return await self._forget(ip, filters)
+            for future in batch.values():
+                if not future.done():
+                    future.set_result(count)
+
+    async def _forget_addresses(self, family: int, addresses: list[IPAddress]) -> int:
+        if self._netns is None:  # our own namespace: by hand
+            wanted = {a.packed for a in addresses}
+            try:
+                # (Never IPv6: the kernel's IPv6 filter compares the other way round, so a
+                # filtered flush deletes every entry but the address's.)
+                if family == socket.AF_INET and self._filtered_flush.get(family, True):
+                    flushed = [await asyncio.to_thread(flush_flows, family, a) for a in wanted]
+                    if all(flushed):
+                        return 0  # (a flush does not say how many went)
+                    log.info("this kernel has no filtered conntrack flush: reading the table")
+                    self._filtered_flush[family] = False
+                # One walk for them all.
+                flows = await asyncio.to_thread(dump_flows, family)
+                doomed = [
+                    f for f in flows if f.original_source in wanted or f.reply_source in wanted
+                ]
+                return await asyncio.to_thread(delete_flows, family, doomed)
+            except HostError as err:
+                what = ", ".join(str(a) for a in addresses)
+                raise HostError(
+                    f"could not remove the connection-tracking entries of {what}: {err}"
+                ) from None
+        count = 0  # another namespace (tests): pyroute2, address by address
+        for address in addresses:
+            ip = str(address)
+            count += await self._forget_now(
+                ip,
+                [
+                    ("orig", NFCTAttrTuple(family=family, saddr=ip)),
+                    ("reply", NFCTAttrTuple(family=family, saddr=ip)),
+                ],
+            )
+        return count
 
     async def forget_port_flows(self, proto: int, port: int, family: Family) -> int:
         """Delete the connection-tracking entries of flows to ``port`` (``proto``) of any
@@ -736,12 +1058,19 @@ class Netlink:
 
     Deleting an interface is slow (15-40 ms: the kernel waits for RCU grace periods, mostly
     outside the rtnl lock), so deletions have a second socket and thread of their own: a veth
-    being removed in the background never delays the next container's CreateEndpoint."""
+    being removed in the background never delays the next container's CreateEndpoint. Spare
+    veth pairs (spares.py) and conntrack walks (StaleFlows) have a third and a fourth."""
 
     def __init__(self, netns: str | None = None) -> None:
         self._netns = netns
         self._main = _NetlinkThread(netns, "pydriver-netlink")
         self._removals = _NetlinkThread(netns, "pydriver-netlink-del")
+        # Spare veth pairs are made on a third: queued behind removals, they would not be
+        # ready for the next container.
+        self._spares = _NetlinkThread(netns, "pydriver-netlink-spare")
+        # And conntrack walks a fourth: behind removals (a deletion holds its thread for
+        # 15-40 ms), they fall behind containers removed back to back.
+        self._flows = _NetlinkThread(netns, "pydriver-conntrack")
         self._core = self._main.core
 
     async def _call(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -750,8 +1079,12 @@ class Netlink:
     async def open(self) -> None:
         await self._main.open()
         await self._removals.open()
+        await self._spares.open()
+        await self._flows.open()
 
     async def close(self) -> None:
+        await self._flows.close()
+        await self._spares.close()
         await self._removals.close()
         await self._main.close()
 
@@ -825,13 +1158,32 @@ class Netlink:
     async def apply_tunnel(self, name: str, steps: Sequence[Step]) -> None:
         await self._call(self._core.apply_tunnel(name, steps))
 
+    async def attach_veth(
+        self,
+        host: str,
+        peer: str,
+        peer_mac: str,
+        mtu: int | None,
+        master: str,
+        *,
+        hairpin: bool = False,
+    ) -> bool:
+        return await self._call(
+            self._core.attach_veth(host, peer, peer_mac, mtu, master, hairpin=hairpin)
+        )
+
+    async def create_spare_veth(self, host: str, peer: str) -> bool:
+        # Off the main socket: creating an interface can wait tens of milliseconds for the
+        # kernel (nf_tables commits, conntrack walks), which a CreateEndpoint must not.
+        return await self._spares.call(self._spares.core.create_spare_veth(host, peer))
+
     async def delete_link(self, name: str) -> bool:
         return await self._removals.call(self._removals.core.delete_link(name))
 
     async def forget_flows(
         self, address: IPAddress, proto: int | None = None, port: int | None = None
     ) -> int:
-        return await self._removals.call(self._removals.core.forget_flows(address, proto, port))
+        return await self._flows.call(self._flows.core.forget_flows(address, proto, port))
 
     async def forget_port_flows(self, proto: int, port: int, family: Family) -> int:
-        return await self._removals.call(self._removals.core.forget_port_flows(proto, port, family))
+        return await self._flows.call(self._flows.core.forget_port_flows(proto, port, family))

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Awaitable, Callable
 
 from .background import Background
 from .errors import BridgeFull, Conflict, InvalidRequest
 from .interfaces import MAX_BRIDGE_PORTS, Kernel
+from .locks import KernelWork
 from .model import Endpoint, IPAddress, Network
 from .naming import bridge_mac, endpoint_mac, short
 
@@ -50,25 +52,28 @@ def check_addresses(
 
 
 class Veths:
-    def __init__(self, kernel: Kernel, background: Background) -> None:
+    def __init__(
+        self, kernel: Kernel, background: Background, work: KernelWork | None = None
+    ) -> None:
         self.kernel = kernel
         self.background = background
+        self.work = work or KernelWork()
 
-    async def ensure(self, network: Network, endpoint: Endpoint, *, fresh: bool) -> None:
+    async def ensure(
+        self, network: Network, endpoint: Endpoint, *, fresh: bool, spare: bool = False
+    ) -> None:
         """The endpoint's pair, on the bridge, up (in hairpin mode unless the network is
         internal). ``fresh``: a pair already there is a leftover of an interrupted attempt,
-        made again so that both ends are ours."""
+        made again so that both ends are ours. ``spare``: the endpoint's names are those of a
+        spare pair (spares.py), which is put on the bridge as it is (made anew if it is gone)."""
         mtu = network.options.mtu
         names = (endpoint.host_veth, endpoint.container_veth, endpoint.mac_address, mtu)
         hairpin = not network.internal
 
-        async def create() -> bool:
+        async def on_a_free_port(step: Callable[[], Awaitable[bool]]) -> bool:
             while True:
-                # Created, enslaved, up and in hairpin mode in one trip to the netlink thread.
                 try:
-                    return await self.kernel.ensure_veth(
-                        *names, master=network.bridge, hairpin=hairpin
-                    )
+                    return await step()
                 except BridgeFull:
                     # Veths of removed containers leave the bridge in the background, oldest
                     # first: a bridge near its limit may be full of those. Each one that goes
@@ -79,6 +84,17 @@ class Veths:
                             f"{network.bridge} already has {MAX_BRIDGE_PORTS} interfaces, the "
                             "most a Linux bridge can hold; remove a container from it first"
                         ) from None
+
+        if spare and await on_a_free_port(
+            lambda: self.kernel.attach_veth(*names, master=network.bridge, hairpin=hairpin)
+        ):
+            return
+
+        async def create() -> bool:
+            # Created, enslaved, up and in hairpin mode in one trip to the netlink thread.
+            return await on_a_free_port(
+                lambda: self.kernel.ensure_veth(*names, master=network.bridge, hairpin=hairpin)
+            )
 
         created = await create()
         if fresh and not created:
@@ -91,6 +107,10 @@ class Veths:
                 await self.kernel.set_hairpin(endpoint.host_veth)
 
     async def delete(self, endpoint: Endpoint) -> None:
-        # Deleting the host end removes the pair wherever the other end is.
-        await self.kernel.delete_link(endpoint.host_veth)
-        await self.kernel.delete_link(endpoint.container_veth)
+        # Like making one, deleting an interface waits for an nf_tables commit in progress
+        # while holding the rtnl lock, and the next container's veth would wait behind it
+        # (locks.KernelWork).
+        async with self.work.quiet():
+            # Deleting the host end removes the pair wherever the other end is.
+            await self.kernel.delete_link(endpoint.host_veth)
+            await self.kernel.delete_link(endpoint.container_veth)

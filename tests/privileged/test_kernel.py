@@ -106,6 +106,57 @@ async def test_veth_pair(nl: Netlink) -> None:
     assert await nl.get_link("pycaaaaaaaaaaaa") is None  # the pair goes together
 
 
+async def test_a_spare_pair_is_made_bare_and_attached_like_a_new_one(
+    nl: Netlink, netns: str
+) -> None:
+    await nl.ensure_bridge("pyb-test", "02:00:00:00:00:aa", None)
+    assert await nl.create_spare_veth("pysaaaaaaaaaaaa", "pytaaaaaaaaaaaa")
+    assert not await nl.create_spare_veth("pysaaaaaaaaaaaa", "pytaaaaaaaaaaaa")  # taken
+    host = await nl.get_link("pysaaaaaaaaaaaa")
+    assert host is not None
+    assert host.master is None
+    assert not host.up
+    assert await nl.attach_veth(
+        "pysaaaaaaaaaaaa", "pytaaaaaaaaaaaa", "02:11:22:33:44:55", 1300, "pyb-test", hairpin=True
+    )
+    host, peer = await nl.get_link("pysaaaaaaaaaaaa"), await nl.get_link("pytaaaaaaaaaaaa")
+    bridge = await nl.get_link("pyb-test")
+    assert host is not None
+    assert peer is not None
+    assert bridge is not None
+    assert host.master == bridge.index
+    assert host.up
+    assert not peer.up  # Docker brings the container's end up in the container
+    assert (host.mtu, peer.mtu, peer.mac) == (1300, 1300, "02:11:22:33:44:55")
+    details = json.loads(in_ns(netns, "ip", "-d", "-j", "link", "show", "pysaaaaaaaaaaaa"))
+    assert details[0]["linkinfo"]["info_slave_data"]["hairpin"] is True
+    # A pair that is gone (either end) is reported, not made.
+    assert await nl.delete_link("pysaaaaaaaaaaaa")
+    assert not await nl.attach_veth(
+        "pysaaaaaaaaaaaa", "pytaaaaaaaaaaaa", "02:11:22:33:44:55", None, "pyb-test"
+    )
+
+
+async def test_a_spare_attached_to_a_full_bridge_is_reported_as_such(
+    nl: Netlink, netns: str
+) -> None:
+    await nl.ensure_bridge("pyb-test", "02:00:00:00:00:aa", None)
+    batch = "".join(
+        f"link add pbt-f{i} master pyb-test type veth peer name pbt-g{i}\n"
+        for i in range(MAX_BRIDGE_PORTS)
+    )
+    run(["ip", "-n", netns, "-batch", "-"], input=batch)
+    assert await nl.create_spare_veth("pysbbbbbbbbbbbb", "pytbbbbbbbbbbbb")
+    with pytest.raises(BridgeFull, match="at most 1023 interfaces"):
+        await nl.attach_veth(
+            "pysbbbbbbbbbbbb", "pytbbbbbbbbbbbb", "02:00:00:00:01:01", None, "pyb-test"
+        )
+    await nl.delete_link("pbt-f0")
+    assert await nl.attach_veth(
+        "pysbbbbbbbbbbbb", "pytbbbbbbbbbbbb", "02:00:00:00:01:01", None, "pyb-test"
+    )
+
+
 @pytest.mark.parametrize("backend", ["nft", "legacy"])
 async def test_firewall_apply_is_atomic_idempotent_and_cleans_up(
     netns: str, backend: Backend
@@ -413,6 +464,36 @@ async def test_forget_flows_removes_only_the_flows_of_an_address(
         )
         assert sum(counts) >= 1
         assert not any(f" {peer_b} " in f"{f} " for f in _flows(netns))
+
+        # pybridge's own namespace (the service): the kernel's filtered flush, two requests
+        # per address; on kernels without it, one walk of the table read by hand for all the
+        # addresses asked for meanwhile.
+        forget = (
+            "import asyncio, ipaddress, sys; from pydriver.netlink import Netlink\n"
+            "async def main():\n"
+            "    nl = Netlink(); await nl.open()\n"
+            "    if sys.argv[1] == 'walk':\n"
+            "        nl._flows.core._filtered_flush.update({2: False, 10: False})\n"
+            "    wanted = [ipaddress.ip_address(a) for a in sys.argv[2:]]\n"
+            "    await asyncio.gather(*map(nl.forget_flows, wanted))\n"
+            "    await nl.close()\n"
+            "asyncio.run(main())\n"
+        )
+        for how in ("flush", "walk"):
+            for address in (peer_a, peer_b):
+                in_ns(peer, "busybox", "ping", "-I", address, "-c", "1", "-W", "2", host)
+            assert len(_flows(netns)) == 2
+            in_ns(netns, sys.executable, "-c", forget, how, peer_a)
+            left = _flows(netns)
+            assert len(left) == 1, (how, left)
+            assert f" {peer_b} " in f"{left[0]} "
+            in_ns(peer, "busybox", "ping", "-I", peer_a, "-c", "1", "-W", "2", host)
+            in_ns(netns, sys.executable, "-c", forget, how, peer_a, peer_b, host)
+            assert _flows(netns) == [], how
+            # A flow to it that was not NATed: it is the reply's source.
+            in_ns(peer, "busybox", "ping", "-I", peer_a, "-c", "1", "-W", "2", host)
+            in_ns(netns, sys.executable, "-c", forget, how, host)
+            assert _flows(netns) == [], how
     finally:
         run(["ip", "netns", "del", peer], check=False)
 

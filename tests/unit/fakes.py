@@ -213,6 +213,38 @@ class FakeKernel:
             await self.set_hairpin(host)
         return True
 
+    async def create_spare_veth(self, host: str, peer: str) -> bool:
+        self._enter("create_spare_veth", host)
+        if host in self.links_by_name or peer in self.links_by_name:
+            return False
+        self.add_link(host, "veth", peer=peer, mtu=1500)
+        self.add_link(peer, "veth", peer=host, mtu=1500)
+        return True
+
+    async def attach_veth(
+        self,
+        host: str,
+        peer: str,
+        peer_mac: str,
+        mtu: int | None,
+        master: str,
+        *,
+        hairpin: bool = False,
+    ) -> bool:
+        self._enter("attach_veth", host)
+        if master not in self.links_by_name:
+            raise HostError(f"bridge {master} does not exist")
+        link, peer_link = self.links_by_name.get(host), self.links_by_name.get(peer)
+        if link is None or peer_link is None:
+            return False
+        peer_link.mac = peer_mac
+        link.master, link.up = master, True
+        if mtu:
+            link.mtu = peer_link.mtu = mtu
+        if hairpin:
+            await self.set_hairpin(host)
+        return True
+
     async def set_hairpin(self, name: str) -> None:
         self._enter("set_hairpin", name)
         link = self.links_by_name.get(name)

@@ -319,6 +319,18 @@ def test_stray_links() -> None:
     ]
 
 
+def test_spare_pairs_are_no_strays_but_a_removed_endpoints_spare_named_pair_is() -> None:
+    ours = {BRIDGE: "bridge", host_veth_name(EP): "veth", container_veth_name(EP): "veth"}
+    spare = {"pys0123456789ab", "pyt0123456789ab"}  # down, on no bridge: as pybridge keeps them
+    left = "pysba9876543210"  # an endpoint took it, then the endpoint's record went
+    links = {**ours, **dict.fromkeys(spare, "veth"), left: "veth", "pytba9876543210": "veth"}
+    found = checks.check_stray_links([network()], [endpoint()], links, spare)
+    assert [f.what for f in problems(found)] == [
+        f"{name} looks like pybridge's but no state refers to it"
+        for name in (left, "pytba9876543210")
+    ]
+
+
 def test_networks_docker_does_not_know() -> None:
     assert checks.check_docker_knows([network()], None) == []  # Docker not asked
     assert checks.check_docker_knows([network()], {NET}) == []

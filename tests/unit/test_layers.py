@@ -40,6 +40,7 @@ LOGIC = (
     "publishing",
     "removal",
     "rules",
+    "spares",
     "startup",
     "state",
     "upkeep",
