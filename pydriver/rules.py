@@ -630,16 +630,32 @@ def _edits(chain: str, before: list[str], after: list[str]) -> list[str]:
     rule: ``-D CHAIN N`` and ``-I CHAIN N RULE``. Worked from the end of the chain back, so
     the positions of the part not yet done are still those of ``before``."""
     lines: list[str] = []
-    matcher = difflib.SequenceMatcher(None, before, after, autojunk=False)
+    # The common start and end are left out of the diff: a change touches a few rules, and
+    # the diff of whole chains cost 18 ms at 1,000 networks.
+    start = _common_start(before, after)
+    end = _common_start(before[start:][::-1], after[start:][::-1])
+    old, new = before[start : len(before) - end], after[start : len(after) - end]
+    matcher = difflib.SequenceMatcher(None, old, new, autojunk=False)
     for tag, i1, i2, j1, j2 in reversed(matcher.get_opcodes()):
         if tag == "equal":
             continue
-        lines += [f"-D {chain} {i1 + 1}"] * (i2 - i1)  # each delete moves the next one up
+        lines += [f"-D {chain} {start + i1 + 1}"] * (i2 - i1)  # each delete moves the next up
         prefix = f"-A {chain} "
         lines += [
-            f"-I {chain} {i1 + 1 + k} {rule[len(prefix) :]}" for k, rule in enumerate(after[j1:j2])
+            f"-I {chain} {start + i1 + 1 + k} {rule[len(prefix) :]}"
+            for k, rule in enumerate(new[j1:j2])
         ]
     return lines
+
+
+def _common_start(a: Sequence[str], b: Sequence[str]) -> int:
+    """How many leading items ``a`` and ``b`` share (compared 64 at a time, then one by one)."""
+    n, most = 0, min(len(a), len(b))
+    while n + 64 <= most and a[n : n + 64] == b[n : n + 64]:
+        n += 64
+    while n < most and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def incremental_restore(

@@ -65,6 +65,29 @@ def test_the_edits_turn_any_rules_into_any_other(
         assert text == ""
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.sampled_from(["r0", "r1", "r2"]), min_size=1, max_size=300),
+    st.integers(0, 300),
+    st.lists(st.sampled_from(["r0", "r1", "r3"]), max_size=5),
+    st.integers(0, 5),
+)
+def test_the_edits_of_a_long_chain_changed_in_one_place(
+    rules: list[str], at: int, inserted: list[str], removed: int
+) -> None:
+    """Long chains with a change somewhere: what the common start and end are skipped for
+    (compared 64 rules at a time)."""
+    at = min(at, len(rules))
+    changed = rules[:at] + inserted + rules[at + removed :]
+    if not changed:
+        changed = ["r1"]
+    before = {"filter": [f"-A PYBRIDGE-FORWARD {r}" for r in rules]}
+    after = {"filter": [f"-A PYBRIDGE-FORWARD {r}" for r in changed]}
+    text = incremental_restore(before, after)
+    assert text is not None
+    assert apply_edits(before, text) == after
+
+
 def _networks(count: int, ports_of_first: int = 0) -> list[NetworkRules]:
     views = []
     for i in range(count):
