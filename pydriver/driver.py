@@ -105,6 +105,18 @@ def _subnets(data: tuple[IPData, ...]) -> tuple[Subnet, ...]:
     )
 
 
+@dataclass(frozen=True)
+class MacsOfOthers:
+    """The MACs of a network's endpoints but one, as free_mac asks for them (``in``)."""
+
+    state: State
+    network_id: str
+    but: str
+
+    def __contains__(self, mac: object) -> bool:
+        return isinstance(mac, str) and self.state.mac_taken(self.network_id, mac, self.but)
+
+
 class NetworkDriver:
     def __init__(
         self,
@@ -392,11 +404,7 @@ class NetworkDriver:
             )
             # The flows of an endpoint that had the address before go first (StaleFlows).
             await self.stale_flows.settled(wanted)
-            macs = {
-                e.mac_address
-                for e in self.state.endpoints_of(network.id)
-                if e.id != req.endpoint_id
-            }
+            macs = MacsOfOthers(self.state, network.id, req.endpoint_id)
             mac = req.mac_address or free_mac(network, req.endpoint_id, address, macs)
             # The names a crashed attempt recorded (its pair may be there), else a spare
             # pair's (spares.py), else the endpoint's own.

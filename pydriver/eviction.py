@@ -120,7 +120,8 @@ class Eviction:
         the dead endpoint. Runs under the network's lock. A live holder stays; the address is
         then logged as used twice."""
         mac = mac_address or (endpoint_mac(endpoint_id, address) if address else None)
-        for other in self.state.endpoints_of(network.id):
+        wanted: list[object] = [*addresses, *([mac] if mac is not None else [])]
+        for other in self.state.holders(network.id, wanted):
             if other.id == endpoint_id:
                 continue
             shared = {a.ip for a in (other.address, other.address_v6) if a is not None}

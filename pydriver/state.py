@@ -7,7 +7,7 @@ questions the rest of the driver asks of its networks and endpoints.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from .errors import NotFound
 from .interfaces import NetworkStore
@@ -21,10 +21,37 @@ class State:
         self.store = store
         self.networks: dict[str, Network] = {}
         self.endpoints: dict[str, Endpoint] = {}
+        # Per network, the endpoints holding an address or a MAC: a new endpoint's checks cost
+        # the same with 1 and with 1,000 endpoints present.
+        self._holders: dict[tuple[str, str], set[str]] = {}
 
     async def load(self) -> None:
         self.networks = {n.id: n for n in await self.store.load_networks()}
-        self.endpoints = {e.id: e for e in await self.store.load_endpoints()}
+        self.endpoints = {}
+        self._holders = {}
+        for endpoint in await self.store.load_endpoints():
+            self._remember(endpoint)
+
+    def _keys(self, endpoint: Endpoint) -> list[tuple[str, str]]:
+        held = [a.ip for a in (endpoint.address, endpoint.address_v6) if a is not None]
+        return [(endpoint.network_id, str(x)) for x in (*held, endpoint.mac_address)]
+
+    def _remember(self, endpoint: Endpoint) -> None:
+        self._forget(endpoint.id)
+        self.endpoints[endpoint.id] = endpoint
+        for key in self._keys(endpoint):
+            self._holders.setdefault(key, set()).add(endpoint.id)
+
+    def _forget(self, endpoint_id: str) -> None:
+        old = self.endpoints.pop(endpoint_id, None)
+        if old is None:
+            return
+        for key in self._keys(old):
+            ids = self._holders.get(key)
+            if ids is not None:
+                ids.discard(endpoint_id)
+                if not ids:
+                    del self._holders[key]
 
     # -- changes: on disk first ---------------------------------------------------------------
 
@@ -37,15 +64,15 @@ class State:
         await self.store.delete_network(network_id)
         self.networks.pop(network_id, None)
         for endpoint in self.endpoints_of(network_id):
-            del self.endpoints[endpoint.id]
+            self._forget(endpoint.id)
 
     async def put_endpoint(self, endpoint: Endpoint) -> None:
         await self.store.put_endpoint(endpoint)
-        self.endpoints[endpoint.id] = endpoint
+        self._remember(endpoint)
 
     async def drop_endpoint(self, endpoint_id: str) -> None:
         await self.store.delete_endpoint(endpoint_id)
-        self.endpoints.pop(endpoint_id, None)
+        self._forget(endpoint_id)
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -68,6 +95,15 @@ class State:
 
     def endpoints_of(self, network_id: str) -> list[Endpoint]:
         return [e for e in self.endpoints.values() if e.network_id == network_id]
+
+    def holders(self, network_id: str, values: Iterable[object]) -> list[Endpoint]:
+        """The endpoints of the network that hold any of ``values`` (addresses or MACs)."""
+        ids = set().union(*(self._holders.get((network_id, str(v)), ()) for v in values))
+        return [self.endpoints[i] for i in sorted(ids)]
+
+    def mac_taken(self, network_id: str, mac: str, but: str) -> bool:
+        """Whether an endpoint of the network other than ``but`` has ``mac``."""
+        return bool(self._holders.get((network_id, mac), set()) - {but})
 
     def firewall_views(self) -> list[NetworkRules]:
         return firewall_views(self.networks.values(), self.endpoints.values())

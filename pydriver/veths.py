@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 
 from .background import Background
 from .errors import BridgeFull, Conflict, InvalidRequest
@@ -21,14 +21,16 @@ log = logging.getLogger(__name__)
 MAC_ATTEMPTS = 64
 
 
-def free_mac(network: Network, endpoint_id: str, address: IPAddress | None, taken: set[str]) -> str:
+def free_mac(
+    network: Network, endpoint_id: str, address: IPAddress | None, taken: Container[str]
+) -> str:
     """The MAC derived from the address (or the endpoint id), or, if another endpoint of
     the network (``taken``) or the bridge has it, the next of a fixed sequence: the same
     address gets the same MAC whenever it is free, whatever restarts in between."""
-    taken = taken | {bridge_mac(network.id)}
+    bridge = bridge_mac(network.id)
     for attempt in range(MAC_ATTEMPTS):
         mac = endpoint_mac(endpoint_id, address, attempt)
-        if mac not in taken:
+        if mac != bridge and mac not in taken:
             if attempt:
                 log.info(
                     "endpoint %s: MAC for %s taken; using %s", short(endpoint_id), address, mac

@@ -86,22 +86,26 @@ async def test_bridge_is_idempotent_and_refuses_non_bridges(nl: Netlink, netns: 
     assert await nl.delete_link("pyb-test") is False
 
 
-async def test_veth_pair(nl: Netlink) -> None:
-    await nl.ensure_bridge("pyb-test", "02:00:00:00:00:aa", None)
-    assert await nl.ensure_veth("pyvaaaaaaaaaaaa", "pycaaaaaaaaaaaa", "02:11:22:33:44:55", 1300)
-    assert not await nl.ensure_veth("pyvaaaaaaaaaaaa", "pycaaaaaaaaaaaa", "02:11:22:33:44:55", 1300)
-    await nl.set_link("pyvaaaaaaaaaaaa", master="pyb-test", up=True)
-    host = await nl.get_link("pyvaaaaaaaaaaaa")
-    peer = await nl.get_link("pycaaaaaaaaaaaa")
-    bridge = await nl.get_link("pyb-test")
+async def assert_on_bridge(nl: Netlink, host_name: str, peer_name: str, bridge_name: str) -> None:
+    """The pair as an endpoint has it: the host end up on the bridge, MTU 1300 on both ends,
+    the container's end still down (Docker brings it up in the container) with its MAC."""
+    host, peer = await nl.get_link(host_name), await nl.get_link(peer_name)
+    bridge = await nl.get_link(bridge_name)
     assert host is not None
     assert peer is not None
     assert bridge is not None
     assert host.master == bridge.index
     assert host.up
-    assert host.mtu == 1300
-    assert peer.mac == "02:11:22:33:44:55"
-    assert peer.mtu == 1300
+    assert not peer.up
+    assert (host.mtu, peer.mtu, peer.mac) == (1300, 1300, "02:11:22:33:44:55")
+
+
+async def test_veth_pair(nl: Netlink) -> None:
+    await nl.ensure_bridge("pyb-test", "02:00:00:00:00:aa", None)
+    assert await nl.ensure_veth("pyvaaaaaaaaaaaa", "pycaaaaaaaaaaaa", "02:11:22:33:44:55", 1300)
+    assert not await nl.ensure_veth("pyvaaaaaaaaaaaa", "pycaaaaaaaaaaaa", "02:11:22:33:44:55", 1300)
+    await nl.set_link("pyvaaaaaaaaaaaa", master="pyb-test", up=True)
+    await assert_on_bridge(nl, "pyvaaaaaaaaaaaa", "pycaaaaaaaaaaaa", "pyb-test")
     assert await nl.delete_link("pyvaaaaaaaaaaaa")
     assert await nl.get_link("pycaaaaaaaaaaaa") is None  # the pair goes together
 
@@ -119,15 +123,7 @@ async def test_a_spare_pair_is_made_bare_and_attached_like_a_new_one(
     assert await nl.attach_veth(
         "pysaaaaaaaaaaaa", "pytaaaaaaaaaaaa", "02:11:22:33:44:55", 1300, "pyb-test", hairpin=True
     )
-    host, peer = await nl.get_link("pysaaaaaaaaaaaa"), await nl.get_link("pytaaaaaaaaaaaa")
-    bridge = await nl.get_link("pyb-test")
-    assert host is not None
-    assert peer is not None
-    assert bridge is not None
-    assert host.master == bridge.index
-    assert host.up
-    assert not peer.up  # Docker brings the container's end up in the container
-    assert (host.mtu, peer.mtu, peer.mac) == (1300, 1300, "02:11:22:33:44:55")
+    await assert_on_bridge(nl, "pysaaaaaaaaaaaa", "pytaaaaaaaaaaaa", "pyb-test")
     details = json.loads(in_ns(netns, "ip", "-d", "-j", "link", "show", "pysaaaaaaaaaaaa"))
     assert details[0]["linkinfo"]["info_slave_data"]["hairpin"] is True
     # A pair that is gone (either end) is reported, not made.

@@ -19,17 +19,17 @@ A, B, C = (ipaddress.ip_address(f"10.213.9.{n}") for n in (1, 2, 3))
 
 class Walks:
     """Stands in for _NetlinkCore._forget_addresses: records each batch, each walk waits for
-    ``go`` (when set) and raises ``fail`` (when set)."""
+    ``go`` (set at first) and raises ``fail`` (when set)."""
 
     def __init__(self) -> None:
         self.batches: list[set[IPAddress]] = []
-        self.go: asyncio.Event | None = None
+        self.go = asyncio.Event()
+        self.go.set()
         self.fail: Exception | None = None
 
     async def __call__(self, family: int, addresses: list[IPAddress]) -> int:
         self.batches.append(set(addresses))
-        if self.go is not None:
-            await self.go.wait()
+        await self.go.wait()
         if self.fail is not None:
             raise self.fail
         return len(addresses)
@@ -41,12 +41,18 @@ def core_with(walks: Walks) -> _NetlinkCore:
     return core
 
 
-async def test_addresses_asked_for_during_a_walk_share_the_next_one() -> None:
+async def walking(address: IPAddress) -> tuple[Walks, _NetlinkCore, asyncio.Task[int]]:
+    """A core whose first walk, for ``address``, is under way and waits for ``walks.go``."""
     walks = Walks()
     walks.go = asyncio.Event()
     core = core_with(walks)
-    first = asyncio.create_task(core.forget_flows(A))
+    first = asyncio.create_task(core.forget_flows(address))
     await asyncio.sleep(0)
+    return walks, core, first
+
+
+async def test_addresses_asked_for_during_a_walk_share_the_next_one() -> None:
+    walks, core, first = await walking(A)
     others = [asyncio.create_task(core.forget_flows(a)) for a in (B, C, B)]
     await asyncio.sleep(0)
     walks.go.set()
@@ -66,11 +72,7 @@ async def test_a_failed_walk_reaches_every_waiter_of_its_batch() -> None:
 async def test_a_cancelled_leader_leaves_its_batch_to_the_next_holder() -> None:
     """X walks; A and B wait; A leads the batch {A, B} and is cancelled mid-walk: B is still
     forgotten (by the next holder of the lock), and does not wait forever."""
-    walks = Walks()
-    walks.go = asyncio.Event()
-    core = core_with(walks)
-    x = asyncio.create_task(core.forget_flows(C))
-    await asyncio.sleep(0)
+    walks, core, x = await walking(C)
     a = asyncio.create_task(core.forget_flows(A))
     b = asyncio.create_task(core.forget_flows(B))
     await asyncio.sleep(0)
@@ -89,11 +91,7 @@ async def test_a_cancelled_leader_leaves_its_batch_to_the_next_holder() -> None:
 
 
 async def test_a_caller_that_gives_up_does_not_cancel_the_others() -> None:
-    walks = Walks()
-    walks.go = asyncio.Event()
-    core = core_with(walks)
-    x = asyncio.create_task(core.forget_flows(C))
-    await asyncio.sleep(0)
+    walks, core, x = await walking(C)
     impatient = asyncio.create_task(core.forget_flows(A))
     patient = asyncio.create_task(core.forget_flows(A))  # the same address: the same wait
     await asyncio.sleep(0)

@@ -132,3 +132,35 @@ async def test_the_firewall_sees_every_network_but_those_being_deleted() -> None
     view = state.firewall_views()[0]
     assert view.gateways == (ipaddress.ip_address("10.50.0.1"),)
     assert view.subnets_v4 == (ipaddress.ip_network("10.50.0.0/24"),)
+
+
+async def test_the_holders_of_an_address_or_a_mac_follow_every_change() -> None:
+    """What a new endpoint's checks look up instead of going through every endpoint."""
+    ip = ipaddress.ip_address
+    store = FakeStore()
+    state = State(store)
+    await state.put_network(network())
+    await state.put_network(network(NET2, "10.60.0.0/24"))
+    await state.put_endpoint(endpoint(EP1, "10.50.0.2/24"))
+    await state.put_endpoint(endpoint(EP2, "10.50.0.3/24", mac_address="02:00:00:00:00:02"))
+    await state.put_endpoint(endpoint(EP3, "10.50.0.2/24", network_id=NET2))
+    assert [e.id for e in state.holders(NET, [ip("10.50.0.2")])] == [EP1]  # not NET2's
+    assert {e.id for e in state.holders(NET, [ip("10.50.0.2"), "02:00:00:00:00:02"])} == {
+        EP1,
+        EP2,
+    }
+    assert state.mac_taken(NET, "02:50:0a:32:00:02", but=EP2)
+    assert not state.mac_taken(NET, "02:50:0a:32:00:02", but=EP1)  # only its own
+    # Replaced: the old address and MAC are no longer held.
+    await state.put_endpoint(endpoint(EP1, "10.50.0.9/24", mac_address="02:00:00:00:00:09"))
+    assert state.holders(NET, [ip("10.50.0.2"), "02:50:0a:32:00:02"]) == []
+    assert [e.id for e in state.holders(NET, [ip("10.50.0.9")])] == [EP1]
+    await state.drop_endpoint(EP1)
+    assert state.holders(NET, [ip("10.50.0.9"), "02:00:00:00:00:09"]) == []
+    await state.drop_network(NET2)
+    assert state.holders(NET2, [ip("10.50.0.2")]) == []
+    # Loaded from the store: the same answers.
+    again = State(store)
+    await again.load()
+    assert [e.id for e in again.holders(NET, [ip("10.50.0.3")])] == [EP2]
+    assert again.mac_taken(NET, "02:00:00:00:00:02", but=EP1)
