@@ -734,6 +734,20 @@ class _NetlinkCore:
             await self.set_hairpin(host)
         return True
 
+    async def detach(self, name: str) -> None:
+        """Take an interface off its bridge (nothing if it is gone)."""
+        index = await self.index(name)
+        if index is None:
+            return
+        async with self._lock:
+            try:
+                await self.ipr.link("set", index=index, master=0)
+            except NetlinkError as err:
+                if err.code not in (errno.ENODEV, errno.ENOENT):
+                    raise HostError(
+                        f"could not take {name} off its bridge: {_describe(err)}"
+                    ) from None
+
     async def delete_link(self, name: str) -> bool:
         """Delete an interface; returns False if it did not exist."""
         index = await self.index(name)
@@ -1176,6 +1190,11 @@ class Netlink:
         # Off the main socket: creating an interface can wait tens of milliseconds for the
         # kernel (nf_tables commits, conntrack walks), which a CreateEndpoint must not.
         return await self._spares.call(self._spares.core.create_spare_veth(host, peer))
+
+    async def detach(self, name: str) -> None:
+        # Off the main socket (the kernel waits for an RCU grace period, 1-2 ms), on the
+        # spares' (short link changes in the background; not behind a deletion).
+        await self._spares.call(self._spares.core.detach(name))
 
     async def delete_link(self, name: str) -> bool:
         return await self._removals.call(self._removals.core.delete_link(name))

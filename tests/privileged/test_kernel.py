@@ -126,8 +126,15 @@ async def test_a_spare_pair_is_made_bare_and_attached_like_a_new_one(
     await assert_on_bridge(nl, "pysaaaaaaaaaaaa", "pytaaaaaaaaaaaa", "pyb-test")
     details = json.loads(in_ns(netns, "ip", "-d", "-j", "link", "show", "pysaaaaaaaaaaaa"))
     assert details[0]["linkinfo"]["info_slave_data"]["hairpin"] is True
+    # Taken off the bridge (a removed container's, before it is deleted); twice is fine.
+    await nl.detach("pysaaaaaaaaaaaa")
+    await nl.detach("pysaaaaaaaaaaaa")
+    detached = await nl.get_link("pysaaaaaaaaaaaa")
+    assert detached is not None
+    assert detached.master is None
     # A pair that is gone (either end) is reported, not made.
     assert await nl.delete_link("pysaaaaaaaaaaaa")
+    await nl.detach("pysaaaaaaaaaaaa")  # gone: nothing to do
     assert not await nl.attach_veth(
         "pysaaaaaaaaaaaa", "pytaaaaaaaaaaaa", "02:11:22:33:44:55", None, "pyb-test"
     )

@@ -221,6 +221,12 @@ class FakeKernel:
         self.add_link(peer, "veth", peer=host, mtu=1500)
         return True
 
+    async def detach(self, name: str) -> None:
+        self._enter("detach", name)
+        link = self.links_by_name.get(name)
+        if link is not None:
+            link.master = None
+
     async def attach_veth(
         self,
         host: str,
