@@ -303,6 +303,19 @@ def check_dockerd_uses_pybridge() -> None:
     )
 
 
+def host_veth(endpoint_id: str) -> str:
+    """The host end of an endpoint's veth pair, as pybridge recorded it (`pydriver status`):
+    ``pyv`` and the endpoint id, or the names of the spare pair it took (``pys…``)."""
+    out = run([sys.executable, "-m", "pydriver.cli", "status", "--json", "--no-names"]).stdout
+    endpoints = json.loads(out)["endpoints"]
+    return str(next(e["veth"] for e in endpoints if e["id"] == endpoint_id))
+
+
+def pybridge_veths() -> list[str]:
+    """Links named like pybridge's veths: endpoints' and spare pairs'."""
+    return [n for n in link_names() if n.startswith(("pyv", "pyc", "pys", "pyt"))]
+
+
 def assert_nothing_left_behind() -> None:
     """After the whole run: no test container or network, and no pybridge kernel object or rule
     that no remaining pybridge network accounts for."""
@@ -323,7 +336,9 @@ def assert_nothing_left_behind() -> None:
     names = link_names()
     if not remaining:
         wait_for(lambda: "PYBRIDGE" not in firewall_dump(), timeout=10)
-        assert not [n for n in names if n.startswith(("pyv", "pyc"))], names
+        # (Spare pairs go just after the last network.)
+        wait_for(lambda: not pybridge_veths(), timeout=10)
+        assert not pybridge_veths(), names
         assert "PYBRIDGE" not in firewall_dump(), "pybridge rules left behind"
     # Every pybridge IPAM pool belongs to a network Docker still has.
     used = set()

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from tests.e2e.conftest import DRIVER, Docker, default_routes, free_subnet, ping
+from tests.e2e.conftest import DRIVER, Docker, default_routes, free_subnet, host_veth, ping
 from tests.harness import IMAGE, docker, docker_fails, wait_for
 from tests.hostenv import link_names, run
 
@@ -147,7 +147,7 @@ def test_connect_and_disconnect_running_containers(d: Docker) -> None:
     # Docker picks one gateway (here: the first network by name); it is a pybridge gateway.
     assert default_routes(d, c)[0].startswith("default via 10.213.44.1 ")
     endpoint = json.loads(docker("inspect", c))[0]["NetworkSettings"]["Networks"][net_a]
-    veth = "pyv" + endpoint["EndpointID"][:12]
+    veth = host_veth(endpoint["EndpointID"])
     assert veth in link_names()
     docker("network", "disconnect", net_a, c)
     assert wait_for(lambda: veth not in link_names(), timeout=10)  # removed just after

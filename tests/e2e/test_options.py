@@ -14,6 +14,7 @@ from tests.e2e.conftest import (
     cannot_ping,
     default_routes,
     free_subnet,
+    host_veth,
     ping,
     tcp_from_container,
 )
@@ -95,7 +96,7 @@ def test_mtu_on_bridge_and_both_veth_ends(d: Docker) -> None:
     c = d.run(net)
     bridge = "pyb-" + network_id(d, net)[:11]
     assert link(bridge)["mtu"] == 1400
-    host_end = "pyv" + endpoint_id(c, net)[:12]
+    host_end = host_veth(endpoint_id(c, net))
     assert link(host_end)["mtu"] == 1400
     assert "mtu 1400" in d.exec(c, "ip", "link", "show", "eth0")
     # the short spelling from the docker docs is accepted too
