@@ -24,10 +24,11 @@ from .model import Family
 from .process import CommandResult, run
 from .rules import (
     NetworkRules,
+    RuleSet,
     drift,
     incremental_restore,
-    render_chain_rules,
     render_restore,
+    rule_set,
 )
 
 log = logging.getLogger(__name__)
@@ -114,14 +115,12 @@ async def _path_iptables_backend() -> Backend | None:
 
 
 def _plan(
-    networks: Sequence[NetworkRules], family: Family, before: dict[str, list[str]] | None
-) -> tuple[dict[str, list[str]], str | None]:
+    networks: Sequence[NetworkRules], family: Family, before: RuleSet | None
+) -> tuple[RuleSet, str | None]:
     """The rules wanted, and the lines that turn ``before`` (what the last write left) into
     them, change by change; None: write everything."""
-    wanted = render_chain_rules(networks, family) if networks else {}
-    if before is None:
-        return wanted, None
-    return wanted, incremental_restore(before, wanted)
+    wanted = rule_set(networks, family)
+    return wanted, incremental_restore(before, wanted) if before is not None else None
 
 
 class IptablesFirewall:
@@ -131,7 +130,7 @@ class IptablesFirewall:
         # What was last written per family: an apply that would write the same again is
         # skipped (a container without ports changes nothing). Damage done meanwhile by
         # others is the self-healing check's job, which forces the write.
-        self._applied: dict[Family, dict[str, list[str]]] = {}
+        self._applied: dict[Family, RuleSet] = {}
         self.backend = backend
         # Tests run the firewall inside a throwaway network namespace.
         self._prefix = ["ip", "netns", "exec", netns] if netns else []

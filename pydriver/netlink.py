@@ -148,15 +148,69 @@ def _parse_route(data: bytes, start: int, end: int) -> list[tuple[IPNetwork, int
     return [(destination, oif, table, kind) for oif in oifs]
 
 
-def dump_routes() -> list[tuple[IPNetwork, int, int, int]]:
+def dump_routes(
+    overlapping: Sequence[IPNetwork] | None = None,
+) -> list[tuple[IPNetwork, int, int, int]]:
     """Every route of this process's network namespace, both families: (destination, output
-    interface index, table, type) per next hop (blocking; about a millisecond per thousand)."""
+    interface index, table, type) per next hop (blocking; about a millisecond per thousand).
+    With ``overlapping``, only the routes that overlap one of those networks, and the default
+    routes: the others are passed over before their destinations are decoded (at 1,000
+    networks, decoding every one took 12 ms)."""
+    parse = _parse_route
+    if overlapping is not None:
+        targets = [(n.version, int(n.network_address), n.prefixlen) for n in overlapping]
+
+        def parse(data: bytes, start: int, end: int) -> list[tuple[IPNetwork, int, int, int]]:
+            # rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type: the main
+            # table (254) fits in the header, the local table's routes (one or two per
+            # address) are not wanted.
+            family, dst_len, table, kind = (
+                data[start],
+                data[start + 1],
+                data[start + 4],
+                data[start + 7],
+            )
+            if table != MAIN_TABLE or kind != _RT_UNICAST:
+                return []
+            if dst_len and not _overlaps_any(
+                _destination(data, start, end), family, dst_len, targets
+            ):
+                return []
+            return _parse_route(data, start, end)
+
     found: list[tuple[IPNetwork, int, int, int]] = []
     for family in (socket.AF_INET, socket.AF_INET6):
         request = _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
-        for hops in _dump("routes", _RTM_GETROUTE, request, _RTM_NEWROUTE, _parse_route):
+        for hops in _dump("routes", _RTM_GETROUTE, request, _RTM_NEWROUTE, parse):
             found += hops
     return found
+
+
+def _destination(data: bytes, start: int, end: int) -> bytes:
+    """A route message's RTA_DST, found without decoding its other attributes."""
+    start += _RTMSG.size
+    while start + 4 <= end:
+        length, kind = _RTA.unpack_from(data, start)
+        if length < 4:
+            break
+        if kind & 0x3FFF == _RTA_DST:
+            return data[start + 4 : start + length]
+        start += (length + 3) & ~3
+    return b""
+
+
+def _overlaps_any(
+    destination: bytes, family: int, dst_len: int, targets: Sequence[tuple[int, int, int]]
+) -> bool:
+    """Whether a route's destination overlaps one of ``targets`` (version, address, prefix
+    length): the shorter of the two prefixes names the same addresses in both."""
+    version, bits = (4, 32) if family == socket.AF_INET else (6, 128)
+    value = int.from_bytes(destination, "big") if destination else 0
+    for target_version, address, length in targets:
+        shift = bits - min(dst_len, length)
+        if target_version == version and value >> shift == address >> shift:
+            return True
+    return False
 
 
 def _dump(
@@ -500,13 +554,14 @@ class _NetlinkCore:
         async with self._lock:
             return [_link(msg) async for msg in await self.ipr.link("dump")]
 
-    async def routes(self) -> list[HostRoute]:
+    async def routes(self, overlapping: Sequence[IPNetwork] | None = None) -> list[HostRoute]:
         """Unicast routes of the main table, both families, with their device names: default
-        routes (0.0.0.0/0, ::/0) included, a multipath route once per next hop."""
+        routes (0.0.0.0/0, ::/0) included, a multipath route once per next hop. With
+        ``overlapping``, only those that overlap one of those networks, and the default ones."""
         if self._netns is None:  # our own namespace: the fast dump (blocks this thread only)
             return [
                 HostRoute(net, await self._name_of(oif, None))
-                for net, oif, table, kind in dump_routes()
+                for net, oif, table, kind in dump_routes(overlapping)
                 if table == MAIN_TABLE and kind == _RT_UNICAST
             ]
         names = {link.index: link.name for link in await self.links()}
@@ -518,6 +573,14 @@ class _NetlinkCore:
                         continue
                     dst = msg.get("dst") or ("0.0.0.0" if family == 2 else "::")  # noqa: S104
                     net = ipaddress.ip_network(f"{dst}/{msg['dst_len']}", strict=False)
+                    if (
+                        overlapping is not None
+                        and net.prefixlen
+                        and not any(
+                            net.version == o.version and net.overlaps(o) for o in overlapping
+                        )
+                    ):
+                        continue
                     hops = [h.get("oif") or 0 for h in msg.get("multipath") or ()]
                     raw += [(net, oif) for oif in hops or [msg.get("oif") or 0]]
         return [HostRoute(net, await self._name_of(oif, names)) for net, oif in raw]
@@ -1119,8 +1182,8 @@ class Netlink:
     async def links(self) -> list[Link]:
         return await self._call(self._core.links())
 
-    async def routes(self) -> list[HostRoute]:
-        return await self._call(self._core.routes())
+    async def routes(self, overlapping: Sequence[IPNetwork] | None = None) -> list[HostRoute]:
+        return await self._call(self._core.routes(overlapping))
 
     async def link_addresses(self, name: str) -> list[IPInterface]:
         return await self._call(self._core.link_addresses(name))

@@ -112,26 +112,53 @@ names (a routed network named br-x would otherwise be caught by the drops toward
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import functools
 import ipaddress
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .model import Endpoint, Family, GatewayMode, IPAddress, IPNetwork, Network, PortMapping
+from .naming import BRIDGE_PREFIX
 
 RAW_CHAIN = "PYBRIDGE-PREROUTING"
 FORWARD_CHAIN = "PYBRIDGE-FORWARD"
 ISOLATION_CHAIN = "PYBRIDGE-ISOLATION"
+# The isolation chain's two parts: internal networks' drops (before anything may pass), then
+# one goto per network (its traffic in) and the drops towards Docker's bridges.
+ISOLATION_INTERNAL_CHAIN = "PYBRIDGE-ISO-INTERNAL"
+ISOLATION_NETWORKS_CHAIN = "PYBRIDGE-ISO-NETWORKS"
 POSTROUTING_CHAIN = "PYBRIDGE-POSTROUTING"
 DNAT_CHAIN = "PYBRIDGE-DNAT"
 
-# table -> chains pybridge owns in it
+# table -> the chains pybridge always has in it (while it has networks); each network adds its
+# own (network_chains).
 OWN_CHAINS: dict[str, tuple[str, ...]] = {
     "filter": (FORWARD_CHAIN,),
-    "mangle": (ISOLATION_CHAIN,),
+    "mangle": (ISOLATION_CHAIN, ISOLATION_INTERNAL_CHAIN, ISOLATION_NETWORKS_CHAIN),
     "nat": (DNAT_CHAIN, POSTROUTING_CHAIN),
     "raw": (RAW_CHAIN,),
 }
+
+# A network's own chains, named after its bridge (at most 11 + 15 characters, within
+# iptables' 28; bridge names are [A-Za-z0-9_.-]).
+FORWARD_NETWORK_PREFIX = "PYBRIDGE-F-"
+ISOLATION_NETWORK_PREFIX = "PYBRIDGE-I-"
+RAW_NETWORK_PREFIX = "PYBRIDGE-R-"
+
+
+def forward_chain(bridge: str) -> str:
+    return FORWARD_NETWORK_PREFIX + bridge
+
+
+def isolation_chain(bridge: str) -> str:
+    return ISOLATION_NETWORK_PREFIX + bridge
+
+
+def raw_chain(bridge: str) -> str:
+    return RAW_NETWORK_PREFIX + bridge
 
 
 @dataclass(frozen=True)
@@ -213,6 +240,15 @@ class NetworkRules:
     snat_v6: ipaddress.IPv6Address | None = None
     tunnel: TunnelRules | None = None
 
+    def __hash__(self) -> int:
+        # The render cache's key, hashed for every network at every firewall change: computed
+        # once (the fields are immutable).
+        cached: int | None = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
     def subnets(self, family: Family) -> tuple[IPNetwork, ...]:
         return self.subnets_v4 if family == 4 else self.subnets_v6
 
@@ -264,15 +300,249 @@ def firewall_views(
     ]
 
 
-def render_chain_rules(networks: Sequence[NetworkRules], family: Family) -> dict[str, list[str]]:
-    """The rules of pybridge's chains, per table, as iptables-save lines (without the header)."""
-    networks = sorted(networks, key=lambda n: n.bridge)
-    return {
-        "filter": _forward_rules(networks, family),
-        "mangle": _isolation_rules(networks, family),
-        "nat": _nat_rules(networks, family),
-        "raw": _raw_rules(networks, family),
+@dataclass(frozen=True)
+class Section:
+    """Consecutive rules of one chain. An ordered section holds exactly its rules, in order.
+    An unordered one holds its rules in any order: each is another network's, and no packet
+    matches two of them with different outcomes. So a network's rule there is added at the
+    chain's top or end (``-I CHAIN 1``, ``-A``: iptables-nft reads nothing of the chain for
+    those, where a position inside it costs a read of the whole chain) and deleted by its text.
+    """
+
+    rules: tuple[str, ...]
+    ordered: bool = True
+
+
+# table -> chain -> its sections: the rules pybridge wants, and where order matters.
+Layout = dict[str, dict[str, tuple[Section, ...]]]
+
+
+# Where a network's rules in the shared chains go: table, chain, and at its top or end.
+_Place = tuple[str, str, str]
+
+# A network whose bridge has pybridge's own name (pyb- and 11 hex digits of its id) has its
+# rules in the shared chains in one of 16 buckets, by the name's first hex digit, entered by
+# name prefix (-o pyb-3+): deleting a rule makes iptables-nft read the chain that holds it, and
+# a bucket holds a sixteenth of the networks (at 500 networks, a delete in a chain holding
+# every network's rules cost 5 ms more per table). Bridges named by the user (bridge.name) have
+# theirs in the shared chain itself.
+BUCKETS = "0123456789abcdef"
+FORWARD_IN_BUCKET = "PYBRIDGE-FI-"  # -o B -g its chain
+FORWARD_OUT_BUCKET = "PYBRIDGE-FE-"  # -i B: out to the world
+ISOLATION_IN_BUCKET = "PYBRIDGE-II-"  # -o B -g its chain
+ISOLATION_OUT_BUCKET = "PYBRIDGE-IE-"  # -i B: not into Docker's bridges
+POSTROUTING_BUCKET = "PYBRIDGE-PO-"  # -o B: 127.0.0.1 and hairpin
+
+
+def _bucket(bridge: str) -> str | None:
+    if len(bridge) == len(BRIDGE_PREFIX) + 11 and bridge.startswith(BRIDGE_PREFIX):
+        key = bridge[len(BRIDGE_PREFIX)]
+        if key in BUCKETS:
+            return key
+    return None
+
+
+def _bucket_entries(chain: str, flag: str, bucket: str, target: str) -> tuple[str, ...]:
+    return tuple(f"-A {chain} {flag} {BRIDGE_PREFIX}{k}+ -{target} {bucket}{k}" for k in BUCKETS)
+
+
+ISOLATION_REPLIES = (
+    f"-A {ISOLATION_NETWORKS_CHAIN} -m conntrack --ctstate RELATED,ESTABLISHED,DNAT -j RETURN"
+)
+# The shared chains' fixed middles: the buckets' entries. A bucket's chain is entered by goto
+# where it decides (what it does not decide, no later rule of the shared chain would), by jump
+# in the nat table (only NAT targets there: the rules after it still apply).
+FORWARD_BUCKETS = (
+    *_bucket_entries(FORWARD_CHAIN, "-o", FORWARD_IN_BUCKET, "g"),
+    *_bucket_entries(FORWARD_CHAIN, "-i", FORWARD_OUT_BUCKET, "g"),
+)
+ISOLATION_BUCKETS = (
+    *_bucket_entries(ISOLATION_NETWORKS_CHAIN, "-o", ISOLATION_IN_BUCKET, "g"),
+    ISOLATION_REPLIES,
+    *_bucket_entries(ISOLATION_NETWORKS_CHAIN, "-i", ISOLATION_OUT_BUCKET, "g"),
+)
+POSTROUTING_BUCKETS = _bucket_entries(POSTROUTING_CHAIN, "-o", POSTROUTING_BUCKET, "j")
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """pybridge's rules of one family, as they are made: each network's part, and the rules
+    that are nobody's (the loopback drops, the tunnels' rules, the isolation chain's jumps),
+    which open their chains."""
+
+    parts: Mapping[str, _NetworkPart]  # by bridge
+    leading: Mapping[tuple[str, str], tuple[str, ...]]  # (table, chain) -> its first rules
+
+
+def rule_set(networks: Sequence[NetworkRules], family: Family) -> RuleSet:
+    """What pybridge's chains must hold for ``networks``. Each network's part is rendered once
+    per change to it (cached), so this costs a lookup per network."""
+    docker_named = tuple(sorted(n.bridge for n in networks if named_like_docker(n.bridge)))
+    others: tuple[str, ...] = ()
+    if any(not n.internal and n.mode(family) == "nat-unprotected" for n in networks):
+        others = tuple(sorted(n.bridge for n in networks if not n.internal))
+    parts = {
+        net.bridge: _network_part(
+            net,
+            family,
+            () if net.internal else docker_named,
+            others if not net.internal and net.mode(family) == "nat-unprotected" else (),
+        )
+        for net in networks
     }
+    tunnels = [n for n in networks if n.tunnel is not None]
+    leading = {
+        ("mangle", ISOLATION_CHAIN): (
+            *_tunnel_forward_drops(tunnels, family),
+            f"-A {ISOLATION_CHAIN} -j {ISOLATION_INTERNAL_CHAIN}",
+            f"-A {ISOLATION_CHAIN} -g {ISOLATION_NETWORKS_CHAIN}",
+        ),
+        ("raw", RAW_CHAIN): (
+            f"-A {RAW_CHAIN} -d {LOOPBACK[family]} ! -i lo -j DROP",
+            f"-A {RAW_CHAIN} -s {LOOPBACK[family]} ! -i lo -j DROP",
+            *_tunnel_rules(tunnels, family),
+        ),
+    }
+    return RuleSet(parts, leading)
+
+
+def render_layout(networks: Sequence[NetworkRules], family: Family) -> Layout:
+    """pybridge's chains and their rules, per table (see the module's docstring), in the order
+    a whole write gives them: each network's in the order of the bridges' names."""
+    return layout_of(rule_set(networks, family))
+
+
+def layout_of(rules: RuleSet) -> Layout:
+    parts = [rules.parts[bridge] for bridge in sorted(rules.parts)]
+    placed: dict[_Place, list[str]] = {}
+    for part in parts:
+        for place, rule in part.shared:
+            placed.setdefault(place, []).append(rule)
+
+    def at(table: str, chain: str, where: str) -> Section:
+        return Section(tuple(placed.get((table, chain, where), ())), ordered=False)
+
+    layout: Layout = {table: {} for table in OWN_CHAINS}
+    layout["filter"][FORWARD_CHAIN] = (
+        at("filter", FORWARD_CHAIN, "top"),
+        Section(FORWARD_BUCKETS),
+        at("filter", FORWARD_CHAIN, "end"),
+    )
+    layout["mangle"][ISOLATION_CHAIN] = (Section(rules.leading[("mangle", ISOLATION_CHAIN)]),)
+    layout["mangle"][ISOLATION_INTERNAL_CHAIN] = (at("mangle", ISOLATION_INTERNAL_CHAIN, "end"),)
+    layout["mangle"][ISOLATION_NETWORKS_CHAIN] = (
+        at("mangle", ISOLATION_NETWORKS_CHAIN, "top"),
+        Section(ISOLATION_BUCKETS),
+        at("mangle", ISOLATION_NETWORKS_CHAIN, "end"),
+    )
+    layout["nat"][DNAT_CHAIN] = (at("nat", DNAT_CHAIN, "top"), at("nat", DNAT_CHAIN, "end"))
+    layout["nat"][POSTROUTING_CHAIN] = (
+        Section(POSTROUTING_BUCKETS),
+        at("nat", POSTROUTING_CHAIN, "end"),
+    )
+    layout["raw"][RAW_CHAIN] = (
+        Section(rules.leading[("raw", RAW_CHAIN)]),
+        at("raw", RAW_CHAIN, "end"),
+    )
+    for k in BUCKETS:
+        layout["filter"][FORWARD_IN_BUCKET + k] = (at("filter", FORWARD_IN_BUCKET + k, "top"),)
+        layout["filter"][FORWARD_OUT_BUCKET + k] = (at("filter", FORWARD_OUT_BUCKET + k, "end"),)
+        layout["mangle"][ISOLATION_IN_BUCKET + k] = (at("mangle", ISOLATION_IN_BUCKET + k, "top"),)
+        layout["mangle"][ISOLATION_OUT_BUCKET + k] = (
+            at("mangle", ISOLATION_OUT_BUCKET + k, "end"),
+        )
+        layout["nat"][POSTROUTING_BUCKET + k] = (at("nat", POSTROUTING_BUCKET + k, "end"),)
+    for part in parts:
+        for table, chain, chain_rules in part.chains:
+            layout[table][chain] = (Section(chain_rules),)
+    return layout
+
+
+def render_chain_rules(networks: Sequence[NetworkRules], family: Family) -> dict[str, list[str]]:
+    """The rules of pybridge's chains, per table, as iptables-save lines (without the header):
+    the shared chains first, then each network's, in the order of their bridges' names."""
+    return _flat(render_layout(networks, family))
+
+
+def _flat(layout: Layout) -> dict[str, list[str]]:
+    return {
+        table: [rule for sections in chains.values() for s in sections for rule in s.rules]
+        for table, chains in layout.items()
+    }
+
+
+@dataclass(frozen=True)
+class _NetworkPart:
+    """One network's rules of one family: its own chains, and its rules in the shared ones."""
+
+    chains: tuple[tuple[str, str, tuple[str, ...]], ...]  # (table, chain, rules)
+    shared: tuple[tuple[_Place, str], ...]  # (where, rule)
+
+
+@functools.lru_cache(maxsize=8192)
+def _network_part(
+    net: NetworkRules, family: Family, docker_named: tuple[str, ...], others: tuple[str, ...]
+) -> _NetworkPart:
+    """Rendered once per network and change (cached): a change to one network at 1,000 costs
+    what it costs at 1. ``docker_named``: pybridge's bridges named like Docker's (for networks
+    that are not internal); ``others``: pybridge's bridges of networks that are not internal
+    (for a network in mode nat-unprotected, which keeps them out)."""
+    b = net.bridge
+    f, i = forward_chain(b), isolation_chain(b)
+    openings = _openings(net, family)
+    chains = [
+        ("filter", f, tuple(_forward_rules(f, net, family, docker_named, openings))),
+        ("mangle", i, tuple(_isolation_rules(i, net, family, others, openings))),
+    ]
+    raw_in = ""
+    if net.internal:
+        r = raw_chain(b)
+        chains.append(("raw", r, tuple(_raw_rules(r, net, family))))
+        raw_in = f"-A {RAW_CHAIN} -i {b} -g {r}"
+    dnat_first: tuple[str, ...] = ()
+    dnat: tuple[str, ...] = ()
+    if net.internal:
+        # No published port is reachable from an internal network, not even through its
+        # gateway.
+        dnat_first = (f"-A {DNAT_CHAIN} -i {b} -j RETURN",)
+    else:
+        mappings = sorted(
+            (m for m in net.mappings if m.family == family and not m.direct),
+            key=lambda m: (m.proto, m.host_port, str(m.host_ip or "")),
+        )
+        dnat = tuple(_dnat_rule(m) for m in mappings)
+    key = _bucket(b)
+    fwd_in = ("filter", FORWARD_IN_BUCKET + key if key else FORWARD_CHAIN, "top")
+    fwd_out = ("filter", FORWARD_OUT_BUCKET + key if key else FORWARD_CHAIN, "end")
+    iso_in = ("mangle", ISOLATION_IN_BUCKET + key if key else ISOLATION_NETWORKS_CHAIN, "top")
+    iso_out = ("mangle", ISOLATION_OUT_BUCKET + key if key else ISOLATION_NETWORKS_CHAIN, "end")
+    post_out = ("nat", POSTROUTING_BUCKET + key if key else POSTROUTING_CHAIN, "end")
+    post = ("nat", POSTROUTING_CHAIN, "end")
+    shared: list[tuple[_Place, str]] = [
+        (fwd_in, f"-A {fwd_in[1]} -o {b} -g {f}"),
+        (fwd_out, f"-A {fwd_out[1]} -i {b} -j {'DROP' if net.internal else 'ACCEPT'}"),
+        (iso_in, f"-A {iso_in[1]} -o {b} -g {i}"),
+    ]
+    if net.internal:
+        internal = ("mangle", ISOLATION_INTERNAL_CHAIN, "end")
+        shared += [
+            (internal, f"-A {ISOLATION_INTERNAL_CHAIN} ! -i {b} -o {b} -j DROP"),
+            (internal, f"-A {ISOLATION_INTERNAL_CHAIN} -i {b} ! -o {b} -j DROP"),
+        ]
+    else:
+        shared += [
+            (iso_out, f"-A {iso_out[1]} -i {b} -o {p} -j DROP") for p in CONTAINER_BRIDGE_PATTERNS
+        ]
+    shared += [(("nat", DNAT_CHAIN, "top"), rule) for rule in dnat_first]
+    shared += [(("nat", DNAT_CHAIN, "end"), rule) for rule in dnat]
+    for rule in _postrouting_rules(net, family):
+        if " ! -o " in rule:  # egress: not by its bridge
+            shared.append((post, rule))
+        else:
+            shared.append((post_out, rule.replace(POSTROUTING_CHAIN, post_out[1], 1)))
+    if raw_in:
+        shared.append((("raw", RAW_CHAIN, "end"), raw_in))
+    return _NetworkPart(tuple(chains), tuple(shared))
 
 
 def _host(address: IPAddress) -> str:
@@ -305,125 +575,100 @@ def _openings(net: NetworkRules, family: Family) -> list[str]:
     return []
 
 
+_DOCKER_NAMES = frozenset(p for p in CONTAINER_BRIDGE_PATTERNS if not p.endswith("+"))
+_DOCKER_PREFIXES = tuple(p[:-1] for p in CONTAINER_BRIDGE_PATTERNS if p.endswith("+"))
+
+
 def named_like_docker(bridge: str) -> bool:
     """Whether an interface pattern of Docker's container bridges matches ``bridge``."""
-    return any(
-        bridge.startswith(p[:-1]) if p.endswith("+") else bridge == p
-        for p in CONTAINER_BRIDGE_PATTERNS
-    )
+    return bridge in _DOCKER_NAMES or bridge.startswith(_DOCKER_PREFIXES)
 
 
-def _from_own_bridge(a: str, net: NetworkRules, family: Family) -> list[str]:
+def _from_own_bridge(chain: str, a: str, net: NetworkRules, family: Family) -> list[str]:
     """What the filter accepts from pybridge's bridge ``a`` into ``net``'s bridge (non-internal)
     ahead of the RETURNs for Docker's bridge names: the same as the rules below the RETURNs
     accept from it (published ports; within one network, ICC; the routed openings)."""
     b = net.bridge
-    rules = [f"-A {FORWARD_CHAIN} -i {a} -o {b} -m conntrack --ctstate DNAT -j ACCEPT"]
+    rules = [f"-A {chain} -i {a} -o {b} -m conntrack --ctstate DNAT -j ACCEPT"]
     if a == b:
-        rules.append(f"-A {FORWARD_CHAIN} -i {b} -o {b} -j {'ACCEPT' if net.icc else 'DROP'}")
+        rules.append(f"-A {chain} -i {b} -o {b} -j {'ACCEPT' if net.icc else 'DROP'}")
         return rules
     for match in _openings(net, family):
         if " -i " in f" {match}":
             continue  # a trusted host interface, not a bridge
         # Where iptables-save writes -i: after -s/-d, before -o.
-        rules.append(
-            f"-A {FORWARD_CHAIN} {match.replace(f'-o {b}', f'-i {a} -o {b}', 1)} -j ACCEPT"
-        )
+        rules.append(f"-A {chain} {match.replace(f'-o {b}', f'-i {a} -o {b}', 1)} -j ACCEPT")
     return rules
 
 
-def _forward_rules(networks: Sequence[NetworkRules], family: Family) -> list[str]:
-    fwd: list[str] = []
-    # pybridge's own bridges that Docker's patterns below would catch (named with
-    # bridge.name): what mangle let through from them is theirs to accept, not Docker's.
-    docker_named = [n.bridge for n in networks if named_like_docker(n.bridge)]
-    for net in networks:
-        b = net.bridge
-        fwd.append(
-            f"-A {FORWARD_CHAIN} -o {b} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
-        )
-        if not net.internal:
-            # New traffic from Docker's own networks (what mangle let in: published ports,
-            # routed openings) is Docker's to accept or not: it drops what comes from its
-            # --internal networks further down FORWARD, and accepts the rest. Accepting it
-            # here would let a container of a Docker internal network out through a port
-            # pybridge publishes. pybridge's own bridges named like Docker's go on below.
-            for a in docker_named:
-                fwd += _from_own_bridge(a, net, family)
-            fwd += [
-                f"-A {FORWARD_CHAIN} -i {p} -o {b} -j RETURN" for p in CONTAINER_BRIDGE_PATTERNS
-            ]
-            # Published ports (pybridge's DNAT), from anywhere, hairpin included.
-            fwd.append(f"-A {FORWARD_CHAIN} -o {b} -m conntrack --ctstate DNAT -j ACCEPT")
-        fwd.append(f"-A {FORWARD_CHAIN} -i {b} -o {b} -j {'ACCEPT' if net.icc else 'DROP'}")
-        fwd += [f"-A {FORWARD_CHAIN} {match} -j ACCEPT" for match in _openings(net, family)]
-        # nat-unprotected: whatever mangle let in from outside the network, every port.
-        unprotected = not net.internal and net.mode(family) == "nat-unprotected"
-        fwd.append(f"-A {FORWARD_CHAIN} -o {b} -j {'ACCEPT' if unprotected else 'DROP'}")
-    for net in networks:
-        fwd.append(f"-A {FORWARD_CHAIN} -i {net.bridge} -j {'DROP' if net.internal else 'ACCEPT'}")
+def _forward_rules(
+    chain: str,
+    net: NetworkRules,
+    family: Family,
+    docker_named: Sequence[str],
+    openings: Sequence[str],
+) -> list[str]:
+    """A network's filter chain: what may get in to its bridge (entered for ``-o B``; every
+    packet ends in a verdict here, or a RETURN to FORWARD for Docker's networks)."""
+    b = net.bridge
+    fwd = [f"-A {chain} -o {b} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"]
+    if not net.internal:
+        # New traffic from Docker's own networks (what mangle let in: published ports, routed
+        # openings) is Docker's to accept or not: it drops what comes from its --internal
+        # networks further down FORWARD, and accepts the rest. Accepting it here would let a
+        # container of a Docker internal network out through a port pybridge publishes.
+        # pybridge's own bridges named like Docker's (with bridge.name) go on below.
+        for a in docker_named:
+            fwd += _from_own_bridge(chain, a, net, family)
+        fwd += [f"-A {chain} -i {p} -o {b} -j RETURN" for p in CONTAINER_BRIDGE_PATTERNS]
+        # Published ports (pybridge's DNAT), from anywhere, hairpin included.
+        fwd.append(f"-A {chain} -o {b} -m conntrack --ctstate DNAT -j ACCEPT")
+    fwd.append(f"-A {chain} -i {b} -o {b} -j {'ACCEPT' if net.icc else 'DROP'}")
+    fwd += [f"-A {chain} {match} -j ACCEPT" for match in openings]
+    # nat-unprotected: whatever mangle let in from outside the network, every port.
+    unprotected = not net.internal and net.mode(family) == "nat-unprotected"
+    fwd.append(f"-A {chain} -o {b} -j {'ACCEPT' if unprotected else 'DROP'}")
     return fwd
 
 
-def _isolation_rules(networks: Sequence[NetworkRules], family: Family) -> list[str]:
-    # Traffic within one network is left to filter (ICC), so no drop below can match a
-    # bridge that happens to be named like Docker's (br-x, docker0).
-    iso = _tunnel_forward_drops(networks, family)
-    iso += [f"-A {ISOLATION_CHAIN} -i {n.bridge} -o {n.bridge} -j RETURN" for n in networks]
-    # Internal networks: nothing in or out, checked before replies and published ports are
-    # let through (an internal container must not reach another network through a DNAT).
-    # Written in iptables-save's own order (-i before -o), so saved rules compare equal.
-    for net in networks:
-        if net.internal:
-            b = net.bridge
-            iso += [
-                f"-A {ISOLATION_CHAIN} ! -i {b} -o {b} -j DROP",
-                f"-A {ISOLATION_CHAIN} -i {b} ! -o {b} -j DROP",
-            ]
-    iso.append(f"-A {ISOLATION_CHAIN} -m conntrack --ctstate RELATED,ESTABLISHED,DNAT -j RETURN")
-    # What the gateway modes open, for every network before any network's drops.
-    for net in networks:
-        iso += [f"-A {ISOLATION_CHAIN} {match} -j RETURN" for match in _openings(net, family)]
-    others = [n.bridge for n in networks if not n.internal]
-    for net in networks:
-        if net.internal:
-            continue
-        b = net.bridge
-        if net.mode(family) == "nat-unprotected":
-            # Open to the outside, not to the other container networks.
-            iso += [f"-A {ISOLATION_CHAIN} -i {x} -o {b} -j DROP" for x in others if x != b]
-            iso += [
-                f"-A {ISOLATION_CHAIN} -i {p} -o {b} -j DROP" for p in CONTAINER_BRIDGE_PATTERNS
-            ]
-        else:
-            iso.append(f"-A {ISOLATION_CHAIN} ! -i {b} -o {b} -j DROP")
-        iso += [f"-A {ISOLATION_CHAIN} -i {b} -o {p} -j DROP" for p in CONTAINER_BRIDGE_PATTERNS]
+def _isolation_rules(
+    chain: str, net: NetworkRules, family: Family, others: Sequence[str], openings: Sequence[str]
+) -> list[str]:
+    """A network's mangle chain: what may get in to its bridge from elsewhere (entered for
+    ``-o B``, after the internal networks' drops; a RETURN or the chain's end lets it pass)."""
+    b = net.bridge
+    # Traffic within one network is left to filter (ICC), so no drop below can match a bridge
+    # that happens to be named like Docker's (br-x, docker0). Written in iptables-save's own
+    # order (-i before -o), so saved rules compare equal.
+    iso = [f"-A {chain} -i {b} -o {b} -j RETURN"]
+    if net.internal:
+        return iso  # the rest was dropped before (ISOLATION_INTERNAL_CHAIN)
+    iso.append(f"-A {chain} -m conntrack --ctstate RELATED,ESTABLISHED,DNAT -j RETURN")
+    # What the gateway mode opens, before the drops.
+    iso += [f"-A {chain} {match} -j RETURN" for match in openings]
+    if net.mode(family) == "nat-unprotected":
+        # Open to the outside, not to the other container networks.
+        iso += [f"-A {chain} -i {x} -o {b} -j DROP" for x in others if x != b]
+        iso += [f"-A {chain} -i {p} -o {b} -j DROP" for p in CONTAINER_BRIDGE_PATTERNS]
+    else:
+        iso.append(f"-A {chain} ! -i {b} -o {b} -j DROP")
     return iso
 
 
-def _raw_rules(networks: Sequence[NetworkRules], family: Family) -> list[str]:
-    # Nothing addressed to loopback, or claiming to come from it, comes from anywhere but the
-    # host itself (route_localnet on a bridge also lifts the kernel's check of the source).
+def _raw_rules(chain: str, net: NetworkRules, family: Family) -> list[str]:
+    """An internal network's raw chain (entered for ``-i B``): only its own gateway addresses
+    (and ICMPv6 to the bridge's link-local address, which neighbour discovery needs) of all
+    the host's addresses. Both families whatever the network's subnets: a container can
+    address the host over IPv6 link-local alone."""
+    b = net.bridge
     raw = [
-        f"-A {RAW_CHAIN} -d {LOOPBACK[family]} ! -i lo -j DROP",
-        f"-A {RAW_CHAIN} -s {LOOPBACK[family]} ! -i lo -j DROP",
-        *_tunnel_rules(networks, family),
+        f"-A {chain} -d {gw}/{gw.max_prefixlen} -i {b} -j RETURN"
+        for gw in net.gateways
+        if gw.version == family
     ]
-    for net in networks:
-        if not net.internal:
-            continue
-        b = net.bridge
-        # Only its own gateway addresses (and ICMPv6 to the bridge's link-local address, which
-        # neighbour discovery needs) of all the host's addresses. Both families whatever the
-        # network's subnets: a container can address the host over IPv6 link-local alone.
-        raw += [
-            f"-A {RAW_CHAIN} -d {gw}/{gw.max_prefixlen} -i {b} -j RETURN"
-            for gw in net.gateways
-            if gw.version == family
-        ]
-        if family == 6 and net.mode_v6 != "isolated":  # (isolated: no link-local address)
-            raw.append(f"-A {RAW_CHAIN} -d fe80::/10 -i {b} -p ipv6-icmp -j RETURN")
-        raw.append(f"-A {RAW_CHAIN} -i {b} -m addrtype --dst-type LOCAL -j DROP")
+    if family == 6 and net.mode_v6 != "isolated":  # (isolated: no link-local address)
+        raw.append(f"-A {chain} -d fe80::/10 -i {b} -p ipv6-icmp -j RETURN")
+    raw.append(f"-A {chain} -i {b} -m addrtype --dst-type LOCAL -j DROP")
     return raw
 
 
@@ -468,37 +713,26 @@ def _tunnel_forward_drops(networks: Sequence[NetworkRules], family: Family) -> l
     ]
 
 
-def _nat_rules(networks: Sequence[NetworkRules], family: Family) -> list[str]:
-    # No published port is reachable from an internal network, not even through its gateway.
-    dnat = [f"-A {DNAT_CHAIN} -i {n.bridge} -j RETURN" for n in networks if n.internal]
+def _postrouting_rules(net: NetworkRules, family: Family) -> list[str]:
+    if net.internal or net.mode(family) == "routed":
+        return []  # routed: no NAT of this family at all, containers keep their own addresses
+    b = net.bridge
     post: list[str] = []
-    for net in networks:
-        if net.internal:
-            continue
-        b = net.bridge
-        mappings = sorted(
-            (m for m in net.mappings if m.family == family and not m.direct),
-            key=lambda m: (m.proto, m.host_port, str(m.host_ip or "")),
+    if family == 4:
+        # 127.0.0.1:PORT from the host: DNAT'd in OUTPUT, routed out the bridge
+        # (route_localnet), and given the bridge's address so the container can answer.
+        post.append(f"-A {POSTROUTING_CHAIN} -s 127.0.0.0/8 -o {b} -j MASQUERADE")
+    for subnet in net.subnets(family):
+        # Hairpin: a container reaching a published port of its own network through a host
+        # address must see the reply come from that address, not from its neighbour.
+        post.append(
+            f"-A {POSTROUTING_CHAIN} -s {subnet} -o {b} -m conntrack --ctstate DNAT -j MASQUERADE"
         )
-        dnat += [_dnat_rule(m) for m in mappings]
-        if net.mode(family) == "routed":
-            continue  # no NAT of this family at all: containers keep their own addresses
-        if family == 4:
-            # 127.0.0.1:PORT from the host: DNAT'd in OUTPUT, routed out the bridge
-            # (route_localnet), and given the bridge's address so the container can answer.
-            post.append(f"-A {POSTROUTING_CHAIN} -s 127.0.0.0/8 -o {b} -j MASQUERADE")
-        for subnet in net.subnets(family):
-            # Hairpin: a container reaching a published port of its own network through a
-            # host address must see the reply come from that address, not from its neighbour.
-            post.append(
-                f"-A {POSTROUTING_CHAIN} -s {subnet} -o {b} -m conntrack --ctstate DNAT "
-                "-j MASQUERADE"
-            )
-            if net.masquerade:
-                source = net.snat(family)
-                target = f"SNAT --to-source {source}" if source else "MASQUERADE"
-                post.append(f"-A {POSTROUTING_CHAIN} -s {subnet} ! -o {b} -j {target}")
-    return dnat + post
+        if net.masquerade:
+            source = net.snat(family)
+            target = f"SNAT --to-source {source}" if source else "MASQUERADE"
+            post.append(f"-A {POSTROUTING_CHAIN} -s {subnet} ! -o {b} -j {target}")
+    return post
 
 
 def _dnat_rule(m: PortMapping) -> str:
@@ -573,26 +807,34 @@ class _Table:
     name: str
     chains: set[str]  # chain names present
     rules: list[str]  # rule lines present
-    own: tuple[str, ...]  # pybridge's chains it should have (none when there are no networks)
+    layout: dict[str, tuple[Section, ...]]  # pybridge's chains it should have (none: no networks)
     stale: list[str]  # PYBRIDGE-* chains present that it should not have
-    wanted: list[str]  # the rules pybridge's chains should hold
+
+    @property
+    def own(self) -> tuple[str, ...]:
+        return tuple(self.layout)
+
+    @property
+    def wanted(self) -> list[str]:
+        """The rules pybridge's chains should hold, in the order a whole write gives them."""
+        return [rule for sections in self.layout.values() for s in sections for rule in s.rules]
 
     @property
     def jumps(self) -> list[Jump]:
         """The jumps into pybridge's chains this table should have."""
-        return [j for j in JUMPS if j.table == self.name and j.target in self.own]
+        return [j for j in JUMPS if j.table == self.name and j.target in self.layout]
 
 
 def _tables(networks: Sequence[NetworkRules], family: Family, current_save: str) -> list[_Table]:
     """Every table pybridge has (or had) chains in, or that the current rules show."""
     current = parse_save(current_save)
-    want = render_chain_rules(networks, family) if networks else {}
+    layout = render_layout(networks, family) if networks else {}
     tables = []
     for table in sorted(set(OWN_CHAINS) | set(current)):
         names, rules = current.get(table, (set(), []))
-        own = OWN_CHAINS.get(table, ()) if networks else ()
-        stale = sorted(c for c in names if c.startswith(CHAIN_PREFIX) and c not in own)
-        tables.append(_Table(table, names, rules, own, stale, want.get(table, [])))
+        chains = layout.get(table, {})
+        stale = sorted(c for c in names if c.startswith(CHAIN_PREFIX) and c not in chains)
+        tables.append(_Table(table, names, rules, chains, stale))
     return tables
 
 
@@ -600,8 +842,8 @@ def render_restore(networks: Sequence[NetworkRules], family: Family, current_sav
     """The complete ``iptables-restore --noflush`` input that makes the host match ``networks``.
 
     With no networks left, pybridge's jumps and chains are removed entirely. Chains named
-    PYBRIDGE-* that this version does not use (left by an older one) are removed too. Returns
-    "" when nothing needs doing (no networks and nothing of ours present).
+    PYBRIDGE-* that are not wanted (a removed network's, or an older version's) are removed
+    too. Returns "" when nothing needs doing (no networks and nothing of ours present).
     """
     out: list[str] = []
     for t in _tables(networks, family, current_save):
@@ -613,39 +855,41 @@ def render_restore(networks: Sequence[NetworkRules], family: Family, current_sav
         for jump in t.jumps:
             out += _jump_fixes(jump, t.rules)
         # References from our own chains were just reset; only foreign ones remain.
-        out += _removal(t.stale, [r for r in t.rules if r.split()[1] not in t.own])
+        own = set(t.own)
+        out += _removal(t.stale, [r for r in t.rules if r.split()[1] not in own])
         out.append("COMMIT")
     return "\n".join(out) + "\n" if out else ""
 
 
-def _by_chain(rules: Sequence[str]) -> dict[str, list[str]]:
+def _by_chain(rules: Iterable[str]) -> dict[str, list[str]]:
     chains: dict[str, list[str]] = {}
     for rule in rules:
         chains.setdefault(rule.split()[1], []).append(rule)
     return chains
 
 
-def _edits(chain: str, before: list[str], after: list[str]) -> list[str]:
-    """``iptables-restore`` lines that turn ``before`` into ``after`` in ``chain``, rule by
-    rule: ``-D CHAIN N`` and ``-I CHAIN N RULE``. Worked from the end of the chain back, so
-    the positions of the part not yet done are still those of ``before``."""
+def _edits(chain: str, before: list[str], after: list[str], offset: int = 0) -> list[str]:
+    """``iptables-restore`` lines that turn ``before`` into ``after``, the rules of ``chain``
+    from position ``offset`` on, rule by rule: ``-D CHAIN N`` and ``-I CHAIN N RULE``. Worked
+    from the end back, so the positions of the part not yet done are still those of
+    ``before``. (Each needs iptables-nft to read the chain: for small chains.)"""
     lines: list[str] = []
-    # The common start and end are left out of the diff: a change touches a few rules, and
-    # the diff of whole chains cost 18 ms at 1,000 networks.
     start = _common_start(before, after)
     end = _common_start(before[start:][::-1], after[start:][::-1])
     old, new = before[start : len(before) - end], after[start : len(after) - end]
     matcher = difflib.SequenceMatcher(None, old, new, autojunk=False)
+    base = offset + start + 1
     for tag, i1, i2, j1, j2 in reversed(matcher.get_opcodes()):
         if tag == "equal":
             continue
-        lines += [f"-D {chain} {start + i1 + 1}"] * (i2 - i1)  # each delete moves the next up
-        prefix = f"-A {chain} "
-        lines += [
-            f"-I {chain} {start + i1 + 1 + k} {rule[len(prefix) :]}"
-            for k, rule in enumerate(new[j1:j2])
-        ]
+        lines += [f"-D {chain} {base + i1}"] * (i2 - i1)  # each delete moves the next up
+        lines += [f"-I {chain} {base + i1 + k} {_spec(rule)}" for k, rule in enumerate(new[j1:j2])]
     return lines
+
+
+def _spec(rule: str) -> str:
+    """A rule line without its "-A CHAIN"."""
+    return rule.split(" ", 2)[2]
 
 
 def _common_start(a: Sequence[str], b: Sequence[str]) -> int:
@@ -658,32 +902,84 @@ def _common_start(a: Sequence[str], b: Sequence[str]) -> int:
     return n
 
 
-def incremental_restore(
-    before: Mapping[str, Sequence[str]], after: Mapping[str, Sequence[str]]
-) -> str | None:
-    """The ``iptables-restore --noflush`` input that turns pybridge's chains from ``before``
-    into ``after`` (both as render_chain_rules gives them) by deleting and inserting only the
-    rules that differ: a transaction the size of the change, not of the rule set (a network,
-    an endpoint or a port mapping more or less costs the same at 1 and at 1,000 networks).
+def _part_edits(
+    old: _NetworkPart | None, new: _NetworkPart | None, out: dict[str, list[list[str]]]
+) -> None:
+    """The lines that turn one network's rules from ``old`` into ``new`` (None: it has none),
+    into ``out``: table -> [chains to declare, edits, chains to drop]. Its rules in the shared
+    chains are deleted by text and added at the chain's top or end; its own chains are
+    created, edited rule by rule (they are small) or dropped."""
+    old_shared = set(old.shared) if old is not None else set()
+    new_shared = set(new.shared) if new is not None else set()
+    for (table, chain, _), rule in old.shared if old is not None else ():
+        if ((table, chain, _), rule) not in new_shared:
+            out[table][1].append(f"-D {chain} {_spec(rule)}")
+    added = [item for item in (new.shared if new is not None else ()) if item not in old_shared]
+    for (table, chain, where), rule in reversed(added):
+        if where == "top":
+            out[table][1].append(f"-I {chain} 1 {_spec(rule)}")
+    for (table, _, where), rule in added:
+        if where == "end":
+            out[table][1].append(rule)
+    old_chains = {chain: (table, rules) for table, chain, rules in old.chains} if old else {}
+    for table, chain, rules in new.chains if new is not None else ():
+        before = old_chains.pop(chain, None)
+        if before is None:
+            out[table][0].append(f":{chain} - [0:0]")
+            out[table][1] += rules
+        elif before[1] != rules:
+            out[table][1] += _edits(chain, list(before[1]), list(rules))
+    for chain, (table, _) in old_chains.items():  # once the rules that enter them are gone
+        out[table][2] += [f":{chain} - [0:0]", f"-X {chain}"]
 
-    It relies on the chains holding exactly ``before`` (what the last write left; the
-    self-healing check finds and rewrites chains that someone else changed). None when a whole
-    rewrite is needed instead: no rules before or after (the chains and jumps come or go), or
-    a different set of tables. "" when nothing differs."""
-    if not any(before.values()) or not any(after.values()) or set(before) != set(after):
+
+def incremental_restore(before: RuleSet, after: RuleSet) -> str | None:
+    """The ``iptables-restore --noflush`` input that turns pybridge's chains from ``before``
+    (what the last write left) into ``after``, writing only what differs: a new network's
+    chains and its rules in the shared chains (added at their top or end), a removed network's
+    rules deleted by text and its chains dropped, a changed network's chain edited. A
+    transaction the size of the change, planned at the cost of a look at each network's part,
+    and nothing in it makes iptables-nft read a chain that holds every network's rules but
+    the deletes (which do: a few milliseconds at 1,000 networks).
+
+    It relies on the chains holding exactly ``before`` (the self-healing check finds and
+    rewrites chains that someone else changed). None when a whole write is needed instead:
+    no networks before or after (the chains and jumps come or go). "" when nothing differs."""
+    if not before.parts or not after.parts:
         return None
-    out: list[str] = []
-    for table in sorted(after):
-        old, new = _by_chain(before[table]), _by_chain(after[table])
-        own = OWN_CHAINS.get(table, ())
-        if (set(old) | set(new)) - set(own):
-            return None  # a rule outside pybridge's chains: not ours to edit
-        lines: list[str] = []
-        for chain in own:
-            lines += _edits(chain, old.get(chain, []), new.get(chain, []))
-        if lines:
-            out += [f"*{table}", *lines, "COMMIT"]
-    return "\n".join(out) + "\n" if out else ""
+    out: dict[str, list[list[str]]] = {table: [[], [], []] for table in OWN_CHAINS}
+    for (table, chain), rules in after.leading.items():
+        old = before.leading.get((table, chain), ())
+        if old != rules:  # the chain's first rules: positions from its top
+            out[table][1] += _edits(chain, list(old), list(rules))
+    for bridge, part in after.parts.items():
+        old_part = before.parts.get(bridge)
+        if old_part is not part:
+            _part_edits(old_part, part, out)
+    for bridge, old_part in before.parts.items():
+        if bridge not in after.parts:
+            _part_edits(old_part, None, out)
+    text: list[str] = []
+    for table in sorted(out):
+        declared, lines, dropped = out[table]
+        if declared or lines or dropped:
+            flushes = [line for line in dropped if line.startswith(":")]
+            removals = [line for line in dropped if line.startswith("-X")]
+            text += [f"*{table}", *declared, *lines, *flushes, *removals, "COMMIT"]
+    return "\n".join(text) + "\n" if text else ""
+
+
+def _holds(rules: list[str], sections: tuple[Section, ...]) -> bool:
+    """Whether a chain's ``rules`` are what ``sections`` want (unordered ones in any order)."""
+    if len(rules) != sum(len(s.rules) for s in sections):
+        return False
+    offset = 0
+    for s in sections:
+        part = rules[offset : offset + len(s.rules)]
+        offset += len(s.rules)
+        if part != list(s.rules) and (s.ordered or Counter(part) != Counter(s.rules)):
+            return False
+    return True
 
 
 def drift(networks: Sequence[NetworkRules], family: Family, current_save: str) -> list[str]:
@@ -692,16 +988,17 @@ def drift(networks: Sequence[NetworkRules], family: Family, current_save: str) -
     problems: list[str] = []
     for t in _tables(networks, family, current_save):
         if t.stale:
-            problems.append(f"{t.name}: leftover chain(s) {', '.join(t.stale)}")
+            problems.append(f"{t.name}: leftover chain(s) {_some(t.stale)}")
         if not t.own:
             continue
         missing_chains = [c for c in t.own if c not in t.chains]
         if missing_chains:
-            problems.append(f"{t.name}: chain(s) {', '.join(missing_chains)} missing")
-        have = [r for r in t.rules if r.split()[1] in t.own]
-        if have != t.wanted:
-            missing = sum(1 for r in t.wanted if r not in have)
-            extra = sum(1 for r in have if r not in t.wanted)
+            problems.append(f"{t.name}: chain(s) {_some(missing_chains)} missing")
+        have = _by_chain(r for r in t.rules if r.split()[1] in t.layout)
+        if not all(_holds(have.get(c, []), sections) for c, sections in t.layout.items()):
+            flat_have = [r for rules in have.values() for r in rules]
+            missing = sum((Counter(t.wanted) - Counter(flat_have)).values())
+            extra = sum((Counter(flat_have) - Counter(t.wanted)).values())
             detail = (
                 f"{missing} missing, {extra} unexpected" if missing or extra else "out of order"
             )
@@ -712,13 +1009,20 @@ def drift(networks: Sequence[NetworkRules], family: Family, current_save: str) -
     return problems
 
 
+def _some(names: Sequence[str], most: int = 4) -> str:
+    """Names for a message: the first few, and how many more."""
+    if len(names) <= most:
+        return ", ".join(names)
+    return f"{', '.join(names[:most])} and {len(names) - most} more"
+
+
 def pybridge_rules_in(save_text: str) -> dict[str, list[str]]:
     """The rules currently in pybridge's chains (for diagnostics and tests)."""
     current = parse_save(save_text)
     result: dict[str, list[str]] = {}
-    for table, chains in OWN_CHAINS.items():
+    for table in OWN_CHAINS:
         rules = current.get(table, (set(), []))[1]
-        result[table] = [r for r in rules if r.split()[1] in chains]
+        result[table] = [r for r in rules if r.split()[1].startswith(CHAIN_PREFIX)]
     return result
 
 

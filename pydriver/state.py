@@ -7,13 +7,13 @@ questions the rest of the driver asks of its networks and endpoints.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from .errors import NotFound
 from .interfaces import NetworkStore
 from .model import Endpoint, IPAddress, IPNetwork, Network, PortMapping
 from .naming import short
-from .rules import NetworkRules, firewall_views
+from .rules import NetworkRules, TunnelRules, firewall_view
 
 
 class State:
@@ -24,11 +24,16 @@ class State:
         # Per network, the endpoints holding an address or a MAC: a new endpoint's checks cost
         # the same with 1 and with 1,000 endpoints present.
         self._holders: dict[tuple[str, str], set[str]] = {}
+        # Per network, what the firewall needs to know (rules.py), made again only when the
+        # network or one of its endpoints changes: the writer compares and renders the views
+        # of every network at every change, which costs a lookup each for unchanged ones.
+        self._views: dict[str, NetworkRules] = {}
 
     async def load(self) -> None:
         self.networks = {n.id: n for n in await self.store.load_networks()}
         self.endpoints = {}
         self._holders = {}
+        self._views = {}
         for endpoint in await self.store.load_endpoints():
             self._remember(endpoint)
 
@@ -39,6 +44,7 @@ class State:
     def _remember(self, endpoint: Endpoint) -> None:
         self._forget(endpoint.id)
         self.endpoints[endpoint.id] = endpoint
+        self._views.pop(endpoint.network_id, None)
         for key in self._keys(endpoint):
             self._holders.setdefault(key, set()).add(endpoint.id)
 
@@ -46,6 +52,7 @@ class State:
         old = self.endpoints.pop(endpoint_id, None)
         if old is None:
             return
+        self._views.pop(old.network_id, None)
         for key in self._keys(old):
             ids = self._holders.get(key)
             if ids is not None:
@@ -58,6 +65,7 @@ class State:
     async def put_network(self, network: Network) -> None:
         await self.store.put_network(network)
         self.networks[network.id] = network
+        self._views.pop(network.id, None)
 
     async def drop_network(self, network_id: str) -> None:
         """Forget a network, and its endpoints with it (the store deletes them too)."""
@@ -65,6 +73,7 @@ class State:
         self.networks.pop(network_id, None)
         for endpoint in self.endpoints_of(network_id):
             self._forget(endpoint.id)
+        self._views.pop(network_id, None)
 
     async def put_endpoint(self, endpoint: Endpoint) -> None:
         await self.store.put_endpoint(endpoint)
@@ -105,8 +114,23 @@ class State:
         """Whether an endpoint of the network other than ``but`` has ``mac``."""
         return bool(self._holders.get((network_id, mac), set()) - {but})
 
-    def firewall_views(self) -> list[NetworkRules]:
-        return firewall_views(self.networks.values(), self.endpoints.values())
+    def firewall_views(
+        self, tunnels: Mapping[str, TunnelRules] | None = None
+    ) -> list[NetworkRules]:
+        """rules.firewall_views of the state (``tunnels``: of the networks that span hosts),
+        the same objects as long as nothing changed."""
+        views = []
+        for network in self.networks.values():
+            if network.state == "deleting":
+                continue
+            tunnel = (tunnels or {}).get(network.id)
+            view = self._views.get(network.id)
+            if view is None or view.tunnel != tunnel:
+                mappings = [m for e in self.endpoints_of(network.id) for m in e.mappings]
+                view = firewall_view(network, mappings, tunnel)
+                self._views[network.id] = view
+            views.append(view)
+        return views
 
     def mappings_of_others(self, endpoint_id: str) -> Iterator[PortMapping]:
         """Every host port published for an endpoint other than ``endpoint_id``."""

@@ -22,6 +22,7 @@ from pydriver.model import (
     InterfaceSetting,
     IPAddress,
     IPInterface,
+    IPNetwork,
     Link,
     Network,
     PortBinding,
@@ -130,14 +131,23 @@ class FakeKernel:
         self._enter("links", "")
         return [link.as_link(self) for link in self.links_by_name.values()]
 
-    async def routes(self) -> list[HostRoute]:
+    async def routes(self, overlapping: Sequence[IPNetwork] | None = None) -> list[HostRoute]:
         self._enter("routes", "")
         connected = [
             HostRoute(address.network, name)
             for name, addresses in self.addresses.items()
             for address in addresses
         ]
-        return [*self.extra_routes, *connected]
+        return [
+            r
+            for r in [*self.extra_routes, *connected]
+            if overlapping is None
+            or r.destination.prefixlen == 0
+            or any(
+                r.destination.version == o.version and r.destination.overlaps(o)
+                for o in overlapping
+            )
+        ]
 
     async def ensure_bridge(self, name: str, mac: str, mtu: int | None) -> bool:
         self._enter("ensure_bridge", name)
