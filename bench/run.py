@@ -429,6 +429,9 @@ def firewall_apply_times() -> list[Single]:
                 firewall: IptablesFirewall = firewall, present: list[NetworkRules] = present
             ) -> list[float]:
                 await firewall.apply(present, force=True)
+                # A change in steady state: the kernel frees a large write's rules afterwards
+                # (RCU), which slows the next commits for a second or two.
+                await asyncio.sleep(2)
                 times = []
                 for port in range(20):
                     first = present[0]
@@ -491,6 +494,58 @@ def startup_time() -> list[Single]:
             elapsed <= 3,
         )
     ]
+
+
+def network_calls_at_scale(reps: int) -> list[Single]:
+    """pybridge's own part of `docker network create` + `rm`: CreateNetwork and DeleteNetwork
+    on its socket (each waits for its firewall write), with 1, 100 and 500 networks present."""
+    times: dict[int, float] = {}
+    with tempfile.TemporaryDirectory() as tmp, netns() as ns:
+        plugin = Plugin(ns, Path(tmp))
+        plugin.start(PYDRIVER_HEAL_INTERVAL="0", PYDRIVER_GC_INTERVAL="0")
+        try:
+            present = 0
+            for count in SCALE:
+                while present < count - 1:
+                    create_network(
+                        plugin,
+                        f"10.{232 + present // 256}.{present % 256}.0/24",
+                        f"10.{232 + present // 256}.{present % 256}.1/24",
+                    )
+                    present += 1
+                time.sleep(2)  # the kernel's work after the writes so far
+                samples = []
+                for _ in range(reps):
+                    started = time.perf_counter()
+                    network = create_network(plugin, "10.240.0.0/24", "10.240.0.1/24")
+                    call(plugin, "NetworkDriver.DeleteNetwork", {"NetworkID": network})
+                    samples.append(time.perf_counter() - started)
+                    time.sleep(SETTLE_SECONDS)
+                times[count] = statistics.median(samples)
+                print(
+                    f"  CreateNetwork+DeleteNetwork with {count} present: "
+                    f"{times[count] * 1000:.1f} ms",
+                    file=sys.stderr,
+                )
+        finally:
+            plugin.stop()
+    out = [
+        Single(
+            f"pybridge's part (`CreateNetwork` + `DeleteNetwork`), {count} network(s) present",
+            f"{times[count] * 1000:.1f} ms",
+        )
+        for count in SCALE
+    ]
+    growth = times[SCALE[-1]] / times[SCALE[0]]
+    out.append(
+        Single(
+            f"pybridge's part, {SCALE[-1]} vs {SCALE[0]} present",
+            f"{growth:.2f} times",
+            "≤ 1.2",
+            growth <= 1.2,
+        )
+    )
+    return out
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -693,6 +748,8 @@ def main() -> int:
         scale = network_create_rm_at_scale(args.reps)
         print("[bench] pybridge itself", file=sys.stderr)
         micro, singles = plugin_level(args.cycles)
+        print("[bench] pybridge's part of network create + rm", file=sys.stderr)
+        scale += network_calls_at_scale(args.reps)
         singles = scale + singles
         print("[bench] across hosts", file=sys.stderr)
         across = render_across_hosts(multihost.measure(args.reps), args.reps)

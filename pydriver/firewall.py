@@ -119,7 +119,7 @@ def _plan(
 ) -> tuple[RuleSet, str | None]:
     """The rules wanted, and the lines that turn ``before`` (what the last write left) into
     them, change by change; None: write everything."""
-    wanted = rule_set(networks, family)
+    wanted = rule_set(networks, family, before)
     return wanted, incremental_restore(before, wanted) if before is not None else None
 
 

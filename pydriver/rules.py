@@ -1,12 +1,30 @@
-"""Firewall rule rendering (pure): the desired rules for pybridge's own chains as
-``iptables-restore`` text, plus the jumps from the built-in chains.
+"""Firewall rule rendering (pure): the rules of pybridge's own chains, the jumps to them from
+the built-in chains, and the ``iptables-restore`` text that writes them.
 
-The whole content of pybridge's chains is rendered and applied in one
-``iptables-restore --noflush`` batch per address family: a ``:CHAIN - [0:0]`` line resets a
-chain atomically, so the kernel never sees a half-applied rule set. Only the jump rules in the
-built-in chains (FORWARD, POSTROUTING) are shared with others, so they are checked against the
-current ``iptables-save`` output and added or removed one by one (kube-proxy does the same).
+*How the rules are laid out* (issue 17: a change must cost the same at 1 and at 1,000
+networks). Each network has chains of its own, entered by goto from pybridge's shared chains:
+PYBRIDGE-F-<bridge> (filter: what may get in to it), PYBRIDGE-I-<bridge> (mangle: likewise)
+and, for internal networks, PYBRIDGE-R-<bridge> (raw). A network whose bridge has pybridge's
+own name (pyb- and 11 hex digits) has its few rules in the shared chains in one of 16 buckets,
+chosen by the name's first hex digit and entered by name prefix (``-o pyb-3+ -g
+PYBRIDGE-FI-3``): PYBRIDGE-FI-/FE- (filter, in/out), PYBRIDGE-II-/IE- (mangle, in/out),
+PYBRIDGE-PO- (nat, by output bridge). A bucket's chain exists while a network has rules in it.
+Bridges named by the user (bridge.name) have those rules in the shared chain itself. Within a
+shared or bucket chain the networks' rules may come in any order (each matches its own
+bridge, and no packet matches two with different outcomes): rules.Section says which parts of
+a chain are ordered.
 
+So a change writes only what changed (``incremental_restore``): a new network's chains, and its
+rules in the shared chains added at their top or end (``-I CHAIN 1``, ``-A``: iptables-nft
+reads nothing of a chain for those, where a position inside one makes it read the chain
+whole); a removed network's rules deleted by their text from its bucket (a sixteenth of the
+networks) and its chains dropped; a changed network's own chain edited. The whole rule set is
+written at start-up, when the chains come or go, and to repair drift (``render_restore``):
+there ``:CHAIN - [0:0]`` lines reset every chain in one atomic batch per table, and the jumps
+from the built-in chains, which are shared with others, are checked against the current
+``iptables-save`` output and added or removed one by one (kube-proxy does the same).
+
+The rules below are shown as one network's in one chain; the layout above decides in which.
 Three kinds of decisions, in three places, for every pybridge network with bridge B:
 
 *What may reach the host itself* is decided in the raw table, before conntrack and NAT:
@@ -14,7 +32,7 @@ Three kinds of decisions, in three places, for every pybridge network with bridg
     PYBRIDGE-PREROUTING (raw; jumped to from PREROUTING, first)
         -d 127.0.0.0/8 ! -i lo -j DROP                                (IPv6: -d ::1/128)
         -s 127.0.0.0/8 ! -i lo -j DROP                                (IPv6: -s ::1/128)
-      internal networks, for each gateway address GW of B:
+      internal networks (-i B -g PYBRIDGE-R-B), for each gateway address GW of B:
         -d GW -i B -j RETURN                                          its own gateway
         (IPv6: -d fe80::/10 -i B -p ipv6-icmp -j RETURN               neighbour discovery)
         -i B -m addrtype --dst-type LOCAL -j DROP                     no other host address
@@ -32,7 +50,8 @@ accept is only final in the table that drops):
 
     PYBRIDGE-FORWARD   (filter; jumped to from FORWARD right after Docker's DOCKER-USER jump
                         where there is one, else first: 29's nftables backend has none)
-      ingress, for each network first, so no accept below can let traffic into another network:
+      ingress (-o B -g PYBRIDGE-F-B), every network's first, so no accept below can let
+      traffic into another network:
         -o B -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT     replies
         -i docker0|br-+|docker_gwbridge -o B -j RETURN                (not internal) Docker's
             networks: Docker's chains decide what of theirs may use B's published ports or
@@ -40,7 +59,7 @@ accept is only final in the table that drops):
             bridges named like Docker's get their accepts just before these
         -i B -o B -j ACCEPT                                           ICC (DROP if disabled)
         -o B -j DROP                                                  nothing else gets in
-      egress, for each network:
+      egress, for each network (-i B):
         -i B -j ACCEPT                                                out to the world
         (internal networks: -i B -j DROP)
 
@@ -53,13 +72,22 @@ moves it back; 29's nftables backend accepts in a table of its own (``ip docker-
 which is not final for pybridge's. A DROP is final wherever it happens.
 
     PYBRIDGE-ISOLATION (mangle; jumped to from FORWARD, first)
-        -i B -o B -j RETURN                          (every network) within one network: left
-                                                     to filter, even for a bridge named br-x
-        ! -i B -o B -j DROP ; -i B ! -o B -j DROP    (internal networks) nothing in or out,
-                                                     not even replies or published ports
-        -m conntrack --ctstate RELATED,ESTABLISHED,DNAT -j RETURN     replies, published ports
-        ! -i B -o B -j DROP                                           nothing new gets in
-        -i B -o docker0 -j DROP ; -i B -o br-+ -j DROP                not into Docker's bridges
+        (the tunnels' drops: see _tunnel_forward_drops)
+        -j PYBRIDGE-ISO-INTERNAL, for each internal network B, before anything may pass:
+            ! -i B -o B -j DROP ; -i B ! -o B -j DROP    nothing in or out, not even replies
+                                                         or published ports
+        -g PYBRIDGE-ISO-NETWORKS:
+            -o B -g PYBRIDGE-I-B, for each network:
+                -i B -o B -j RETURN                      within one network: left to filter,
+                                                         even for a bridge named br-x
+                (not internal:)
+                -m conntrack --ctstate RELATED,ESTABLISHED,DNAT -j RETURN  replies, published
+                                                                           ports
+                (the openings of its gateway modes, below, -j RETURN)
+                ! -i B -o B -j DROP                                 nothing new gets in
+            -m conntrack --ctstate RELATED,ESTABLISHED,DNAT -j RETURN
+            -i B -o docker0|br-+|docker_gwbridge -j DROP (not internal) not into Docker's
+                                                         bridges
 
 NAT:
 
@@ -69,6 +97,7 @@ NAT:
     PYBRIDGE-POSTROUTING (nat; from POSTROUTING), per network that is not internal:
         -s 127.0.0.0/8 -o B -j MASQUERADE                             127.0.0.1:PORT (IPv4)
         -s SUBNET -o B -m conntrack --ctstate DNAT -j MASQUERADE      hairpin
+          (these two in B's bucket, PYBRIDGE-PO-k, entered by jump: only NAT targets here)
         -s SUBNET ! -o B -j MASQUERADE                                egress (unless disabled)
         (host_ipv4/host_ipv6: -j SNAT --to-source HOST_IP instead, for egress only: hairpin and
         127.0.0.1 must come from the bridge's own address, which the container routes back to)
@@ -105,9 +134,11 @@ own address, in each mode (replies and published host ports aside):
                      host's addresses and no neighbour discovery to it either. (An internal
                      network with inhibit_ipv4 likewise has no IPv4 gateway to return.)
 
-The openings of every network (routed and trusted ports, echo requests) come in mangle before
-any network's drops, so whether another network reaches them does not depend on the bridges'
-names (a routed network named br-x would otherwise be caught by the drops towards Docker's).
+A packet into a network's bridge B is decided in B's own mangle chain, after the internal
+networks' drops (an internal network's container reaches nothing, not even another network's
+openings) and before the drops towards Docker's bridges (so whether another network reaches
+B's openings does not depend on B's name: a routed network named br-x would otherwise be
+caught by them).
 """
 
 from __future__ import annotations
@@ -342,26 +373,9 @@ def _bucket(bridge: str) -> str | None:
     return None
 
 
-def _bucket_entries(chain: str, flag: str, bucket: str, target: str) -> tuple[str, ...]:
-    return tuple(f"-A {chain} {flag} {BRIDGE_PREFIX}{k}+ -{target} {bucket}{k}" for k in BUCKETS)
-
-
 ISOLATION_REPLIES = (
     f"-A {ISOLATION_NETWORKS_CHAIN} -m conntrack --ctstate RELATED,ESTABLISHED,DNAT -j RETURN"
 )
-# The shared chains' fixed middles: the buckets' entries. A bucket's chain is entered by goto
-# where it decides (what it does not decide, no later rule of the shared chain would), by jump
-# in the nat table (only NAT targets there: the rules after it still apply).
-FORWARD_BUCKETS = (
-    *_bucket_entries(FORWARD_CHAIN, "-o", FORWARD_IN_BUCKET, "g"),
-    *_bucket_entries(FORWARD_CHAIN, "-i", FORWARD_OUT_BUCKET, "g"),
-)
-ISOLATION_BUCKETS = (
-    *_bucket_entries(ISOLATION_NETWORKS_CHAIN, "-o", ISOLATION_IN_BUCKET, "g"),
-    ISOLATION_REPLIES,
-    *_bucket_entries(ISOLATION_NETWORKS_CHAIN, "-i", ISOLATION_OUT_BUCKET, "g"),
-)
-POSTROUTING_BUCKETS = _bucket_entries(POSTROUTING_CHAIN, "-o", POSTROUTING_BUCKET, "j")
 
 
 @dataclass(frozen=True)
@@ -372,25 +386,34 @@ class RuleSet:
 
     parts: Mapping[str, _NetworkPart]  # by bridge
     leading: Mapping[tuple[str, str], tuple[str, ...]]  # (table, chain) -> its first rules
-
-
-def rule_set(networks: Sequence[NetworkRules], family: Family) -> RuleSet:
-    """What pybridge's chains must hold for ``networks``. Each network's part is rendered once
-    per change to it (cached), so this costs a lookup per network."""
-    docker_named = tuple(sorted(n.bridge for n in networks if named_like_docker(n.bridge)))
+    # What they were made from: the views, and what a network's part depends on besides its
+    # own view (see _network_part).
+    views: tuple[NetworkRules, ...] = ()
+    docker_named: tuple[str, ...] = ()
     others: tuple[str, ...] = ()
-    if any(not n.internal and n.mode(family) == "nat-unprotected" for n in networks):
-        others = tuple(sorted(n.bridge for n in networks if not n.internal))
-    parts = {
-        net.bridge: _network_part(
-            net,
-            family,
-            () if net.internal else docker_named,
-            others if not net.internal and net.mode(family) == "nat-unprotected" else (),
-        )
-        for net in networks
-    }
-    tunnels = [n for n in networks if n.tunnel is not None]
+
+
+def rule_set(
+    networks: Sequence[NetworkRules], family: Family, previous: RuleSet | None = None
+) -> RuleSet:
+    """What pybridge's chains must hold for ``networks``. Each network's part is rendered once
+    per change to it (cached), so this costs a lookup per network; given the rules made for
+    the same networks before (``previous``), when only some networks' views changed in ways
+    that concern no other network (ports published or revoked), only theirs are looked up."""
+    views = tuple(networks)
+    if previous is not None:
+        patched = _patched(previous, views, family)
+        if patched is not None:
+            return patched
+    docker_named = tuple(sorted(n.bridge for n in views if named_like_docker(n.bridge)))
+    others: tuple[str, ...] = ()
+    if any(not n.internal and n.mode(family) == "nat-unprotected" for n in views):
+        others = tuple(sorted(n.bridge for n in views if not n.internal))
+    parts = {net.bridge: _part_of(net, family, docker_named, others) for net in views}
+    # The buckets' chains in use (keyed apart from bridges: no interface name has a +).
+    for chain in sorted({c for part in parts.values() for c in part.buckets}):
+        parts["+" + chain] = _bucket_part(chain)
+    tunnels = [n for n in views if n.tunnel is not None]
     leading = {
         ("mangle", ISOLATION_CHAIN): (
             *_tunnel_forward_drops(tunnels, family),
@@ -403,7 +426,42 @@ def rule_set(networks: Sequence[NetworkRules], family: Family) -> RuleSet:
             *_tunnel_rules(tunnels, family),
         ),
     }
-    return RuleSet(parts, leading)
+    return RuleSet(parts, leading, views, docker_named, others)
+
+
+def _part_of(
+    net: NetworkRules, family: Family, docker_named: tuple[str, ...], others: tuple[str, ...]
+) -> _NetworkPart:
+    unprotected = not net.internal and net.mode(family) == "nat-unprotected"
+    return _network_part(
+        net, family, () if net.internal else docker_named, others if unprotected else ()
+    )
+
+
+def _patched(previous: RuleSet, views: tuple[NetworkRules, ...], family: Family) -> RuleSet | None:
+    """``previous`` with the parts of the networks whose views changed made again, when the
+    networks are the same ones and nothing the others' parts depend on changed; else None."""
+    if len(views) != len(previous.views):
+        return None
+    changed = [(old, new) for old, new in zip(previous.views, views, strict=True) if old is not new]
+    if not changed:
+        return previous
+    if len(changed) > 8:
+        return None  # (many: as cheap to make all again)
+    for old, new in changed:
+        if (
+            old.bridge != new.bridge
+            or previous.parts[old.bridge].buckets
+            != _part_of(new, family, previous.docker_named, previous.others).buckets
+            or old.internal != new.internal
+            or old.mode(family) != new.mode(family)
+            or old.tunnel != new.tunnel
+        ):
+            return None
+    parts = dict(previous.parts)
+    for _, new in changed:
+        parts[new.bridge] = _part_of(new, family, previous.docker_named, previous.others)
+    return RuleSet(parts, previous.leading, views, previous.docker_named, previous.others)
 
 
 def render_layout(networks: Sequence[NetworkRules], family: Family) -> Layout:
@@ -413,48 +471,40 @@ def render_layout(networks: Sequence[NetworkRules], family: Family) -> Layout:
 
 
 def layout_of(rules: RuleSet) -> Layout:
-    parts = [rules.parts[bridge] for bridge in sorted(rules.parts)]
-    placed: dict[_Place, list[str]] = {}
+    parts = [rules.parts[key] for key in sorted(rules.parts)]
+    placed: dict[tuple[str, str], dict[str, list[str]]] = {}
     for part in parts:
-        for place, rule in part.shared:
-            placed.setdefault(place, []).append(rule)
+        for (table, chain, where), rule in part.shared:
+            placed.setdefault((table, chain), {}).setdefault(where, []).append(rule)
 
-    def at(table: str, chain: str, where: str) -> Section:
-        return Section(tuple(placed.get((table, chain, where), ())), ordered=False)
+    def at(table: str, chain: str, *where: str) -> Section:
+        found = placed.get((table, chain), {})
+        return Section(tuple(r for w in where for r in found.get(w, ())), ordered=False)
 
     layout: Layout = {table: {} for table in OWN_CHAINS}
     layout["filter"][FORWARD_CHAIN] = (
         at("filter", FORWARD_CHAIN, "top"),
-        Section(FORWARD_BUCKETS),
         at("filter", FORWARD_CHAIN, "end"),
     )
     layout["mangle"][ISOLATION_CHAIN] = (Section(rules.leading[("mangle", ISOLATION_CHAIN)]),)
     layout["mangle"][ISOLATION_INTERNAL_CHAIN] = (at("mangle", ISOLATION_INTERNAL_CHAIN, "end"),)
     layout["mangle"][ISOLATION_NETWORKS_CHAIN] = (
         at("mangle", ISOLATION_NETWORKS_CHAIN, "top"),
-        Section(ISOLATION_BUCKETS),
+        Section((ISOLATION_REPLIES,)),
         at("mangle", ISOLATION_NETWORKS_CHAIN, "end"),
     )
     layout["nat"][DNAT_CHAIN] = (at("nat", DNAT_CHAIN, "top"), at("nat", DNAT_CHAIN, "end"))
-    layout["nat"][POSTROUTING_CHAIN] = (
-        Section(POSTROUTING_BUCKETS),
-        at("nat", POSTROUTING_CHAIN, "end"),
-    )
+    layout["nat"][POSTROUTING_CHAIN] = (at("nat", POSTROUTING_CHAIN, "end"),)
     layout["raw"][RAW_CHAIN] = (
         Section(rules.leading[("raw", RAW_CHAIN)]),
         at("raw", RAW_CHAIN, "end"),
     )
-    for k in BUCKETS:
-        layout["filter"][FORWARD_IN_BUCKET + k] = (at("filter", FORWARD_IN_BUCKET + k, "top"),)
-        layout["filter"][FORWARD_OUT_BUCKET + k] = (at("filter", FORWARD_OUT_BUCKET + k, "end"),)
-        layout["mangle"][ISOLATION_IN_BUCKET + k] = (at("mangle", ISOLATION_IN_BUCKET + k, "top"),)
-        layout["mangle"][ISOLATION_OUT_BUCKET + k] = (
-            at("mangle", ISOLATION_OUT_BUCKET + k, "end"),
-        )
-        layout["nat"][POSTROUTING_BUCKET + k] = (at("nat", POSTROUTING_BUCKET + k, "end"),)
     for part in parts:
         for table, chain, chain_rules in part.chains:
-            layout[table][chain] = (Section(chain_rules),)
+            # A bucket's chain holds its networks' rules (in any order); a network's, its own.
+            bucket = not chain_rules and (table, chain) in placed
+            section = at(table, chain, "top", "end") if bucket else Section(chain_rules)
+            layout[table][chain] = (section,)
     return layout
 
 
@@ -477,6 +527,33 @@ class _NetworkPart:
 
     chains: tuple[tuple[str, str, tuple[str, ...]], ...]  # (table, chain, rules)
     shared: tuple[tuple[_Place, str], ...]  # (where, rule)
+
+    @property
+    def buckets(self) -> set[str]:
+        """The buckets' chains its rules are in."""
+        return {chain for (_, chain, _), _ in self.shared if chain[:-1] in _BUCKET_CHAINS}
+
+
+# A bucket's chain: table, the shared chain that enters it, where, by which interface, how.
+_BUCKET_CHAINS: dict[str, tuple[str, str, str, str, str]] = {
+    FORWARD_IN_BUCKET: ("filter", FORWARD_CHAIN, "top", "-o", "-g"),
+    FORWARD_OUT_BUCKET: ("filter", FORWARD_CHAIN, "end", "-i", "-g"),
+    ISOLATION_IN_BUCKET: ("mangle", ISOLATION_NETWORKS_CHAIN, "top", "-o", "-g"),
+    ISOLATION_OUT_BUCKET: ("mangle", ISOLATION_NETWORKS_CHAIN, "end", "-i", "-g"),
+    POSTROUTING_BUCKET: ("nat", POSTROUTING_CHAIN, "end", "-o", "-j"),
+}
+
+
+@functools.lru_cache(maxsize=128)
+def _bucket_part(chain: str) -> _NetworkPart:
+    """A bucket's chain (its networks' rules fill it) and the rule that enters it, there while
+    a network has rules in it. Entered by goto where it decides (what it does not decide, no
+    later rule of the shared chain would), by jump in the nat table (only NAT targets there:
+    the rules after it still apply)."""
+    prefix, key = chain[:-1], chain[-1]
+    table, parent, where, flag, how = _BUCKET_CHAINS[prefix]
+    entry = f"-A {parent} {flag} {BRIDGE_PREFIX}{key}+ {how} {chain}"
+    return _NetworkPart(((table, chain, ()),), (((table, parent, where), entry),))
 
 
 @functools.lru_cache(maxsize=8192)
