@@ -351,12 +351,12 @@ Layout = dict[str, dict[str, tuple[Section, ...]]]
 # Where a network's rules in the shared chains go: table, chain, and at its top or end.
 _Place = tuple[str, str, str]
 
-# A network whose bridge has pybridge's own name (pyb- and 11 hex digits of its id) has its
-# rules in the shared chains in one of 16 buckets, by the name's first hex digit, entered by
-# name prefix (-o pyb-3+): deleting a rule makes iptables-nft read the chain that holds it, and
-# a bucket holds a sixteenth of the networks (at 500 networks, a delete in a chain holding
-# every network's rules cost 5 ms more per table). Bridges named by the user (bridge.name) have
-# theirs in the shared chain itself.
+# A network whose bridge has pybridge's own name (pyb- and 11 hex digits of its id; or any
+# name starting with pyb- and a hex digit) has its rules in the shared chains in one of 16
+# buckets, by that digit, entered by name prefix (-o pyb-3+): deleting a rule makes
+# iptables-nft read the chain that holds it, and a bucket holds a sixteenth of the networks
+# (at 500 networks, a delete in a chain holding every network's rules cost 5 ms more per
+# table). Other bridges named by the user (bridge.name) have theirs in the shared chain.
 BUCKETS = "0123456789abcdef"
 FORWARD_IN_BUCKET = "PYBRIDGE-FI-"  # -o B -g its chain
 FORWARD_OUT_BUCKET = "PYBRIDGE-FE-"  # -i B: out to the world
@@ -366,7 +366,9 @@ POSTROUTING_BUCKET = "PYBRIDGE-PO-"  # -o B: 127.0.0.1 and hairpin
 
 
 def _bucket(bridge: str) -> str | None:
-    if len(bridge) == len(BRIDGE_PREFIX) + 11 and bridge.startswith(BRIDGE_PREFIX):
+    """The bucket of every bridge its entry's prefix matches (pyb-3+: a name chosen by the
+    user too, pyb-3x: a network its bucket's entry sends there must have its rules there)."""
+    if bridge.startswith(BRIDGE_PREFIX) and len(bridge) > len(BRIDGE_PREFIX):
         key = bridge[len(BRIDGE_PREFIX)]
         if key in BUCKETS:
             return key

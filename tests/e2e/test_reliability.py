@@ -68,7 +68,7 @@ def test_firewall_heals_itself_without_touching_other_rules(
         # A firewall reload: the built-in chains and pybridge's own are flushed.
         for table, chains in (
             ("filter", ["FORWARD", "PYBRIDGE-FORWARD"]),
-            ("mangle", ["FORWARD", "PYBRIDGE-ISOLATION"]),
+            ("mangle", ["FORWARD", "PYBRIDGE-ISOLATION", "PYBRIDGE-ISO-NETWORKS"]),
             ("nat", ["PREROUTING", "OUTPUT", "PYBRIDGE-DNAT", "PYBRIDGE-POSTROUTING"]),
             ("raw", ["PREROUTING", "PYBRIDGE-PREROUTING"]),
         ):
@@ -84,7 +84,10 @@ def test_firewall_heals_itself_without_touching_other_rules(
         assert d.exec(a, "nc", "-w", "3", outside.ip, str(outside.port)) == outside.host_ip
         restored = run(["iptables-save"]).stdout
         # (A rule of its own, not only the chain's marker.)
-        assert "-A PYBRIDGE-ISOLATION -m conntrack --ctstate RELATED,ESTABLISHED,DNAT" in restored
+        assert "-A PYBRIDGE-ISOLATION -g PYBRIDGE-ISO-NETWORKS" in restored
+        assert (
+            "-A PYBRIDGE-ISO-NETWORKS -m conntrack --ctstate RELATED,ESTABLISHED,DNAT" in restored
+        )
         assert "-A PREROUTING -j PYBRIDGE-PREROUTING" in restored
         assert "-A PYBRIDGE-PREROUTING -d 127.0.0.0/8 ! -i lo -j DROP" in restored
         # Nobody else's rules were put back: that is their owner's business.
