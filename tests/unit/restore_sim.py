@@ -29,6 +29,21 @@ def empty_tables() -> Tables:
     return {table: {chain: [] for chain in chains} for table, chains in BUILTIN.items()}
 
 
+def load_save(text: str) -> Tables:
+    """Tables as ``text`` (iptables-save output) lists them; built-in chains always there."""
+    tables = empty_tables()
+    table: dict[str, list[str]] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("*"):
+            table = tables.setdefault(line[1:], {})
+        elif line.startswith(":"):
+            table.setdefault(line[1:].split()[0], [])
+        elif line.startswith("-A "):
+            table[line.split()[1]].append(line)
+    return tables
+
+
 def save_text(tables: Tables) -> str:
     """The tables as iptables-save prints them."""
     out: list[str] = []
