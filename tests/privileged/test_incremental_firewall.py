@@ -1,8 +1,9 @@
 """Incremental firewall writes (issue 17), on the real kernel, both iptables backends: a random
 sequence of changes (networks of every kind come and go, ports are published and revoked)
-written change by change leaves exactly the rules a whole write would; a change someone else
-made to pybridge's chains makes the next write a whole one; and a change is a transaction of
-its own size."""
+written change by change leaves the rules a whole write would (per chain; the unordered
+sections in any order); damage someone else did is seen by drift() and repaired by a forced
+write, and a change the kernel refuses falls back to a whole write; and a change is a
+transaction of its own size."""
 
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ import dataclasses
 import ipaddress
 import random
 import secrets
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Sequence
 
 import pytest
 
 from pydriver.firewall import Backend, IptablesFirewall, tool
-from pydriver.model import PortMapping
-from pydriver.rules import NetworkRules, pybridge_rules_in, render_chain_rules
+from pydriver.model import Family, PortMapping
+from pydriver.rules import CHAIN_PREFIX, FORWARD_CHAIN, NetworkRules, parse_save, render_layout
 from tests.hostenv import require_root, run
 from tests.privileged.test_kernel import in_ns
 
@@ -89,8 +91,46 @@ def _changes(rng: random.Random, steps: int) -> Iterator[list[NetworkRules]]:
         yield list(networks.values())
 
 
-def _ours(netns: str, backend: Backend, family: int) -> dict[str, list[str]]:
-    return pybridge_rules_in(in_ns(netns, tool(backend, family, "save")))  # type: ignore[arg-type]
+def _ours(netns: str, backend: Backend, family: Family) -> dict[str, dict[str, list[str]]]:
+    """table -> pybridge's chains in the kernel -> their rules (as iptables-save lists them)."""
+    found: dict[str, dict[str, list[str]]] = {}
+    save = in_ns(netns, tool(backend, family, "save"))
+    for table, (chains, rules) in parse_save(save).items():
+        ours: dict[str, list[str]] = {c: [] for c in chains if c.startswith(CHAIN_PREFIX)}
+        for rule in rules:
+            if rule.split()[1] in ours:
+                ours[rule.split()[1]].append(rule)
+        if ours:
+            found[table] = ours
+    return found
+
+
+def _check_as_a_whole_write(
+    netns: str, backend: Backend, networks: Sequence[NetworkRules], family: Family, step: int
+) -> None:
+    """The kernel holds exactly the chains render_layout wants, each with its sections' rules:
+    the ordered ones in order, the unordered ones in any order."""
+    have = _ours(netns, backend, family)
+    layout = render_layout(networks, family) if networks else {}
+    assert {t: set(c) for t, c in have.items()} == {t: set(c) for t, c in layout.items() if c}, (
+        f"step {step}, IPv{family}: chains"
+    )
+    for table, chains in layout.items():
+        for name, sections in chains.items():
+            rules = have[table][name]
+            assert len(rules) == sum(len(s.rules) for s in sections), (step, family, name)
+            at = 0
+            for section in sections:
+                part, at = rules[at : at + len(section.rules)], at + len(section.rules)
+                if section.ordered:
+                    assert part == list(section.rules), (step, family, name)
+                else:
+                    assert Counter(part) == Counter(section.rules), (step, family, name)
+
+
+def _whole(written: str) -> bool:
+    """Whether a write was a whole one (only those declare the shared chains)."""
+    return f":{FORWARD_CHAIN} " in written
 
 
 @pytest.mark.parametrize("backend", ["nft", "legacy"])
@@ -102,14 +142,11 @@ async def test_changes_written_one_by_one_equal_a_whole_write(netns: str, backen
         firewall.last_written.clear()
         await firewall.apply(networks)
         written = firewall.last_written.get(4, "")
-        if written and not any(line.startswith(":") for line in written.splitlines()):
+        if written and not _whole(written):
             incremental += 1
         assert await firewall.drift(networks) == [], f"step {step}"
         for family in firewall.families:
-            wanted = render_chain_rules(networks, family) if networks else {}
-            assert _ours(netns, backend, family) == {
-                t: wanted.get(t, []) for t in ("filter", "mangle", "nat", "raw")
-            }, f"step {step}, IPv{family}"
+            _check_as_a_whole_write(netns, backend, networks, family, step)
     assert incremental >= 40  # the rest: when the chains come or go, or nothing changed
     await firewall.apply([])
     for family in firewall.families:
@@ -117,19 +154,49 @@ async def test_changes_written_one_by_one_equal_a_whole_write(netns: str, backen
 
 
 @pytest.mark.parametrize("backend", ["nft", "legacy"])
-async def test_a_chain_changed_by_someone_else_is_written_whole(
-    netns: str, backend: Backend
-) -> None:
+async def test_damage_by_someone_else_is_seen_and_repaired(netns: str, backend: Backend) -> None:
+    """Someone flushes a shared chain. Additions are written at a chain's top or end, so the
+    next change may well succeed without noticing: drift() reports the damage (the
+    self-healing check's job), and a forced write repairs it."""
     firewall = IptablesFirewall(backend, netns=netns)
     rng = random.Random(3)
     nets = [_network(i, rng) for i in range(3)]
     await firewall.apply(nets)
-    # Someone flushes pybridge's chain: the next change cannot be made rule by rule (its
-    # positions are gone), so pybridge writes everything again instead of failing.
-    in_ns(netns, tool(backend, 4), "-F", "PYBRIDGE-FORWARD")
+    in_ns(netns, tool(backend, 4), "-F", FORWARD_CHAIN)
     more = [*nets, _network(5, rng)]
+    firewall.last_written.clear()
     await firewall.apply(more)
+    assert not _whole(firewall.last_written[4])  # written as a change: the flush went unseen
+    problems = await firewall.drift(more)
+    assert problems
+    assert all(p.startswith("IPv4 filter: pybridge rules differ") for p in problems), problems
+    await firewall.apply(more, force=True)
+    assert _whole(firewall.last_written[4])
     assert await firewall.drift(more) == []
+    for family in firewall.families:
+        _check_as_a_whole_write(netns, backend, more, family, 0)
+    await firewall.apply([])
+
+
+@pytest.mark.parametrize("backend", ["nft", "legacy"])
+async def test_a_change_the_kernel_refuses_is_written_whole(netns: str, backend: Backend) -> None:
+    """Someone deleted a rule of a network's that the next change deletes by its text: the
+    kernel refuses the change, and pybridge writes everything again instead of failing."""
+    firewall = IptablesFirewall(backend, netns=netns)
+    nets = [
+        NetworkRules(f"pyb-{i}{i:010x}", (ipaddress.ip_network(f"10.213.{100 + i}.0/24"),))
+        for i in range(3)
+    ]
+    await firewall.apply(nets)
+    gone = nets[1].bridge
+    in_ns(netns, tool(backend, 4), "-D", "PYBRIDGE-FE-1", "-i", gone, "-j", "ACCEPT")
+    firewall.last_written.clear()
+    await firewall.apply([nets[0], nets[2]])
+    assert _whole(firewall.last_written[4])  # the change was refused; then a whole write
+    assert await firewall.drift([nets[0], nets[2]]) == []
+    for family in firewall.families:
+        _check_as_a_whole_write(netns, backend, [nets[0], nets[2]], family, 0)
+    await firewall.apply([])
 
 
 async def test_a_change_is_a_transaction_of_its_own_size(netns: str) -> None:

@@ -209,10 +209,17 @@ def test_firewall_in_place_drifted_or_unreadable() -> None:
     assert checks.check_firewall(Rules(4, ""), [], False) == []  # nothing wanted, nothing there
     found = checks.check_firewall(Rules(6, ""), VIEWS, True)
     assert kinds(found) == ["firewall-drift"] * len(found)
-    assert "IPv6 firewall: filter: chain(s) PYBRIDGE-FORWARD missing" in [f.what for f in found]
+    assert (
+        "IPv6 firewall: filter: chain(s) PYBRIDGE-FORWARD, PYBRIDGE-FI-0, PYBRIDGE-FE-0, "
+        "PYBRIDGE-FI-1 and 30 more missing"  # the shared chain, 32 buckets', the network's own
+    ) in [f.what for f in found]
     # Leftovers with no network left are a problem too.
     found = checks.check_firewall(Rules(4, good), [], False)
-    assert "IPv4 firewall: filter: leftover chain(s) PYBRIDGE-FORWARD" in [f.what for f in found]
+    assert (
+        f"IPv4 firewall: filter: leftover chain(s) PYBRIDGE-F-{BRIDGE}, PYBRIDGE-FE-0, "
+        "PYBRIDGE-FE-1, PYBRIDGE-FE-2 and 30 more"
+    ) in [f.what for f in found]
+    assert kinds(found) == ["firewall-drift"] * 4  # one per table
     [unreadable] = checks.check_firewall(Rules(4, error="iptables-nft-save failed: x"), VIEWS, True)
     assert unreadable.kind == "firewall-unreadable"
     assert not unreadable.ok
