@@ -35,13 +35,16 @@ start() {
     # One descriptor per published port (pybridge holds them): as many as the kernel allows.
     ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
     setsid "$VENV/bin/pydriver" serve --socket "$SOCKET" >>"$LOG" 2>&1 </dev/null &
-    echo $! >"$PIDFILE"
+    local started=$!
+    echo "$started" >"$PIDFILE"
     for _ in $(seq 1 100); do
         if [ -S "$SOCKET" ]; then
-            echo "pybridge running (pid $(cat "$PIDFILE"), socket $SOCKET, log $LOG)"
+            echo "pybridge running (pid $started, socket $SOCKET, log $LOG)"
             return 0
         fi
-        if ! running_pid >/dev/null; then break; fi
+        # (Alive, not running_pid: until the child has exec'd, its command line is still
+        # this script's.)
+        if ! kill -0 "$started" 2>/dev/null; then break; fi
         sleep 0.1
     done
     echo "pybridge did not start; last lines of $LOG:" >&2

@@ -28,7 +28,6 @@ from pydriver.rules import (
     ISOLATION_NETWORKS_CHAIN,
     JUMPS,
     OWN_CHAINS,
-    POSTROUTING_BUCKETS,
     POSTROUTING_CHAIN,
     RAW_CHAIN,
     NetworkRules,
@@ -333,8 +332,8 @@ def test_chain_rules_layout() -> None:
     nat = table_chains([NET_A], 4, "nat")
     raw = table_chains([NET_A], 4, "raw")
     assert filter_chains[FORWARD_CHAIN] == [
-        *(f"-A PYBRIDGE-FORWARD -o pyb-{k}+ -g PYBRIDGE-FI-{k}" for k in BUCKETS),
-        *(f"-A PYBRIDGE-FORWARD -i pyb-{k}+ -g PYBRIDGE-FE-{k}" for k in BUCKETS),
+        "-A PYBRIDGE-FORWARD -o pyb-7+ -g PYBRIDGE-FI-7",
+        "-A PYBRIDGE-FORWARD -i pyb-7+ -g PYBRIDGE-FE-7",
     ]
     assert filter_chains["PYBRIDGE-FI-7"] == [f"-A PYBRIDGE-FI-7 -o {OURS_A} -g {f}"]
     assert filter_chains["PYBRIDGE-FE-7"] == [f"-A PYBRIDGE-FE-7 -i {OURS_A} -j ACCEPT"]
@@ -353,9 +352,9 @@ def test_chain_rules_layout() -> None:
     ]
     assert mangle[ISOLATION_INTERNAL_CHAIN] == []
     assert mangle[ISOLATION_NETWORKS_CHAIN] == [
-        *(f"-A {ISOLATION_NETWORKS_CHAIN} -o pyb-{k}+ -g PYBRIDGE-II-{k}" for k in BUCKETS),
+        f"-A {ISOLATION_NETWORKS_CHAIN} -o pyb-7+ -g PYBRIDGE-II-7",
         f"-A {ISOLATION_NETWORKS_CHAIN} -m conntrack --ctstate RELATED,ESTABLISHED,DNAT -j RETURN",
-        *(f"-A {ISOLATION_NETWORKS_CHAIN} -i pyb-{k}+ -g PYBRIDGE-IE-{k}" for k in BUCKETS),
+        f"-A {ISOLATION_NETWORKS_CHAIN} -i pyb-7+ -g PYBRIDGE-IE-7",
     ]
     assert mangle["PYBRIDGE-II-7"] == [f"-A PYBRIDGE-II-7 -o {OURS_A} -g {i}"]
     assert mangle["PYBRIDGE-IE-7"] == [
@@ -369,7 +368,7 @@ def test_chain_rules_layout() -> None:
     ]
     assert nat[DNAT_CHAIN] == []
     assert nat[POSTROUTING_CHAIN] == [
-        *POSTROUTING_BUCKETS,
+        "-A PYBRIDGE-POSTROUTING -o pyb-7+ -j PYBRIDGE-PO-7",
         f"-A PYBRIDGE-POSTROUTING -s 10.216.0.0/24 ! -o {OURS_A} -j MASQUERADE",
     ]
     assert nat["PYBRIDGE-PO-7"] == [
@@ -382,25 +381,37 @@ def test_chain_rules_layout() -> None:
             "-A PYBRIDGE-PREROUTING -s 127.0.0.0/8 ! -i lo -j DROP",
         ]
     }
-    # Every other bucket is there, empty.
+    # No other bucket's chains: a bucket's chain is there while a network has rules in it.
     for table, chains in (("filter", filter_chains), ("mangle", mangle), ("nat", nat)):
         for name in _bucket_chains(table):
-            if not name.endswith("-7"):
-                assert chains[name] == [], name
+            assert (name in chains) == name.endswith("-7"), name
 
 
 def test_user_named_bridges_have_their_rules_in_the_shared_chains() -> None:
     """A bridge named with bridge.name (recbr) is in no bucket: entered from the shared chains'
     top (before the buckets), its egress at their end."""
-    forward = table_chains([NET_A, NET_B], 4, "filter")[FORWARD_CHAIN]
-    assert forward[0] == f"-A {FORWARD_CHAIN} -o recbr -g {forward_chain('recbr')}"
-    assert forward[-1] == f"-A {FORWARD_CHAIN} -i recbr -j ACCEPT"
-    networks = table_chains([NET_A, NET_B], 4, "mangle")[ISOLATION_NETWORKS_CHAIN]
-    assert networks[0] == f"-A {ISOLATION_NETWORKS_CHAIN} -o recbr -g {isolation_chain('recbr')}"
-    assert networks[-3:] == [
+    forward = render_layout([NET_A, NET_B], 4)["filter"][FORWARD_CHAIN]
+    assert forward[0].rules == (
+        "-A PYBRIDGE-FORWARD -o pyb-7+ -g PYBRIDGE-FI-7",
+        f"-A {FORWARD_CHAIN} -o recbr -g {forward_chain('recbr')}",
+    )
+    assert forward[1].rules == (
+        "-A PYBRIDGE-FORWARD -i pyb-7+ -g PYBRIDGE-FE-7",
+        f"-A {FORWARD_CHAIN} -i recbr -j ACCEPT",
+    )
+    assert not forward[0].ordered
+    assert not forward[1].ordered
+    networks = render_layout([NET_A, NET_B], 4)["mangle"][ISOLATION_NETWORKS_CHAIN]
+    assert f"-A {ISOLATION_NETWORKS_CHAIN} -o recbr -g {isolation_chain('recbr')}" in (
+        networks[0].rules
+    )
+    assert networks[1].rules == (
+        f"-A {ISOLATION_NETWORKS_CHAIN} -m conntrack --ctstate RELATED,ESTABLISHED,DNAT -j RETURN",
+    )
+    assert {
         f"-A {ISOLATION_NETWORKS_CHAIN} -i recbr -o {p} -j DROP"
         for p in ("docker0", "br-+", "docker_gwbridge")
-    ]
+    } <= set(networks[2].rules)
 
 
 def test_ingress_rules_of_every_network_come_before_any_egress_accept() -> None:
@@ -844,7 +855,7 @@ def test_internal_networks_publish_nothing() -> None:
     )
     nat = table_chains([internal], 4, "nat")
     assert nat[DNAT_CHAIN] == [f"-A {DNAT_CHAIN} -i {OURS_A} -j RETURN"]
-    assert nat[POSTROUTING_CHAIN] == list(POSTROUTING_BUCKETS)  # no masquerade either
+    assert nat[POSTROUTING_CHAIN] == []  # no masquerade either (and no bucket for it)
     assert not [rule for rules in nat.values() for rule in rules if OURS_A in rule.split()[2:]][1:]
     assert not any("DNAT -j ACCEPT" in r for r in render_chain_rules([internal], 4)["filter"])
 
@@ -1045,20 +1056,21 @@ def test_drift_names_chains_left_by_an_older_version_and_ours_once_no_network_ne
     assert drift([NET_A], 4, old) == ["filter: leftover chain(s) PYBRIDGE-OLD"]
     # (Sorted names, the first four of each table.)
     assert drift([], 4, SAVE_WITH_PYBRIDGE) == [
-        f"filter: leftover chain(s) {forward_chain(OURS_A)}, PYBRIDGE-FE-0, PYBRIDGE-FE-1, "
-        "PYBRIDGE-FE-2 and 30 more",
-        f"mangle: leftover chain(s) {isolation_chain(OURS_A)}, PYBRIDGE-IE-0, PYBRIDGE-IE-1, "
-        "PYBRIDGE-IE-2 and 32 more",
-        f"nat: leftover chain(s) {DNAT_CHAIN}, PYBRIDGE-PO-0, PYBRIDGE-PO-1, PYBRIDGE-PO-2 "
-        "and 14 more",
+        f"filter: leftover chain(s) {forward_chain(OURS_A)}, PYBRIDGE-FE-7, PYBRIDGE-FI-7, "
+        f"{FORWARD_CHAIN}",
+        f"mangle: leftover chain(s) {isolation_chain(OURS_A)}, PYBRIDGE-IE-7, PYBRIDGE-II-7, "
+        f"{ISOLATION_INTERNAL_CHAIN} and 2 more",
+        f"nat: leftover chain(s) {DNAT_CHAIN}, PYBRIDGE-PO-7, {POSTROUTING_CHAIN}",
         f"raw: leftover chain(s) {RAW_CHAIN}",
     ]
     # A removed network's own chains are leftovers while others remain.
     two = _saved_after_a_whole_write([NET_A, INTERNAL_B])
     assert drift([NET_A], 4, two) == [
-        f"filter: leftover chain(s) {forward_chain(OURS_B)}",
+        # (and its bucket's, b: no other network uses it; an internal network has no rules in
+        # IE-b or PO-b)
+        f"filter: leftover chain(s) {forward_chain(OURS_B)}, PYBRIDGE-FE-b, PYBRIDGE-FI-b",
         "filter: pybridge rules differ (0 missing, 2 unexpected)",  # its bucket's two
-        f"mangle: leftover chain(s) {isolation_chain(OURS_B)}",
+        f"mangle: leftover chain(s) {isolation_chain(OURS_B)}, PYBRIDGE-II-b",
         "mangle: pybridge rules differ (0 missing, 3 unexpected)",  # bucket, internal drops
         "nat: pybridge rules differ (0 missing, 1 unexpected)",  # -i B -j RETURN
         f"raw: leftover chain(s) {raw_chain(OURS_B)}",
@@ -1069,13 +1081,14 @@ def test_drift_names_chains_left_by_an_older_version_and_ours_once_no_network_ne
 def test_drift_of_a_host_that_has_none_of_our_rules_yet() -> None:
     problems = drift([NET_A], 4, DOCKER_SAVE_V4)
     assert problems[0] == (
-        f"filter: chain(s) {FORWARD_CHAIN}, PYBRIDGE-FI-0, PYBRIDGE-FE-0, PYBRIDGE-FI-1 "
-        "and 30 more missing"
+        f"filter: chain(s) {FORWARD_CHAIN}, PYBRIDGE-FE-7, PYBRIDGE-FI-7, {forward_chain(OURS_A)} "
+        "missing"
     )
     assert f"raw: chain(s) {RAW_CHAIN} missing" in problems
+    assert f"nat: chain(s) {DNAT_CHAIN}, {POSTROUTING_CHAIN}, PYBRIDGE-PO-7 missing" in problems
     assert (
-        f"nat: chain(s) {DNAT_CHAIN}, {POSTROUTING_CHAIN}, PYBRIDGE-PO-0, PYBRIDGE-PO-1 "
-        "and 14 more missing"
+        f"mangle: chain(s) {ISOLATION_CHAIN}, {ISOLATION_INTERNAL_CHAIN}, "
+        f"{ISOLATION_NETWORKS_CHAIN}, PYBRIDGE-IE-7 and 2 more missing"
     ) in problems
     assert len([p for p in problems if "jump" in p]) == len(JUMPS)
 
@@ -1083,7 +1096,7 @@ def test_drift_of_a_host_that_has_none_of_our_rules_yet() -> None:
 def test_drift_accepts_any_order_within_an_unordered_section() -> None:
     """Writes of single changes add a network's rules in the shared chains at their top or end,
     so two networks' rules there may be in either order: no damage. An ordered section (the
-    buckets' entries) swapped is."""
+    isolation chain's two jumps) swapped is."""
     nets = [NET_A, NET_B, v4net("pbtuser", "10.216.4.0/24")]
     save = _saved_after_a_whole_write(nets)
     first = f"-A {FORWARD_CHAIN} -o pbtuser -g {forward_chain('pbtuser')}"
@@ -1091,11 +1104,11 @@ def test_drift_accepts_any_order_within_an_unordered_section() -> None:
     swapped = save.replace(first, "@@").replace(second, first).replace("@@", second)
     assert swapped != save
     assert drift(nets, 4, swapped) == []
-    entries = [r for r in table_chains(nets, 4, "filter")[FORWARD_CHAIN] if "pyb-0+" in r]
+    entries = table_chains(nets, 4, "mangle")[ISOLATION_CHAIN]
     swapped = (
         save.replace(entries[0], "@@").replace(entries[1], entries[0]).replace("@@", entries[1])
     )
-    assert drift(nets, 4, swapped) == ["filter: pybridge rules differ (out of order)"]
+    assert drift(nets, 4, swapped) == ["mangle: pybridge rules differ (out of order)"]
     # A rule moved from one section to another is out of order too.
     moved = save.replace(first + "\n", "").replace(
         f"-A {FORWARD_CHAIN} -i recbr -j ACCEPT\n",
@@ -1201,8 +1214,8 @@ def test_routed() -> None:
     check_both_families("gateway_routed", nets)
     for family in (4, 6):
         nat = table_chains(nets, family, "nat")
-        # No DNAT, no masquerade, no hairpin, no loopback NAT: only the buckets' entries.
-        assert [r for rules in nat.values() for r in rules] == list(POSTROUTING_BUCKETS)
+        # No DNAT, no masquerade, no hairpin, no loopback NAT.
+        assert [r for rules in nat.values() for r in rules] == []
     f = forward_chain(OURS_B)
     assert chain(nets, 4, "filter", f) == [
         f"-A {f} -o {OURS_B} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
