@@ -280,6 +280,10 @@ class NetworkRules:
             object.__setattr__(self, "_hash", cached)
         return cached
 
+    def __getstate__(self) -> dict[str, object]:
+        # (Not the cached hash: string hashes differ from one process to another.)
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
+
     def subnets(self, family: Family) -> tuple[IPNetwork, ...]:
         return self.subnets_v4 if family == 4 else self.subnets_v6
 

@@ -119,18 +119,23 @@ class State:
     ) -> list[NetworkRules]:
         """rules.firewall_views of the state (``tunnels``: of the networks that span hosts),
         the same objects as long as nothing changed."""
-        views = []
-        for network in self.networks.values():
-            if network.state == "deleting":
-                continue
-            tunnel = (tunnels or {}).get(network.id)
-            view = self._views.get(network.id)
-            if view is None or view.tunnel != tunnel:
-                mappings = [m for e in self.endpoints_of(network.id) for m in e.mappings]
-                view = firewall_view(network, mappings, tunnel)
-                self._views[network.id] = view
-            views.append(view)
-        return views
+        live = [n for n in self.networks.values() if n.state != "deleting"]
+        tunnel_of = {n.id: (tunnels or {}).get(n.id) for n in live}
+        stale = {
+            n.id
+            for n in live
+            if (view := self._views.get(n.id)) is None or view.tunnel != tunnel_of[n.id]
+        }
+        if stale:  # their ports, in one pass over the endpoints (start-up: every network)
+            mappings: dict[str, list[PortMapping]] = {i: [] for i in stale}
+            for endpoint in self.endpoints.values():
+                if endpoint.network_id in mappings:
+                    mappings[endpoint.network_id].extend(endpoint.mappings)
+            for network in live:
+                if network.id in stale:
+                    view = firewall_view(network, mappings[network.id], tunnel_of[network.id])
+                    self._views[network.id] = view
+        return [self._views[n.id] for n in live]
 
     def mappings_of_others(self, endpoint_id: str) -> Iterator[PortMapping]:
         """Every host port published for an endpoint other than ``endpoint_id``."""
