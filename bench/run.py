@@ -529,17 +529,24 @@ def network_calls_at_scale(reps: int) -> list[Single]:
                 )
         finally:
             plugin.stop()
-    out = [
-        Single(
-            f"pybridge's part (`CreateNetwork` + `DeleteNetwork`), {count} network(s) present",
-            f"{times[count] * 1000:.1f} ms",
-        )
-        for count in SCALE
-    ]
-    growth = times[SCALE[-1]] / times[SCALE[0]]
+    return _at_scale(
+        "pybridge's part (`CreateNetwork` + `DeleteNetwork`), {count} network(s) present",
+        "pybridge's part",
+        {count: f"{t * 1000:.1f} ms" for count, t in times.items()},
+        times,
+    )
+
+
+def _at_scale(
+    each: str, growth_of: str, shown: dict[int, str], values: dict[int, float]
+) -> list[Single]:
+    """A figure per count of networks present (``each``: its name, with {count}), and its
+    growth from the first count to the last (issue 17: within 1.2 times)."""
+    out = [Single(each.format(count=count), shown[count]) for count in SCALE]
+    growth = values[SCALE[-1]] / values[SCALE[0]]
     out.append(
         Single(
-            f"pybridge's part, {SCALE[-1]} vs {SCALE[0]} present",
+            f"{growth_of}, {SCALE[-1]} vs {SCALE[0]} present",
             f"{growth:.2f} times",
             "≤ 1.2",
             growth <= 1.2,
@@ -605,23 +612,12 @@ def network_create_rm_at_scale(reps: int) -> list[Single]:
             subprocess.run(
                 ["docker", "network", "rm", f"{prefix}{i}"], capture_output=True, check=False
             )
-    out = [
-        Single(
-            f"`docker network create` + `rm`, {count} pybridge network(s) present",
-            f"{medians[count]:.3f} s",
-        )
-        for count in SCALE
-    ]
-    growth = medians[SCALE[-1]] / medians[SCALE[0]]
-    out.append(
-        Single(
-            f"`docker network create` + `rm`, {SCALE[-1]} vs {SCALE[0]} present",
-            f"{growth:.2f} times",
-            "≤ 1.2",
-            growth <= 1.2,
-        )
+    return _at_scale(
+        "`docker network create` + `rm`, {count} pybridge network(s) present",
+        "`docker network create` + `rm`",
+        {count: f"{m:.3f} s" for count, m in medians.items()},
+        medians,
     )
-    return out
 
 
 def machine() -> str:

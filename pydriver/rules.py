@@ -454,19 +454,19 @@ def _patched(previous: RuleSet, views: tuple[NetworkRules, ...], family: Family)
         return previous
     if len(changed) > 8:
         return None  # (many: as cheap to make all again)
+    parts = dict(previous.parts)
     for old, new in changed:
         if (
             old.bridge != new.bridge
-            or previous.parts[old.bridge].buckets
-            != _part_of(new, family, previous.docker_named, previous.others).buckets
             or old.internal != new.internal
             or old.mode(family) != new.mode(family)
             or old.tunnel != new.tunnel
         ):
             return None
-    parts = dict(previous.parts)
-    for _, new in changed:
-        parts[new.bridge] = _part_of(new, family, previous.docker_named, previous.others)
+        part = _part_of(new, family, previous.docker_named, previous.others)
+        if part.buckets != parts[old.bridge].buckets:
+            return None
+        parts[new.bridge] = part
     return RuleSet(parts, previous.leading, views, previous.docker_named, previous.others)
 
 
