@@ -305,6 +305,9 @@ def plugin_level(cycles: int) -> tuple[list[str], list[Single]]:
                         },
                     )
                     present += 1
+                # Measured in steady state: not while pybridge still makes spare veth pairs
+                # again after the burst of endpoints just made (spares.py).
+                time.sleep(1)
                 for pacing, pause in PACINGS:
                     latencies = {m: [] for m in METHODS}  # type: dict[str, list[float]]
                     for _ in range(cycles):

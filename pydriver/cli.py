@@ -34,6 +34,7 @@ from .logs import setup_logging
 from .metrics import Metrics
 from .model import IPAddress
 from .netlink import Netlink
+from .pauses import freeze_startup_objects
 from .ports import DEFAULT_EPHEMERAL_RANGE
 from .prune import prune as run_prune
 from .pruning import Plan, confirmed
@@ -488,6 +489,7 @@ async def serve(args: argparse.Namespace) -> int:
         len(repairs),
     )
 
+    log.debug("%d start-up objects frozen", freeze_startup_objects())  # pauses.py
     runner = web.AppRunner(
         make_app(Api(driver, ipam, state_path=store.path), metrics),
         access_log=None,

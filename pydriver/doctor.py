@@ -17,7 +17,7 @@ from .dockerapi import docker_network_ids, docker_plugins
 from .errors import DriverError
 from .firewall import IptablesFirewall, detect_backend, docker_backends, readable_backends
 from .model import Endpoint, Network
-from .naming import is_spare_veth
+from .naming import RETIRED_LINK_GROUP, is_spare_veth
 from .netlink import Netlink
 from .rules import firewall_views
 from .store import read_meta, read_state, state_health
@@ -88,10 +88,13 @@ async def gather(
     try:
         found = await netlink.links()
         links = {link.name: link.kind for link in found}
+        # Spare pairs, and removed containers' pairs waiting to be deleted (Veths.retire),
+        # are pybridge's although no state refers to them.
         spares = frozenset(
             link.name
             for link in found
-            if is_spare_veth(link.name) and link.master is None and not link.up
+            if (is_spare_veth(link.name) and link.master is None and not link.up)
+            or (link.group == RETIRED_LINK_GROUP and link.master is None)
         )
         routes = await netlink.routes()
     finally:

@@ -218,12 +218,14 @@ class NetworkDriver:
         """Wait for background work: firewall writes, veth removals, stale flows (tests,
         shutdown)."""
         await self.background.settle()
+        await self.veths.settle()
         await self.stale_flows.settled_all()
 
     async def close(self) -> None:
         await self.spares.close()
         await self.stale_flows.close()
         await self.background.close()
+        await self.veths.settle()
 
     # -- upkeep --------------------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ class Link:
     mtu: int
     up: bool
     mac: str
+    group: int = 0  # the interface group (`ip link set ... group N`)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,9 @@ CONTAINER_VETH_PREFIX = "pyc"
 SPARE_HOST_PREFIX = "pys"
 SPARE_PEER_PREFIX = "pyt"
 VXLAN_PREFIX = "pyx-"  # the tunnel of a network that spans hosts
+# The interface group (`ip link ... group N`) of removed containers' veths waiting to be
+# deleted together (veths.Veths): "pybr" in ASCII, a number nobody else picks by chance.
+RETIRED_LINK_GROUP = 0x70796272
 
 
 def short(identifier: str) -> str:

@@ -26,6 +26,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from .errors import BridgeFull, Conflict, HostError
 from .interfaces import MAX_BRIDGE_PORTS
 from .model import Family, HostRoute, IPAddress, IPInterface, IPNetwork, Link
+from .naming import RETIRED_LINK_GROUP
 from .tunnel import FLOOD_MAC, Step, TunnelEntries
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ def _link(msg: Any) -> Link:
         mtu=msg.get_attr("IFLA_MTU") or 0,
         up=bool(msg["flags"] & 1),
         mac=msg.get_attr("IFLA_ADDRESS") or "",
+        group=msg.get_attr("IFLA_GROUP") or 0,
     )
 
 
@@ -68,7 +70,7 @@ _NLMSG_ERROR, _NLMSG_DONE = 2, 3
 _RTM_NEWLINK, _RTM_GETLINK = 16, 18
 _NLM_F_REQUEST, _NLM_F_DUMP, _NLM_F_DUMP_INTR = 0x1, 0x300, 0x10
 _IFLA_ADDRESS, _IFLA_IFNAME, _IFLA_MTU, _IFLA_MASTER = 1, 3, 4, 10
-_IFLA_LINKINFO, _IFLA_INFO_KIND, _IFLA_EXT_MASK = 18, 1, 29
+_IFLA_LINKINFO, _IFLA_INFO_KIND, _IFLA_GROUP, _IFLA_EXT_MASK = 18, 1, 27, 29
 _RTEXT_FILTER_SKIP_STATS = 1 << 3
 _NTF_SELF = 0x02
 _NUD_NOARP, _NUD_PERMANENT = 0x40, 0x80
@@ -92,6 +94,7 @@ def _parse_link(data: bytes, start: int, end: int) -> Link:
     kind_raw = _attributes(info, 0, len(info)).get(_IFLA_INFO_KIND) if info else None
     master = attrs.get(_IFLA_MASTER)
     mtu = attrs.get(_IFLA_MTU)
+    group = attrs.get(_IFLA_GROUP)
     return Link(
         index=index,
         name=attrs.get(_IFLA_IFNAME, b"").split(b"\0", 1)[0].decode(errors="surrogateescape"),
@@ -100,6 +103,7 @@ def _parse_link(data: bytes, start: int, end: int) -> Link:
         mtu=struct.unpack("=I", mtu)[0] if mtu else 0,
         up=bool(flags & 1),
         mac=":".join(f"{b:02x}" for b in attrs.get(_IFLA_ADDRESS, b"")),
+        group=struct.unpack("=I", group)[0] if group else 0,
     )
 
 
@@ -797,19 +801,37 @@ class _NetlinkCore:
             await self.set_hairpin(host)
         return True
 
-    async def detach(self, name: str) -> None:
-        """Take an interface off its bridge (nothing if it is gone)."""
-        index = await self.index(name)
-        if index is None:
-            return
+    async def retire(self, host: str, peer: str) -> None:
+        """Take a veth pair's host end off its bridge and put both ends (the peer if it is
+        in this namespace) in RETIRED_LINK_GROUP, for the next delete_retired; nothing for
+        an end that is gone."""
+        for name, settings in ((host, {"master": 0}), (peer, {})):
+            index = await self.index(name)
+            if index is None:
+                continue
+            async with self._lock:
+                try:
+                    await self.ipr.link("set", index=index, group=RETIRED_LINK_GROUP, **settings)
+                except NetlinkError as err:
+                    if err.code not in (errno.ENODEV, errno.ENOENT):
+                        raise HostError(
+                            f"could not take {name} off its bridge: {_describe(err)}"
+                        ) from None
+
+    async def delete_retired(self) -> None:
+        """Delete every interface in RETIRED_LINK_GROUP in one request: the kernel waits for
+        one RCU grace period for all of them, not one each. It refuses (and deletes nothing)
+        if one of them cannot be deleted that way, such as a physical interface."""
         async with self._lock:
             try:
-                await self.ipr.link("set", index=index, master=0)
+                await self.ipr.link("del", group=RETIRED_LINK_GROUP)
             except NetlinkError as err:
-                if err.code not in (errno.ENODEV, errno.ENOENT):
-                    raise HostError(
-                        f"could not take {name} off its bridge: {_describe(err)}"
-                    ) from None
+                if err.code in (errno.ENODEV, errno.ENOENT):
+                    return  # none left
+                raise HostError(
+                    f"could not delete the interfaces of group {RETIRED_LINK_GROUP}: "
+                    f"{_describe(err)}"
+                ) from None
 
     async def delete_link(self, name: str) -> bool:
         """Delete an interface; returns False if it did not exist."""
@@ -1254,10 +1276,13 @@ class Netlink:
         # kernel (nf_tables commits, conntrack walks), which a CreateEndpoint must not.
         return await self._spares.call(self._spares.core.create_spare_veth(host, peer))
 
-    async def detach(self, name: str) -> None:
+    async def retire(self, host: str, peer: str) -> None:
         # Off the main socket (the kernel waits for an RCU grace period, 1-2 ms), on the
         # spares' (short link changes in the background; not behind a deletion).
-        await self._spares.call(self._spares.core.detach(name))
+        await self._spares.call(self._spares.core.retire(host, peer))
+
+    async def delete_retired(self) -> None:
+        await self._removals.call(self._removals.core.delete_retired())
 
     async def delete_link(self, name: str) -> bool:
         return await self._removals.call(self._removals.core.delete_link(name))

@@ -75,23 +75,19 @@ class Removal:
                 await self.veths.delete(endpoint)
             return
         # The kernel takes tens of milliseconds to delete a veth; nobody needs to wait. Off
-        # the bridge first, in a job of its own (1-2 ms): the port is free for the next
-        # container (one waiting for a port on a full bridge waits for a job to end).
+        # the bridge in a job of its own (1-2 ms): the port is free for the next container
+        # (one waiting for a port on a full bridge waits for a job to end); deleted later,
+        # with the others removed by then (Veths.retire).
         what = (
             f"the veth of {short(endpoints[0].id)}"
             if len(endpoints) == 1
             else f"the veths of {len(endpoints)} endpoints"
         )
-        await self.background.run(self._detach_veths(endpoints), f"detaching {what}")
-        await self.background.run(self._delete_veths(endpoints), f"removing {what}")
+        await self.background.run(self._retire_veths(endpoints), f"removing {what}")
 
-    async def _detach_veths(self, endpoints: Sequence[Endpoint]) -> None:
+    async def _retire_veths(self, endpoints: Sequence[Endpoint]) -> None:
         for endpoint in endpoints:
-            await self.veths.detach(endpoint)
-
-    async def _delete_veths(self, endpoints: Sequence[Endpoint]) -> None:
-        for endpoint in endpoints:
-            await self.veths.delete(endpoint)
+            await self.veths.retire(endpoint)
 
     async def network(self, network: Network, *, best_effort: bool = False) -> None:
         """Remove every trace of ``network``: endpoints, rules, bridge (or only the addresses

@@ -17,10 +17,11 @@ import pytest
 
 from pydriver import protocol as p
 from pydriver.driver import NetworkDriver
-from pydriver.errors import BridgeFull, Conflict
+from pydriver.errors import BridgeFull, Conflict, HostError
 from pydriver.firewall import Backend, IptablesFirewall, tool
 from pydriver.hostports import SocketReservations, port_holder
 from pydriver.interfaces import MAX_BRIDGE_PORTS
+from pydriver.naming import RETIRED_LINK_GROUP
 from pydriver.netlink import Netlink
 from pydriver.rules import NetworkRules, jumps_present, parse_save, pybridge_rules_in
 from pydriver.store import SqliteStore
@@ -127,14 +128,15 @@ async def test_a_spare_pair_is_made_bare_and_attached_like_a_new_one(
     details = json.loads(in_ns(netns, "ip", "-d", "-j", "link", "show", "pysaaaaaaaaaaaa"))
     assert details[0]["linkinfo"]["info_slave_data"]["hairpin"] is True
     # Taken off the bridge (a removed container's, before it is deleted); twice is fine.
-    await nl.detach("pysaaaaaaaaaaaa")
-    await nl.detach("pysaaaaaaaaaaaa")
+    await nl.retire("pysaaaaaaaaaaaa", "pytaaaaaaaaaaaa")
+    await nl.retire("pysaaaaaaaaaaaa", "pytaaaaaaaaaaaa")
     detached = await nl.get_link("pysaaaaaaaaaaaa")
     assert detached is not None
     assert detached.master is None
+    assert detached.group == RETIRED_LINK_GROUP
     # A pair that is gone (either end) is reported, not made.
     assert await nl.delete_link("pysaaaaaaaaaaaa")
-    await nl.detach("pysaaaaaaaaaaaa")  # gone: nothing to do
+    await nl.retire("pysaaaaaaaaaaaa", "pytaaaaaaaaaaaa")  # gone: nothing to do
     assert not await nl.attach_veth(
         "pysaaaaaaaaaaaa", "pytaaaaaaaaaaaa", "02:11:22:33:44:55", None, "pyb-test"
     )
@@ -513,3 +515,35 @@ async def test_a_sandbox_file_with_a_namespace_mounted_is_not_released(netns: st
     assert not await sandbox_released(key)
     run(["umount", key])
     assert await sandbox_released(key)
+
+
+async def test_retired_pairs_are_deleted_in_one_request_and_nothing_else_is(
+    nl: Netlink, netns: str
+) -> None:
+    await nl.ensure_bridge("pyb-test", "02:00:00:00:00:aa", None)
+    pairs = [(f"pyv{i:012d}", f"pyc{i:012d}") for i in range(3)]
+    for host, peer in pairs:
+        assert await nl.ensure_veth(host, peer, "02:11:22:33:44:55", None, master="pyb-test")
+    container = _netns()  # a container's namespace, holding one pair's other end
+    in_ns(netns, "ip", "link", "set", "pyc000000000002", "netns", container)
+    try:
+        await nl.retire(*pairs[0])
+        await nl.retire(*pairs[2])
+        links = {link.name: link for link in await nl.links()}
+        assert links["pyc000000000000"].group == RETIRED_LINK_GROUP
+        assert links["pyv000000000002"].group == RETIRED_LINK_GROUP
+        await nl.delete_retired()
+        names = {link.name for link in await nl.links()}
+        assert not {"pyv000000000000", "pyc000000000000", "pyv000000000002"} & names
+        assert {"pyv000000000001", "pyc000000000001", "pyb-test"} <= names  # not retired
+        await nl.delete_retired()  # none left: nothing to do
+        # A group the kernel cannot delete whole (here: loopback in it) is refused, and
+        # nothing of it is deleted.
+        await nl.retire(*pairs[1])
+        in_ns(netns, "ip", "link", "set", "lo", "group", str(RETIRED_LINK_GROUP))
+        with pytest.raises(HostError):
+            await nl.delete_retired()
+        assert "pyv000000000001" in {link.name for link in await nl.links()}
+        in_ns(netns, "ip", "link", "set", "lo", "group", "default")
+    finally:
+        run(["ip", "netns", "del", container], check=False)

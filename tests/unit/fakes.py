@@ -28,6 +28,7 @@ from pydriver.model import (
     PortBinding,
     PortMapping,
 )
+from pydriver.naming import RETIRED_LINK_GROUP
 from pydriver.rules import NetworkRules
 
 
@@ -52,6 +53,7 @@ class FakeLink:
     mac: str = ""
     peer: str | None = None  # the other end of a veth pair
     hairpin: bool = False
+    group: int = 0
 
     def as_link(self, kernel: FakeKernel) -> Link:
         master = kernel.links_by_name.get(self.master) if self.master else None
@@ -63,6 +65,7 @@ class FakeLink:
             mtu=self.mtu,
             up=self.up,
             mac=self.mac,
+            group=self.group,
         )
 
 
@@ -231,11 +234,23 @@ class FakeKernel:
         self.add_link(peer, "veth", peer=host, mtu=1500)
         return True
 
-    async def detach(self, name: str) -> None:
-        self._enter("detach", name)
-        link = self.links_by_name.get(name)
-        if link is not None:
-            link.master = None
+    async def retire(self, host: str, peer: str) -> None:
+        self._enter("retire", host)
+        for name in (host, peer):
+            link = self.links_by_name.get(name)
+            if link is not None:
+                link.group = RETIRED_LINK_GROUP
+                if name == host:
+                    link.master = None
+
+    async def delete_retired(self) -> None:
+        self._enter("delete_retired", "")
+        for link in [k for k in self.links_by_name.values() if k.group == RETIRED_LINK_GROUP]:
+            self.links_by_name.pop(link.name, None)
+            self.addresses.pop(link.name, None)
+            if link.peer:
+                self.links_by_name.pop(link.peer, None)
+                self.addresses.pop(link.peer, None)
 
     async def attach_veth(
         self,

@@ -58,6 +58,7 @@ ADAPTERS = {
     "sysctl",
     "sandboxes",
     "process",
+    "pauses",
     "unixhttp",
     "server",
     "cli",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -30,7 +32,9 @@ from pydriver.model import (
     Subnet,
 )
 from pydriver.store import (
+    CHECKPOINT_EVERY,
     DB_NAME,
+    FALLBACK_CHECKPOINT_PAGES,
     SCHEMA_VERSION,
     PoolRecord,
     SqliteStore,
@@ -164,6 +168,32 @@ async def test_settings_and_what_is_set_aside(any_store: SqliteStore | FakeStore
     assert await store.get_meta("ula_prefix") is None
     assert await store.quarantined_keys("meta") == ["ula_prefix"]
     assert await store.quarantined_keys("pools") == []
+
+
+async def test_the_wal_is_checkpointed_beside_the_commits_not_by_them(tmp_path: Path) -> None:
+    """Every CHECKPOINT_EVERY commits a passive checkpoint runs on another thread and
+    connection; SQLite's own, by the committing connection, only past a larger WAL."""
+    store = SqliteStore(tmp_path / "state")
+    db = sqlite3.connect(tmp_path / "state" / DB_NAME)
+    try:
+        assert db.execute("PRAGMA wal_autocheckpoint").fetchone() == (1000,)  # a new connection
+        assert store._sync.db.execute("PRAGMA wal_autocheckpoint").fetchone() == (
+            FALLBACK_CHECKPOINT_PAGES,
+        )
+        e = endpoint()
+        for i in range(CHECKPOINT_EVERY * 3):
+            await store.put_endpoint(dataclasses.replace(e, id=hexid(f"ckpt-{i}")))
+        for _ in range(200):
+            if store.checkpoints.done >= 3:
+                break
+            await asyncio.sleep(0.01)
+        assert store.checkpoints.done >= 3
+        assert len(await store.load_endpoints()) == CHECKPOINT_EVERY * 3
+    finally:
+        db.close()
+        store.close()
+    # All of it can be read back once the store is closed.
+    assert len(read_state(tmp_path / "state")[1]) == CHECKPOINT_EVERY * 3
 
 
 def test_database_file_is_private(tmp_path: Path) -> None:
