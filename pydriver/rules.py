@@ -414,7 +414,12 @@ def rule_set(
     docker_named = tuple(sorted(n.bridge for n in views if named_like_docker(n.bridge)))
     others: tuple[str, ...] = ()
     if any(not n.internal and n.mode(family) == "nat-unprotected" for n in views):
-        others = tuple(sorted(n.bridge for n in views if not n.internal))
+        # pybridge's own bridge names are kept out by their prefix (_isolation_rules): only
+        # the bridges a user named are listed, so no other network's coming or going changes
+        # a nat-unprotected network's chain.
+        others = tuple(
+            sorted(n.bridge for n in views if not n.internal and not _own_name(n.bridge))
+        )
     parts = {net.bridge: _part_of(net, family, docker_named, others) for net in views}
     # The buckets' chains in use (keyed apart from bridges: no interface name has a +).
     for chain in sorted({c for part in parts.values() for c in part.buckets}):
@@ -433,6 +438,11 @@ def rule_set(
         ),
     }
     return RuleSet(parts, leading, views, docker_named, others)
+
+
+def _own_name(bridge: str) -> bool:
+    """Whether ``bridge`` is named like pybridge's own bridges (caught by BRIDGE_PREFIX+)."""
+    return bridge.startswith(BRIDGE_PREFIX)
 
 
 def _part_of(
@@ -568,8 +578,8 @@ def _network_part(
 ) -> _NetworkPart:
     """Rendered once per network and change (cached): a change to one network at 1,000 costs
     what it costs at 1. ``docker_named``: pybridge's bridges named like Docker's (for networks
-    that are not internal); ``others``: pybridge's bridges of networks that are not internal
-    (for a network in mode nat-unprotected, which keeps them out)."""
+    that are not internal); ``others``: the bridges a user named (not pyb-...) of networks that
+    are not internal (for a network in mode nat-unprotected, which keeps them out)."""
     b = net.bridge
     f, i = forward_chain(b), isolation_chain(b)
     openings = _openings(net, family)
@@ -730,7 +740,10 @@ def _isolation_rules(
     # What the gateway mode opens, before the drops.
     iso += [f"-A {chain} {match} -j RETURN" for match in openings]
     if net.mode(family) == "nat-unprotected":
-        # Open to the outside, not to the other container networks.
+        # Open to the outside, not to the other container networks: pybridge's by their
+        # names' prefix (this bridge's own traffic returned above), those a user named one by
+        # one, and Docker's.
+        iso.append(f"-A {chain} -i {BRIDGE_PREFIX}+ -o {b} -j DROP")
         iso += [f"-A {chain} -i {x} -o {b} -j DROP" for x in others if x != b]
         iso += [f"-A {chain} -i {p} -o {b} -j DROP" for p in CONTAINER_BRIDGE_PATTERNS]
     else:

@@ -283,3 +283,16 @@ def test_one_port_mapping_more_is_one_rule_whatever_is_published() -> None:
             after = rule_set(_networks(count, already + 1), 4)
             text = incremental_restore(before, after)
             assert _size(text) == 1, (count, already, text)
+
+
+def test_a_nat_unprotected_network_is_not_rewritten_when_another_network_comes_or_goes() -> None:
+    """It keeps pybridge's other bridges out by their names' prefix, not by listing them."""
+    unprotected = dataclasses.replace(_networks(1)[0], mode_v4="nat-unprotected")
+    few, many = [unprotected, *_networks(2)[1:]], [unprotected, *_networks(1001)[1:]]
+    for networks in (few, many):
+        text = incremental_restore(rule_set(networks[:-1], 4), rule_set(networks, 4))
+        assert text is not None
+        assert isolation_chain(unprotected.bridge) not in text
+        assert forward_chain(unprotected.bridge) not in text
+    grown = incremental_restore(rule_set(few[:-1], 4), rule_set(few, 4))
+    assert _size(grown) == _size(incremental_restore(rule_set(many[:-1], 4), rule_set(many, 4)))

@@ -1193,8 +1193,10 @@ def test_nat_unprotected() -> None:
         assert f"-A {f} -o {OURS_B} -j DROP" not in own
         mangle = chain(nets, family, "mangle", i)
         assert f"-A {i} ! -i {OURS_B} -o {OURS_B} -j DROP" not in mangle
-        for source in (OURS_A, "docker0", "br-+", "docker_gwbridge"):
+        # pybridge's own bridges (NET_A's among them) by their names' prefix.
+        for source in ("pyb-+", "docker0", "br-+", "docker_gwbridge"):
             assert f"-A {i} -i {source} -o {OURS_B} -j DROP" in mangle
+        assert not [rule for rule in mangle if f"-i {OURS_A} " in rule]
         # NET_A stays protected; NAT as in mode nat.
         a = isolation_chain(OURS_A)
         assert f"-A {a} ! -i {OURS_A} -o {OURS_A} -j DROP" in chain(nets, family, "mangle", a)
