@@ -225,7 +225,7 @@ class NetworkDriver:
         await self.spares.close()
         await self.stale_flows.close()
         await self.background.close()
-        await self.veths.settle()
+        await self.veths.close()
 
     # -- upkeep --------------------------------------------------------------------------------
 

@@ -778,8 +778,9 @@ class _NetlinkCore:
             raise HostError(f"bridge {master} does not exist")
         if host_index is None or peer_index is None:
             return False
-        peer_settings: dict[str, Any] = {"address": peer_mac}
-        host_settings: dict[str, Any] = {"master": master_index, "state": "up"}
+        # (group 0: out of RETIRED_LINK_GROUP, should a pair ever come back from it)
+        peer_settings: dict[str, Any] = {"address": peer_mac, "group": 0}
+        host_settings: dict[str, Any] = {"master": master_index, "state": "up", "group": 0}
         if mtu:
             peer_settings["mtu"] = host_settings["mtu"] = mtu
         async with self._lock:
@@ -802,20 +803,23 @@ class _NetlinkCore:
         return True
 
     async def retire(self, host: str, peer: str) -> None:
-        """Take a veth pair's host end off its bridge and put both ends (the peer if it is
-        in this namespace) in RETIRED_LINK_GROUP, for the next delete_retired; nothing for
-        an end that is gone."""
+        """Take a veth pair's host end off its bridge, and both ends (the peer if it is in
+        this namespace) down and into RETIRED_LINK_GROUP, for the next delete_retired; nothing
+        for an end that is gone."""
         for name, settings in ((host, {"master": 0}), (peer, {})):
             index = await self.index(name)
             if index is None:
                 continue
             async with self._lock:
                 try:
-                    await self.ipr.link("set", index=index, group=RETIRED_LINK_GROUP, **settings)
+                    await self.ipr.link(
+                        "set", index=index, state="down", group=RETIRED_LINK_GROUP, **settings
+                    )
                 except NetlinkError as err:
                     if err.code not in (errno.ENODEV, errno.ENOENT):
                         raise HostError(
-                            f"could not take {name} off its bridge: {_describe(err)}"
+                            f"could not take the removed container's veth {name} down: "
+                            f"{_describe(err)}"
                         ) from None
 
     async def delete_retired(self) -> None:

@@ -62,9 +62,12 @@ def check_addresses(
 # putting the next container's veth on its bridge needs too (5-15 ms instead of under 1 when
 # they met), and deleting 150 in one request took 43 ms. Under a steady stream of container
 # starts they wait at most RETIRED_WAIT_AT_MOST seconds, and never more than RETIRED_AT_MOST.
+# Retired pairs are down and on no bridge meanwhile (Veths.retire).
 RETIRED_IDLE = 0.05
 RETIRED_WAIT_AT_MOST = 5.0
 RETIRED_AT_MOST = 256
+RETIRED_RETRY = 1.0  # after an unexpected failure
+CLOSE_WAIT = 5.0  # shutdown waits this long for them; start-up deletes what is left
 
 
 class Veths:
@@ -81,9 +84,10 @@ class Veths:
         self.clock = clock
         self._retired: dict[str, tuple[str, float]] = {}  # host end: (peer, when retired)
         self._making = 0  # ensure() calls under way
-        self._last_made = -math.inf
-        self._made_before = -math.inf  # when the one before the last was made
-        self._hurry = False
+        self._last_made = -math.inf  # when the last ensure() ended
+        self._between_last_two = math.inf  # and how long after the one before
+        self._hurry = 0  # settle() calls under way
+        self._closed = False
         self._changed = asyncio.Event()
         self._deleter: asyncio.Task[None] | None = None
 
@@ -99,7 +103,8 @@ class Veths:
             await self._ensure(network, endpoint, fresh=fresh, spare=spare)
         finally:
             self._making -= 1
-            self._made_before, self._last_made = self._last_made, self.clock()
+            now = self.clock()
+            self._between_last_two, self._last_made = now - self._last_made, now
 
     async def _ensure(
         self, network: Network, endpoint: Endpoint, *, fresh: bool, spare: bool
@@ -151,21 +156,25 @@ class Veths:
                 await self.kernel.set_hairpin(endpoint.host_veth)
 
     async def retire(self, endpoint: Endpoint) -> None:
-        """Take the endpoint's veth off its bridge now (a fraction of a millisecond): its port
-        is free for the next container at once, and a bridge near its 1,023 ports is not full
-        of removed containers' veths. The pair is deleted later, with the others retired by
-        then (RETIRED_IDLE)."""
+        """Take the endpoint's pair down and off its bridge now (about a millisecond): its port
+        is free for the next container at once, a bridge near its 1,023 ports is not full of
+        removed containers' veths, and nothing reaches the host through the host end (down, it
+        has no link-local address, and the container's end no carrier). The pair is deleted
+        later, with the others retired by then (RETIRED_IDLE)."""
+        host, peer = endpoint.host_veth, endpoint.container_veth
         try:
-            await self.kernel.retire(endpoint.host_veth, endpoint.container_veth)
-        except DriverError as err:  # deleted one by one instead
-            log.warning("endpoint %s: %s", short(endpoint.id), err)
-        if self.background.inline:  # tests over fakes: nothing is left for later
-            await self._delete_pair(endpoint.host_veth, endpoint.container_veth)
+            await self.kernel.retire(host, peer)
+        except DriverError as err:
+            log.warning("endpoint %s: %s; deleting its veth pair now", short(endpoint.id), err)
+            await self._delete_pair(host, peer)
             return
-        self._retired[endpoint.host_veth] = (endpoint.container_veth, self.clock())
-        self._changed.set()
-        if self._deleter is None or self._deleter.done():
-            self._deleter = asyncio.create_task(self._delete_retired(), name="pydriver-retired")
+        if self.background.inline:  # tests over fakes: nothing is left for later
+            await self._delete_pair(host, peer)
+            return
+        # Oldest first (a name retired again is as old as now).
+        self._retired.pop(host, None)
+        self._retired[host] = (peer, self.clock())
+        self._wake()
 
     @property
     def retired(self) -> list[str]:
@@ -173,14 +182,32 @@ class Veths:
         return list(self._retired)
 
     async def settle(self) -> None:
-        """Delete the retired pairs now, without waiting for a quiet moment (tests, shutdown)."""
-        self._hurry = True
-        self._changed.set()
+        """Delete the retired pairs now, without waiting for a quiet moment (tests, shutdown).
+        Gives up after a failed attempt (start-up deletes what is left)."""
+        self._hurry += 1
         try:
-            while self._deleter is not None and not self._deleter.done():
-                await asyncio.gather(self._deleter, return_exceptions=True)
+            if self._retired:
+                self._wake()
+            if self._deleter is not None:
+                await asyncio.wait({self._deleter})
         finally:
-            self._hurry = False
+            self._hurry -= 1
+
+    async def close(self) -> None:
+        try:
+            await asyncio.wait_for(self.settle(), CLOSE_WAIT)
+        except TimeoutError:
+            log.warning("removed containers' veth pairs left for the next start to delete")
+        self._closed = True
+
+    def _retry(self) -> None:
+        if not self._closed and self._retired:
+            self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        if self._deleter is None or self._deleter.done():
+            self._deleter = asyncio.create_task(self._delete_retired(), name="pydriver-retired")
 
     async def _delete_retired(self) -> None:
         while self._retired:
@@ -188,7 +215,7 @@ class Veths:
             oldest = next(iter(self._retired.values()))[1]
             if self._making:
                 idle_at = now + RETIRED_IDLE
-            elif self._last_made - self._made_before >= RETIRED_IDLE:
+            elif self._between_last_two >= RETIRED_IDLE:
                 idle_at = now  # containers come slowly: done before the next one comes
             else:
                 idle_at = self._last_made + RETIRED_IDLE  # back to back: when they pause
@@ -199,41 +226,45 @@ class Veths:
                     await asyncio.wait_for(self._changed.wait(), due - now)
                 continue
             batch = dict(self._retired)
-            async with self.work.quiet():
-                try:
-                    await self.kernel.delete_retired()
-                except DriverError as err:
-                    log.warning("%s; deleting them one by one", err)
-                    for host, (peer, _) in batch.items():
-                        await self._delete_retired_pair(host, peer)
+            try:
+                await self._delete(batch)
+            except Exception:  # never a dead deleter, the pairs waiting for the next retire
+                log.exception("could not delete removed containers' veth pairs")
+                if self._hurry:  # settle() waits for this task: again later, without it
+                    asyncio.get_running_loop().call_later(RETIRED_RETRY, self._retry)
+                    return
+                await asyncio.sleep(RETIRED_RETRY)
+                continue
             for host, entry in batch.items():
                 if self._retired.get(host) == entry:  # (not retired again meanwhile)
                     del self._retired[host]
 
-    async def _delete_retired_pair(self, host: str, peer: str) -> None:
-        """One pair of the group, by name, if it is still in the group (not made again since
-        under the same names, by an endpoint created again with the same id)."""
+    async def _delete(self, batch: dict[str, tuple[str, float]]) -> None:
         try:
-            link = await self.kernel.get_link(host)
-        except DriverError as err:
-            log.warning("%s", err)  # start-up removes it as a leftover
+            async with self.work.quiet():
+                await self.kernel.delete_retired()
             return
-        if link is None or link.group == RETIRED_LINK_GROUP:
-            await self._delete_pair(host, peer, quiet=False)
+        except DriverError as err:
+            log.warning("%s; deleting them one by one", err)
+        for host, (peer, _) in batch.items():
+            try:
+                # One by one, by name, if still in the group (not made again since under the
+                # same names, by an endpoint created again with the same id); each in a quiet
+                # section of its own, so rule writes are not held up for all of them.
+                link = await self.kernel.get_link(host)
+                if link is None or link.group == RETIRED_LINK_GROUP:
+                    await self._delete_pair(host, peer)
+            except DriverError as err:
+                log.warning("%s", err)  # start-up removes it as a leftover
 
     async def delete(self, endpoint: Endpoint) -> None:
         await self._delete_pair(endpoint.host_veth, endpoint.container_veth)
 
-    async def _delete_pair(self, host: str, peer: str, *, quiet: bool = True) -> None:
+    async def _delete_pair(self, host: str, peer: str) -> None:
         # Like making one, deleting an interface waits for an nf_tables commit in progress
         # while holding the rtnl lock, and the next container's veth would wait behind it
         # (locks.KernelWork).
-        async with self.work.quiet() if quiet else contextlib.nullcontext():
+        async with self.work.quiet():
             # Deleting the host end removes the pair wherever the other end is.
-            try:
-                await self.kernel.delete_link(host)
-                await self.kernel.delete_link(peer)
-            except DriverError as err:
-                if quiet:
-                    raise
-                log.warning("%s", err)  # start-up removes it as a leftover
+            await self.kernel.delete_link(host)
+            await self.kernel.delete_link(peer)

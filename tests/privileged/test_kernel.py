@@ -536,6 +536,7 @@ async def test_retired_pairs_are_deleted_in_one_request_and_nothing_else_is(
         names = {link.name for link in await nl.links()}
         assert not {"pyv000000000000", "pyc000000000000", "pyv000000000002"} & names
         assert {"pyv000000000001", "pyc000000000001", "pyb-test"} <= names  # not retired
+        assert "pyc000000000002" not in in_ns(container, "ip", "-o", "link", "show")
         await nl.delete_retired()  # none left: nothing to do
         # A group the kernel cannot delete whole (here: loopback in it) is refused, and
         # nothing of it is deleted.
@@ -545,5 +546,44 @@ async def test_retired_pairs_are_deleted_in_one_request_and_nothing_else_is(
             await nl.delete_retired()
         assert "pyv000000000001" in {link.name for link in await nl.links()}
         in_ns(netns, "ip", "link", "set", "lo", "group", "default")
+    finally:
+        run(["ip", "netns", "del", container], check=False)
+
+
+async def test_a_retired_pair_carries_nothing_to_the_host(nl: Netlink, netns: str) -> None:
+    """A removed container whose end of the pair is still in its namespace (a renamed
+    interface Docker could not take back, say) tries to reach the host through it while the
+    pair waits for deletion: over the host end's IPv6 link-local address, and over IPv4 to an
+    address of the host. Down, the host end has no address and the container's end no
+    carrier."""
+    await nl.ensure_bridge("pyb-test", "02:00:00:00:00:aa", None)
+    await nl.set_link("pyb-test", up=True)
+    host, peer = "pyv000000000007", "pyc000000000007"
+    assert await nl.ensure_veth(host, peer, "02:11:22:33:44:57", None, master="pyb-test")
+    in_ns(netns, "ip", "addr", "add", "10.213.57.1/32", "dev", "lo")
+    container = _netns()
+    try:
+        in_ns(netns, "ip", "link", "set", peer, "netns", container)
+        in_ns(container, "ip", "link", "set", peer, "name", "foo0")  # Docker would not find it
+        in_ns(container, "ip", "addr", "add", "10.213.57.2/24", "dev", "foo0")
+        in_ns(container, "ip", "link", "set", "foo0", "up")
+        in_ns(container, "ip", "route", "add", "10.213.57.1/32", "dev", "foo0")
+        await nl.retire(host, peer)
+        await asyncio.sleep(2.5)  # an up interface would have its link-local address by now
+        link = await nl.get_link(host)
+        assert link is not None
+        mac = link.mac.split(":")
+        eui = f"{int(mac[0], 16) ^ 2:02x}{mac[1]}:{mac[2]}ff:fe{mac[3]}:{mac[4]}{mac[5]}"
+        six = run(
+            ["ip", "netns", "exec", container, "ping", "-6", "-c1", "-W1", f"fe80::{eui}%foo0"],
+            check=False,
+        )
+        four = run(
+            ["ip", "netns", "exec", container, "ping", "-c1", "-W1", "10.213.57.1"], check=False
+        )
+        assert six.returncode != 0, six.stdout
+        assert four.returncode != 0, four.stdout
+        assert not link.up
+        assert in_ns(netns, "ip", "-6", "-o", "addr", "show", "dev", host) == ""
     finally:
         run(["ip", "netns", "del", container], check=False)

@@ -239,7 +239,7 @@ class FakeKernel:
         for name in (host, peer):
             link = self.links_by_name.get(name)
             if link is not None:
-                link.group = RETIRED_LINK_GROUP
+                link.group, link.up = RETIRED_LINK_GROUP, False
                 if name == host:
                     link.master = None
 
@@ -270,6 +270,7 @@ class FakeKernel:
             return False
         peer_link.mac = peer_mac
         link.master, link.up = master, True
+        link.group = peer_link.group = 0
         if mtu:
             link.mtu = peer_link.mtu = mtu
         if hairpin:

@@ -21,6 +21,7 @@ from pydriver.errors import (
 from pydriver.ipam import LOCAL_ADDRESS_SPACE
 from pydriver.model import BridgeSettings, Endpoint, HostRoute, Network, NetworkOptions, Subnet
 from pydriver.naming import (
+    RETIRED_LINK_GROUP,
     bridge_mac,
     bridge_name,
     container_veth_name,
@@ -1190,3 +1191,21 @@ async def test_forwarding_is_never_turned_on_with_a_forward_policy_of_accept(env
     assert env.sysctl.forwarding_on == {4: True, 6: True}
     await create_network(env.driver, NET_B, subnet="10.60.0.0/24", gateway="10.60.0.1/24")
     assert env.firewall.forward_policy_dropped == [4, 6]
+
+
+async def test_retired_pairs_left_by_a_killed_run_go_in_one_request(env: Env) -> None:
+    """Removed containers' pairs waiting to be deleted when pybridge was killed (Veths.retire)
+    are deleted together at start-up; an endpoint's own pair is never in that group."""
+    await create_network(env.driver, NET_A)
+    await create_endpoint(env.driver, NET_A, EP_1)
+    left = [(host_veth_name(hexid(f"x{i}")), container_veth_name(hexid(f"x{i}"))) for i in range(3)]
+    for host, peer in left:
+        env.kernel.add_veth_pair(host, peer)
+        env.kernel.links_by_name[host].group = RETIRED_LINK_GROUP
+    driver = await env.restart()
+    env.kernel.calls.clear()
+    repairs = await driver.reconcile()
+    assert ("delete_retired", "") in env.kernel.calls
+    assert "removed 3 leftover retired veth(s)" in repairs
+    assert not {name for pair in left for name in pair} & env.kernel.names()
+    assert {host_veth_name(EP_1), container_veth_name(EP_1)} <= env.kernel.names()

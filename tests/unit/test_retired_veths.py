@@ -119,7 +119,7 @@ async def test_when_the_kernel_refuses_the_group_they_are_deleted_one_by_one(
     setup: tuple[FakeKernel, Veths, Network],
 ) -> None:
     kernel, veths, n = setup
-    kernel.fail["delete_retired"] = HostError("group 1887007346 holds a physical interface")
+    kernel.fail["delete_retired"] = HostError("group 1887003250 holds a physical interface")
     pairs = [await on_bridge(kernel, veths, n, f"refused-{i}") for i in range(2)]
     for e in pairs:
         await veths.retire(e)
@@ -145,10 +145,82 @@ async def test_one_by_one_spares_a_pair_made_again_under_the_same_names(
     """An endpoint created again with the same id (a replay) makes its pair again under the
     same names; the old pair's deletion by name must not take the new one."""
     kernel, veths, n = setup
-    kernel.fail["delete_retired"] = HostError("group 1887007346 holds a physical interface")
+    kernel.fail["delete_retired"] = HostError("group 1887003250 holds a physical interface")
     e = await on_bridge(kernel, veths, n, "again")
     await veths.retire(e)
     await veths.ensure(n, e, fresh=True)  # deletes the retired pair, makes a new one
     assert kernel.links_by_name[e.host_veth].group == 0
     await veths.settle()
     assert kernel.links_by_name[e.host_veth].master == n.bridge
+
+
+async def test_a_retired_pair_is_down(setup: tuple[FakeKernel, Veths, Network]) -> None:
+    """Down, the host end has no link-local address and the container's end no carrier: no
+    way to the host through it while it waits (tests/privileged/test_kernel.py tries)."""
+    kernel, veths, n = setup
+    e = await on_bridge(kernel, veths, n, "down")
+    assert kernel.links_by_name[e.host_veth].up
+    await veths.retire(e)
+    assert not kernel.links_by_name[e.host_veth].up
+    assert not kernel.links_by_name[e.container_veth].up
+    await veths.settle()
+
+
+async def test_a_pair_that_cannot_be_retired_is_deleted_at_once(
+    setup: tuple[FakeKernel, Veths, Network],
+) -> None:
+    kernel, veths, n = setup
+    kernel.fail["retire"] = HostError("the kernel said no")
+    e = await on_bridge(kernel, veths, n, "unretirable")
+    await veths.retire(e)
+    assert e.host_veth not in kernel.names()
+    assert veths.retired == []
+
+
+async def test_the_deleter_outlives_an_unexpected_failure(
+    setup: tuple[FakeKernel, Veths, Network], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kernel, veths, n = setup
+    monkeypatch.setattr(veths_module, "RETIRED_RETRY", RETIRED_IDLE)
+    kernel.fail["delete_retired"] = RuntimeError("a bug")  # type: ignore[assignment]
+    e = await on_bridge(kernel, veths, n, "bug")
+    await veths.retire(e)
+    await veths.settle()  # gives up after one attempt when hurried
+    assert veths.retired == [e.host_veth]
+    await asyncio.sleep(RETIRED_IDLE * 2)  # tried again, failed again
+    del kernel.fail["delete_retired"]
+    await asyncio.sleep(RETIRED_IDLE * 3)  # and again, without another retire
+    assert e.host_veth not in kernel.names()
+    assert veths.retired == []
+
+
+async def test_a_name_retired_again_is_as_old_as_now(
+    setup: tuple[FakeKernel, Veths, Network],
+) -> None:
+    kernel, veths, n = setup
+    first = await on_bridge(kernel, veths, n, "first-again")
+    second = await on_bridge(kernel, veths, n, "second-again")
+    await veths.retire(first)
+    await veths.retire(second)
+    await veths.retire(first)
+    assert veths.retired == [second.host_veth, first.host_veth]
+    await veths.settle()
+
+
+async def test_close_waits_a_bounded_time(
+    setup: tuple[FakeKernel, Veths, Network], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kernel, veths, n = setup
+    monkeypatch.setattr(veths_module, "CLOSE_WAIT", 0.05)
+    stuck = asyncio.Event()
+
+    async def never(*_: object) -> None:
+        await stuck.wait()
+
+    e = await on_bridge(kernel, veths, n, "stuck")
+    monkeypatch.setattr(kernel, "delete_retired", never)
+    await veths.retire(e)
+    started = time.monotonic()
+    await veths.close()
+    assert time.monotonic() - started < 1
+    stuck.set()
