@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from pyroute2 import AsyncIPRoute
 from pyroute2.conntrack import AsyncConntrack, NFCTAttrTuple
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netns import create_socket
 
 from .errors import BridgeFull, Conflict, HostError
 from .interfaces import MAX_BRIDGE_PORTS
@@ -445,6 +446,160 @@ def delete_flows(family: int, flows: Sequence[Flow]) -> int:
     return deleted
 
 
+# Veth pairs, likewise by hand, each step in one send: pyroute2 sends requests one by one,
+# each encoded, awaited and its answer decoded in Python (about a millisecond of a
+# CreateEndpoint for three). The kernel handles the messages of one send in order, each under
+# its own rtnl lock, and acknowledges each.
+_NLM_F_ACK_REQUEST = _NLM_F_REQUEST | _NLM_F_ACK
+_NLM_F_EXCL, _NLM_F_CREATE = 0x200, 0x400
+_IFF_UP = 0x1
+_IFLA_INFO_DATA, _IFLA_INFO_SLAVE_KIND, _IFLA_INFO_SLAVE_DATA = 2, 4, 5
+_VETH_INFO_PEER, _IFLA_BRPORT_MODE = 1, 4
+
+Request = tuple[int, int, bytes]  # message type, flags besides request and ack, body
+
+
+def _u32(kind: int, value: int) -> bytes:
+    return _nla(kind, struct.pack("=I", value))
+
+
+def _ifname(name: str) -> bytes:
+    return _nla(_IFLA_IFNAME, name.encode() + b"\0")
+
+
+def _mac_bytes(mac: str) -> bytes:
+    raw = bytes.fromhex(mac.replace(":", ""))
+    if len(raw) != 6:
+        raise ValueError(f"{mac!r} is not a MAC address")
+    return raw
+
+
+def _ifinfo(index: int, *attributes: bytes, up: bool | None = None) -> bytes:
+    """An interface message; ``up``: bring it up (True) or down (False)."""
+    flags, change = (0, 0) if up is None else (_IFF_UP if up else 0, _IFF_UP)
+    return _IFINFO.pack(socket.AF_UNSPEC, 0, index, flags, change) + b"".join(attributes)
+
+
+def veth_requests(host: str, peer: str, peer_mac: str | None, mtu: int | None) -> list[Request]:
+    """Create a veth pair, both ends down and on no bridge; then read each end back.
+
+    Reading an interface back settles its operational state at once (rtnl_getlink). A new
+    veth's carrier-off event otherwise waits up to a second for the kernel's link watcher,
+    and its state is "unknown", which a bridge takes for "up" until then: a pair put on a
+    bridge meanwhile is forwarding without a carrier, and the watcher takes it out again later
+    under the rtnl lock, walking every port of the bridge for each such port (12-40 ms with
+    1,000 ports, every interface change of the host waiting behind it)."""
+    mtu_attr = _u32(_IFLA_MTU, mtu) if mtu else b""
+    mac_attr = _nla(_IFLA_ADDRESS, _mac_bytes(peer_mac)) if peer_mac else b""
+    peer_info = _ifinfo(0, _ifname(peer), mac_attr, mtu_attr)
+    info = _nla(_IFLA_INFO_KIND, b"veth\0") + _nla(
+        _IFLA_INFO_DATA | _NLA_F_NESTED, _nla(_VETH_INFO_PEER, peer_info)
+    )
+    create = _ifinfo(0, _ifname(host), mtu_attr, _nla(_IFLA_LINKINFO | _NLA_F_NESTED, info))
+    skip_stats = _u32(_IFLA_EXT_MASK, _RTEXT_FILTER_SKIP_STATS)
+    return [
+        (_RTM_NEWLINK, _NLM_F_CREATE | _NLM_F_EXCL, create),
+        (_RTM_GETLINK, 0, _ifinfo(0, _ifname(host), skip_stats)),
+        (_RTM_GETLINK, 0, _ifinfo(0, _ifname(peer), skip_stats)),
+    ]
+
+
+def attach_requests(
+    host_index: int,
+    master_index: int,
+    mtu: int | None,
+    *,
+    hairpin: bool,
+    peer: tuple[int, str] | None = None,
+) -> list[Request]:
+    """Put a pair's host end (its MTU, out of any interface group) on the bridge and up;
+    then, a port of that bridge by now, in hairpin mode. ``peer`` (index, MAC): a spare's
+    container end gets the MAC and MTU a new pair is made with, and leaves any group too
+    (RETIRED_LINK_GROUP)."""
+    mtu_attr = _u32(_IFLA_MTU, mtu) if mtu else b""
+    requests: list[Request] = []
+    if peer is not None:
+        peer_index, peer_mac = peer
+        peer_settings = _ifinfo(
+            peer_index, _nla(_IFLA_ADDRESS, _mac_bytes(peer_mac)), mtu_attr, _u32(_IFLA_GROUP, 0)
+        )
+        requests.append((_RTM_NEWLINK, 0, peer_settings))
+    host = _ifinfo(
+        host_index, _u32(_IFLA_MASTER, master_index), mtu_attr, _u32(_IFLA_GROUP, 0), up=True
+    )
+    requests.append((_RTM_NEWLINK, 0, host))
+    if hairpin:
+        # As `ip link set HOST type bridge_slave hairpin on` (and pyroute2's brport) ask it.
+        port = _nla(_IFLA_BRPORT_MODE, b"\x01")
+        info = _nla(_IFLA_INFO_SLAVE_KIND, b"bridge\0") + _nla(
+            _IFLA_INFO_SLAVE_DATA | _NLA_F_NESTED, port
+        )
+        requests.append(
+            (_RTM_NEWLINK, 0, _ifinfo(host_index, _nla(_IFLA_LINKINFO | _NLA_F_NESTED, info)))
+        )
+    return requests
+
+
+def retire_requests(host_index: int | None, peer_index: int | None) -> list[Request]:
+    """Take a pair's host end off its bridge, and both ends down and into RETIRED_LINK_GROUP
+    (an end that is not there, None, is left out)."""
+    group = _u32(_IFLA_GROUP, RETIRED_LINK_GROUP)
+    requests: list[Request] = []
+    if host_index is not None:
+        requests.append(
+            (_RTM_NEWLINK, 0, _ifinfo(host_index, _u32(_IFLA_MASTER, 0), group, up=False))
+        )
+    if peer_index is not None:
+        requests.append((_RTM_NEWLINK, 0, _ifinfo(peer_index, group, up=False)))
+    return requests
+
+
+class _RouteSocket:
+    """A plain rtnetlink socket (blocking) for batches of requests that want acknowledgements,
+    kept open in the namespace it was made in."""
+
+    def __init__(self, netns: str | None) -> None:
+        if netns is None:
+            self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        else:  # made by a child process that enters the namespace (pyroute2)
+            self._sock = create_socket(
+                netns, socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE, flags=0
+            )
+        self._sock.settimeout(10)
+        self._sock.bind((0, 0))
+        self._sequence = 0
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def requests(self, requests: Sequence[Request]) -> list[int]:
+        """Send the requests at once; their error codes (0: done), in order. Answers to
+        an earlier batch (one that timed out) are told apart by their sequence numbers."""
+        if self._sequence + len(requests) > 0xFFFFFFFF:
+            self._sequence = 0
+        first = self._sequence + 1
+        self._sequence += len(requests)
+        self._sock.send(
+            b"".join(
+                _NLMSG.pack(_NLMSG.size + len(body), kind, _NLM_F_ACK_REQUEST | flags, first + n, 0)
+                + body
+                for n, (kind, flags, body) in enumerate(requests)
+            )
+        )
+        codes: dict[int, int] = {}
+        while len(codes) < len(requests):
+            data = self._sock.recv(1 << 16)
+            offset = 0
+            while offset + _NLMSG.size <= len(data):
+                length, kind, _, sequence, _ = _NLMSG.unpack_from(data, offset)
+                if length < _NLMSG.size:
+                    raise OSError("malformed netlink answer")
+                if kind == _NLMSG_ERROR and first <= sequence <= self._sequence:
+                    codes[sequence] = -struct.unpack_from("=i", data, offset + _NLMSG.size)[0]
+                offset += (length + 3) & ~3
+        return [codes[n] for n in sorted(codes)]
+
+
 def _follow(follower: asyncio.Future[int], leader: asyncio.Future[int]) -> None:
     """Give ``follower`` the outcome of ``leader`` (asked for the same address)."""
     if follower.done():
@@ -492,6 +647,7 @@ class _NetlinkCore:
         # Addresses whose flows are to go, per family, each with what its caller waits for.
         self._flows_wanted: dict[int, dict[IPAddress, asyncio.Future[int]]] = {}
         self._lock = asyncio.Lock()
+        self._route: _RouteSocket | None = None
 
     async def open(self) -> None:
         if self._ipr is None:
@@ -507,6 +663,9 @@ class _NetlinkCore:
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
+        if self._route is not None:
+            self._route.close()
+            self._route = None
         for conntrack in self._conntrack.values():
             conntrack.close()
         self._conntrack.clear()
@@ -702,6 +861,71 @@ class _NetlinkCore:
 
     # -- veths ---------------------------------------------------------------------------------
 
+    async def _requests(self, requests: Sequence[Request], what: str) -> list[int]:
+        """Send a batch on this thread's rtnetlink socket (blocking this thread only, for the
+        kernel's part); the error codes."""
+        async with self._lock:
+            try:
+                if self._route is None:
+                    self._route = _RouteSocket(self._netns)
+                return self._route.requests(requests)
+            except OSError as err:
+                raise HostError(f"could not {what}: {err}") from None
+
+    async def _create_veth(
+        self, host: str, peer: str, peer_mac: str | None, mtu: int | None
+    ) -> bool:
+        """A new pair, down and settled (veth_requests); False if a link of either name
+        exists already."""
+        created, *_ = await self._requests(
+            veth_requests(host, peer, peer_mac, mtu), f"create veth pair {host}/{peer}"
+        )
+        if created == errno.EEXIST:
+            return False
+        if created:
+            raise HostError(f"could not create veth pair {host}/{peer}: {os.strerror(created)}")
+        return True
+
+    async def _attach(
+        self,
+        host: str,
+        master: str,
+        mtu: int | None,
+        hairpin: bool,
+        peer: tuple[str, str] | None = None,
+    ) -> bool:
+        """attach_requests by name; False if the pair is not there (any more)."""
+        host_index, master_index = await self.index(host), await self.index(master)
+        if master_index is None:
+            raise HostError(f"bridge {master} does not exist")
+        peer_settings = None
+        if peer is not None:
+            peer_index = await self.index(peer[0])
+            if peer_index is None:
+                return False
+            peer_settings = (peer_index, peer[1])
+        if host_index is None:
+            return False
+        what = f"set up veth pair {host}/{peer[0]}" if peer else f"set up veth {host}"
+        codes = await self._requests(
+            attach_requests(host_index, master_index, mtu, hairpin=hairpin, peer=peer_settings),
+            what,
+        )
+        settings = codes[:2] if peer else codes[:1]  # the peer's, then the host end's
+        for code in settings:
+            if code == errno.EXFULL:
+                raise BridgeFull(
+                    f"bridge {master} has no free port: a Linux bridge holds at most "
+                    f"{MAX_BRIDGE_PORTS} interfaces"
+                )
+            if code in (errno.ENODEV, errno.ENOENT):
+                return False
+            if code:
+                raise HostError(f"could not {what}: {os.strerror(code)}")
+        if hairpin and codes[-1]:
+            raise HostError(f"could not set hairpin mode on {host}: {os.strerror(codes[-1])}")
+        return True
+
     async def ensure_veth(
         self,
         host: str,
@@ -712,52 +936,28 @@ class _NetlinkCore:
         *,
         hairpin: bool = False,
     ) -> bool:
-        """Create a veth pair unless the host end exists (with ``master``: the host end
-        already on that bridge and up, in the same request; with ``hairpin``, then in hairpin
-        mode). Returns True if created now."""
+        """Create a veth pair unless the host end exists (with ``master``: then the host end
+        on that bridge and up; with ``hairpin``, in hairpin mode). Returns True if created
+        now."""
         if await self.exists(host):
             return False
-        peer_spec: dict[str, Any] = {"ifname": peer, "address": peer_mac}
-        kwargs: dict[str, Any] = {"ifname": host, "kind": "veth", "peer": peer_spec}
-        if master is not None:
-            master_index = await self.index(master)
-            if master_index is None:
-                raise HostError(f"bridge {master} does not exist")
-            kwargs.update(master=master_index, state="up")
-        if mtu:
-            kwargs["mtu"] = mtu
-            peer_spec["mtu"] = mtu
-        async with self._lock:
-            try:
-                await self.ipr.link("add", **kwargs)
-            except NetlinkError as err:
-                if err.code == errno.EXFULL and master is not None:
-                    raise BridgeFull(
-                        f"bridge {master} has no free port: a Linux bridge holds at most "
-                        f"{MAX_BRIDGE_PORTS} interfaces"
-                    ) from None
-                if err.code != errno.EEXIST:
-                    raise HostError(
-                        f"could not create veth pair {host}/{peer}: {_describe(err)}"
-                    ) from None
-                return False
-        if hairpin:
-            await self.set_hairpin(host)
+        if not await self._create_veth(host, peer, peer_mac, mtu):
+            return False
+        if master is None:
+            return True
+        try:
+            attached = await self._attach(host, master, mtu, hairpin)
+        except BridgeFull:
+            await self.delete_link(host)  # made again once a port is free
+            raise
+        if not attached:
+            raise HostError(f"veth pair {host}/{peer} disappeared while it was being set up")
         return True
 
     async def create_spare_veth(self, host: str, peer: str) -> bool:
         """Create a veth pair, both ends down and on no bridge (spares.py); False if a link
         of either name exists already."""
-        async with self._lock:
-            try:
-                await self.ipr.link("add", ifname=host, kind="veth", peer={"ifname": peer})
-            except NetlinkError as err:
-                if err.code == errno.EEXIST:
-                    return False
-                raise HostError(
-                    f"could not create veth pair {host}/{peer}: {_describe(err)}"
-                ) from None
-        return True
+        return await self._create_veth(host, peer, None, None)
 
     async def attach_veth(
         self,
@@ -772,55 +972,25 @@ class _NetlinkCore:
         """Give an existing pair (a spare) what ensure_veth gives a new one: the peer's MAC and
         both MTUs, the host end on ``master`` and up (then in hairpin mode). False if the pair
         is not there (any more)."""
-        host_index, peer_index = await self.index(host), await self.index(peer)
-        master_index = await self.index(master)
-        if master_index is None:
-            raise HostError(f"bridge {master} does not exist")
-        if host_index is None or peer_index is None:
-            return False
-        # (group 0: out of RETIRED_LINK_GROUP, should a pair ever come back from it)
-        peer_settings: dict[str, Any] = {"address": peer_mac, "group": 0}
-        host_settings: dict[str, Any] = {"master": master_index, "state": "up", "group": 0}
-        if mtu:
-            peer_settings["mtu"] = host_settings["mtu"] = mtu
-        async with self._lock:
-            try:
-                await self.ipr.link("set", index=peer_index, **peer_settings)
-                await self.ipr.link("set", index=host_index, **host_settings)
-            except NetlinkError as err:
-                if err.code == errno.EXFULL:
-                    raise BridgeFull(
-                        f"bridge {master} has no free port: a Linux bridge holds at most "
-                        f"{MAX_BRIDGE_PORTS} interfaces"
-                    ) from None
-                if err.code in (errno.ENODEV, errno.ENOENT):
-                    return False
-                raise HostError(
-                    f"could not set up veth pair {host}/{peer}: {_describe(err)}"
-                ) from None
-        if hairpin:
-            await self.set_hairpin(host)
-        return True
+        return await self._attach(host, master, mtu, hairpin, peer=(peer, peer_mac))
 
     async def retire(self, host: str, peer: str) -> None:
         """Take a veth pair's host end off its bridge, and both ends (the peer if it is in
         this namespace) down and into RETIRED_LINK_GROUP, for the next delete_retired; nothing
         for an end that is gone."""
-        for name, settings in ((host, {"master": 0}), (peer, {})):
-            index = await self.index(name)
-            if index is None:
-                continue
-            async with self._lock:
-                try:
-                    await self.ipr.link(
-                        "set", index=index, state="down", group=RETIRED_LINK_GROUP, **settings
-                    )
-                except NetlinkError as err:
-                    if err.code not in (errno.ENODEV, errno.ENOENT):
-                        raise HostError(
-                            f"could not take the removed container's veth {name} down: "
-                            f"{_describe(err)}"
-                        ) from None
+        host_index, peer_index = await self.index(host), await self.index(peer)
+        present = [name for name, index in ((host, host_index), (peer, peer_index)) if index]
+        if not present:
+            return
+        codes = await self._requests(
+            retire_requests(host_index, peer_index),
+            f"take the removed container's veth {host} down",
+        )
+        for name, code in zip(present, codes, strict=True):
+            if code not in (0, errno.ENODEV, errno.ENOENT):
+                raise HostError(
+                    f"could not take the removed container's veth {name} down: {os.strerror(code)}"
+                )
 
     async def delete_retired(self) -> None:
         """Delete every interface in RETIRED_LINK_GROUP in one request: the kernel waits for

@@ -142,6 +142,55 @@ async def test_a_spare_pair_is_made_bare_and_attached_like_a_new_one(
     )
 
 
+def port_state(netns: str, name: str) -> str:
+    return str(json.loads(in_ns(netns, "bridge", "-j", "link", "show", "dev", name))[0]["state"])
+
+
+async def test_a_pair_put_on_a_bridge_forwards_only_once_its_container_end_is_up(
+    netns: str,
+) -> None:
+    """A new veth's state is "unknown" until the kernel's link watcher (up to a second
+    later) sees its carrier is off, and a bridge takes "unknown" for "up": a pair put on a
+    bridge at once would forward without a carrier, and the watcher would take it out later,
+    under the rtnl lock, walking every port of the bridge. Made by pybridge, both kinds of
+    pair are disabled ports until their container's end comes up, then forwarding.
+
+    In pybridge's own namespace, as it runs (a Netlink for another namespace reads links
+    back to find them, which hides the problem)."""
+    script = (
+        "import asyncio, json, subprocess; from pydriver.netlink import Netlink\n"
+        "def state(name):\n"
+        "    out = subprocess.run(['bridge', '-j', 'link', 'show', 'dev', name],\n"
+        "                         capture_output=True, text=True, check=True).stdout\n"
+        "    return json.loads(out)[0]['state']\n"
+        "async def main():\n"
+        "    nl = Netlink(); await nl.open()\n"
+        "    await nl.ensure_bridge('pyb-test', '02:00:00:00:00:aa', None)\n"
+        "    await nl.set_link('pyb-test', up=True)\n"
+        "    states = []\n"
+        "    for n in range(8):\n"
+        "        spare, peer, new = f'pys{n:012d}', f'pyt{n:012d}', f'pyv{n:012d}'\n"
+        "        assert await nl.create_spare_veth(spare, peer)\n"
+        "        assert await nl.attach_veth(spare, peer, '02:11:22:33:44:55', None,\n"
+        "                                    'pyb-test', hairpin=True)\n"
+        "        assert await nl.ensure_veth(new, f'pyc{n:012d}', '02:11:22:33:44:56', None,\n"
+        "                                    'pyb-test')\n"
+        "        states += [state(spare), state(new)]\n"
+        "    await nl.close()\n"
+        "    print(json.dumps(states))\n"
+        "asyncio.run(main())\n"
+    )
+    states = json.loads(in_ns(netns, sys.executable, "-c", script))
+    assert states == ["disabled"] * 16  # without the read-back, most were "forwarding"
+    in_ns(netns, "ip", "link", "set", "pyt000000000000", "up")  # the container's end
+    for _ in range(40):
+        if port_state(netns, "pys000000000000") == "forwarding":
+            break
+        await asyncio.sleep(0.05)
+    assert port_state(netns, "pys000000000000") == "forwarding"
+    assert port_state(netns, "pyv000000000000") == "disabled"
+
+
 async def test_a_spare_attached_to_a_full_bridge_is_reported_as_such(
     nl: Netlink, netns: str
 ) -> None:
