@@ -455,6 +455,7 @@ _NLM_F_EXCL, _NLM_F_CREATE = 0x200, 0x400
 _IFF_UP = 0x1
 _IFLA_INFO_DATA, _IFLA_INFO_SLAVE_KIND, _IFLA_INFO_SLAVE_DATA = 2, 4, 5
 _VETH_INFO_PEER, _IFLA_BRPORT_MODE = 1, 4
+_IFLA_OPERSTATE, _IF_OPER_DORMANT = 16, 5
 
 Request = tuple[int, int, bytes]  # message type, flags besides request and ack, body
 
@@ -481,53 +482,63 @@ def _ifinfo(index: int, *attributes: bytes, up: bool | None = None) -> bytes:
 
 
 def veth_requests(host: str, peer: str, peer_mac: str | None, mtu: int | None) -> list[Request]:
-    """Create a veth pair, both ends down and on no bridge; then read each end back.
+    """Create a veth pair, both ends down and on no bridge, the host end "dormant".
 
-    Reading an interface back settles its operational state at once (rtnl_getlink). A new
-    veth's carrier-off event otherwise waits up to a second for the kernel's link watcher,
-    and its state is "unknown", which a bridge takes for "up" until then: a pair put on a
-    bridge meanwhile is forwarding without a carrier, and the watcher takes it out again later
-    under the rtnl lock, walking every port of the bridge for each such port (12-40 ms with
-    1,000 ports, every interface change of the host waiting behind it)."""
+    A new veth's operational state is "unknown" until the kernel's link watcher, up to a
+    second later, sees its carrier is off; and a bridge takes "unknown" for "up". A pair put on
+    a bridge meanwhile forwarded without a carrier, and the watcher took it out again later
+    under the rtnl lock, walking every port of the bridge for each such port (10-45 ms with
+    1,000 ports, every interface change on the host waiting behind it). "Dormant" is not up
+    for the bridge; the watcher replaces it with the real state (up once the container's end
+    is), as it does "unknown". Every kernel takes it at creation (rtnl_create_link)."""
     mtu_attr = _u32(_IFLA_MTU, mtu) if mtu else b""
     mac_attr = _nla(_IFLA_ADDRESS, _mac_bytes(peer_mac)) if peer_mac else b""
     peer_info = _ifinfo(0, _ifname(peer), mac_attr, mtu_attr)
     info = _nla(_IFLA_INFO_KIND, b"veth\0") + _nla(
         _IFLA_INFO_DATA | _NLA_F_NESTED, _nla(_VETH_INFO_PEER, peer_info)
     )
-    create = _ifinfo(0, _ifname(host), mtu_attr, _nla(_IFLA_LINKINFO | _NLA_F_NESTED, info))
-    skip_stats = _u32(_IFLA_EXT_MASK, _RTEXT_FILTER_SKIP_STATS)
-    return [
-        (_RTM_NEWLINK, _NLM_F_CREATE | _NLM_F_EXCL, create),
-        (_RTM_GETLINK, 0, _ifinfo(0, _ifname(host), skip_stats)),
-        (_RTM_GETLINK, 0, _ifinfo(0, _ifname(peer), skip_stats)),
-    ]
+    dormant = _nla(_IFLA_OPERSTATE, bytes([_IF_OPER_DORMANT]))
+    linkinfo = _nla(_IFLA_LINKINFO | _NLA_F_NESTED, info)
+    create = _ifinfo(0, _ifname(host), mtu_attr, dormant, linkinfo)
+    return [(_RTM_NEWLINK, _NLM_F_CREATE | _NLM_F_EXCL, create)]
+
+
+def _changing(index: int) -> int:
+    # A change request without an index (0) and without a name would apply to every
+    # interface of the group it names (rtnl_group_changelink).
+    if index <= 0:
+        raise ValueError(f"interface index {index} names no interface")
+    return index
+
+
+def peer_requests(peer_index: int, peer_mac: str, mtu: int | None) -> list[Request]:
+    """Give a spare's container end the MAC and MTU a new pair is made with, out of any
+    interface group (RETIRED_LINK_GROUP). Sent on its own: in one send with the host end's,
+    a refused MAC (the kernel's EADDRNOTAVAIL) would still let the host end join the bridge."""
+    mtu_attr = _u32(_IFLA_MTU, mtu) if mtu else b""
+    settings = _ifinfo(
+        _changing(peer_index),
+        _nla(_IFLA_ADDRESS, _mac_bytes(peer_mac)),
+        mtu_attr,
+        _u32(_IFLA_GROUP, 0),
+    )
+    return [(_RTM_NEWLINK, 0, settings)]
 
 
 def attach_requests(
-    host_index: int,
-    master_index: int,
-    mtu: int | None,
-    *,
-    hairpin: bool,
-    peer: tuple[int, str] | None = None,
+    host_index: int, master_index: int, mtu: int | None, *, hairpin: bool
 ) -> list[Request]:
     """Put a pair's host end (its MTU, out of any interface group) on the bridge and up;
-    then, a port of that bridge by now, in hairpin mode. ``peer`` (index, MAC): a spare's
-    container end gets the MAC and MTU a new pair is made with, and leaves any group too
-    (RETIRED_LINK_GROUP)."""
+    then, a port of that bridge by now, in hairpin mode."""
     mtu_attr = _u32(_IFLA_MTU, mtu) if mtu else b""
-    requests: list[Request] = []
-    if peer is not None:
-        peer_index, peer_mac = peer
-        peer_settings = _ifinfo(
-            peer_index, _nla(_IFLA_ADDRESS, _mac_bytes(peer_mac)), mtu_attr, _u32(_IFLA_GROUP, 0)
-        )
-        requests.append((_RTM_NEWLINK, 0, peer_settings))
     host = _ifinfo(
-        host_index, _u32(_IFLA_MASTER, master_index), mtu_attr, _u32(_IFLA_GROUP, 0), up=True
+        _changing(host_index),
+        _u32(_IFLA_MASTER, _changing(master_index)),
+        mtu_attr,
+        _u32(_IFLA_GROUP, 0),
+        up=True,
     )
-    requests.append((_RTM_NEWLINK, 0, host))
+    requests: list[Request] = [(_RTM_NEWLINK, 0, host)]
     if hairpin:
         # As `ip link set HOST type bridge_slave hairpin on` (and pyroute2's brport) ask it.
         port = _nla(_IFLA_BRPORT_MODE, b"\x01")
@@ -547,10 +558,14 @@ def retire_requests(host_index: int | None, peer_index: int | None) -> list[Requ
     requests: list[Request] = []
     if host_index is not None:
         requests.append(
-            (_RTM_NEWLINK, 0, _ifinfo(host_index, _u32(_IFLA_MASTER, 0), group, up=False))
+            (
+                _RTM_NEWLINK,
+                0,
+                _ifinfo(_changing(host_index), _u32(_IFLA_MASTER, 0), group, up=False),
+            )
         )
     if peer_index is not None:
-        requests.append((_RTM_NEWLINK, 0, _ifinfo(peer_index, group, up=False)))
+        requests.append((_RTM_NEWLINK, 0, _ifinfo(_changing(peer_index), group, up=False)))
     return requests
 
 
@@ -592,7 +607,7 @@ class _RouteSocket:
             offset = 0
             while offset + _NLMSG.size <= len(data):
                 length, kind, _, sequence, _ = _NLMSG.unpack_from(data, offset)
-                if length < _NLMSG.size:
+                if length < _NLMSG.size or offset + length > len(data):
                     raise OSError("malformed netlink answer")
                 if kind == _NLMSG_ERROR and first <= sequence <= self._sequence:
                     codes[sequence] = -struct.unpack_from("=i", data, offset + _NLMSG.size)[0]
@@ -870,14 +885,16 @@ class _NetlinkCore:
                     self._route = _RouteSocket(self._netns)
                 return self._route.requests(requests)
             except OSError as err:
+                if self._route is not None:  # the next batch starts on a fresh socket
+                    self._route.close()
+                    self._route = None
                 raise HostError(f"could not {what}: {err}") from None
 
     async def _create_veth(
         self, host: str, peer: str, peer_mac: str | None, mtu: int | None
     ) -> bool:
-        """A new pair, down and settled (veth_requests); False if a link of either name
-        exists already."""
-        created, *_ = await self._requests(
+        """A new pair (veth_requests); False if a link of either name exists already."""
+        (created,) = await self._requests(
             veth_requests(host, peer, peer_mac, mtu), f"create veth pair {host}/{peer}"
         )
         if created == errno.EEXIST:
@@ -887,44 +904,34 @@ class _NetlinkCore:
         return True
 
     async def _attach(
-        self,
-        host: str,
-        master: str,
-        mtu: int | None,
-        hairpin: bool,
-        peer: tuple[str, str] | None = None,
+        self, host: str, master_index: int, master: str, mtu: int | None, hairpin: bool
     ) -> bool:
-        """attach_requests by name; False if the pair is not there (any more)."""
-        host_index, master_index = await self.index(host), await self.index(master)
-        if master_index is None:
-            raise HostError(f"bridge {master} does not exist")
-        peer_settings = None
-        if peer is not None:
-            peer_index = await self.index(peer[0])
-            if peer_index is None:
-                return False
-            peer_settings = (peer_index, peer[1])
+        """attach_requests; False if the host end is not there (any more)."""
+        host_index = await self.index(host)
         if host_index is None:
             return False
-        what = f"set up veth pair {host}/{peer[0]}" if peer else f"set up veth {host}"
+        what = f"put veth {host} on bridge {master}"
         codes = await self._requests(
-            attach_requests(host_index, master_index, mtu, hairpin=hairpin, peer=peer_settings),
-            what,
+            attach_requests(host_index, master_index, mtu, hairpin=hairpin), what
         )
-        settings = codes[:2] if peer else codes[:1]  # the peer's, then the host end's
-        for code in settings:
-            if code == errno.EXFULL:
-                raise BridgeFull(
-                    f"bridge {master} has no free port: a Linux bridge holds at most "
-                    f"{MAX_BRIDGE_PORTS} interfaces"
-                )
-            if code in (errno.ENODEV, errno.ENOENT):
-                return False
-            if code:
-                raise HostError(f"could not {what}: {os.strerror(code)}")
-        if hairpin and codes[-1]:
-            raise HostError(f"could not set hairpin mode on {host}: {os.strerror(codes[-1])}")
+        if codes[0] == errno.EXFULL:
+            raise BridgeFull(
+                f"bridge {master} has no free port: a Linux bridge holds at most "
+                f"{MAX_BRIDGE_PORTS} interfaces"
+            )
+        if codes[0] in (errno.ENODEV, errno.ENOENT):
+            return False
+        if codes[0]:
+            raise HostError(f"could not {what}: {os.strerror(codes[0])}")
+        if hairpin and codes[1]:
+            raise HostError(f"could not set hairpin mode on {host}: {os.strerror(codes[1])}")
         return True
+
+    async def _bridge_index(self, master: str) -> int:
+        index = await self.index(master)
+        if index is None:
+            raise HostError(f"bridge {master} does not exist")
+        return index
 
     async def ensure_veth(
         self,
@@ -939,14 +946,15 @@ class _NetlinkCore:
         """Create a veth pair unless the host end exists (with ``master``: then the host end
         on that bridge and up; with ``hairpin``, in hairpin mode). Returns True if created
         now."""
+        master_index = await self._bridge_index(master) if master is not None else None
         if await self.exists(host):
             return False
         if not await self._create_veth(host, peer, peer_mac, mtu):
             return False
-        if master is None:
+        if master is None or master_index is None:
             return True
         try:
-            attached = await self._attach(host, master, mtu, hairpin)
+            attached = await self._attach(host, master_index, master, mtu, hairpin)
         except BridgeFull:
             await self.delete_link(host)  # made again once a port is free
             raise
@@ -971,8 +979,18 @@ class _NetlinkCore:
     ) -> bool:
         """Give an existing pair (a spare) what ensure_veth gives a new one: the peer's MAC and
         both MTUs, the host end on ``master`` and up (then in hairpin mode). False if the pair
-        is not there (any more)."""
-        return await self._attach(host, master, mtu, hairpin, peer=(peer, peer_mac))
+        is not there (any more). The host end is left alone if the peer's settings fail."""
+        master_index = await self._bridge_index(master)
+        peer_index = await self.index(peer)
+        if peer_index is None:
+            return False
+        what = f"set up veth pair {host}/{peer}"
+        (code,) = await self._requests(peer_requests(peer_index, peer_mac, mtu), what)
+        if code in (errno.ENODEV, errno.ENOENT):
+            return False
+        if code:
+            raise HostError(f"could not {what}: {os.strerror(code)}")
+        return await self._attach(host, master_index, master, mtu, hairpin)
 
     async def retire(self, host: str, peer: str) -> None:
         """Take a veth pair's host end off its bridge, and both ends (the peer if it is in

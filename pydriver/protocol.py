@@ -483,6 +483,17 @@ def parse_create_endpoint(body: Mapping[str, Any]) -> CreateEndpointRequest:
                 f"Interface.MacAddress {_show(raw_mac)} is not a MAC address like 02:42:ac:11:00:02"
             )
         mac = raw_mac.lower()
+        # The kernel refuses these on an interface (only at the veth's set-up, in its words).
+        if int(mac[:2], 16) & 1:
+            raise InvalidRequest(
+                f"Interface.MacAddress {mac} is a multicast address; a container's MAC address "
+                "must be unicast (an even first byte), like 02:42:ac:11:00:02"
+            )
+        if mac == "00:00:00:00:00:00":
+            raise InvalidRequest(
+                "Interface.MacAddress 00:00:00:00:00:00 is not usable; give a unicast MAC "
+                "address like 02:42:ac:11:00:02"
+            )
     options = _object(body, "Options")
     driver_options = {
         key: value

@@ -152,11 +152,12 @@ async def test_a_pair_put_on_a_bridge_forwards_only_once_its_container_end_is_up
     """A new veth's state is "unknown" until the kernel's link watcher (up to a second
     later) sees its carrier is off, and a bridge takes "unknown" for "up": a pair put on a
     bridge at once would forward without a carrier, and the watcher would take it out later,
-    under the rtnl lock, walking every port of the bridge. Made by pybridge, both kinds of
-    pair are disabled ports until their container's end comes up, then forwarding.
+    under the rtnl lock, walking every port of the bridge. Made by pybridge (host end
+    "dormant"), both kinds of pair are disabled ports until their container's end comes up,
+    then forwarding.
 
-    In pybridge's own namespace, as it runs (a Netlink for another namespace reads links
-    back to find them, which hides the problem)."""
+    In pybridge's own namespace, as it runs: a Netlink for another namespace reads links
+    back to find them, which on Linux 6.8 and newer settles the state and hides the problem."""
     script = (
         "import asyncio, json, subprocess; from pydriver.netlink import Netlink\n"
         "def state(name):\n"
@@ -181,7 +182,7 @@ async def test_a_pair_put_on_a_bridge_forwards_only_once_its_container_end_is_up
         "asyncio.run(main())\n"
     )
     states = json.loads(in_ns(netns, sys.executable, "-c", script))
-    assert states == ["disabled"] * 16  # without the read-back, most were "forwarding"
+    assert states == ["disabled"] * 16  # not dormant, most were "forwarding"
     in_ns(netns, "ip", "link", "set", "pyt000000000000", "up")  # the container's end
     for _ in range(40):
         if port_state(netns, "pys000000000000") == "forwarding":
