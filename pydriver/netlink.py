@@ -500,7 +500,15 @@ def veth_requests(host: str, peer: str, peer_mac: str | None, mtu: int | None) -
     dormant = _nla(_IFLA_OPERSTATE, bytes([_IF_OPER_DORMANT]))
     linkinfo = _nla(_IFLA_LINKINFO | _NLA_F_NESTED, info)
     create = _ifinfo(0, _ifname(host), mtu_attr, dormant, linkinfo)
-    return [(_RTM_NEWLINK, _NLM_F_CREATE | _NLM_F_EXCL, create)]
+    # Read back (Linux 6.8 and newer: rtnl_getlink settles the state, then and there): the
+    # watcher has nothing left to do for the pair later, when the host end is up on a bridge
+    # and each of its changes costs an RCU grace period under the rtnl lock.
+    skip_stats = _u32(_IFLA_EXT_MASK, _RTEXT_FILTER_SKIP_STATS)
+    return [
+        (_RTM_NEWLINK, _NLM_F_CREATE | _NLM_F_EXCL, create),
+        (_RTM_GETLINK, 0, _ifinfo(0, _ifname(host), skip_stats)),
+        (_RTM_GETLINK, 0, _ifinfo(0, _ifname(peer), skip_stats)),
+    ]
 
 
 def _changing(index: int) -> int:
@@ -894,7 +902,7 @@ class _NetlinkCore:
         self, host: str, peer: str, peer_mac: str | None, mtu: int | None
     ) -> bool:
         """A new pair (veth_requests); False if a link of either name exists already."""
-        (created,) = await self._requests(
+        created, *_ = await self._requests(
             veth_requests(host, peer, peer_mac, mtu), f"create veth pair {host}/{peer}"
         )
         if created == errno.EEXIST:

@@ -153,8 +153,8 @@ async def test_a_pair_put_on_a_bridge_forwards_only_once_its_container_end_is_up
     later) sees its carrier is off, and a bridge takes "unknown" for "up": a pair put on a
     bridge at once would forward without a carrier, and the watcher would take it out later,
     under the rtnl lock, walking every port of the bridge. Made by pybridge (host end
-    "dormant"), both kinds of pair are disabled ports until their container's end comes up,
-    then forwarding.
+    "dormant", then read back), both kinds of pair are disabled ports until their container's
+    end comes up, then forwarding.
 
     In pybridge's own namespace, as it runs: a Netlink for another namespace reads links
     back to find them, which on Linux 6.8 and newer settles the state and hides the problem."""

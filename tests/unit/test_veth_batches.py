@@ -106,7 +106,7 @@ async def test_a_new_pair_needs_its_bridge_before_anything_is_made() -> None:
 
 
 async def test_a_new_pair_whose_name_is_taken_is_not_attached() -> None:
-    route = ScriptedRoute([errno.EEXIST])
+    route = ScriptedRoute([errno.EEXIST, 0, 0])
     made = await core_with(route).ensure_veth(
         "pyv0123456789ab", "pyc0123456789ab", "02:11:22:33:44:55", None, "pyb-net"
     )
@@ -115,7 +115,7 @@ async def test_a_new_pair_whose_name_is_taken_is_not_attached() -> None:
 
 
 async def test_a_new_pair_for_a_full_bridge_is_deleted_to_be_made_again_later() -> None:
-    route = ScriptedRoute([0], [errno.EXFULL])
+    route = ScriptedRoute([0, 0, 0], [errno.EXFULL])
     core = core_with(route, {**INDEXES, "pyv0123456789ab": 9})
     core.exists = lambda name: _false()  # type: ignore[method-assign]
     deleted: list[str] = []

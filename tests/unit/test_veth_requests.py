@@ -14,11 +14,11 @@ from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pydriver.naming import RETIRED_LINK_GROUP
 from pydriver.netlink import attach_requests, peer_requests, retire_requests, veth_requests
 
-RTM_NEWLINK = 16
+RTM_NEWLINK, RTM_GETLINK = 16, 18
 NLM_F_EXCL, NLM_F_CREATE = 0x200, 0x400
 IFF_UP = 1
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER = 1, 3, 4, 10
-IFLA_OPERSTATE, IFLA_LINKINFO, IFLA_GROUP = 16, 18, 27
+IFLA_OPERSTATE, IFLA_LINKINFO, IFLA_GROUP, IFLA_EXT_MASK = 16, 18, 27, 29
 IF_OPER_DORMANT = 5
 IFLA_INFO_KIND, IFLA_INFO_DATA, IFLA_INFO_SLAVE_KIND, IFLA_INFO_SLAVE_DATA = 1, 2, 4, 5
 VETH_INFO_PEER, IFLA_BRPORT_MODE = 1, 4
@@ -55,8 +55,10 @@ def pyroute2_view(request: tuple[int, int, bytes]) -> ifinfmsg:
     return message
 
 
-def test_a_new_pair_is_created_down_on_no_bridge_its_host_end_dormant() -> None:
-    (create,) = veth_requests("pyv0123456789ab", "pyc0123456789ab", "02:50:ac:18:00:02", 1400)
+def test_a_new_pair_is_created_down_on_no_bridge_its_host_end_dormant_then_read_back() -> None:
+    create, *read_back = veth_requests(
+        "pyv0123456789ab", "pyc0123456789ab", "02:50:ac:18:00:02", 1400
+    )
     kind, flags, body = create
     assert kind == RTM_NEWLINK
     assert flags == NLM_F_CREATE | NLM_F_EXCL  # never takes over an existing interface
@@ -81,10 +83,17 @@ def test_a_new_pair_is_created_down_on_no_bridge_its_host_end_dormant() -> None:
     peer_seen = info_seen.get_attr("IFLA_INFO_DATA").get_attr("VETH_INFO_PEER")
     assert peer_seen.get_attr("IFLA_IFNAME") == "pyc0123456789ab"
     assert peer_seen.get_attr("IFLA_ADDRESS") == "02:50:ac:18:00:02"
+    # Then both ends are read back (which settles their state on Linux 6.8 and newer).
+    for (kind, flags, body), name in zip(read_back, (b"pyv", b"pyc"), strict=True):
+        assert (kind, flags) == (RTM_GETLINK, 0)  # one interface, not a dump
+        header, read = ifinfo(body)
+        assert header["index"] == 0
+        assert read[IFLA_IFNAME] == name + b"0123456789ab\0"
+        assert IFLA_EXT_MASK in read
 
 
 def test_a_spare_is_created_with_the_kernel_defaults() -> None:
-    ((_, _, body),) = veth_requests("pys0123456789ab", "pyt0123456789ab", None, None)
+    (_, _, body), *_ = veth_requests("pys0123456789ab", "pyt0123456789ab", None, None)
     _, top = ifinfo(body)
     assert IFLA_MTU not in top
     _, peer = ifinfo(attrs(attrs(top[IFLA_LINKINFO])[IFLA_INFO_DATA])[VETH_INFO_PEER])
