@@ -77,6 +77,12 @@ class IpamDriver:
         self.ula_prefix: ipaddress.IPv6Network | None = None
         self._lock = KeyedLock()
 
+    def _in_use(self, pool_id: str) -> Collection[IPAddress]:
+        """The addresses known endpoints use in the pool (none if it backs no network);
+        `or ()` would count them all first (Collection truthiness is its length)."""
+        in_use = self._endpoint_addresses(pool_id)
+        return () if in_use is None else in_use
+
     async def load(self) -> None:
         self.pools = {pool.id: pool for pool in await self.store.load_pools()}
         # A pool set aside (its row could not be read) may still be some network's: its
@@ -106,7 +112,7 @@ class IpamDriver:
         allocated: a leak is safe, a duplicate is not)."""
         if not pool.unacknowledged and not pool.unclaimed:
             return
-        for address in pool.drop_replays(self._endpoint_addresses(pool.id) or ()):
+        for address in pool.drop_replays(self._in_use(pool.id)):
             log.info("address %s in pool %s: Docker has it (an endpoint uses it)", address, pool.id)
             await self.store.acknowledge(pool.id, str(address))
         for address, answer in pool.expire_replays(self._clock()):
@@ -316,7 +322,7 @@ class IpamDriver:
             if pool is None or int(req.address) not in pool.allocated:
                 log.info("address %s in pool %s was already released", req.address, req.pool_id)
                 return
-            if req.address in (self._endpoint_addresses(pool.id) or ()):
+            if req.address in (self._in_use(pool.id)):
                 # Docker deletes an endpoint before it releases its address, so the holder is
                 # another endpoint: this is a late release for one pybridge already removed
                 # (a dead container's, see eviction.py) whose address went to a new
@@ -344,7 +350,7 @@ class IpamDriver:
                 if pool is None or int(address) not in pool.allocated:
                     continue
                 if pool_id not in in_use:
-                    in_use[pool_id] = self._endpoint_addresses(pool_id) or ()
+                    in_use[pool_id] = self._in_use(pool_id)
                 if address not in in_use[pool_id]:
                     owned.append((pool, address))
             if not owned:

@@ -7,7 +7,8 @@ questions the rest of the driver asks of its networks and endpoints.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence, Set
+from ipaddress import IPv4Address, IPv6Address
 
 from .errors import NotFound
 from .interfaces import NetworkStore
@@ -28,12 +29,16 @@ class State:
         # network or one of its endpoints changes: the writer compares and renders the views
         # of every network at every change, which costs a lookup each for unchanged ones.
         self._views: dict[str, NetworkRules] = {}
+        # The endpoints that publish ports, in the order of ``endpoints``: port checks and the
+        # firewall's views look at these, not at every endpoint (most publish nothing).
+        self._publishing: dict[str, None] = {}
 
     async def load(self) -> None:
         self.networks = {n.id: n for n in await self.store.load_networks()}
         self.endpoints = {}
         self._holders = {}
         self._views = {}
+        self._publishing = {}
         for endpoint in await self.store.load_endpoints():
             self._remember(endpoint)
 
@@ -44,6 +49,8 @@ class State:
     def _remember(self, endpoint: Endpoint) -> None:
         self._forget(endpoint.id)
         self.endpoints[endpoint.id] = endpoint
+        if endpoint.mappings:
+            self._publishing[endpoint.id] = None
         self._views.pop(endpoint.network_id, None)
         for key in self._keys(endpoint):
             self._holders.setdefault(key, set()).add(endpoint.id)
@@ -52,6 +59,7 @@ class State:
         old = self.endpoints.pop(endpoint_id, None)
         if old is None:
             return
+        self._publishing.pop(endpoint_id, None)
         self._views.pop(old.network_id, None)
         for key in self._keys(old):
             ids = self._holders.get(key)
@@ -126,9 +134,9 @@ class State:
             for n in live
             if (view := self._views.get(n.id)) is None or view.tunnel != tunnel_of[n.id]
         }
-        if stale:  # their ports, in one pass over the endpoints (start-up: every network)
+        if stale:  # their ports, in one pass over the publishing endpoints
             mappings: dict[str, list[PortMapping]] = {i: [] for i in stale}
-            for endpoint in self.endpoints.values():
+            for endpoint in self._published():
                 if endpoint.network_id in mappings:
                     mappings[endpoint.network_id].extend(endpoint.mappings)
             for network in live:
@@ -139,20 +147,25 @@ class State:
 
     def mappings_of_others(self, endpoint_id: str) -> Iterator[PortMapping]:
         """Every host port published for an endpoint other than ``endpoint_id``."""
-        for endpoint in self.endpoints.values():
+        for endpoint in self._published():
             if endpoint.id != endpoint_id:
                 yield from endpoint.mappings
 
     def publisher_of(self, mapping: PortMapping) -> Endpoint | None:
         """The endpoint that publishes ``mapping``."""
-        for endpoint in self.endpoints.values():
+        for endpoint in self._published():
             if mapping in endpoint.mappings:
                 return endpoint
         return None
 
-    def addresses_in_pool(self, pool_id: str) -> set[IPAddress] | None:
+    def _published(self) -> list[Endpoint]:
+        return [self.endpoints[i] for i in self._publishing]
+
+    def addresses_in_pool(self, pool_id: str) -> Collection[IPAddress] | None:
         """The addresses endpoints use in pybridge IPAM pool ``pool_id``, or None if no network
-        of this driver has a subnet from that pool. A read-only view for the IPAM driver."""
+        of this driver has a subnet from that pool. A read-only view for the IPAM driver:
+        asking whether it holds one address (every ReleaseAddress) costs a lookup per network
+        of the pool, not a pass over the endpoints."""
         from_pool: dict[str, list[IPNetwork]] = {}  # network id -> its subnets from that pool
         for network in self.networks.values():
             for subnet in network.subnets:
@@ -160,15 +173,10 @@ class State:
                     from_pool.setdefault(network.id, []).append(subnet.pool)
         if not from_pool:
             return None
-        used: set[IPAddress] = set()
-        for endpoint in self.endpoints.values():
-            subnets = from_pool.get(endpoint.network_id)
-            if not subnets:
-                continue
-            for address in (endpoint.address, endpoint.address_v6):
-                if address is not None and any(address.ip in pool for pool in subnets):
-                    used.add(address.ip)
-        return used
+        return _PoolAddresses(self, from_pool)
+
+    def _uses(self, network_id: str, address: IPAddress) -> bool:
+        return bool(self._holders.get((network_id, str(address))))
 
     def owned_addresses(self, endpoints: Sequence[Endpoint]) -> list[tuple[str, IPAddress]]:
         """(pool id, address) of the endpoints' addresses that pybridge's IPAM gave."""
@@ -185,3 +193,39 @@ class State:
                         owned.append((subnet.ipam_pool, address.ip))
                         break
         return owned
+
+
+class _PoolAddresses(Set[IPAddress]):
+    """State.addresses_in_pool: membership from the state's index of holders; the whole set
+    (start-up, the collector) made on first iteration."""
+
+    def __init__(self, state: State, from_pool: Mapping[str, Sequence[IPNetwork]]) -> None:
+        self._state = state
+        self._from_pool = from_pool
+        self._all: set[IPAddress] | None = None
+
+    def __contains__(self, item: object) -> bool:
+        if not isinstance(item, IPv4Address | IPv6Address):
+            return False
+        return any(
+            self._state._uses(network_id, item) and any(item in pool for pool in subnets)
+            for network_id, subnets in self._from_pool.items()
+        )
+
+    def _every(self) -> set[IPAddress]:
+        if self._all is None:
+            self._all = set()
+            for endpoint in self._state.endpoints.values():
+                subnets = self._from_pool.get(endpoint.network_id)
+                if not subnets:
+                    continue
+                for address in (endpoint.address, endpoint.address_v6):
+                    if address is not None and any(address.ip in pool for pool in subnets):
+                        self._all.add(address.ip)
+        return self._all
+
+    def __iter__(self) -> Iterator[IPAddress]:
+        return iter(self._every())
+
+    def __len__(self) -> int:
+        return len(self._every())

@@ -4,6 +4,7 @@ view of them (rules.firewall_views)."""
 from __future__ import annotations
 
 import ipaddress
+import random
 
 import pytest
 
@@ -164,3 +165,52 @@ async def test_the_holders_of_an_address_or_a_mac_follow_every_change() -> None:
     await again.load()
     assert [e.id for e in again.holders(NET, [ip("10.50.0.3")])] == [EP2]
     assert again.mac_taken(NET, "02:00:00:00:00:02", but=EP1)
+
+
+async def test_the_indexes_answer_as_a_pass_over_every_endpoint_would() -> None:
+    """Port checks, the firewall's views and the IPAM's "is this address in use" look at
+    indexes kept beside the endpoints (the same cost with 1 and 1,000 endpoints); through a
+    random sequence of changes they answer what a pass over every endpoint answers."""
+    rng = random.Random(17)
+    store = FakeStore()
+    state = State(store)
+    await state.put_network(network())
+    await state.put_network(network(NET2, "10.60.0.0/24"))
+    ids = [hexid(f"index-ep-{n}") for n in range(12)]
+    ports = [mapping(8000 + n, f"10.50.0.{n + 2}") for n in range(6)]
+    pools = ["10.50.0.0/24", "10.60.0.0/24"]
+    for step in range(400):
+        endpoint_id = rng.choice(ids)
+        if rng.random() < 0.25:
+            await state.drop_endpoint(endpoint_id)
+        else:
+            net, prefix = rng.choice([(NET, "10.50.0"), (NET2, "10.60.0")])
+            published = tuple(rng.sample(ports, rng.choice([0, 0, 1, 2])))
+            address = f"{prefix}.{rng.randrange(2, 12)}/24"
+            await state.put_endpoint(endpoint(endpoint_id, address, net, mappings=published))
+        if step % 50 == 49:  # and as loaded from the store
+            state = State(store)
+            await state.load()
+        everyone = list(state.endpoints.values())
+        for other in ids:
+            assert list(state.mappings_of_others(other)) == [
+                m for e in everyone if e.id != other for m in e.mappings
+            ]
+        for port in ports:
+            assert state.publisher_of(port) == next(
+                (e for e in everyone if port in e.mappings), None
+            )
+        assert state.firewall_views() == firewall_views(state.networks.values(), everyone)
+        for pool in pools:
+            used = {
+                e.address.ip
+                for e in everyone
+                if e.address is not None and e.address.ip in ipaddress.ip_network(pool)
+            }
+            in_use = state.addresses_in_pool(pool)
+            assert in_use is not None
+            assert set(in_use) == used
+            assert in_use == used
+            for last in range(2, 12):
+                candidate = ipaddress.ip_address(f"{pool[:-4]}{last}")
+                assert (candidate in in_use) == (candidate in used)
