@@ -322,7 +322,7 @@ class IpamDriver:
             if pool is None or int(req.address) not in pool.allocated:
                 log.info("address %s in pool %s was already released", req.address, req.pool_id)
                 return
-            if req.address in (self._in_use(pool.id)):
+            if req.address in self._in_use(pool.id):
                 # Docker deletes an endpoint before it releases its address, so the holder is
                 # another endpoint: this is a late release for one pybridge already removed
                 # (a dead container's, see eviction.py) whose address went to a new

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence, Set
 from ipaddress import IPv4Address, IPv6Address
+from typing import TypeVar
 
 from .errors import NotFound
 from .interfaces import NetworkStore
@@ -195,14 +196,20 @@ class State:
         return owned
 
 
+_S = TypeVar("_S")
+
+
 class _PoolAddresses(Set[IPAddress]):
-    """State.addresses_in_pool: membership from the state's index of holders; the whole set
-    (start-up, the collector) made on first iteration."""
+    """State.addresses_in_pool: membership from the state's index of holders, the whole set
+    (start-up, the collector) by a pass over the endpoints; both as the state is now."""
 
     def __init__(self, state: State, from_pool: Mapping[str, Sequence[IPNetwork]]) -> None:
         self._state = state
         self._from_pool = from_pool
-        self._all: set[IPAddress] | None = None
+
+    @classmethod
+    def _from_iterable(cls, it: Iterable[_S]) -> Set[_S]:
+        return set(it)  # what the set operators (&, |, -) give: a plain set
 
     def __contains__(self, item: object) -> bool:
         if not isinstance(item, IPv4Address | IPv6Address):
@@ -213,16 +220,15 @@ class _PoolAddresses(Set[IPAddress]):
         )
 
     def _every(self) -> set[IPAddress]:
-        if self._all is None:
-            self._all = set()
-            for endpoint in self._state.endpoints.values():
-                subnets = self._from_pool.get(endpoint.network_id)
-                if not subnets:
-                    continue
-                for address in (endpoint.address, endpoint.address_v6):
-                    if address is not None and any(address.ip in pool for pool in subnets):
-                        self._all.add(address.ip)
-        return self._all
+        every: set[IPAddress] = set()
+        for endpoint in self._state.endpoints.values():
+            subnets = self._from_pool.get(endpoint.network_id)
+            if not subnets:
+                continue
+            for address in (endpoint.address, endpoint.address_v6):
+                if address is not None and any(address.ip in pool for pool in subnets):
+                    every.add(address.ip)
+        return every
 
     def __iter__(self) -> Iterator[IPAddress]:
         return iter(self._every())

@@ -18,6 +18,7 @@ from .fakes import FakeStore, hexid
 
 NET, NET2 = hexid("state-net"), hexid("state-net-2")
 EP1, EP2, EP3 = hexid("state-ep-1"), hexid("state-ep-2"), hexid("state-ep-3")
+NET3 = hexid("state-net-3")
 
 
 def network(network_id: str = NET, subnet: str = "10.50.0.0/24", **changes: object) -> Network:
@@ -171,25 +172,49 @@ async def test_the_indexes_answer_as_a_pass_over_every_endpoint_would() -> None:
     """Port checks, the firewall's views and the IPAM's "is this address in use" look at
     indexes kept beside the endpoints (the same cost with 1 and 1,000 endpoints); through a
     random sequence of changes they answer what a pass over every endpoint answers."""
+    ip, net = ipaddress.ip_address, ipaddress.ip_network
     rng = random.Random(17)
     store = FakeStore()
     state = State(store)
-    await state.put_network(network())
-    await state.put_network(network(NET2, "10.60.0.0/24"))
+    v6 = Subnet(
+        net("fd00:50::/64"), ipaddress.ip_interface("fd00:50::1/64"), ipam_pool="fd00:50::/64"
+    )
+    two_pools = (  # one network, a subnet from each of two pools
+        Subnet(net("10.70.0.0/25"), ipaddress.ip_interface("10.70.0.1/25"), ipam_pool="pool-a"),
+        Subnet(net("10.70.0.128/25"), ipaddress.ip_interface("10.70.0.129/25"), ipam_pool="pool-b"),
+    )
+    networks = {
+        NET: network(subnets_v6=(v6,)),
+        NET2: network(NET2, "10.60.0.0/24"),
+        NET3: network(NET3, subnets_v4=two_pools),
+    }
+    prefixes = {NET: "10.50.0", NET2: "10.60.0", NET3: "10.70.0"}
+    pools = {"10.50.0.0/24": [NET], "fd00:50::/64": [NET], "10.60.0.0/24": [NET2]}
+    pools |= {"pool-a": [NET3], "pool-b": [NET3]}
+    for record in networks.values():
+        await state.put_network(record)
     ids = [hexid(f"index-ep-{n}") for n in range(12)]
     ports = [mapping(8000 + n, f"10.50.0.{n + 2}") for n in range(6)]
-    pools = ["10.50.0.0/24", "10.60.0.0/24"]
-    for step in range(400):
+    for step in range(500):
         endpoint_id = rng.choice(ids)
-        if rng.random() < 0.25:
+        roll = rng.random()
+        if roll < 0.03:  # a network goes, with its endpoints, and comes back
+            gone = rng.choice(list(networks))
+            await state.drop_network(gone)
+            await state.put_network(networks[gone])
+        elif roll < 0.25:
             await state.drop_endpoint(endpoint_id)
         else:
-            net, prefix = rng.choice([(NET, "10.50.0"), (NET2, "10.60.0")])
-            published = tuple(rng.sample(ports, rng.choice([0, 0, 1, 2])))
-            address = f"{prefix}.{rng.randrange(2, 12)}/24"
-            await state.put_endpoint(endpoint(endpoint_id, address, net, mappings=published))
-        if step % 50 == 49:  # and as loaded from the store
-            state = State(store)
+            network_id = rng.choice(list(networks))
+            last = rng.choice([2, 3, 4, 5, 100, 130, 140, 200])
+            changes: dict[str, object] = {
+                "mappings": tuple(rng.sample(ports, rng.choice([0, 0, 1, 2])))
+            }
+            if network_id == NET and rng.random() < 0.5:
+                changes["address_v6"] = ipaddress.IPv6Interface(f"fd00:50::{last:x}/64")
+            address = f"{prefixes[network_id]}.{last}/24"
+            await state.put_endpoint(endpoint(endpoint_id, address, network_id, **changes))
+        if step % 50 == 49:  # as loaded from the store, into the same State
             await state.load()
         everyone = list(state.endpoints.values())
         for other in ids:
@@ -201,16 +226,23 @@ async def test_the_indexes_answer_as_a_pass_over_every_endpoint_would() -> None:
                 (e for e in everyone if port in e.mappings), None
             )
         assert state.firewall_views() == firewall_views(state.networks.values(), everyone)
-        for pool in pools:
+        for pool_id, holders in pools.items():
+            pool_subnets = [
+                s.pool for n in holders for s in state.networks[n].subnets if s.ipam_pool == pool_id
+            ]
             used = {
-                e.address.ip
+                a.ip
                 for e in everyone
-                if e.address is not None and e.address.ip in ipaddress.ip_network(pool)
+                if e.network_id in holders
+                for a in (e.address, e.address_v6)
+                if a is not None and any(a.ip in pool for pool in pool_subnets)
             }
-            in_use = state.addresses_in_pool(pool)
+            in_use = state.addresses_in_pool(pool_id)
             assert in_use is not None
             assert set(in_use) == used
             assert in_use == used
-            for last in range(2, 12):
-                candidate = ipaddress.ip_address(f"{pool[:-4]}{last}")
-                assert (candidate in in_use) == (candidate in used)
+            assert len(in_use) == len(used)
+            assert (in_use & used) == used  # the set operators give plain sets
+            candidates = [ip(f"{p}.{n}") for p in prefixes.values() for n in (2, 3, 100, 130)]
+            for candidate in [*candidates, ip("fd00:50::2"), ip("fd00:50::82")]:
+                assert (candidate in in_use) == (candidate in used), (pool_id, candidate)
