@@ -13,6 +13,7 @@ and attemptBindHostPorts).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -173,30 +174,62 @@ def plan(
 
 
 class PortIndex:
-    """Published mappings by protocol, family and host port: finding a clash costs the same
-    with thousands of ports published (`-p 20000-22999:20000-22999`) as with one, where a
-    scan of every published port for every new one would stall the event loop for seconds."""
+    """Published mappings by protocol, family and host port, each with the endpoint that
+    publishes it: finding a clash costs the same with thousands of ports published
+    (`-p 20000-22999:20000-22999`) as with one, where a scan of every published port for every
+    new one would stall the event loop for seconds."""
 
     def __init__(self, mappings: Iterable[PortMapping] = ()) -> None:
-        self._by_port: dict[tuple[str, int, int], list[PortMapping]] = {}
+        self._by_port: dict[tuple[str, int, int], list[tuple[PortMapping, str | None]]] = {}
         for mapping in mappings:
             self.add(mapping)
 
-    def add(self, mapping: PortMapping) -> None:
+    def add(self, mapping: PortMapping, owner: str | None = None) -> None:
         if mapping.direct:
             return  # no host port
         key = (mapping.proto, mapping.family, mapping.host_port)
-        self._by_port.setdefault(key, []).append(mapping)
+        self._by_port.setdefault(key, []).append((mapping, owner))
 
-    def conflict(self, candidate: Iterable[PortMapping]) -> PortMapping | None:
-        """A published mapping that claims the same host port as one of ``candidate``."""
+    def remove(self, mapping: PortMapping, owner: str | None = None) -> None:
+        key = (mapping.proto, mapping.family, mapping.host_port)
+        entries = self._by_port.get(key)
+        if entries is None:
+            return
+        with contextlib.suppress(ValueError):
+            entries.remove((mapping, owner))
+        if not entries:
+            del self._by_port[key]
+
+    def conflict(
+        self, candidate: Iterable[PortMapping], ignore: str | None = None
+    ) -> PortMapping | None:
+        """A published mapping that claims the same host port as one of ``candidate`` (not
+        one of ``ignore``'s)."""
         for mine in candidate:
             if mine.direct:
                 continue
-            for other in self._by_port.get((mine.proto, mine.family, mine.host_port), ()):
-                if overlaps(mine, other):
+            for other, owner in self._by_port.get((mine.proto, mine.family, mine.host_port), ()):
+                if (ignore is None or owner != ignore) and overlaps(mine, other):
                     return other
         return None
+
+
+class PortsOfOthers:
+    """What one endpoint's new publication must not clash with: every other endpoint's
+    published ports (the state's index, as it is now) and those it has chosen so far."""
+
+    def __init__(self, index: PortIndex, endpoint_id: str) -> None:
+        self._index = index
+        self._endpoint_id = endpoint_id
+        self._chosen = PortIndex()
+
+    def add(self, mapping: PortMapping) -> None:
+        self._chosen.add(mapping)
+
+    def conflict(self, candidate: Sequence[PortMapping]) -> PortMapping | None:
+        return self._index.conflict(candidate, ignore=self._endpoint_id) or self._chosen.conflict(
+            candidate
+        )
 
 
 def find_conflict(

@@ -19,7 +19,7 @@ from .firewall_writer import FirewallWriter
 from .interfaces import Kernel, PortHolder, PortReservations
 from .model import Endpoint, Network, PortBinding, PortMapping
 from .naming import short
-from .ports import PortIndex, PortRequest, held, plan
+from .ports import PortRequest, PortsOfOthers, held, plan
 from .state import State
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class Publisher:
             leave_unserved=other_gateway,
             routed=[f for f in (4, 6) if network.options.gateway_mode(f) == "routed"],
         )
-        taken = PortIndex(self.state.mappings_of_others(endpoint.id))
+        taken = PortsOfOthers(self.state.ports, endpoint.id)
         for old in held(endpoint.mappings):
             self.host_ports.release(old)
         chosen: list[PortMapping] = []
@@ -156,7 +156,7 @@ class Publisher:
             )
 
     async def _take(
-        self, endpoint: Endpoint, request: PortRequest, taken: PortIndex
+        self, endpoint: Endpoint, request: PortRequest, taken: PortsOfOthers
     ) -> list[PortMapping]:
         """One binding's mappings, with the host port it needs reserved."""
         binding = request.binding
@@ -251,7 +251,7 @@ class Publisher:
         await self.background.run(forget(), "forgetting flows of published ports")
 
     async def _reserve_binding(  # noqa: C901 (one loop over candidate ports, two ways to fail)
-        self, request: PortRequest, taken: PortIndex
+        self, request: PortRequest, taken: PortsOfOthers
     ) -> list[PortMapping]:
         """Pick a host port for one binding and reserve it on every address it covers.
 

@@ -15,6 +15,7 @@ from .errors import NotFound
 from .interfaces import NetworkStore
 from .model import Endpoint, IPAddress, IPNetwork, Network, PortMapping
 from .naming import short
+from .ports import PortIndex
 from .rules import NetworkRules, TunnelRules, firewall_view
 
 
@@ -33,6 +34,8 @@ class State:
         # The endpoints that publish ports, in the order of ``endpoints``: port checks and the
         # firewall's views look at these, not at every endpoint (most publish nothing).
         self._publishing: dict[str, None] = {}
+        # Their host ports (ports.PortIndex): a publication's clash check is a lookup.
+        self.ports = PortIndex()
 
     async def load(self) -> None:
         self.networks = {n.id: n for n in await self.store.load_networks()}
@@ -40,6 +43,7 @@ class State:
         self._holders = {}
         self._views = {}
         self._publishing = {}
+        self.ports = PortIndex()
         for endpoint in await self.store.load_endpoints():
             self._remember(endpoint)
 
@@ -52,6 +56,8 @@ class State:
         self.endpoints[endpoint.id] = endpoint
         if endpoint.mappings:
             self._publishing[endpoint.id] = None
+            for mapping in endpoint.mappings:
+                self.ports.add(mapping, endpoint.id)
         self._views.pop(endpoint.network_id, None)
         for key in self._keys(endpoint):
             self._holders.setdefault(key, set()).add(endpoint.id)
@@ -61,6 +67,8 @@ class State:
         if old is None:
             return
         self._publishing.pop(endpoint_id, None)
+        for mapping in old.mappings:
+            self.ports.remove(mapping, endpoint_id)
         self._views.pop(old.network_id, None)
         for key in self._keys(old):
             ids = self._holders.get(key)

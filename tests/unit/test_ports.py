@@ -10,7 +10,7 @@ import pytest
 from pydriver import protocol as p
 from pydriver.errors import Conflict, InvalidRequest
 from pydriver.model import PortBinding, PortMapping
-from pydriver.ports import PortRequest, find_conflict, overlaps, plan
+from pydriver.ports import PortIndex, PortRequest, PortsOfOthers, find_conflict, overlaps, plan
 
 from .conftest import Env
 from .fakes import create_endpoint_body, create_network_body, hexid, join_body
@@ -473,3 +473,20 @@ async def test_an_ipv6_host_binding_on_a_network_without_ipv6_is_refused_at_crea
         generic={"com.docker.network.bridge.host_binding_ipv4": "0.0.0.0"},
     )
     await env.driver.create_network(p.parse_create_network(body))
+
+
+def test_a_publication_clashes_with_others_and_with_itself_not_with_what_it_replaces() -> None:
+    """The state's index of published ports, seen by one endpoint publishing again."""
+    index = PortIndex()
+    mine, theirs = PortMapping("tcp", None, 8080, V4, 80), PortMapping("tcp", None, 9090, V4, 90)
+    index.add(mine, "endpoint-a")
+    index.add(theirs, "endpoint-b")
+    taken = PortsOfOthers(index, "endpoint-a")
+    assert taken.conflict([mine]) is None  # its own publication, being replaced
+    assert taken.conflict([PortMapping("tcp", None, 9090, V4, 91)]) == theirs
+    chosen = PortMapping("udp", None, 7070, V4, 70)
+    taken.add(chosen)  # chosen for an earlier binding of the same publication
+    assert taken.conflict([PortMapping("udp", None, 7070, V4, 71)]) == chosen
+    index.remove(theirs, "endpoint-b")  # that endpoint went meanwhile: seen at once
+    assert taken.conflict([PortMapping("tcp", None, 9090, V4, 91)]) is None
+    index.remove(theirs, "endpoint-b")  # twice is fine

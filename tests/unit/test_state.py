@@ -3,6 +3,7 @@ view of them (rules.firewall_views)."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import random
 
@@ -11,6 +12,7 @@ import pytest
 from pydriver.errors import HostError, NotFound
 from pydriver.model import Endpoint, Network, PortMapping, Subnet
 from pydriver.naming import container_veth_name, host_veth_name
+from pydriver.ports import find_conflict
 from pydriver.rules import firewall_view, firewall_views
 from pydriver.state import State
 
@@ -225,6 +227,11 @@ async def test_the_indexes_answer_as_a_pass_over_every_endpoint_would() -> None:
             assert state.publisher_of(port) == next(
                 (e for e in everyone if port in e.mappings), None
             )
+            clashing = dataclasses.replace(port, container_ip=ip("10.50.0.250"))
+            for other in ids:
+                others = [m for e in everyone if e.id != other for m in e.mappings]
+                found = state.ports.conflict([clashing], ignore=other)
+                assert found == find_conflict([clashing], others)
         assert state.firewall_views() == firewall_views(state.networks.values(), everyone)
         for pool_id, holders in pools.items():
             pool_subnets = [
