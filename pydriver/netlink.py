@@ -396,24 +396,31 @@ def flush_flows(family: int, source: bytes) -> bool:
     return True
 
 
+def _acknowledgements(sock: socket.socket, first: int, last: int) -> list[int]:
+    """The error codes (0: done) the kernel answers requests ``first``..``last`` (sequence
+    numbers) with, in order; other answers (replies to a read, late ones) are passed over."""
+    codes: dict[int, int] = {}
+    while len(codes) < last - first + 1:
+        data = sock.recv(1 << 16)
+        offset = 0
+        while offset + _NLMSG.size <= len(data):
+            length, kind, _, sequence, _ = _NLMSG.unpack_from(data, offset)
+            if length < _NLMSG.size or offset + length > len(data):
+                raise OSError("malformed netlink answer")
+            if kind == _NLMSG_ERROR and first <= sequence <= last:
+                codes[sequence] = -struct.unpack_from("=i", data, offset + _NLMSG.size)[0]
+            offset += (length + 3) & ~3
+    return [codes[n] for n in sorted(codes)]
+
+
 def _requests(requests: bytes, count: int) -> list[int]:
-    """Send netlink requests that each want an acknowledgement; their error codes, in order."""
+    """Send netlink requests (sequence numbers 1..count) that each want an acknowledgement;
+    their error codes, in order."""
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER) as sock:
         sock.settimeout(10)
         sock.bind((0, 0))
         sock.send(requests)
-        codes: dict[int, int] = {}
-        while len(codes) < count:
-            data = sock.recv(1 << 16)
-            offset = 0
-            while offset + _NLMSG.size <= len(data):
-                length, kind, _, sequence, _ = _NLMSG.unpack_from(data, offset)
-                if length < _NLMSG.size:
-                    raise OSError("malformed netlink answer")
-                if kind == _NLMSG_ERROR:
-                    codes[sequence] = -struct.unpack_from("=i", data, offset + _NLMSG.size)[0]
-                offset += (length + 3) & ~3
-        return [codes[n] for n in sorted(codes)]
+        return _acknowledgements(sock, 1, count)
 
 
 def delete_flows(family: int, flows: Sequence[Flow]) -> int:
@@ -609,18 +616,7 @@ class _RouteSocket:
                 for n, (kind, flags, body) in enumerate(requests)
             )
         )
-        codes: dict[int, int] = {}
-        while len(codes) < len(requests):
-            data = self._sock.recv(1 << 16)
-            offset = 0
-            while offset + _NLMSG.size <= len(data):
-                length, kind, _, sequence, _ = _NLMSG.unpack_from(data, offset)
-                if length < _NLMSG.size or offset + length > len(data):
-                    raise OSError("malformed netlink answer")
-                if kind == _NLMSG_ERROR and first <= sequence <= self._sequence:
-                    codes[sequence] = -struct.unpack_from("=i", data, offset + _NLMSG.size)[0]
-                offset += (length + 3) & ~3
-        return [codes[n] for n in sorted(codes)]
+        return _acknowledgements(self._sock, first, self._sequence)
 
 
 def _follow(follower: asyncio.Future[int], leader: asyncio.Future[int]) -> None:
