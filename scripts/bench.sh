@@ -12,6 +12,7 @@ command -v busybox >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install 
 command -v gcc >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q gcc libc6-dev >/dev/null
 # Across hosts: etcd, iperf3, and dockerd 28's packages for the harness's daemons.
 command -v etcd >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q etcd-server >/dev/null
+command -v etcdctl >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q etcd-client >/dev/null
 command -v iperf3 >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q iperf3 >/dev/null
 # The tests' own environment (the service runs from the root-owned one install.sh made).
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"

@@ -39,8 +39,12 @@ need=()
 command -v busybox >/dev/null || need+=(busybox-static)
 command -v gcc >/dev/null || need+=(gcc libc6-dev)
 command -v docker-compose >/dev/null || need+=(docker-compose)
+# ping on the hosts themselves (the multi-host harness, link-local probes in the kernel tests).
+command -v ping >/dev/null || need+=(iputils-ping)
 # etcd for the cluster tests (networks that span hosts); installing it starts nothing.
+# etcdctl (the harness's health checks) is only suggested by etcd-server, so asked for too.
 command -v etcd >/dev/null || need+=(etcd-server)
+command -v etcdctl >/dev/null || need+=(etcd-client)
 if [ "${#need[@]}" -gt 0 ]; then
     apt-get update -q >/dev/null || true  # (a fresh machine may have no package lists yet)
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >/dev/null

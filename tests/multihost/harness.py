@@ -204,6 +204,8 @@ class Etcd:
         binary = shutil.which("etcd")
         if binary is None:
             raise AssertionError("etcd is not installed: apt-get install etcd-server")
+        if shutil.which("etcdctl") is None:
+            raise AssertionError("etcdctl is not installed: apt-get install etcd-client")
         if self._tmp is None:  # (a restart keeps the data)
             # On tmpfs: etcd's fsyncs on a busy disk would make calls miss pybridge's bounds.
             shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
