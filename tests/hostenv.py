@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -88,6 +89,33 @@ def run(
     return result
 
 
+# What busybox's nc and ping, iputils' ping and a Python socket probe say when a probe went out
+# and got no answer (or a refusal, or its own host found no route). Any other failure means no
+# probe was sent: no such tool, container or namespace, a bad address. That proves nothing
+# about reachability, so a "cannot reach" check must not take it for "no answer".
+_PROBE_RAN = re.compile(
+    r"nc: timed out|nc: can't connect to remote host.*: (Connection refused|Network is "
+    r"unreachable|No route to host|Connection timed out|Operation not permitted|Host is "
+    r"unreachable)|packets transmitted|ping: sendto: |^(TimeoutError|ConnectionRefusedError|"
+    r"socket\.timeout|OSError)\b",
+    re.MULTILINE,
+)
+
+
+def probed(result: subprocess.CompletedProcess[str], what: str) -> str:
+    """A probe's output: what came back, "" if nothing did; an AssertionError if the probe
+    never ran."""
+    if result.returncode == 0 or _PROBE_RAN.search(result.stdout + result.stderr):
+        return result.stdout.strip()
+    said = (result.stdout + result.stderr).strip()[-400:]
+    raise AssertionError(f"{what} never ran (exit {result.returncode}): {said}")
+
+
+def probe(argv: Sequence[str], timeout: float = 30) -> str:
+    """Run a probe (nc, ping, a socket client), as ``probed``."""
+    return probed(run(argv, check=False, timeout=timeout), " ".join(argv))
+
+
 def require_root() -> None:
     if os.geteuid() != 0:
         raise AssertionError("these tests need root: run them with scripts/test.sh as root")
@@ -147,6 +175,10 @@ class OutsideHost:
 
     def exec(self, *argv: str, check: bool = True, timeout: float = 30) -> str:
         return run(["ip", "netns", "exec", self.ns, *argv], check=check, timeout=timeout).stdout
+
+    def probe(self, *argv: str, timeout: float = 30) -> str:
+        """A probe from the outside host (see ``probe``)."""
+        return probe(["ip", "netns", "exec", self.ns, *argv], timeout=timeout)
 
 
 def _remove_outside() -> None:
@@ -220,7 +252,7 @@ def firewall_dump() -> str:
     """Every rule in every iptables flavour and family (pybridge must leave none behind)."""
     text = []
     for tool in ("iptables-nft-save", "ip6tables-nft-save"):
-        text.append(run([tool], check=False).stdout)
+        text.append(run([tool]).stdout)
     # Reading legacy tables that do not exist would create them; read only existing ones.
     for names, tool in (
         ("/proc/net/ip_tables_names", "iptables-legacy-save"),

@@ -22,6 +22,7 @@ from tests.hostenv import (
     leak_guard,
     link_names,
     outside_host,
+    probe,
     require_root,
     routes,
     run,
@@ -156,6 +157,10 @@ class Docker:
     def exec(self, container: str, *argv: str, check: bool = True, timeout: float = 60) -> str:
         return docker("exec", container, *argv, check=check, timeout=timeout)
 
+    def probe(self, container: str, *argv: str, timeout: float = 60) -> str:
+        """A probe from a container (see ``probe``): it must run, answered or not."""
+        return probe(["docker", "exec", container, *argv], timeout=timeout)
+
     def ip(self, container: str, network: str) -> str:
         return docker(
             "inspect",
@@ -208,7 +213,7 @@ def ping(d: Docker, container: str, target: str, count: int = 2) -> None:
 
 
 def cannot_ping(d: Docker, container: str, target: str) -> None:
-    out = d.exec(container, "ping", "-c", "1", "-W", "1", target, check=False)
+    out = d.probe(container, "ping", "-c", "1", "-W", "1", target)
     assert " 0 packets received" in out, f"{container} reached {target} but must not:\n{out}"
 
 
@@ -222,7 +227,7 @@ def tcp_from(outside: OutsideHost, ip: str, port: int, expect: str | None = None
     not listen yet)."""
     deadline = time.monotonic() + (5 if expect is not None else 0)
     while True:
-        out = outside.exec("busybox", "nc", "-w", "3", ip, str(port), check=False).strip()
+        out = outside.probe("busybox", "nc", "-w", "3", ip, str(port))
         if expect is None or out == expect or time.monotonic() > deadline:
             return out
         time.sleep(0.2)
@@ -230,7 +235,7 @@ def tcp_from(outside: OutsideHost, ip: str, port: int, expect: str | None = None
 
 def tcp_from_container(d: Docker, container: str, ip: str, port: int) -> str:
     """Connect from a container; what the server said, '' if nothing answers."""
-    return d.exec(container, "nc", "-w", "3", ip, str(port), check=False).strip()
+    return d.probe(container, "nc", "-w", "3", ip, str(port))
 
 
 def free_subnet(third: int) -> str:

@@ -21,7 +21,7 @@ import pytest
 
 from tests.e2e.conftest import DRIVER, Docker, default_routes, free_subnet, tcp_from
 from tests.harness import IMAGE, docker, wait_for
-from tests.hostenv import OUTSIDE_HOST_IF, OutsideHost, run
+from tests.hostenv import OUTSIDE_HOST_IF, OutsideHost, probe, run
 
 BUILT_IN = "bridge"
 ECHO_80_81 = ("pbtest-echo", "tcp", "80", "81")
@@ -123,7 +123,7 @@ def outside_reaches(outside: OutsideHost, ip: str, port: int) -> str:
 
 
 def outside_pings(outside: OutsideHost, ip: str) -> bool:
-    out = outside.exec("busybox", "ping", "-c", "1", "-W", "2", ip, check=False)
+    out = outside.probe("busybox", "ping", "-c", "1", "-W", "2", ip)
     return " 1 packets received" in out
 
 
@@ -131,7 +131,7 @@ def source_seen_by_outside(d: Docker, container: str, outside: OutsideHost, v6: 
     """The source address the outside host's server sees for a connection from ``container``
     ('' if nothing answers)."""
     target = outside.ip6 if v6 else outside.ip
-    return d.exec(container, "nc", "-w", "3", target, str(outside.port), check=False).strip()
+    return d.probe(container, "nc", "-w", "3", target, str(outside.port))
 
 
 # pybridge writes a publication's rules just after answering ProgramExternalConnectivity (README,
@@ -324,15 +324,9 @@ def test_gateway_mode_isolated(d: Docker) -> None:
             "bridge addresses": bridge_addresses(d, net, driver),
             "gateways allocated": gateways_in_inspect(d, net),
             "default routes": default_routes(d, one) + default_routes(d, one, "-6"),
-            "container to container, IPv4": d.exec(
-                one, "nc", "-w", "3", two4, "80", check=False
-            ).strip(),
-            "container to container, IPv6": d.exec(
-                one, "nc", "-w", "3", two6, "80", check=False
-            ).strip(),
-            "host to container": run(
-                ["busybox", "nc", "-w", "2", two4, "80"], check=False
-            ).stdout.strip(),
+            "container to container, IPv4": d.probe(one, "nc", "-w", "3", two4, "80"),
+            "container to container, IPv6": d.probe(one, "nc", "-w", "3", two6, "80"),
+            "host to container": probe(["busybox", "nc", "-w", "2", two4, "80"]),
             "without --internal, refused": refused
             and "can only be used for an internal network" in error,
         }
@@ -365,10 +359,8 @@ def test_inhibit_ipv4(d: Docker) -> None:
             "bridge addresses": bridge_addresses(d, net, driver),
             "gateways allocated": gateways_in_inspect(d, net),
             "IPv4 default route": default_routes(d, one),
-            "container to container": d.exec(one, "nc", "-w", "3", two4, "80", check=False).strip(),
-            "host to container": run(
-                ["busybox", "nc", "-w", "2", two4, "80"], check=False
-            ).stdout.strip(),
+            "container to container": d.probe(one, "nc", "-w", "3", two4, "80"),
+            "host to container": probe(["busybox", "nc", "-w", "2", two4, "80"]),
         }
 
     facts = on_both(d, scenario)

@@ -14,7 +14,7 @@ UPGRADE = ROOT / "plugin" / "upgrade.sh"
 
 
 def tcp_from(outside: OutsideHost, port: int) -> str:
-    return outside.exec("busybox", "nc", "-w", "3", outside.host_ip, str(port), check=False).strip()
+    return outside.probe("busybox", "nc", "-w", "3", outside.host_ip, str(port))
 
 
 def status() -> dict[str, object]:

@@ -48,7 +48,7 @@ def udp_from(outside: OutsideHost, ip: str, port: int) -> str:
         "s.sendto(b'x', (sys.argv[1], int(sys.argv[2])));"
         "print(s.recvfrom(200)[0].decode().strip())"
     )
-    return outside.exec("python3", "-c", code, ip, str(port), check=False).strip()
+    return outside.probe("python3", "-c", code, ip, str(port))
 
 
 def ports_json() -> list[dict[str, object]]:
@@ -119,8 +119,9 @@ def test_unpublished_ports_are_not_reachable(d: Docker, outside: OutsideHost) ->
     c = d.run(net, "-p", "18201:80", command=("pbtest-echo", "tcp", "80", "81"))
     outside.exec("ip", "route", "add", "10.213.51.0/24", "via", outside.host_ip)
     try:
-        assert tcp_from(outside, d.ip(c, net), 81) == ""
+        # (the published port first: it waits until the server, which listens on both, is up)
         assert tcp_from(outside, outside.host_ip, 18201, outside.ip) == outside.ip
+        assert tcp_from(outside, d.ip(c, net), 81) == ""
     finally:
         outside.exec("ip", "route", "del", "10.213.51.0/24", check=False)
 

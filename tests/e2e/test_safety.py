@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tests.e2e.conftest import DRIVER, ECHO_TCP, MODE, Docker, cannot_ping, free_subnet, ping
 from tests.harness import wait_for
-from tests.hostenv import OUTSIDE_NS_IF, OutsideHost, firewall_dump, link_names, run
+from tests.hostenv import OUTSIDE_NS_IF, OutsideHost, firewall_dump, link_names, probe, run
 
 # A hostile container: may change its own routes, and accepts replies from 127.0.0.1.
 HOSTILE = ("--cap-add", "NET_ADMIN", "--sysctl", "net.ipv4.conf.all.route_localnet=1")
@@ -58,12 +58,19 @@ def host_server(address: str, port: int) -> Iterator[None]:
 def tcp(d: Docker, container: str, ip: str, port: int, request: str = "") -> str:
     """What a TCP connection from ``container`` gets back ("" if nothing answers)."""
     script = f"printf '{request}' | nc -w 2 {ip} {port}"
-    return d.exec(container, "sh", "-c", script, check=False).strip()
+    return d.probe(container, "sh", "-c", script)
 
 
 def tcp_from_host(ip: str, port: int) -> str:
-    result = run(["busybox", "nc", "-w", "2", ip, str(port)], check=False)
-    return result.stdout.strip()
+    return probe(["busybox", "nc", "-w", "2", ip, str(port)])
+
+
+def answers_its_neighbour(d: Docker, attacker: str, network: str) -> None:
+    """The positive control of a "cannot reach" test: with its routes changed, the attacker
+    still reaches a server on its own network, so its empty answers are the rules' doing."""
+    neighbour = d.run(network, command=ECHO_TCP)
+    address = d.ip(neighbour, network)
+    assert wait_for(lambda: tcp(d, attacker, address, 80) == d.ip(attacker, network))
 
 
 def gateway(subnet: str) -> str:
@@ -82,6 +89,7 @@ def test_a_container_cannot_reach_the_hosts_loopback(d: Docker) -> None:
     net = d.network("--subnet", subnet)
     attacker = d.run(net, *HOSTILE)
     d.exec(attacker, "sh", "-c", ROUTE_LOOPBACK_OUT.format(gateway=gateway(subnet), dev="eth0"))
+    answers_its_neighbour(d, attacker, net)
     with host_server("127.0.0.1", LOOPBACK_SERVICE):
         assert tcp_from_host("127.0.0.1", LOOPBACK_SERVICE) == "127.0.0.1"
         assert tcp(d, attacker, "127.0.0.1", LOOPBACK_SERVICE) == ""
@@ -92,7 +100,7 @@ def test_a_container_cannot_reach_the_hosts_loopback(d: Docker) -> None:
             assert "pydriver_" in response.read().decode()
         # (stdin stays open a moment: aiohttp drops a connection half-closed before it answers)
         ask = rf"(printf 'GET /metrics HTTP/1.0\r\n\r\n'; sleep 1) | nc -w 2 127.0.0.1 {METRICS}"
-        assert d.exec(attacker, "sh", "-c", ask, check=False).strip() == ""
+        assert d.probe(attacker, "sh", "-c", ask) == ""
     # Still there for the host; published on 127.0.0.1 only, so not through a host address.
     assert tcp_from_host("127.0.0.1", 18400) == gateway(web_subnet)
     assert tcp(d, attacker, gateway(subnet), 18400) == ""
@@ -122,16 +130,16 @@ def test_a_port_published_on_127_answers_the_host_alone(d: Docker, outside: Outs
     d.run(net, "-p", "127.0.0.1:18401:80", "-p", "18402:80", command=ECHO_TCP)
     assert wait_for(lambda: tcp_from_host("127.0.0.1", 18401) == gateway(subnet))
     with loopback_routed_to_host(outside):
-        out = outside.exec("busybox", "nc", "-w", "2", "127.0.0.1", "18401", check=False)
-        assert out.strip() == ""
+        assert outside.probe("busybox", "nc", "-w", "2", "127.0.0.1", "18401") == ""
         # The port published on every address answers it as before.
-        out = outside.exec("busybox", "nc", "-w", "2", outside.host_ip, "18402", check=False)
-        assert out.strip() == outside.ip
+        assert outside.probe("busybox", "nc", "-w", "2", outside.host_ip, "18402") == outside.ip
     other_subnet = free_subnet(63)
-    attacker = d.run(d.network("--subnet", other_subnet), *HOSTILE)
+    other = d.network("--subnet", other_subnet)
+    attacker = d.run(other, *HOSTILE)
     d.exec(
         attacker, "sh", "-c", ROUTE_LOOPBACK_OUT.format(gateway=gateway(other_subnet), dev="eth0")
     )
+    answers_its_neighbour(d, attacker, other)
     assert tcp(d, attacker, "127.0.0.1", 18401) == ""
 
 

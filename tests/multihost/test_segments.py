@@ -16,6 +16,7 @@ from functools import partial
 import pytest
 
 from tests.harness import IMAGE
+from tests.hostenv import probed
 from tests.multihost.harness import Cluster, DockerHost
 
 pytestmark = pytest.mark.e2e
@@ -83,6 +84,7 @@ def address(host: DockerHost, container: str, network: str) -> str:
 
 def pings(host: DockerHost, container: str, target: str, count: int = 1) -> bool:
     result = host.docker_result("exec", container, "ping", "-c", str(count), "-W", "1", target)
+    probed(result, f"ping from {container} on {host.name}")  # (it ran, answered or not)
     return result.returncode == 0
 
 
@@ -201,6 +203,8 @@ def test_segments_are_isolated_from_each_other_and_from_local_networks(
     blue1, _ = start(hosts[0], blue)
     _, blue2 = start(hosts[1], blue)
     _, local2 = start(hosts[1], local)
+    neighbour, _ = start(hosts[1], local)
+    assert pings(hosts[1], neighbour, local2, 2)  # (local2 answers what may reach it)
     assert pings(hosts[0], red1, red2, 2)
     assert pings(hosts[0], blue1, blue2, 2)
     assert not pings(hosts[0], red1, blue2, 2)

@@ -24,7 +24,7 @@ from pydriver.hostports import port_holder
 from pydriver.model import PortMapping
 from pydriver.netlink import Netlink
 from pydriver.store import SqliteStore
-from tests.hostenv import require_root, run
+from tests.hostenv import probe, require_root, run
 from tests.privileged.netns_sysctl import NetnsSysctl
 
 OUTSIDE_HOST_IP = "198.51.100.1"
@@ -315,7 +315,7 @@ class MiniHost:
 
 def connect(ns: str, ip: str, port: int) -> str:
     """Connect from ``ns``: the address the server saw, or "" if nothing answered."""
-    return in_ns(ns, "busybox", "nc", "-w", "1", ip, str(port), check=False).strip()
+    return probe(["ip", "netns", "exec", ns, "busybox", "nc", "-w", "1", ip, str(port)])
 
 
 def route_to(ns: str, subnet: str, via: str) -> None:
@@ -324,7 +324,7 @@ def route_to(ns: str, subnet: str, via: str) -> None:
 
 
 def ping(ns: str, ip: str) -> bool:
-    out = in_ns(ns, "busybox", "ping", "-c", "1", "-W", "1", ip, check=False)
+    out = probe(["ip", "netns", "exec", ns, "busybox", "ping", "-c", "1", "-W", "1", ip])
     return " 1 packets received" in out
 
 

@@ -359,7 +359,10 @@ async def test_host_ip_is_the_source_of_egress(backend: Backend, tmp_path: Path)
         plain_net = await host.network("10.213.81", v6="fd00:213:81")
         plain = await host.container(plain_net, "10.213.81.10", "fd00:213:81::10")
         assert answer(plain.ns, OUTSIDE_IP, OUTSIDE_PORT, OUTSIDE_HOST_IP) == OUTSIDE_HOST_IP
-        assert connect(outside, c.ip, 80) == ""  # (and nothing gets in)
+        # And nothing gets in: c listens (it answers itself), the outside gets no answer.
+        host.serve(c.ns, 80)
+        assert connect(c.ns, c.ip, 80) == c.ip
+        assert connect(outside, c.ip, 80) == ""
 
 
 @BACKENDS
@@ -483,11 +486,14 @@ async def test_no_pybridge_container_reaches_a_docker_gwbridge_container(
     async with MiniHost(backend, tmp_path) as host:
         net = await host.network("10.213.98")
         mine = await host.container(net, "10.213.98.10")
+        neighbour = await host.container(net, "10.213.98.11")
         gw = container_on_foreign_bridge(host, "docker_gwbridge", "172.31.252")
         d0 = container_on_foreign_bridge(host, "docker0", "172.31.253")
         host.serve(gw, 81)
         host.serve(d0, 81)
-        warm_up(host, None, mine)
+        host.serve(neighbour.ns, 81)
+        warm_up(host, None, mine, neighbour)
+        assert connect(mine.ns, neighbour.ip, 81) == mine.ip  # (the probe itself works)
         assert connect(mine.ns, "172.31.253.2", 81) == ""  # docker0: dropped
         got = connect(mine.ns, "172.31.252.2", 81)
         assert got == "", f"pybridge container reached a docker_gwbridge container ({got})"
