@@ -93,11 +93,14 @@ def run(
 # and got no answer (or a refusal, or its own host found no route). Any other failure means no
 # probe was sent: no such tool, container or namespace, a bad address. That proves nothing
 # about reachability, so a "cannot reach" check must not take it for "no answer".
+_WENT_OUT = (
+    r"(Connection refused|Network is unreachable|No route to host|Connection timed out"
+    r"|Operation not permitted|Host is unreachable)"
+)
 _PROBE_RAN = re.compile(
-    r"nc: timed out|nc: can't connect to remote host.*: (Connection refused|Network is "
-    r"unreachable|No route to host|Connection timed out|Operation not permitted|Host is "
-    r"unreachable)|packets transmitted|ping: sendto: |^(TimeoutError|ConnectionRefusedError|"
-    r"socket\.timeout|OSError)\b",
+    rf"nc: timed out|nc: can't connect to remote host.*: {_WENT_OUT}|packets transmitted"
+    rf"|ping: sendto: {_WENT_OUT}|^(TimeoutError|ConnectionRefusedError|socket\.timeout)\b"
+    rf"|^OSError: \[Errno (101|110|111|113)\]",
     re.MULTILINE,
 )
 

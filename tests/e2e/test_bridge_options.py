@@ -257,12 +257,10 @@ def test_gateway_mode_routed(d: Docker, outside: OutsideHost) -> None:
                 "outside pings, IPv6": outside_pings(outside, web6),
                 "egress source, IPv4": source_seen_by_outside(d, web, outside, v6=False),
                 "egress source, IPv6": source_seen_by_outside(d, web, outside, v6=True),
-                "another network to published port": d.exec(
-                    other, "nc", "-w", "3", web4, "80", check=False
-                ).strip(),
-                "another network to a port published on 127.0.0.1": d.exec(
-                    other, "nc", "-w", "3", web4, "81", check=False
-                ).strip(),
+                "another network to published port": d.probe(other, "nc", "-w", "3", web4, "80"),
+                "another network to a port published on 127.0.0.1": d.probe(
+                    other, "nc", "-w", "3", web4, "81"
+                ),
             }
 
     facts = on_both(d, scenario)

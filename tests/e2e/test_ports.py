@@ -5,6 +5,7 @@ test also shows the source address the container sees."""
 
 from __future__ import annotations
 
+import errno
 import json
 import socket
 import subprocess
@@ -37,8 +38,12 @@ def tcp_from_host(ip: str, port: int, timeout: float = 3.0) -> str:
         with socket.create_connection((ip, port), timeout=timeout) as conn:
             conn.settimeout(timeout)
             return conn.recv(200).decode().strip()
-    except OSError:
+    except (TimeoutError, ConnectionRefusedError):
         return ""
+    except OSError as error:  # went out, but no way there
+        if error.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+            return ""
+        raise
 
 
 def udp_from(outside: OutsideHost, ip: str, port: int) -> str:

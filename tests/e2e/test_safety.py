@@ -66,8 +66,12 @@ def tcp_from_host(ip: str, port: int) -> str:
 
 
 def answers_its_neighbour(d: Docker, attacker: str, network: str) -> None:
-    """The positive control of a "cannot reach" test: with its routes changed, the attacker
-    still reaches a server on its own network, so its empty answers are the rules' doing."""
+    """The positive control of a "cannot reach" test: the attacker's packets for 127.0.0.1
+    leave through its gateway, and it still reaches a server on its own network, so its empty
+    answers are the rules' doing."""
+    route = d.exec(attacker, "ip", "route", "get", "127.0.0.1")
+    assert " via " in route, route
+    assert " dev eth0" in route, route
     neighbour = d.run(network, command=ECHO_TCP)
     address = d.ip(neighbour, network)
     assert wait_for(lambda: tcp(d, attacker, address, 80) == d.ip(attacker, network))

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from tests.hostenv import require_root, run
+from tests.hostenv import probe, require_root, run
 from tests.privileged.serving import Plugin
 
 pytestmark = pytest.mark.privileged
@@ -199,7 +199,9 @@ def container(lab: Lab, n: int, network_id: str, pool: str) -> tuple[str, str]:
 
 
 def ping(ns: str, address: str, count: int = 1) -> bool:
-    out = ns_run(ns, "busybox", "ping", "-c", str(count), "-W", "1", address, check=False)
+    out = probe(
+        ["ip", "netns", "exec", ns, "busybox", "ping", "-c", str(count), "-W", "1", address]
+    )
     received = re.search(r"(\d+) packets received", out)
     return received is not None and int(received.group(1)) > 0
 

@@ -14,7 +14,7 @@ import pytest
 
 from pydriver.netlink import Netlink
 from pydriver.tunnel import RemoteEndpoint, TunnelEntries, mtu_for, plan, wanted
-from tests.hostenv import require_root, run
+from tests.hostenv import probe, require_root, run
 
 pytestmark = pytest.mark.privileged
 ip = ipaddress.ip_address
@@ -100,7 +100,7 @@ async def hosts(lab: dict[str, str]) -> AsyncIterator[list[Netlink]]:
 def ping(ns: str, address: str) -> bool:
     """Whether any of a few echo requests is answered (the first may wait for ARP: the
     container's entry for an address that did not answer a moment ago is retried)."""
-    out = ns_run(ns, "busybox", "ping", "-c", "3", "-W", "1", address, check=False)
+    out = probe(["ip", "netns", "exec", ns, "busybox", "ping", "-c", "3", "-W", "1", address])
     received = re.search(r"(\d+) packets received", out)
     return received is not None and int(received.group(1)) > 0
 

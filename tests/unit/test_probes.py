@@ -26,6 +26,7 @@ def result(code: int, stdout: str = "", stderr: str = "") -> subprocess.Complete
         (1, "PING 10.1.2.3 (10.1.2.3): 56 data bytes\n", "ping: sendto: Network is unreachable"),
         (1, "", "Traceback (most recent call last):\n  ...\nTimeoutError: timed out"),
         (1, "", "Traceback (most recent call last):\n  ...\nConnectionRefusedError: [Errno 111]"),
+        (1, "", "Traceback (most recent call last):\n  ...\nOSError: [Errno 113] No route to host"),
     ],
 )  # fmt: skip
 def test_a_probe_that_went_out_and_got_nothing_back_is_an_empty_answer(
@@ -44,6 +45,8 @@ def test_a_probe_that_went_out_and_got_nothing_back_is_an_empty_answer(
         (1, "Error response from daemon: No such container: pbt-c"),
         (1, "nc: bad address 'nosuchhost'"),
         (1, "nc: can't connect to remote host: Invalid argument"),  # (fe80:: with no scope)
+        (1, "ping: sendto: Invalid argument"),
+        (1, "Traceback (most recent call last):\n  ...\nOSError: [Errno 22] Invalid argument"),
     ],
 )
 def test_a_probe_that_never_ran_fails_the_test(code: int, stderr: str) -> None:
